@@ -1,0 +1,31 @@
+# Two entry points: `make demo` and `make test`. Both build .venv from nothing when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.greenmim-installed
+MODEL ?= swin_tiny_patch4_window7_224
+
+.PHONY: setup test test-fast demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+demo: setup
+	$(VENV)/bin/greenmim-convert convert $(MODEL) -o /tmp/green_swin_t.safetensors
+	$(VENV)/bin/greenmim-convert verify $(MODEL) --mask-ratio 0 --batch-size 2
+	$(VENV)/bin/greenmim-convert verify $(MODEL) --mask-ratio 0.75 --batch-size 4
+
+clean:
+	rm -rf $(VENV) build *.egg-info

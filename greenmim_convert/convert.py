@@ -1,0 +1,254 @@
+"""``convert``: trace a timm hierarchical ViT and run the pass pipeline; ``GreenModel``: the result."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from timm.layers import DropPath
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from . import passes as P
+from .errors import GreenMIMError, InvalidInputError, MaskUnitError
+from .tokens import GreenOutput
+from .tracing import example_images, trace_features
+
+GROUPINGS = ("window", "dp", "max")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+TRACE_BATCH = 2
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: its name, a sentence, and a count per kind of rewrite."""
+
+    name: str
+    description: str
+    counts: Dict[str, int]
+
+
+@dataclass
+class ConversionReport:
+    """The pass manager's record of a conversion, printed by the CLI."""
+
+    model: str
+    passes: List[PassRecord]
+    min_mask_unit: int
+    grid_strides: List[int]
+
+    def __str__(self) -> str:
+        lines = [f"greenmim-convert: {self.model}"]
+        for p in self.passes:
+            what = ", ".join(f"{k}: {v}" for k, v in sorted(p.counts.items())) or "nothing to do"
+            lines.append(f"  {p.name:<18} {what}")
+        lines.append(f"  grids at strides {self.grid_strides}; minimal mask unit {self.min_mask_unit}px")
+        return "\n".join(lines)
+
+
+@dataclass
+class GreenConfig:
+    """Everything needed to rebuild a converted model from its timm model."""
+
+    model_name: str
+    img_size: Tuple[int, int]
+    mask_unit: int
+    grouping: str = "window"
+    attention_backend: str = "auto"
+    model_kwargs: Dict = field(default_factory=dict)
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def model_name_of(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def default_img_size(model: nn.Module) -> Tuple[int, int]:
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size", (3, 224, 224))[-2:]
+    if isinstance(size, int):
+        size = (size, size)
+    return int(size[0]), int(size[1])
+
+
+def _as_pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise InvalidInputError(f"img_size must be an int or (H, W), got {size}")
+    return size
+
+
+def _check_options(grouping: str, attention_backend: str) -> None:
+    if grouping not in GROUPINGS:
+        raise InvalidInputError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise InvalidInputError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+
+
+def build_pipeline(example: torch.Tensor) -> List[P.GreenPass]:
+    """The passes in order. Passes that read layouts run before the one that removes layout ops."""
+    return [
+        P.SpecializePass(example),
+        P.InlineFunctionsPass(),
+        P.SpecializePass(example),
+        P.LayoutAnalysisPass(),
+        P.PatchEmbedPass(),
+        P.WindowAttentionPass(),
+        P.PatchMergingPass(),
+        P.TokenwisePass(),
+        P.WindowOpsPass(),
+        P.OutputsPass(),
+        P.CheckPass(),
+    ]
+
+
+def semantic_leaves() -> List[type]:
+    """Module types traced as leaves because a pass rewrites them whole."""
+    return list(P.ATTENTION_RULES) + [DropPath]
+
+
+def convert(
+    model: nn.Module,
+    *,
+    img_size: Optional[Union[int, Sequence[int]]] = None,
+    mask_unit: Optional[int] = None,
+    grouping: str = "window",
+    attention_backend: str = "auto",
+) -> "GreenModel":
+    """Compile a timm hierarchical ViT into a model that computes only on visible patches.
+
+    The result shares every Parameter with ``model``. ``mask_unit`` (pixels) defaults to the
+    model's total stride; it must be a multiple of the minimal unit the compiler derives.
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "forward_features"):
+        raise InvalidInputError(f"convert() needs a timm model with forward_features, got {type(model).__name__}")
+    _check_options(grouping, attention_backend)
+    size = _as_pair(img_size) if img_size is not None else default_img_size(model)
+    traced = trace_features(model, semantic_leaves())
+    gm = traced.gm
+    images = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(images):
+        visible = gm.graph.placeholder("visible")
+    ctx = P.ConvertContext(size, mask_unit or 0, TRACE_BATCH, grouping, attention_backend, images, visible)
+    gm.meta["greenmim"] = ctx
+    example = example_images(model, size, TRACE_BATCH)
+    pipeline = build_pipeline(example)
+    was_training = model.training
+    model.eval()
+    try:
+        PassManager(passes=pipeline)(gm)
+    except GreenMIMError:
+        raise
+    except Exception as exc:
+        inner = exc
+        while not isinstance(inner, GreenMIMError) and inner.__cause__ is not None:
+            inner = inner.__cause__
+        if isinstance(inner, GreenMIMError):
+            raise inner from None
+        raise
+    finally:
+        model.train(was_training)
+    gm.meta.pop("greenmim")
+    strides = sorted(ctx.grid_strides)
+    min_unit = math.lcm(*strides) if strides else 1
+    unit = mask_unit if mask_unit is not None else max(max(traced.stage_reductions), min_unit)
+    _check_unit(unit, min_unit, size)
+    report = ConversionReport(
+        model_name_of(model), [PassRecord(p.name, p.description, dict(p.report)) for p in pipeline], min_unit, strides
+    )
+    config = GreenConfig(model_name_of(model), size, unit, grouping, attention_backend)
+    return GreenModel(model, gm, config, report, traced.stage_modules)
+
+
+def _check_unit(unit: int, min_unit: int, size: Tuple[int, int]) -> None:
+    if not isinstance(unit, int) or unit <= 0 or unit % min_unit:
+        raise MaskUnitError(f"mask_unit {unit} is not a positive multiple of the model's minimal mask unit {min_unit}px")
+    if size[0] % unit or size[1] % unit:
+        raise MaskUnitError(f"image size {size} is not divisible by the mask unit {unit}px")
+
+
+class GreenModel(nn.Module):
+    """A converted model: ``forward(images, visible) -> GreenOutput`` computing on visible patches only.
+
+    Its children are the timm model's own children, so ``state_dict()`` has exactly the timm keys
+    and tensors; the rewritten ``torch.fx.GraphModule`` is ``graph_module``.
+    """
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, config: GreenConfig, report: ConversionReport, stage_modules: List[str]):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        self.__dict__["graph_module"] = gm
+        self.__dict__["timm_model"] = model
+        self.config = config
+        self.report = report
+        self.stage_modules = list(stage_modules)
+        self.train(model.training)
+
+    @property
+    def mask_grid(self) -> Tuple[int, int]:
+        """(H/u, W/u): the shape of one sample's visibility mask."""
+        (h, w), u = self.config.img_size, self.config.mask_unit
+        return h // u, w // u
+
+    @property
+    def mask_unit(self) -> int:
+        return self.config.mask_unit
+
+    @property
+    def img_size(self) -> Tuple[int, int]:
+        return self.config.img_size
+
+    def train(self, mode: bool = True) -> "GreenModel":
+        super().train(mode)
+        self.timm_model.training = mode
+        return self
+
+    def check_inputs(self, images: torch.Tensor, visible: torch.Tensor) -> None:
+        """Raise InvalidInputError naming the first thing about the inputs that does not fit."""
+        p = next(self.parameters())
+        chans = getattr(self.timm_model, "in_chans", 3)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise InvalidInputError(f"images must be a (B, {chans}, H, W) tensor, got {_describe(images)}")
+        if images.shape[1] != chans or tuple(images.shape[2:]) != tuple(self.img_size):
+            raise InvalidInputError(
+                f"images of shape {tuple(images.shape)} do not fit the converted model: expected (B, {chans}, {self.img_size[0]}, {self.img_size[1]})"
+            )
+        if not images.is_floating_point():
+            raise InvalidInputError(f"images must be floating point, got dtype {images.dtype}")
+        if images.dtype != p.dtype and not torch.is_autocast_enabled(images.device.type):
+            raise InvalidInputError(f"images have dtype {images.dtype} but the model's parameters are {p.dtype}")
+        if images.device != p.device:
+            raise InvalidInputError(f"images are on {images.device} but the model is on {p.device}")
+        if not isinstance(visible, torch.Tensor) or visible.dtype != torch.bool:
+            raise InvalidInputError(f"visible must be a bool tensor (B, {self.mask_grid[0]}, {self.mask_grid[1]}), got {_describe(visible)}")
+        if tuple(visible.shape) != (images.shape[0], *self.mask_grid):
+            raise InvalidInputError(
+                f"visible has shape {tuple(visible.shape)}; expected {(images.shape[0], *self.mask_grid)} (batch, H/{self.mask_unit}, W/{self.mask_unit})"
+            )
+        if visible.device != images.device:
+            raise InvalidInputError(f"visible is on {visible.device} but the images are on {images.device}")
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
+        self.check_inputs(images, visible)
+        return self.graph_module(images, visible)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__

@@ -1,0 +1,66 @@
+"""Exception types: every failure the user can cause has its own type and names the offending value."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+
+
+class GreenMIMError(Exception):
+    """Base class of every error raised by greenmim-convert."""
+
+
+class InvalidInputError(GreenMIMError, ValueError):
+    """Images, masks, sizes or options that do not fit the converted model."""
+
+
+class MaskUnitError(InvalidInputError):
+    """A mask unit that is not a multiple of the model's minimal unit, or does not tile the image."""
+
+
+class TraceError(GreenMIMError):
+    """The model could not be traced by torch.fx."""
+
+
+class LoadError(GreenMIMError):
+    """A file given to ``load`` is not a greenmim-convert file, or is damaged."""
+
+
+def describe_node(node: fx.Node) -> str:
+    """One line naming an FX node, the module it came from and its source line."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = "<top level>"
+    if stack:
+        last = list(stack.values())[-1]
+        path = last[0] if isinstance(last, tuple) else str(last)
+        if path.startswith("m."):
+            path = path[2:]
+        elif path == "m":
+            path = "<top level>"
+    target = getattr(node.target, "__name__", node.target)
+    source = _source_line(node)
+    return f"node '{node.name}' ({node.op} {target}) in module '{path}'" + (f" at {source}" if source else "")
+
+
+def _source_line(node: fx.Node) -> Optional[str]:
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    frames = [ln for ln in lines if ln.startswith("File ")]
+    if not frames:
+        return None
+    frame = frames[-1]
+    idx = lines.index(frame)
+    code = lines[idx + 1] if idx + 1 < len(lines) else ""
+    return f"{frame.replace('File ', '', 1)}: {code}" if code else frame
+
+
+class UnsupportedOperationError(GreenMIMError):
+    """An operation of the traced model that no pass knows how to run on visible tokens."""
+
+    def __init__(self, reason: str, node: Optional[fx.Node] = None):
+        self.reason = reason
+        self.node_name = node.name if node is not None else None
+        self.where = describe_node(node) if node is not None else None
+        super().__init__(f"{self.where}: {reason}" if self.where else reason)

@@ -1,0 +1,232 @@
+"""Symbolic layout of a dense tensor in terms of batch, row, column and channel digits.
+
+Layout ops of a traced model (view, reshape, permute, flatten, roll, ...) only rename which dense
+index holds which (sample, row, col, channel). On packed visible tokens they cost nothing: the
+compiler follows them symbolically and the ops that *interpret* the layout (window attention, patch
+merging, outputs) read what they need from it.
+
+An *atom* is one mixed-radix digit of a logical dimension: kind ``b`` (sample), ``h`` (row),
+``w`` (column) or ``c`` (channel), its ``size`` and its ``inner`` place value, so that the logical
+coordinate is the sum of ``digit * inner`` over the atoms of that kind. A tensor axis is a tuple of
+atoms, major first. ``offset`` records cyclic rolls: dense row index ``p`` holds grid row
+``(p + offset_h) mod H``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import prod
+from typing import Dict, List, Optional, Sequence, Tuple
+
+SPATIAL = ("h", "w")
+
+
+class LayoutError(Exception):
+    """A layout op that cannot be expressed on visible tokens (caught and reported with the node)."""
+
+
+@dataclass(frozen=True)
+class Atom:
+    kind: str
+    size: int
+    inner: int = 1
+
+    def split(self, outer: int) -> Tuple["Atom", "Atom"]:
+        """Split into a major atom of ``outer`` digits and the minor remainder."""
+        if self.size % outer:
+            raise LayoutError(f"cannot split {self} into {outer} x {self.size // max(outer, 1)}")
+        rest = self.size // outer
+        return Atom(self.kind, outer, self.inner * rest), Atom(self.kind, rest, self.inner)
+
+
+Axis = Tuple[Atom, ...]
+
+
+def _canonical_axis(atoms: Sequence[Atom]) -> Axis:
+    out: List[Atom] = []
+    for a in atoms:
+        if a.size == 1:
+            continue
+        if out and out[-1].kind == a.kind and out[-1].inner == a.inner * a.size:
+            prev = out.pop()
+            a = Atom(a.kind, prev.size * a.size, a.inner)
+        out.append(a)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Axes of atoms, the grid the spatial atoms live on, its stride in pixels, and roll offsets."""
+
+    axes: Tuple[Axis, ...]
+    grid: Tuple[int, int]
+    stride: int
+    offset: Tuple[int, int] = (0, 0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes", tuple(_canonical_axis(ax) for ax in self.axes))
+
+    @staticmethod
+    def nhwc(batch: int, grid: Tuple[int, int], channels: int, stride: int) -> "Layout":
+        h, w = grid
+        return Layout(((Atom("b", batch),), (Atom("h", h),), (Atom("w", w),), (Atom("c", channels),)), grid, stride)
+
+    @staticmethod
+    def nchw(batch: int, grid: Tuple[int, int], channels: int, stride: int) -> "Layout":
+        h, w = grid
+        return Layout(((Atom("b", batch),), (Atom("c", channels),), (Atom("h", h),), (Atom("w", w),)), grid, stride)
+
+    @property
+    def channels(self) -> int:
+        """Number of channels: the product of the channel digits."""
+        return prod(a.size for ax in self.axes for a in ax if a.kind == "c")
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(prod(a.size for a in ax) for ax in self.axes)
+
+    def atoms(self, axis: int) -> Axis:
+        return self.axes[axis]
+
+    def kinds(self, axis: int) -> set:
+        return {a.kind for a in self.axes[axis]}
+
+    # ---- layout ops -------------------------------------------------------------------------------------
+    def view(self, shape: Sequence[int]) -> "Layout":
+        """Regroup the flat atom sequence into axes of the given sizes (``view`` / ``reshape``)."""
+        shape = list(shape)
+        total = prod(self.shape)
+        if -1 in shape:
+            known = prod(s for s in shape if s != -1)
+            shape[shape.index(-1)] = total // known
+        if prod(shape) != total:
+            raise LayoutError(f"cannot view {self.shape} as {tuple(shape)}")
+        pending = [a for ax in self.axes for a in ax]
+        axes: List[Axis] = []
+        for size in shape:
+            taken: List[Atom] = []
+            need = size
+            while need > 1:
+                if not pending:
+                    raise LayoutError(f"cannot view {self.shape} as {tuple(shape)}")
+                a = pending.pop(0)
+                if a.size <= need:
+                    if need % a.size:
+                        raise LayoutError(f"view {tuple(shape)} splits digit {a} unevenly")
+                    taken.append(a)
+                    need //= a.size
+                else:
+                    major, minor = a.split(need)
+                    taken.append(major)
+                    pending.insert(0, minor)
+                    need = 1
+            axes.append(tuple(taken))
+        return replace(self, axes=tuple(axes))
+
+    def permute(self, dims: Sequence[int]) -> "Layout":
+        n = len(self.axes)
+        dims = [d % n for d in dims]
+        if sorted(dims) != list(range(n)):
+            raise LayoutError(f"bad permutation {tuple(dims)} of {n} axes")
+        return replace(self, axes=tuple(self.axes[d] for d in dims))
+
+    def transpose(self, a: int, b: int) -> "Layout":
+        dims = list(range(len(self.axes)))
+        a, b = a % len(dims), b % len(dims)
+        dims[a], dims[b] = dims[b], dims[a]
+        return self.permute(dims)
+
+    def flatten(self, start: int = 0, end: int = -1) -> "Layout":
+        n = len(self.axes)
+        start, end = start % n, end % n
+        merged = tuple(a for ax in self.axes[start:end + 1] for a in ax)
+        return replace(self, axes=self.axes[:start] + (merged,) + self.axes[end + 1:])
+
+    def unsqueeze(self, dim: int) -> "Layout":
+        n = len(self.axes) + 1
+        dim = dim % n
+        return replace(self, axes=self.axes[:dim] + ((),) + self.axes[dim:])
+
+    def roll(self, shifts: Sequence[int], dims: Sequence[int]) -> "Layout":
+        """Cyclic shift of whole spatial axes; the shift becomes a coordinate offset."""
+        offset = list(self.offset)
+        for s, d in zip(shifts, dims):
+            ax = self.axes[d % len(self.axes)]
+            if len(ax) != 1 or ax[0].kind not in SPATIAL or ax[0].inner != 1:
+                raise LayoutError(f"roll along axis {d} which is not one whole spatial dimension")
+            k = SPATIAL.index(ax[0].kind)
+            if ax[0].size != self.grid[k]:
+                raise LayoutError("roll along a spatial axis that does not span the grid")
+            offset[k] = (offset[k] - s) % self.grid[k]
+        return replace(self, offset=(offset[0], offset[1]))
+
+    # ---- queries used by the passes ---------------------------------------------------------------------
+    def channel_last(self) -> bool:
+        """True when the last axis holds exactly the channels, in order (token-wise ops act on it)."""
+        last = self.axes[-1] if self.axes else ()
+        return len(last) == 1 and last[0].kind == "c" and last[0].inner == 1 and all(
+            a.kind != "c" for ax in self.axes[:-1] for a in ax
+        )
+
+    def is_canonical_tokens(self) -> bool:
+        """Batch, then rows, then columns (raster), then channels; no roll offset."""
+        kinds = [a.kind for ax in self.axes for a in ax]
+        return kinds == ["b", "h", "w", "c"] and self.offset == (0, 0) and self.channel_last() and all(
+            a.inner == 1 for ax in self.axes for a in ax
+        )
+
+    def spatial_factor_in_last_axis(self) -> Optional[Tuple[int, int]]:
+        """(fh, fw) when the last axis mixes low spatial digits into the channels (space-to-depth)."""
+        last = self.axes[-1] if self.axes else ()
+        f = {"h": 1, "w": 1}
+        for a in last:
+            if a.kind in SPATIAL:
+                f[a.kind] *= a.size
+        if f == {"h": 1, "w": 1}:
+            return None
+        return f["h"], f["w"]
+
+
+def space_to_depth_plan(layout: Layout) -> Tuple[Layout, Tuple[int, int], List[Tuple[int, int, int]]]:
+    """Plan for gathering low spatial digits of the last axis into features on a coarser grid.
+
+    Returns the layout after the gather, the factors ``(fh, fw)`` and, for every new feature index,
+    ``(dh, dw, c)``: which fine neighbour and which channel it reads.
+    """
+    factors = layout.spatial_factor_in_last_axis()
+    if factors is None:
+        raise LayoutError("nothing to gather")
+    if layout.offset != (0, 0):
+        raise LayoutError("space-to-depth on rolled coordinates")
+    fh, fw = factors
+    last = layout.axes[-1]
+    for a in last:
+        if a.kind == "b":
+            raise LayoutError("batch digits inside the feature axis")
+        if a.kind in SPATIAL and a.inner * a.size > (fh if a.kind == "h" else fw):
+            raise LayoutError("feature axis holds high spatial digits")
+    outer: List[Axis] = []
+    for ax in layout.axes[:-1]:
+        new_ax = []
+        for a in ax:
+            if a.kind in SPATIAL:
+                f = fh if a.kind == "h" else fw
+                if a.inner % f:
+                    raise LayoutError("coarse digits are not multiples of the gather factor")
+                a = Atom(a.kind, a.size, a.inner // f)
+            new_ax.append(a)
+        outer.append(tuple(new_ax))
+    plan: List[Tuple[int, int, int]] = []
+    sizes = [a.size for a in last]
+    for flat in range(prod(sizes)):
+        digit: Dict[str, int] = {"h": 0, "w": 0, "c": 0}
+        rem = flat
+        for a in reversed(last):
+            d = rem % a.size
+            rem //= a.size
+            digit[a.kind] += d * a.inner
+        plan.append((digit["h"], digit["w"], digit["c"]))
+    if fh != fw:
+        raise LayoutError(f"anisotropic space-to-depth {factors}")
+    grid = (layout.grid[0] // fh, layout.grid[1] // fw)
+    new = Layout(tuple(outer) + ((Atom("c", len(plan)),),), grid, layout.stride * fh)
+    return new, (fh, fw), plan

@@ -1,0 +1,129 @@
+"""The dense masked reference: the independent oracle every converted model is checked against.
+
+It runs the ORIGINAL timm modules on the full image and changes only what masked-dense semantics
+changes, through forward hooks: every attention gets the key mask added (masked keys removed), and
+every convolution reads zeros at masked input positions. It shares nothing with the passes but the
+model's weights; visibility inside a block is derived with timm's own window partition.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+from timm.models import swin_transformer as swin
+
+from .sites import Sites
+from .tokens import GreenOutput, VisibleTokens
+
+
+def _neg(dtype: torch.dtype) -> float:
+    """A finite additive mask: exp() of it underflows to exactly 0 and sums never overflow."""
+    return -0.25 * torch.finfo(dtype).max
+
+
+def visibility_map(visible: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W)`` bool visibility of a feature map of the given size."""
+    b, uh, uw = visible.shape
+    h, w = size
+    if h % uh or w % uw:
+        raise ValueError(f"feature map {size} is not a multiple of the mask grid {(uh, uw)}")
+    return visible.repeat_interleave(h // uh, 1).repeat_interleave(w // uw, 2)
+
+
+class _HookState:
+    def __init__(self, visible: torch.Tensor):
+        self.visible = visible
+        self.block_vis: Dict[nn.Module, Tuple[torch.Tensor, nn.Module]] = {}
+
+
+def _swin_block_pre(state: _HookState) -> Callable:
+    def hook(block: nn.Module, args):
+        x = args[0]
+        state.block_vis[block.attn] = (visibility_map(state.visible, x.shape[1:3]), block)
+    return hook
+
+
+def _swin_attention_pre(state: _HookState) -> Callable:
+    def hook(attn: nn.Module, args, kwargs):
+        vis, block = state.block_vis[attn]
+        x = args[0]
+        sh, sw = block.shift_size
+        if sh or sw:
+            vis = torch.roll(vis, shifts=(-sh, -sw), dims=(1, 2))
+        wins = swin.window_partition(vis[..., None].to(x.dtype), block.window_size).reshape(x.shape[0], -1)
+        key = torch.where(wins > 0.5, torch.zeros((), dtype=x.dtype), torch.tensor(_neg(x.dtype), dtype=x.dtype))
+        key = key[:, None, :].expand(-1, x.shape[1], -1)
+        base = kwargs.get("mask")
+        if base is not None:
+            key = key + base.to(x.dtype).repeat(x.shape[0] // base.shape[0], 1, 1)
+        kwargs = dict(kwargs)
+        kwargs["mask"] = key
+        return args, kwargs
+    return hook
+
+
+def _conv_pre(state: _HookState) -> Callable:
+    def hook(conv: nn.Module, args):
+        x = args[0]
+        vis = visibility_map(state.visible, x.shape[-2:])
+        return (x * vis[:, None].to(x.dtype),) + tuple(args[1:])
+    return hook
+
+
+# module type -> (hook factory, kind): the per-family knowledge of the oracle
+PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
+    (swin.SwinTransformerBlock, _swin_block_pre, False),
+    (swin.WindowAttention, _swin_attention_pre, True),
+    (nn.Conv2d, _conv_pre, False),
+]
+
+
+@contextmanager
+def masked_dense_hooks(model: nn.Module, visible: torch.Tensor) -> Iterator[None]:
+    """Install the masked-dense hooks on ``model`` for one forward."""
+    state = _HookState(visible)
+    handles = []
+    try:
+        for mod in model.modules():
+            for cls, factory, with_kwargs in PRE_HOOKS:
+                if isinstance(mod, cls):
+                    handles.append(mod.register_forward_pre_hook(factory(state), with_kwargs=with_kwargs))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _stage_modules(model: nn.Module) -> Tuple[List[str], List[int]]:
+    info = model.feature_info
+    return [f["module"] for f in info], [int(f["reduction"]) for f in info]
+
+
+def dense_to_tokens(dense: torch.Tensor, visible: torch.Tensor, stride: int, fmt: str) -> VisibleTokens:
+    """Read a dense feature map at the visible positions, in canonical order."""
+    if fmt == "NCHW":
+        dense = dense.permute(0, 2, 3, 1)
+    sites = Sites.from_mask(visible, tuple(dense.shape[1:3]), stride)
+    return VisibleTokens(dense[sites.batch, sites.coords[:, 0], sites.coords[:, 1]], sites)
+
+
+def dense_masked_reference(
+    model: nn.Module, images: torch.Tensor, visible: torch.Tensor, fmt: Optional[str] = None
+) -> GreenOutput:
+    """The original model under masked-dense semantics, read at the visible positions of every stage."""
+    fmt = fmt or getattr(model, "output_fmt", "NCHW")
+    names, strides = _stage_modules(model)
+    captured: Dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out)) for n in names
+    ]
+    try:
+        with masked_dense_hooks(model, visible):
+            last = model.forward_features(images)
+    finally:
+        for h in handles:
+            h.remove()
+    stages = [dense_to_tokens(captured[n], visible, s, fmt) for n, s in zip(names, strides)]
+    return GreenOutput(dense_to_tokens(last, visible, strides[-1], fmt), stages)

@@ -1,0 +1,62 @@
+"""The set of visible positions of one grid, in canonical order (sample-major, raster inside a sample)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+class Sites:
+    """Visible positions of a ``grid`` at ``stride`` pixels per cell: ``batch (T,)`` and ``coords (T, 2)``.
+
+    Every packed feature tensor ``(T, C)`` of the converted model is indexed by one ``Sites``. The
+    dense index grid (token index or -1 per cell) is built lazily and cached, since neighbour
+    lookups of several ops on the same grid share it.
+    """
+
+    def __init__(self, batch: torch.Tensor, coords: torch.Tensor, grid: Tuple[int, int], batch_size: int, stride: int = 1):
+        self.batch = batch
+        self.coords = coords
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.batch_size = int(batch_size)
+        self.stride = int(stride)
+        self._index_grid: Optional[torch.Tensor] = None
+        self._counts: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_mask(cls, visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> "Sites":
+        """Cells of ``grid`` whose mask unit is visible; ``visible`` is ``(B, gh, gw)`` with ``grid`` a multiple of it."""
+        b, uh, uw = visible.shape
+        fh, fw = grid[0] // uh, grid[1] // uw
+        if fh * uh != grid[0] or fw * uw != grid[1]:
+            raise ValueError(f"grid {tuple(grid)} is not a multiple of the mask grid {(uh, uw)}")
+        dense = visible.repeat_interleave(fh, dim=1).repeat_interleave(fw, dim=2)
+        nz = dense.nonzero()
+        return cls(nz[:, 0], nz[:, 1:], grid, b, stride)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.batch.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.batch.device
+
+    def counts(self) -> torch.Tensor:
+        """Number of visible positions of every sample, ``(B,)``."""
+        if self._counts is None:
+            self._counts = torch.bincount(self.batch, minlength=self.batch_size)
+        return self._counts
+
+    def index_grid(self) -> torch.Tensor:
+        """``(B, H, W)`` long tensor: the token index at each visible cell, -1 elsewhere."""
+        if self._index_grid is None:
+            h, w = self.grid
+            flat = torch.full((self.batch_size * h * w,), -1, dtype=torch.long, device=self.device)
+            lin = (self.batch * h + self.coords[:, 0]) * w + self.coords[:, 1]
+            flat[lin] = torch.arange(self.num_tokens, device=self.device)
+            self._index_grid = flat.view(self.batch_size, h, w)
+        return self._index_grid
+
+    def __repr__(self) -> str:
+        return f"Sites(tokens={self.num_tokens}, grid={self.grid}, batch_size={self.batch_size}, stride={self.stride})"

@@ -1,0 +1,59 @@
+"""Window segmentation of packed visible tokens.
+
+Swin-style (shifted) window attention lets a token attend to the tokens of its window. On packed
+tokens a window is a *segment*: a set of token indices. Shifted windows are expressed by window ids
+computed on shifted coordinates, with no cyclic roll: a token at row ``r`` sits at rolled position
+``p = (r - s) mod H``; timm's shifted-window mask further splits the last window row/column into the
+tokens that wrapped around (``r < s``) and those that did not, which is the same as windowing the
+*unwrapped* coordinate ``r - s`` with ``floor``. Both views are implemented here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Window attention geometry on one grid: window size, cyclic shift and whether the seam splits windows."""
+
+    window: Tuple[int, int]
+    shift: Tuple[int, int] = (0, 0)
+    split_seam: bool = True  # timm's -100 shifted-window mask: wrapped tokens form their own region
+
+    def segments_per_dim(self, grid: Tuple[int, int]) -> Tuple[int, int]:
+        """Number of segment rows and columns of a sample's grid."""
+        out = []
+        for size, win, sh in zip(grid, self.window, self.shift):
+            n = size // win
+            out.append(n + 1 if (sh and self.split_seam) else n)
+        return out[0], out[1]
+
+
+def _axis_segment(coord: torch.Tensor, size: int, win: int, shift: int, split_seam: bool) -> torch.Tensor:
+    if shift and split_seam:
+        return torch.div(coord - shift, win, rounding_mode="floor") + 1
+    return torch.remainder(coord - shift, size) // win
+
+
+def window_segments(
+    batch: torch.Tensor, coords: torch.Tensor, grid: Tuple[int, int], batch_size: int, spec: WindowSpec
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Segment id and in-window position of every token.
+
+    Returns ``(segment (T,), position (T,), num_segments)``. Segment ids are sample-major and raster
+    ordered, so sorting by them is deterministic; ``position`` is ``row * window_w + col`` inside the
+    (rolled) window, the index timm's relative-position tables use.
+    """
+    (h, w), (wh, ww), (sh, sw) = grid, spec.window, spec.shift
+    if h % wh or w % ww:
+        raise ValueError(f"grid {grid} is not divisible by window {spec.window}")
+    nr, nc = spec.segments_per_dim(grid)
+    r, c = coords[:, 0], coords[:, 1]
+    seg_r = _axis_segment(r, h, wh, sh, spec.split_seam)
+    seg_c = _axis_segment(c, w, ww, sw, spec.split_seam)
+    segment = (batch * nr + seg_r) * nc + seg_c
+    position = torch.remainder(r - sh, wh) * ww + torch.remainder(c - sw, ww)
+    return segment, position, batch_size * nr * nc

@@ -1,0 +1,122 @@
+"""Token-wise ops pass through unchanged: one generic rule for every model.
+
+Linear, norms over the channel axis, activations, dropout, residual adds and per-channel scales act
+on each token independently, so they run as they are on the packed ``(T, C)`` features. Stochastic
+depth is per *sample*, so timm's DropPath is the one sample-wise op rewritten here.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+from timm.layers import activations as timm_activations
+
+from greenmim_convert import ops
+from greenmim_convert.layout import Atom, Layout, LayoutError, space_to_depth_plan
+
+from .base import GreenPass, layout_of, module_ref, sites_node
+
+_NOT_ELEMENTWISE = {nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.PReLU}
+ELEMENTWISE_MODULES = tuple(
+    {
+        cls
+        for mod in (nn.modules.activation, timm_activations)
+        for cls in vars(mod).values()
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and cls not in _NOT_ELEMENTWISE and cls is not nn.Module
+    }
+    | {nn.Dropout, nn.Identity, nn.AlphaDropout}
+)
+ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.tanh, torch.sigmoid, torch.neg,
+    F.gelu, F.relu, F.silu, F.dropout, F.hardswish, F.mish, F.leaky_relu,
+}
+ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "tanh", "sigmoid", "relu", "float", "to", "type_as"}
+
+
+def _with_channels(lay: Layout, channels: int) -> Layout:
+    return Layout(lay.axes[:-1] + ((Atom("c", channels),),), lay.grid, lay.stride, lay.offset)
+
+
+def _channel_input(node: fx.Node, lay: Layout) -> Layout:
+    """The layout a channel op sees: gathers low spatial digits first when the last axis holds them."""
+    if lay.channel_last():
+        return lay
+    if lay.spatial_factor_in_last_axis() is not None:
+        new, factor, plan = space_to_depth_plan(lay)
+        node.meta["space_to_depth"] = (lay, new, factor, plan)
+        return new
+    raise LayoutError(f"op over the last axis of layout {lay.shape} whose last axis is not the channels")
+
+
+def _broadcasts_per_channel(arg, lay: Layout) -> bool:
+    if not isinstance(arg, fx.Node):
+        return isinstance(arg, (int, float, bool)) or (isinstance(arg, torch.Tensor) and arg.numel() == 1)
+    shape = arg.meta.get("shape")
+    if shape is None:
+        return False
+    if not shape or all(s == 1 for s in shape):
+        return True
+    return lay.channel_last() and all(s == 1 for s in shape[:-1]) and shape[-1] == lay.shape[-1]
+
+
+def elementwise_layout(node: fx.Node) -> Optional[Layout]:
+    """Layout of an elementwise op: packed operands must agree; constants must be per-channel."""
+    packed = [a for a in node.all_input_nodes if layout_of(a) is not None]
+    lays = [layout_of(a) for a in packed]
+    if any(lay != lays[0] for lay in lays):
+        raise LayoutError("elementwise op on tensors of different layouts")
+    others = [a for a in list(node.args) + list(node.kwargs.values()) if not (isinstance(a, fx.Node) and layout_of(a) is not None)]
+    if not all(_broadcasts_per_channel(a, lays[0]) or isinstance(a, (str, torch.dtype, type(None))) for a in others):
+        raise LayoutError("elementwise op with a constant that varies over positions")
+    return lays[0]
+
+
+def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
+    """Output layout of a token-wise op, or None when ``node`` is not one."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        lay = layout_of(node.args[0])
+        if isinstance(mod, (DropPath,) + ELEMENTWISE_MODULES):
+            return lay
+        if isinstance(mod, nn.Linear):
+            return _with_channels(_channel_input(node, lay), mod.out_features)
+        if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
+            return _channel_input(node, lay)
+        return None
+    if node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS:
+        return elementwise_layout(node)
+    if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
+        return elementwise_layout(node)
+    return None
+
+
+class TokenwisePass(GreenPass):
+    name = "token-wise"
+    description = "token-wise ops run unchanged on packed tokens; DropPath becomes per-sample"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        for node in list(gm.graph.nodes):
+            if "layout" not in node.meta or node.meta.get("layout_op"):
+                continue
+            if node.op == "call_module":
+                mod = gm.get_submodule(node.target)
+                if isinstance(mod, DropPath):
+                    sites = sites_node(gm, node.meta["layout"])
+                    ref = module_ref(gm, node.target, node)
+                    with gm.graph.inserting_before(node):
+                        new = gm.graph.call_function(ops.drop_path, (node.args[0], sites, ref))
+                    new.meta.update(node.meta)
+                    node.replace_all_uses_with(new)
+                    gm.graph.erase_node(node)
+                    self.report["DropPath -> per-sample"] += 1
+                elif isinstance(mod, (nn.Linear, nn.LayerNorm) + ELEMENTWISE_MODULES):
+                    self.report[f"{type(mod).__name__} unchanged"] += 1
+            elif node.meta.get("tokenwise"):
+                self.report[f"{getattr(node.target, '__name__', node.target)} unchanged"] += 1
+        gm.recompile()

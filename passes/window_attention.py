@@ -1,0 +1,129 @@
+"""Window attention -> Group Window Attention over packed visible tokens.
+
+The attention module's input layout says which digits index windows (batch axis) and which index
+positions inside a window (token axis); the roll offset is the shift. The visible tokens of every
+(sample, window) are packed into groups once per (grid, window, shift) and every block of the stage
+shares that grouping. timm's shifted-window mask buffer is checked against the seam split the
+grouping implements, so a model with any other mask is refused rather than silently changed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple, Type
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
+
+from greenmim_convert import ops
+from greenmim_convert.kernels.windows import WindowSpec, window_segments
+from greenmim_convert.layout import Layout, LayoutError
+
+from .base import GreenPass, context_of, layout_of, module_ref, sites_node
+
+# module type -> (runtime op, name of the additive-mask argument)
+ATTENTION_RULES: Dict[Type[nn.Module], Tuple[Callable, Optional[str]]] = {
+    SwinWindowAttention: (ops.swin_window_attention, "mask"),
+}
+
+
+def window_spec_of(lay: Layout) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(window, shift) of a ``(windows, tokens, channels)`` layout, or LayoutError."""
+    if len(lay.axes) != 3 or lay.kinds(2) != {"c"} or not lay.channel_last():
+        raise LayoutError(f"window attention input is not (windows, tokens, channels): {lay.shape}")
+    tok = lay.atoms(1)
+    if [a.kind for a in tok] != ["h", "w"] or any(a.inner != 1 for a in tok):
+        raise LayoutError("window tokens are not (row, col) low digits in raster order")
+    window = (tok[0].size, tok[1].size)
+    outer = lay.atoms(0)
+    kinds = [a.kind for a in outer]
+    if len(set(kinds)) != len(kinds) or kinds != sorted(kinds, key="bhw".index):
+        raise LayoutError("windows are not ordered (sample, window row, window col)")
+    for a in outer:
+        if a.kind in "hw":
+            win = window[0] if a.kind == "h" else window[1]
+            if a.inner != win:
+                raise LayoutError("window index digits do not sit directly above the in-window digits")
+    return window, lay.offset
+
+
+def _expected_mask(grid, window, shift) -> torch.Tensor:
+    """Which pairs of a dense sample's windows may attend, as timm's rolled partition orders them."""
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    coords = torch.stack([rows.reshape(-1), cols.reshape(-1)], 1)
+    seg, _, _ = window_segments(torch.zeros(h * w, dtype=torch.long), coords, grid, 1, WindowSpec(window, shift, True))
+    seg = seg.view(h, w).roll((-shift[0], -shift[1]), (0, 1))
+    seg = seg.view(h // window[0], window[0], w // window[1], window[1]).permute(0, 2, 1, 3).reshape(-1, window[0] * window[1])
+    return seg[:, :, None] == seg[:, None, :]
+
+
+def check_mask_buffer(mask: torch.Tensor, grid, window, shift) -> bool:
+    """True when ``mask`` is the shifted-window mask: 0 inside a seam region, very negative across."""
+    expected = _expected_mask(grid, window, shift)
+    if tuple(mask.shape) != tuple(expected.shape):
+        return False
+    m = mask.detach().cpu()
+    return bool(((m == 0) == expected).all()) and bool((m[~expected] <= -50).all())
+
+
+def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
+    if node.op != "call_module" or type(gm.get_submodule(node.target)) not in ATTENTION_RULES:
+        return None
+    lay = layout_of(node.args[0])
+    if lay is None:
+        return None
+    window_spec_of(lay)
+    return lay
+
+
+class WindowAttentionPass(GreenPass):
+    name = "window-attention"
+    description = "window attention -> group window attention on packed visible tokens"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        ctx = context_of(gm)
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or "layout" not in node.meta:
+                continue
+            mod = gm.get_submodule(node.target)
+            if type(mod) not in ATTENTION_RULES:
+                continue
+            fn, mask_arg = ATTENTION_RULES[type(mod)]
+            lay = layout_of(node.args[0])
+            window, shift = window_spec_of(lay)
+            mask = node.kwargs.get(mask_arg) if mask_arg else None
+            if mask is None and len(node.args) > 1:
+                mask = node.args[1]
+            split_seam = False
+            if mask is not None:
+                if not (isinstance(mask, fx.Node) and mask.op == "get_attr" and "layout" not in mask.meta):
+                    self.fail(node, "attention mask is computed from the input; only timm's constant shifted-window mask is supported")
+                buf = _fetch(gm, mask.target)
+                if not check_mask_buffer(buf, lay.grid, window, shift):
+                    self.fail(node, "attention mask is not the shifted-window mask for this window and shift")
+                split_seam = True
+            key = (lay.grid, lay.stride, window, shift, split_seam)
+            if key not in ctx.grouping_nodes:
+                sites = sites_node(gm, lay)
+                with gm.graph.inserting_after(sites):
+                    ctx.grouping_nodes[key] = gm.graph.call_function(
+                        ops.window_grouping, (sites, window, shift, split_seam, ctx.grouping)
+                    )
+                self.report["groupings (stage, shift)"] += 1
+            ref = module_ref(gm, node.target, node)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(fn, (node.args[0], ctx.grouping_nodes[key], ref, ctx.attention_backend))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            self.report[type(mod).__name__] += 1
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
