@@ -54,7 +54,7 @@ def suggest(name: str, names: List[str], n: int = 5) -> List[str]:
     """Close matches for a misspelt model name: similar names of the same family first."""
     scored = sorted(names, key=lambda c: -difflib.SequenceMatcher(None, name, c).ratio())
     family = name.split("_")[0][:4]
-    same = [c for c in scored if c.startswith(family)]
+    same = [c for c in scored if c.startswith(name)] + [c for c in scored if c.startswith(family) and not c.startswith(name)]
     return (same + [c for c in scored if c not in same])[:n]
 
 

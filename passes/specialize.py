@@ -1,7 +1,7 @@
 """Specialise the traced graph to the configured image size (constant folding of shape arithmetic).
 
 timm's traced graphs compute sizes from ``x.shape`` (``%``, ``//``, slices by proxies, ``_assert``).
-Running the graph once on example images records every value; nodes whose result is not a tensor
+Running the graph once on fake example images (shapes only, no arithmetic) records every value; nodes whose result is not a tensor
 and that depend only on tensor *shapes* are replaced by their value. Data-dependent scalars
 (``.item()``, ``.tolist()``) are never folded.
 """
@@ -11,6 +11,7 @@ from typing import Any, Dict, Set
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .base import GreenPass
 
@@ -53,8 +54,9 @@ class SpecializePass(GreenPass):
 
     def run(self, gm: fx.GraphModule) -> None:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        with torch.no_grad():
-            ShapeRecorder(gm).run(self.example, *([None] * (len(placeholders) - 1)))
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            example = mode.from_tensor(self.example)
+            ShapeRecorder(gm).run(example, *([None] * (len(placeholders) - 1)))
         foldable: Set[fx.Node] = set()
         for n in gm.graph.nodes:
             if n.op in ("placeholder", "output", "get_attr") or "value" not in n.meta:

@@ -1,0 +1,55 @@
+"""Shared fixtures: small Swin configurations, fresh random inputs and masks, comparison helpers."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+
+import greenmim_convert as gmc
+from greenmim_convert.masking import random_mask
+
+TINY_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, img_size=128)
+SWIN_T = "swin_tiny_patch4_window7_224"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_swin(name: str = SWIN_T, dtype: torch.dtype = torch.float64, **kwargs) -> torch.nn.Module:
+    """A timm Swin with random weights (relative-position tables are randomised too)."""
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "relative_position_bias_table" in n:
+                p.normal_(0, 0.5)
+    return model.to(dtype).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test run, printed on failure by pytest's -l."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+@pytest.fixture(scope="module")
+def tiny_swin64():
+    torch.manual_seed(1234)
+    model = make_swin(dtype=torch.float64, **TINY_SWIN)
+    return model, gmc.convert(model)
+
+
+def masks_with_unequal_counts(batch: int, grid, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random masks, then one sample fully visible and one with a single visible unit."""
+    visible = random_mask(batch, grid, ratio, generator=gen)
+    if batch >= 3:
+        visible[1] = True
+        visible[2] = False
+        visible[2].view(-1)[int(torch.randint(0, visible[2].numel(), (1,), generator=gen))] = True
+    return visible
