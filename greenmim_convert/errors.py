@@ -1,6 +1,7 @@
 """Exception types: every failure the user can cause has its own type and names the offending value."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch.fx as fx
@@ -37,23 +38,26 @@ def describe_node(node: fx.Node) -> str:
             path = path[2:]
         elif path == "m":
             path = "<top level>"
-    target = getattr(node.target, "__name__", node.target)
+    target = str(getattr(node.target, "__name__", node.target))
+    target = target[2:] if target.startswith("m.") else target
     source = _source_line(node)
     return f"node '{node.name}' ({node.op} {target}) in module '{path}'" + (f" at {source}" if source else "")
 
 
 def _source_line(node: fx.Node) -> Optional[str]:
+    """The innermost frame of the model's own code (torch's frames skipped) that created the node."""
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
     lines = [ln.strip() for ln in trace.strip().splitlines()]
-    frames = [ln for ln in lines if ln.startswith("File ")]
+    frames = [(i, ln) for i, ln in enumerate(lines) if ln.startswith("File ")]
+    frames = [(i, ln) for i, ln in frames if f"{os.sep}torch{os.sep}" not in ln]
     if not frames:
         return None
-    frame = frames[-1]
-    idx = lines.index(frame)
-    code = lines[idx + 1] if idx + 1 < len(lines) else ""
-    return f"{frame.replace('File ', '', 1)}: {code}" if code else frame
+    idx, frame = frames[-1]
+    code = lines[idx + 1] if idx + 1 < len(lines) and not lines[idx + 1].startswith("File ") else ""
+    where = frame.replace("File ", "", 1)
+    return f"{where}: {code}" if code else where
 
 
 class UnsupportedOperationError(GreenMIMError):

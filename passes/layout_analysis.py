@@ -39,7 +39,8 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
 
 
 def _describe_failure(node: fx.Node) -> str:
-    target = getattr(node.target, "__name__", node.target)
+    target = str(getattr(node.target, "__name__", node.target))
+    target = target[2:] if target.startswith("m.") else target
     return f"no pass converts {node.op} '{target}' on visible tokens"
 
 

@@ -1,0 +1,114 @@
+"""Bad input gets a specific exception that names the problem."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import greenmim_convert as gmc
+from greenmim_convert.io import load, save
+from greenmim_convert.masking import random_mask
+
+from conftest import TINY_SWIN, make_swin
+
+
+@pytest.fixture(scope="module")
+def tiny32():
+    model = make_swin(dtype=torch.float32, **TINY_SWIN)
+    return model, gmc.convert(model)
+
+
+def _inputs(batch=2, size=128, grid=(4, 4)):
+    return torch.randn(batch, 3, size, size), random_mask(batch, grid, 0.5)
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: (torch.randn(2, 3, 96, 96), random_mask(2, (4, 4))), ["(2, 3, 96, 96)", "128"]),
+        (lambda: (torch.randn(2, 1, 128, 128), random_mask(2, (4, 4))), ["(2, 1, 128, 128)", "expected"]),
+        (lambda: (torch.randn(2, 3, 128), random_mask(2, (4, 4))), ["(B, 3, H, W)"]),
+        (lambda: (torch.randint(0, 255, (2, 3, 128, 128)), random_mask(2, (4, 4))), ["floating point", "int64"]),
+        (lambda: (torch.randn(2, 3, 128, 128, dtype=torch.float64), random_mask(2, (4, 4))), ["float64", "float32"]),
+        (lambda: (torch.randn(2, 3, 128, 128), random_mask(2, (8, 8))), ["(2, 8, 8)", "(2, 4, 4)"]),
+        (lambda: (torch.randn(2, 3, 128, 128), random_mask(3, (4, 4))), ["(3, 4, 4)", "(2, 4, 4)"]),
+        (lambda: (torch.randn(2, 3, 128, 128), random_mask(2, (4, 4)).to(torch.uint8)), ["bool", "uint8"]),
+        (lambda: (torch.randn(2, 3, 128, 128), random_mask(2, (4, 4)).to("meta")), ["meta"]),
+        (lambda: (torch.randn(2, 3, 128, 128, device="meta"), random_mask(2, (4, 4))), ["meta"]),
+    ],
+)
+def test_bad_inputs(tiny32, make, words):
+    _, green = tiny32
+    images, visible = make()
+    with pytest.raises(gmc.InvalidInputError) as exc:
+        green(images, visible)
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_mask_unit_errors():
+    model = make_swin(dtype=torch.float32, **TINY_SWIN)
+    with pytest.raises(gmc.MaskUnitError, match="48.*minimal mask unit 32"):
+        gmc.convert(model, mask_unit=48)
+    assert gmc.convert(model, mask_unit=64).mask_grid == (2, 2)
+    big = make_swin("swin_tiny_patch4_window7_224", torch.float32)
+    with pytest.raises(gmc.MaskUnitError, match=r"\(224, 224\).*64"):
+        gmc.convert(big, mask_unit=64)
+
+
+def test_unsupported_op_names_node_module_and_line():
+    model = make_swin(dtype=torch.float32, **TINY_SWIN)
+    model.layers[1].blocks[0].mlp.act = nn.Softmax(dim=1)
+    with pytest.raises(gmc.UnsupportedOperationError) as exc:
+        gmc.convert(model)
+    msg = str(exc.value)
+    assert "layers.1.blocks.0.mlp.act" in msg and "Softmax" in msg
+    assert "mlp.py" in msg  # the source line that called it
+
+
+def test_untraceable_model_is_a_trace_error():
+    model = make_swin(dtype=torch.float32, **TINY_SWIN)
+
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    model.layers[0].downsample = DataDependent()
+    with pytest.raises(gmc.TraceError, match="could not trace"):
+        gmc.convert(model)
+
+
+def test_bad_options():
+    model = make_swin(dtype=torch.float32, **TINY_SWIN)
+    with pytest.raises(gmc.InvalidInputError, match="grouping"):
+        gmc.convert(model, grouping="greedy")
+    with pytest.raises(gmc.InvalidInputError, match="forward_features"):
+        gmc.convert(nn.Linear(2, 2))
+
+
+def test_load_rejects_foreign_and_corrupt_files(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(torch.randint(0, 255, (1000,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(gmc.LoadError, match="not a safetensors file"):
+        load(str(junk))
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.randn(3)}, str(foreign))
+    with pytest.raises(gmc.LoadError, match="no greenmim-convert metadata"):
+        load(str(foreign))
+    with pytest.raises(gmc.LoadError, match="no such file"):
+        load(str(tmp_path / "missing.safetensors"))
+
+
+def test_save_load_round_trip(tmp_path, seed):
+    torch.manual_seed(seed)
+    model = make_swin(dtype=torch.float32, **TINY_SWIN)
+    green = gmc.convert(model)
+    path = str(tmp_path / "g.safetensors")
+    save(green, path, model_kwargs=TINY_SWIN)
+    back = load(path).eval()
+    images, visible = _inputs()
+    a, b = green(images, visible), back(images, visible)
+    assert torch.equal(a.last.feats, b.last.feats)
+    assert back.config.mask_unit == 32 and back.config.img_size == (128, 128)
