@@ -247,6 +247,16 @@ class GreenModel(nn.Module):
         self.check_inputs(images, visible)
         return self.graph_module(images, visible)
 
+    def forward_head(self, out: GreenOutput) -> torch.Tensor:
+        """Classifier logits from the mean of the visible final tokens (timm's avg-pool head)."""
+        head = getattr(self.timm_model, "head", None)
+        pool = getattr(self.timm_model, "global_pool", "avg")
+        if head is None or getattr(head, "fc", None) is None or (isinstance(pool, str) and pool not in ("avg", "")):
+            raise InvalidInputError(f"forward_head supports timm heads with average pooling and an fc, got {type(head).__name__}")
+        x = out.last.mean()
+        drop = getattr(head, "drop", None)
+        return head.fc(drop(x) if drop is not None else x)
+
 
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):

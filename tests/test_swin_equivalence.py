@@ -165,3 +165,15 @@ def test_graph_code_shows_sparse_ops(tiny_swin64):
     for dense in ("torch.roll", ".view(", ".permute(", "attn_mask"):
         assert dense not in code
     assert code.count("window_grouping(") == 7  # once per (stage, shift), shared by the blocks
+
+
+def test_forward_head_mean_over_visible(tiny_swin64, seed):
+    model, green = tiny_swin64
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 128, 128, generator=gen, dtype=torch.float64)
+    full = torch.ones(2, *green.mask_grid, dtype=torch.bool)
+    assert rel_err(green.forward_head(green(images, full)), model.forward_head(model.forward_features(images))) <= 1e-10
+    visible = random_mask(2, green.mask_grid, 0.75, generator=gen)
+    ref = dense_masked_reference(model, images, visible)
+    pooled = torch.stack([ref.last.feats[ref.last.batch == b].mean(0) for b in range(2)])
+    assert rel_err(green.forward_head(green(images, visible)), model.head.fc(pooled)) <= 1e-10
