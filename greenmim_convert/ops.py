@@ -29,7 +29,7 @@ def patch_embed(images: torch.Tensor, sites: Sites, conv: nn.Conv2d) -> torch.Te
     ph, pw = conv.kernel_size
     gh, gw = sites.grid
     cells = images[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
-    patches = cells[sites.batch, sites.coords[:, 0], sites.coords[:, 1]].reshape(sites.num_tokens, -1)
+    patches = cells[sites.batch, sites.coords[:, 0], sites.coords[:, 1]].reshape(sites.num_tokens, c * ph * pw)
     weight = conv.weight.reshape(conv.out_channels, -1)
     out = patches.matmul(weight.t())
     return out + conv.bias if conv.bias is not None else out
@@ -53,7 +53,7 @@ def space_to_depth(
     nbr = grid[coarse.batch[:, None], rows, cols]
     padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
     nbr = torch.where(nbr < 0, torch.full_like(nbr, feats.shape[0]), nbr)
-    out = padded[nbr].reshape(coarse.num_tokens, -1)
+    out = padded[nbr].reshape(coarse.num_tokens, len(offsets) * feats.shape[1])
     if channel_index is None:
         return out
     return out.index_select(1, torch.tensor(channel_index, dtype=torch.long, device=feats.device))
