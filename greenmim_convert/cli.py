@@ -164,6 +164,74 @@ def verify_cmd(
     raise typer.Exit(EXIT_OK if rep.ok else EXIT_MISMATCH)
 
 
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Argument(..., help="timm model name"),
+    batch_size: int = typer.Option(8, help="images per step, each with its own mask"),
+    img_size: Optional[int] = typer.Option(None, help="image size (default: the model's)"),
+    mask_ratio: float = typer.Option(0.75, help="fraction of mask units hidden"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="float32 or float64"),
+    steps: int = typer.Option(5, help="timed steps after one warm-up step"),
+    grouping: str = typer.Option("window", help="window packing: window | dp | max"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="also write the numbers to this JSON file"),
+    seed: int = typer.Option(0, help="seed of weights, images and masks"),
+    model_arg: List[str] = typer.Option([], "--model-arg", help="extra timm.create_model argument key=value"),
+) -> None:
+    """Time forward+backward of the converted model against the dense SimMIM-style model.
+
+    Both run in this process, alternating step by step; ratios are dense / converted.
+    Example: greenmim-convert bench swin_tiny_patch4_window7_224 --batch-size 8 --mask-ratio 0.75
+    """
+    from rich.progress import Progress
+
+    from .bench import run_bench
+
+    if dtype not in DTYPES:
+        _fail(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        _fail(f"--device must be cpu or cuda (and cuda needs a GPU), got {device!r}")
+    if steps < 1 or batch_size < 1 or not 0.0 <= mask_ratio <= 1.0:
+        _fail("--steps and --batch-size must be positive and --mask-ratio in [0, 1]")
+    torch.manual_seed(seed)
+    net = create(model, model_arg, img_size).to(device=device, dtype=DTYPES[dtype]).train()
+    green = _convert(net, img_size, None, grouping)
+    console.print(
+        f"[bold]{model}[/]: dense SimMIM-style forward_features (mask token at hidden units) vs converted model on visible "
+        f"units; batch {batch_size}, {green.img_size[0]}px, mask ratio {mask_ratio}, per-image masks, {device} {dtype}, "
+        f"forward+backward, {steps} timed steps"
+    )
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("benchmarking", total=2 + 2 * (steps + 1))
+        res = run_bench(net, green, batch_size, mask_ratio, steps, seed=seed,
+                        progress=lambda msg: bar.update(task, advance=1, description=msg))
+    table = Table(title="per training step (forward + backward)", title_justify="left")
+    for col in ("", "dense", "converted", "dense / converted"):
+        table.add_column(col, justify="right")
+    d, g = res.dense, res.green
+    table.add_row("wall time (median)", f"{d.time_median_s * 1e3:.0f} ms", f"{g.time_median_s * 1e3:.0f} ms", f"{res.speedup:.2f}x")
+    table.add_row("wall time (spread)", f"{d.time_spread_s * 1e3:.0f} ms", f"{g.time_spread_s * 1e3:.0f} ms", "")
+    table.add_row("activations saved for backward", f"{d.saved_bytes / 2**20:.1f} MiB", f"{g.saved_bytes / 2**20:.1f} MiB",
+                  f"{d.saved_bytes / max(g.saved_bytes, 1):.2f}x ({100 * res.saved_bytes_reduction:.0f}% less)")
+    table.add_row("FLOPs", f"{d.flops / 1e9:.1f} G", f"{g.flops / 1e9:.1f} G", f"{res.flops_ratio:.2f}x")
+    table.add_row("FLOPs vs visible-only ideal", "", f"{res.flops_ideal / 1e9:.1f} G ideal", f"{res.flops_vs_ideal:.3f} of ideal")
+    if d.peak_cuda_bytes is not None:
+        table.add_row("peak CUDA memory", f"{d.peak_cuda_bytes / 2**20:.0f} MiB", f"{g.peak_cuda_bytes / 2**20:.0f} MiB",
+                      f"{d.peak_cuda_bytes / max(g.peak_cuda_bytes, 1):.2f}x")
+    console.print(table)
+    gt = Table(title=f"grouping per (stage, shift): strategy {grouping}", title_justify="left")
+    for col in ("grid", "window", "shift", "tokens", "groups x size", "logits / lower bound", "time"):
+        gt.add_column(col, justify="right")
+    for r in res.grouping:
+        gt.add_row(f"{r.grid[0]}x{r.grid[1]}", f"{r.window[0]}", f"{r.shift[0]}", str(r.tokens), f"{r.groups} x {r.group_size}",
+                   f"{r.padding_overhead:.2f}", f"{r.time_ms:.2f} ms")
+    console.print(gt)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res.to_dict(), f, indent=2)
+        console.print(f"wrote {json_out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
