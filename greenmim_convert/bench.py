@@ -93,8 +93,7 @@ class StageGrouping:
     window: List[int]
     shift: List[int]
     tokens: int
-    groups: int
-    group_size: int
+    groups: str
     logits: int
     lower_bound: int
     padding_overhead: float
@@ -151,7 +150,7 @@ def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5)
             _sync(visible.device)
             times.append(time.perf_counter() - t0)
         overhead = grp.logits / grp.lower_bound if grp.lower_bound else 1.0
-        rows.append(StageGrouping(list(grid), list(window), list(shift), grp.num_tokens, grp.num_groups, grp.group_size,
+        rows.append(StageGrouping(list(grid), list(window), list(shift), grp.num_tokens, grp.describe(),
                                   grp.logits, grp.lower_bound, overhead, 1e3 * statistics.median(times)))
     return rows
 

@@ -97,7 +97,7 @@ def convert_cmd(
     output: Optional[str] = typer.Option(None, "-o", "--output", help="write the converted model (safetensors + config)"),
     img_size: Optional[int] = typer.Option(None, help="image size (default: the model's)"),
     mask_unit: Optional[int] = typer.Option(None, help="mask unit in pixels (default: the model's total stride)"),
-    grouping: str = typer.Option("window", help="window packing: window | dp | max"),
+    grouping: str = typer.Option("dp", help="window packing: dp (ours) | max (GreenMIM) | window (one window per group)"),
     model_arg: List[str] = typer.Option([], "--model-arg", help="extra timm.create_model argument key=value (repeatable)"),
 ) -> None:
     """Convert a timm model and print the pass report.
@@ -128,7 +128,7 @@ def verify_cmd(
     mask_unit: Optional[int] = typer.Option(None, help="mask unit in pixels"),
     dtype: str = typer.Option("float64", help="float64 (exactness, rtol 1e-10) or float32 (rtol 1e-5)"),
     seed: int = typer.Option(0, help="seed of the weights, images and masks"),
-    grouping: str = typer.Option("window", help="window packing: window | dp | max"),
+    grouping: str = typer.Option("dp", help="window packing: dp (ours) | max (GreenMIM) | window (one window per group)"),
     model_arg: List[str] = typer.Option([], "--model-arg", help="extra timm.create_model argument key=value"),
 ) -> None:
     """Convert a model and compare it with the dense masked reference on random images and masks.
@@ -173,7 +173,7 @@ def bench_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 or float64"),
     steps: int = typer.Option(5, help="timed steps after one warm-up step"),
-    grouping: str = typer.Option("window", help="window packing: window | dp | max"),
+    grouping: str = typer.Option("dp", help="window packing: dp (ours) | max (GreenMIM) | window (one window per group)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the numbers to this JSON file"),
     seed: int = typer.Option(0, help="seed of weights, images and masks"),
     model_arg: List[str] = typer.Option([], "--model-arg", help="extra timm.create_model argument key=value"),
@@ -223,7 +223,7 @@ def bench_cmd(
     for col in ("grid", "window", "shift", "tokens", "groups x size", "logits / lower bound", "time"):
         gt.add_column(col, justify="right")
     for r in res.grouping:
-        gt.add_row(f"{r.grid[0]}x{r.grid[1]}", f"{r.window[0]}", f"{r.shift[0]}", str(r.tokens), f"{r.groups} x {r.group_size}",
+        gt.add_row(f"{r.grid[0]}x{r.grid[1]}", f"{r.window[0]}", f"{r.shift[0]}", str(r.tokens), r.groups,
                    f"{r.padding_overhead:.2f}", f"{r.time_ms:.2f} ms")
     console.print(gt)
     if json_out:

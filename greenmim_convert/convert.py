@@ -55,7 +55,7 @@ class GreenConfig:
     model_name: str
     img_size: Tuple[int, int]
     mask_unit: int
-    grouping: str = "window"
+    grouping: str = "dp"
     attention_backend: str = "auto"
     model_kwargs: Dict = field(default_factory=dict)
 
@@ -122,7 +122,7 @@ def convert(
     *,
     img_size: Optional[Union[int, Sequence[int]]] = None,
     mask_unit: Optional[int] = None,
-    grouping: str = "window",
+    grouping: str = "dp",
     attention_backend: str = "auto",
 ) -> "GreenModel":
     """Compile a timm hierarchical ViT into a model that computes only on visible patches.

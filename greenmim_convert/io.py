@@ -61,7 +61,7 @@ def load(path: str, map_location: str = "cpu") -> GreenModel:
         model,
         img_size=tuple(config["img_size"]),
         mask_unit=int(config["mask_unit"]),
-        grouping=config.get("grouping", "window"),
+        grouping=config.get("grouping", "dp"),
         attention_backend=config.get("attention_backend", "auto"),
     )
     green.config.model_kwargs = kwargs

@@ -6,11 +6,12 @@ original timm modules, so the converted model shares every Parameter with the ti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .kernels.grouping import pack_segments
 from .kernels.windows import WindowSpec, window_segments
@@ -72,25 +73,75 @@ def drop_path(feats: torch.Tensor, sites: Sites, module: nn.Module) -> torch.Ten
 
 
 @dataclass
-class Grouping:
-    """Packed groups of one (grid, window, shift): shared by every attention block that uses them."""
+class Bucket:
+    """Groups of one size: ``(G, g)`` slots with the token, window id and in-window position of each."""
 
     group_size: int
     num_groups: int
-    index: torch.Tensor      # (G*g,) token of each slot; num_tokens for padding (reads a zero row)
-    slot: torch.Tensor       # (T,) slot of each token
+    index: torch.Tensor      # (G*g,) token of each slot; padding slots read token 0 (no real query sees them)
     segment: torch.Tensor    # (G, g) window id per slot; unique negative ids on padding
     position: torch.Tensor   # (G, g) in-window position per slot
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_slots(self) -> int:
+        return self.group_size * self.num_groups
+
+    def pair_index(self, window_area: int) -> torch.Tensor:
+        """``(G*g*g,)`` index into a flattened ``(N, N)`` window bias for every (query, key) slot pair."""
+        key = ("pair", window_area)
+        if key not in self._cache:
+            pos = self.position
+            self._cache[key] = (pos[:, :, None] * window_area + pos[:, None, :]).reshape(-1)
+        return self._cache[key]
+
+    def block_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(G*g*g,)`` additive mask: 0 for slot pairs of one window, -inf across windows and padding."""
+        key = ("mask", dtype)
+        if key not in self._cache:
+            seg = self.segment
+            same = (seg[:, :, None] == seg[:, None, :]).reshape(-1)
+            mask = torch.zeros(same.shape, dtype=dtype, device=seg.device)
+            self._cache[key] = mask.masked_fill_(~same, float("-inf"))
+        return self._cache[key]
+
+
+@dataclass
+class Grouping:
+    """Packed groups of one (grid, window, shift), in buckets of one group size each.
+
+    Computed once per forward and shared by every attention block of that stage and shift.
+    ``slot`` maps every token to its slot in the concatenation of the buckets' slots.
+    """
+
+    buckets: List[Bucket]
+    slot: torch.Tensor
     num_tokens: int
-    logits: int              # g^2 * G: attention logits per head
-    lower_bound: int         # sum of squared window counts
+    logits: int              # sum over buckets of G * g^2: attention logits per head
+    lower_bound: int         # sum of squared window counts: every window alone, no padding
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])
-        return padded.index_select(0, self.index)
+    @property
+    def num_groups(self) -> int:
+        return sum(b.num_groups for b in self.buckets)
 
-    def scatter(self, slots: torch.Tensor) -> torch.Tensor:
-        return slots.index_select(0, self.slot)
+    def describe(self) -> str:
+        return " + ".join(f"{b.num_groups}x{b.group_size}" for b in self.buckets) or "empty"
+
+
+def _bucket(packing, seg: torch.Tensor, pos: torch.Tensor, rank: torch.Tensor, offset: int) -> Tuple[Bucket, torch.Tensor, torch.Tensor]:
+    """One packing's slots; returns the bucket, its tokens and their global slots."""
+    g, n = int(packing.group_size), int(packing.num_groups)
+    group = packing.seg_group[seg]
+    tokens = (group >= 0).nonzero().squeeze(1)
+    local = group[tokens] * g + packing.seg_offset[seg[tokens]] + rank[tokens]
+    dev = seg.device
+    index = torch.zeros(n * g, dtype=torch.long, device=dev)
+    index[local] = tokens
+    segment = -1 - torch.arange(n * g, device=dev)
+    segment[local] = seg[tokens]
+    position = torch.zeros(n * g, dtype=torch.long, device=dev)
+    position[local] = pos[tokens]
+    return Bucket(g, n, index, segment.view(n, g), position.view(n, g)), tokens, local + offset
 
 
 def window_grouping(sites: Sites, window: Tuple[int, int], shift: Tuple[int, int], split_seam: bool, strategy: str) -> Grouping:
@@ -100,48 +151,58 @@ def window_grouping(sites: Sites, window: Tuple[int, int], shift: Tuple[int, int
     t = sites.num_tokens
     dev = seg.device
     counts = torch.bincount(seg, minlength=num_seg)
-    packing = pack_segments(counts, window[0] * window[1], strategy)
-    g, n_groups = int(packing.group_size), int(packing.num_groups)
+    packings = [pack_segments(counts, window[0] * window[1], strategy)] if t else []
     order = torch.argsort(seg, stable=True)
-    seg_sorted = seg[order]
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(t, device=dev) - starts[seg_sorted]
+    rank = torch.empty(t, dtype=torch.long, device=dev)
+    rank[order] = torch.arange(t, device=dev) - starts[seg[order]]
     slot = torch.empty(t, dtype=torch.long, device=dev)
-    slot[order] = packing.seg_group[seg_sorted] * g + packing.seg_offset[seg_sorted] + rank
-    n_slots = n_groups * g
-    index = torch.full((n_slots,), t, dtype=torch.long, device=dev)
-    index[slot] = torch.arange(t, device=dev)
-    segment = -1 - torch.arange(n_slots, device=dev)
-    segment[slot] = seg
-    position = torch.zeros(n_slots, dtype=torch.long, device=dev)
-    position[slot] = pos
-    return Grouping(
-        g, n_groups, index, slot, segment.view(n_groups, g), position.view(n_groups, g), t,
-        logits=n_slots * g, lower_bound=int((counts * counts).sum().item()),
-    )
+    buckets, offset = [], 0
+    for packing in packings:
+        if int(packing.num_groups) == 0:
+            continue
+        bucket, tokens, slots = _bucket(packing, seg, pos, rank, offset)
+        slot[tokens] = slots
+        buckets.append(bucket)
+        offset += bucket.num_slots
+    logits = sum(b.num_slots * b.group_size for b in buckets)
+    return Grouping(buckets, slot, t, logits, int((counts * counts).sum().item()))
 
 
-def _group_attention(q, k, v, segment, position, bias, scale, dropout_p, backend):
-    from .kernels.group_attention import group_attention_reference
-
-    return group_attention_reference(q, k, v, segment, position, bias, scale, dropout_p)
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
+    """softmax(scale q k^T + bias) v over a batch of groups; ``(batch, g, d)`` in, ``(batch, g, d)`` out."""
+    logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    probs = logits.softmax(dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    return torch.bmm(probs, v)
 
 
 def swin_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
-    """timm ``WindowAttention`` on packed tokens: qkv/proj on (T, C), attention on padded groups."""
-    if grouping.num_groups == 0:
+    """timm ``WindowAttention`` on packed tokens: qkv/proj on (T, C), attention on padded groups.
+
+    Groups are laid out heads-major, ``(heads * G, g, d)``, so q, k, v come out of one gather per
+    bucket contiguous, and the bias of every (query, key) slot pair is one index_select of the
+    window's relative-position bias.
+    """
+    if not grouping.buckets:
         return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
-    heads = attn.num_heads
+    heads, t = attn.num_heads, x.shape[0]
     qkv = attn.qkv(x)
     dim = qkv.shape[-1] // (3 * heads)
-    g, n = grouping.group_size, grouping.num_groups
-    q, k, v = grouping.gather(qkv).view(n, g, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+    qkv = qkv.view(t, 3 * heads, dim).transpose(0, 1)
     area = attn.relative_position_index.shape[0]
-    bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
-    bias = bias.view(area, area, heads).permute(2, 0, 1)
+    table = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
+    window_bias = table.view(area * area, heads).t().to(x.dtype)
     p = attn.attn_drop.p if attn.training else 0.0
-    out = _group_attention(q, k, v, grouping.segment, grouping.position, bias, attn.scale, p, backend)
-    out = grouping.scatter(out.transpose(1, 2).reshape(n * g, heads * dim))
+    outs = []
+    for b in grouping.buckets:
+        g, n = b.group_size, b.num_groups
+        q, k, v = qkv.index_select(1, b.index).view(3, heads * n, g, dim).unbind(0)
+        bias = window_bias.index_select(1, b.pair_index(area)) + b.block_mask(x.dtype)
+        outs.append(grouped_attention(q, k, v, bias.view(heads * n, g, g), attn.scale, p).view(heads, n * g, dim))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    out = out.index_select(1, grouping.slot).transpose(0, 1).reshape(t, heads * dim)
     return attn.proj_drop(attn.proj(out))
 
 

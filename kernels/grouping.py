@@ -1,14 +1,66 @@
 """Packing window segments into equal-size groups for Group Window Attention.
 
-A *packing* assigns every non-empty segment (window) a group and a slot offset inside it, such that
-the segments of a group fit in ``group_size`` slots. Attention then runs on ``(num_groups, group_size)``
-padded groups under a block-diagonal mask.
+A *packing* assigns every non-empty segment (the visible tokens of one window) a group and a slot
+offset inside it, so that the segments of a group occupy disjoint slot ranges of ``[0, g)``.
+Attention then runs on ``(G, g)`` padded groups under a block-diagonal mask.
+
+Cost model (per head, in attention logits): a packing costs ``G * (g^2 + GROUP_OVERHEAD)``. The
+lower bound is ``sum_i c_i^2``: every window alone, no padding. ``tile`` is the device preference:
+the Triton kernel needs ``g`` to be a multiple of its tile (16); on the CPU ``tile = 1``.
+
+Strategies:
+
+* ``"window"``: every non-empty segment alone in a group, ``g`` = largest count.
+* ``"max"``: GreenMIM's choice, ``g`` = largest count, each group filled with the max-fill subset of
+  the remaining windows (their per-group 0/1 knapsack). Here it runs on the histogram of counts: a
+  max-fill pattern is repeated as long as the remaining windows allow, so identical groups are
+  emitted at once, and ties are broken towards larger windows rather than by window order (which
+  strands fewer large windows than the original, so this baseline is, if anything, stronger).
+* ``"dp"``: choose ``g`` and the packing together, minimising the cost model.
+
+The ``"dp"`` recurrence. Counts are small integers, so everything runs on the histogram ``h[c]``
+(number of segments with ``c`` visible tokens). For one group size ``g`` a group is anchored on the
+largest remaining count ``a`` and filled by a bounded subset-sum DP over the remaining histogram::
+
+    R_0 = {0},   R_j = { s + k * c_j : s in R_{j-1}, 0 <= k <= h[c_j], s + k * c_j <= g - a }
+
+(sizes ``c_j`` in decreasing order, stopped early once ``g - a`` is reachable); the group takes
+``a`` plus the subset reaching ``max R``, and that pattern is repeated while the histogram holds
+it. ``G(g)`` is the smaller of this and First-Fit-Decreasing (also run on the histogram), so
+``G(g) <= FFD(g) <= 11/9 OPT(g) + 6/9``. Over group sizes::
+
+    g* = argmin_{g in candidates} G(g) * (g^2 + overhead),
+    candidates = multiples of tile in [max count, capacity rounded up to tile]
+
+scanned in increasing order of the lower bound ``max(ceil(T/g), #{c > g/2}) * (g^2 + overhead)``
+and stopped once that bound reaches the best cost found. A group size is also skipped when its
+Martello-Toth bound ``L2(g)`` proves it cannot win, and the knapsack pass is skipped when FFD
+already meets ``L2(g)`` (optimal for that ``g``).
+
+The histogram is read on the host once (``num_groups`` has to become a Python int anyway); the
+patterns are mapped back to segments on the counts' device with a stable sort of the counts and a
+cumsum over the pattern table: the k-th segment of count c (in segment order) takes
+the k-th slot of size c.
 """
 from __future__ import annotations
 
+import math
+from array import array
+from bisect import bisect_right
 from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+# Fixed cost of one group per head, in logits: launching / scheduling one (group, head) program and
+# its softmax bookkeeping, about one 8x8 logit block. It only tips the choice between group sizes
+# whose logits are nearly equal towards fewer groups.
+GROUP_OVERHEAD = 64.0
+STRATEGIES = ("window", "max", "dp")
+MAX_ROUNDS_PER_SIZE = 8
+
+# A pattern is (multiplicity, [(count, how many segments of that count), ...]) in slot order.
+Pattern = Tuple[int, List[Tuple[int, int]]]
 
 
 @dataclass
@@ -21,17 +73,316 @@ class Packing:
     seg_offset: torch.Tensor
 
 
-def pack_one_per_group(counts: torch.Tensor) -> Packing:
+def lower_bound(counts: torch.Tensor) -> int:
+    """``sum_i c_i^2``: the logits per head of every window alone with no padding."""
+    c = counts.long()
+    return int((c * c).sum().item())
+
+
+def group_cost(group_size: int, num_groups: int, overhead: float = GROUP_OVERHEAD) -> float:
+    """Cost model of ``num_groups`` groups of ``group_size`` slots, per head, in logits."""
+    return float(num_groups) * (float(group_size) ** 2 + overhead)
+
+
+def packing_cost(packing: Packing, overhead: float = GROUP_OVERHEAD) -> float:
+    """Cost model of a packing; ``overhead=0`` gives the attention logits per head."""
+    return group_cost(packing.group_size, packing.num_groups, overhead)
+
+
+def _round_up(value: int, tile: int) -> int:
+    return -(-value // tile) * tile
+
+
+def _candidates(max_count: int, capacity: int, tile: int) -> List[int]:
+    """Admissible group sizes: multiples of ``tile`` from the largest count to the capacity."""
+    return list(range(_round_up(max_count, tile), _round_up(max(capacity, max_count), tile) + 1, tile))
+
+
+def _ffd_patterns(hist: Sequence[int], sizes: Sequence[int], g: int) -> List[Pattern]:
+    """First-Fit-Decreasing on the histogram, bins kept as runs of identical bins in bin order.
+
+    Equal items go, in bin order, into every bin with room (``r // c`` each), so one size class
+    touches each run once: a run is converted whole, or split into converted / one partial /
+    untouched bins. ``sizes`` are the present counts in decreasing order.
+    """
+    runs: List[list] = []  # [number of bins, residual, contents]
+    for c in sizes:
+        left = hist[c]
+        nxt: List[list] = []
+        for run in runs:
+            n, r, pat = run
+            if left == 0 or r < c:
+                nxt.append(run)
+                continue
+            k = r // c
+            full = left // k
+            if full >= n:
+                nxt.append([n, r - k * c, pat + [(c, k)]])
+                left -= n * k
+                continue
+            if full:
+                nxt.append([full, r - k * c, pat + [(c, k)]])
+            rem = left - full * k
+            if rem:
+                nxt.append([1, r - rem * c, pat + [(c, rem)]])
+            if n - full - (1 if rem else 0):
+                nxt.append([n - full - (1 if rem else 0), r, pat])
+            left = 0
+        if left:
+            k = g // c
+            full, rem = divmod(left, k)
+            if full:
+                nxt.append([full, g - k * c, [(c, k)]])
+            if rem:
+                nxt.append([1, g - rem * c, [(c, rem)]])
+        runs = nxt
+    return [(n, pat) for n, _, pat in runs]
+
+
+def _max_fill(hist: Sequence[int], sizes_up: Sequence[int], cap: int) -> Dict[int, int]:
+    """Bounded subset-sum: how many of each count to take to fill ``cap`` as much as possible.
+
+    Reachable sums are a Python int bitset; each size class is added in binary-split chunks so the
+    DP is ``O(sum_c log h[c])`` shifts. Sizes (given ascending) are scanned from the largest that
+    fits downwards, and the scan stops as soon as ``cap`` itself is reachable.
+    """
+    full = (1 << (cap + 1)) - 1
+    reach = 1
+    steps: List[Tuple[int, int, int]] = []
+    for i in range(bisect_right(sizes_up, cap) - 1, -1, -1):
+        c = sizes_up[i]
+        n = hist[c]
+        if n * c > cap:
+            n = cap // c
+        chunk = 1
+        while n > 0:
+            t = chunk if chunk < n else n
+            n -= t
+            chunk *= 2
+            steps.append((c, t, reach))
+            reach = (reach | (reach << (t * c))) & full
+        if (reach >> cap) & 1:
+            break
+    s = reach.bit_length() - 1
+    take: Dict[int, int] = {}
+    for c, t, before in reversed(steps):
+        if not (before >> s) & 1:
+            s -= t * c
+            take[c] = take.get(c, 0) + t
+    return take
+
+
+def _knapsack_patterns(hist: Sequence[int], sizes: Sequence[int], g: int, anchored: bool) -> Optional[List[Pattern]]:
+    """Groups built one pattern at a time by the max-fill DP of ``_max_fill``; each pattern is
+    emitted as many times as the remaining histogram holds it.
+
+    ``anchored``: each group first takes the largest remaining count and the DP fills the rest (the
+    ``"dp"`` strategy); otherwise the DP fills the whole group (GreenMIM's greedy knapsack).
+    Returns None after ``MAX_ROUNDS_PER_SIZE`` patterns per distinct count (about 2 in practice),
+    so the work stays bounded by the histogram, never by the number of groups.
+    """
+    h = list(hist)
+    live = sorted(sizes)
+    out: List[Pattern] = []
+    while live:
+        if len(out) > MAX_ROUNDS_PER_SIZE * len(sizes):
+            return None
+        if anchored:
+            a = live[-1]
+            h[a] -= 1
+            take = _max_fill(h, live, g - a)
+            h[a] += 1
+            take[a] = take.get(a, 0) + 1
+        else:
+            take = _max_fill(h, live, g)
+        reps = min(h[c] // k for c, k in take.items())
+        for c, k in take.items():
+            h[c] -= reps * k
+        out.append((reps, sorted(take.items(), reverse=True)))
+        if any(h[c] == 0 for c in take):
+            live = [c for c in live if h[c]]
+    return out
+
+
+class _Bounds:
+    """Lower bounds on the number of groups of size ``g`` from prefix sums of the histogram."""
+
+    def __init__(self, hist: Sequence[int], sizes: Sequence[int]):
+        n = len(hist)
+        self.cnt = [0] * (n + 1)  # cnt[x]: segments with count >= x
+        self.tot = [0] * (n + 1)  # tot[x]: their tokens
+        for x in range(n - 1, 0, -1):
+            self.cnt[x] = self.cnt[x + 1] + hist[x]
+            self.tot[x] = self.tot[x + 1] + hist[x] * x
+        self.sizes_up = sorted(sizes)
+        self.n = n
+
+    def _ge(self, arr: List[int], x: int) -> int:
+        return arr[x] if x < self.n else 0
+
+    def simple(self, g: int) -> int:
+        """``max(ceil(T / g), #{c > g/2})``."""
+        return max(-(-self.tot[1] // g), self._ge(self.cnt, g // 2 + 1))
+
+    def l2(self, g: int) -> int:
+        """Martello-Toth L2: for each threshold K, big segments need their own groups, and the
+        tokens in [K, g/2] must fit in what the segments in (g/2, g-K] leave free."""
+        half = g // 2 + 1
+        best = self.simple(g)
+        for k in self.sizes_up:
+            if 2 * k > g:
+                break
+            n1 = self._ge(self.cnt, g - k + 1)
+            n2 = self._ge(self.cnt, half) - n1
+            s2 = self._ge(self.tot, half) - self._ge(self.tot, g - k + 1)
+            s3 = self.tot[k] - self._ge(self.tot, half)
+            best = max(best, n1 + n2 + max(0, -(-(s3 - (n2 * g - s2)) // g)))
+        return best
+
+
+def _realise(counts: torch.Tensor, patterns: List[Pattern], g: int) -> Packing:
+    """Map histogram patterns to segments: the k-th segment of count c takes the k-th slot of size c.
+
+    One table row per slot range of a pattern (count, groups, first group, offset); its slots are
+    ``groups`` consecutive groups at that offset. Rows sorted by count line up with the segments
+    sorted by count, so a cumsum over the row sizes gives every segment its row.
+    """
+    dev = counts.device
+    rows = []
+    base = 0
+    for reps, items in patterns:
+        off = 0
+        for c, k in items:
+            for _ in range(k):
+                rows.append((c, reps, base, off))
+                off += c
+        base += reps
+    rows.sort(key=lambda r: r[0])
+    total = sum(r[1] for r in rows)
+    table = torch.frombuffer(array("q", [v for r in rows for v in r]), dtype=torch.long).view(len(rows), 4)
+    table = table.to(dev, copy=True)
+    starts = torch.cumsum(table[:, 1], 0) - table[:, 1]
+    table[:, 1] = starts
+    marks = torch.zeros(total, dtype=torch.long, device=dev).index_fill_(0, starts[1:], 1)
+    _, start, first, off = table.index_select(0, torch.cumsum(marks, 0)).unbind(1)
+    order = torch.argsort(counts, stable=True)[counts.numel() - total:]
+    seg_group = torch.full_like(counts, -1).index_put_((order,), torch.arange(total, device=dev) - start + first)
+    seg_offset = torch.zeros_like(counts).index_put_((order,), off)
+    return Packing(g, base, seg_group, seg_offset)
+
+
+def _empty_packing(counts: torch.Tensor, tile: int) -> Packing:
+    return Packing(max(tile, 1), 0, torch.full_like(counts, -1), torch.zeros_like(counts))
+
+
+def pack_one_per_group(counts: torch.Tensor, tile: int = 1) -> Packing:
     """Every non-empty segment alone in its group, groups as large as the largest segment."""
     nonempty = counts > 0
     g = int(counts.max().item()) if counts.numel() else 0
     group = torch.cumsum(nonempty.long(), 0) - 1
     seg_group = torch.where(nonempty, group, torch.full_like(group, -1))
-    return Packing(max(g, 1), int(nonempty.sum().item()), seg_group, torch.zeros_like(counts))
+    return Packing(_round_up(max(g, 1), tile), int(nonempty.sum().item()), seg_group, torch.zeros_like(counts))
 
 
-def pack_segments(counts: torch.Tensor, capacity: int, strategy: str = "window") -> Packing:
-    """Pack segments of the given token counts (each ``<= capacity``) into groups."""
+def _dp_patterns(hist: Sequence[int], sizes: Sequence[int], g: int, bound: int) -> List[Pattern]:
+    """The ``"dp"`` packing for one group size: FFD, or the anchored knapsack when it needs fewer groups.
+
+    The knapsack pass is skipped when FFD already meets ``bound``, a lower bound on the group count.
+    """
+    pats = _ffd_patterns(hist, sizes, g)
+    n = sum(p[0] for p in pats)
+    if n > bound:
+        alt = _knapsack_patterns(hist, sizes, g, anchored=True)
+        if alt is not None and sum(p[0] for p in alt) < n:
+            return alt
+    return pats
+
+
+def _max_patterns(hist: Sequence[int], sizes: Sequence[int], g: int) -> List[Pattern]:
+    """GreenMIM's greedy knapsack, or FFD in the (pathological) case it needs too many patterns."""
+    pats = _knapsack_patterns(hist, sizes, g, anchored=False)
+    return pats if pats is not None else _ffd_patterns(hist, sizes, g)
+
+
+def _choose_dp(hist: List[int], sizes: List[int], capacity: int, tile: int, overhead: float) -> Tuple[int, List[Pattern]]:
+    """The group size and patterns of least modelled cost (see the module docstring)."""
+    bounds = _Bounds(hist, sizes)
+    cands = sorted(
+        (group_cost(g, bounds.simple(g), overhead), g) for g in _candidates(sizes[0], capacity, tile)
+    )
+    best_cost, best_g, best = math.inf, 0, []
+    for bound_cost, g in cands:
+        if bound_cost >= best_cost:
+            break
+        l2 = bounds.l2(g)
+        if group_cost(g, l2, overhead) >= best_cost:
+            continue
+        pats = _dp_patterns(hist, sizes, g, l2)
+        cost = group_cost(g, sum(p[0] for p in pats), overhead)
+        if cost < best_cost:
+            best_cost, best_g, best = cost, g, pats
+    return best_g, best
+
+
+def _histogram(counts: torch.Tensor, capacity: int) -> Tuple[List[int], List[int]]:
+    """Histogram of the counts (read on the host) and the present non-zero counts, largest first."""
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(counts)).tolist())
+    if lo < 0 or hi > capacity:
+        raise ValueError(f"segment counts must lie in [0, capacity={capacity}], got [{lo}, {hi}]")
+    hist = torch.bincount(counts, minlength=capacity + 1).tolist()
+    return hist, [c for c in range(capacity, 0, -1) if hist[c]]
+
+
+def group_count_bound(counts: torch.Tensor, group_size: int) -> int:
+    """Martello-Toth lower bound on the number of groups of ``group_size`` slots any packing needs."""
+    counts = counts.long()
+    if counts.numel() == 0:
+        return 0
+    hist, sizes = _histogram(counts, group_size)
+    return _Bounds(hist, sizes).l2(group_size) if sizes else 0
+
+
+def pack_with_group_size(counts: torch.Tensor, group_size: int, strategy: str = "dp") -> Packing:
+    """Pack the segments into groups of exactly ``group_size`` slots (at least the largest count).
+
+    ``"dp"``: the better of FFD and the anchored knapsack; ``"max"``: GreenMIM's max-fill knapsack.
+    Used to inspect the per-size step of ``pack_segments``.
+    """
+    if strategy not in ("dp", "max"):
+        raise ValueError(f"pack_with_group_size supports 'dp' and 'max', got {strategy!r}")
+    counts = counts.long()
+    if counts.numel() == 0:
+        return _empty_packing(counts, group_size)
+    hist, sizes = _histogram(counts, group_size)
+    if not sizes:
+        return _empty_packing(counts, group_size)
+    if strategy == "max":
+        return _realise(counts, _max_patterns(hist, sizes, group_size), group_size)
+    return _realise(counts, _dp_patterns(hist, sizes, group_size, _Bounds(hist, sizes).l2(group_size)), group_size)
+
+
+def pack_segments(
+    counts: torch.Tensor, capacity: int, strategy: str = "dp", tile: int = 1, overhead: float = GROUP_OVERHEAD
+) -> Packing:
+    """Pack segments of the given token counts (each ``<= capacity``) into groups of one size.
+
+    ``tile``: the group size must be a multiple of it (the Triton tile on CUDA, 1 on the CPU).
+    ``overhead``: per-group cost of the ``"dp"`` model, in logits per head.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown grouping strategy {strategy!r}; expected one of {STRATEGIES}")
+    if tile < 1:
+        raise ValueError(f"tile must be positive, got {tile}")
+    counts = counts.long()
     if strategy == "window":
-        return pack_one_per_group(counts)
-    raise ValueError(f"unknown grouping strategy {strategy!r}")
+        return pack_one_per_group(counts, tile)
+    if counts.numel() == 0:
+        return _empty_packing(counts, tile)
+    hist, sizes = _histogram(counts, capacity)
+    if not sizes:
+        return _empty_packing(counts, tile)
+    if strategy == "max":
+        g = _round_up(sizes[0], tile)
+        return _realise(counts, _max_patterns(hist, sizes, g), g)
+    g, pats = _choose_dp(hist, sizes, capacity, tile, overhead)
+    return _realise(counts, pats, g)

@@ -21,7 +21,7 @@ class ConvertContext:
     img_size: Tuple[int, int]
     mask_unit: int
     trace_batch: int
-    grouping: str = "window"
+    grouping: str = "dp"
     attention_backend: str = "auto"
     images: Optional[fx.Node] = None
     visible: Optional[fx.Node] = None

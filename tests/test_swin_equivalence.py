@@ -177,3 +177,17 @@ def test_forward_head_mean_over_visible(tiny_swin64, seed):
     ref = dense_masked_reference(model, images, visible)
     pooled = torch.stack([ref.last.feats[ref.last.batch == b].mean(0) for b in range(2)])
     assert rel_err(green.forward_head(green(images, visible)), model.head.fc(pooled)) <= 1e-10
+
+
+def test_grouping_strategies_give_identical_outputs(seed):
+    torch.manual_seed(seed)
+    model = make_swin(dtype=torch.float64, **TINY_SWIN)
+    gen = torch.Generator().manual_seed(seed)
+    visible = masks_with_unequal_counts(4, (4, 4), 0.75, gen)
+    images = torch.randn(4, 3, 128, 128, generator=gen, dtype=torch.float64)
+    outs = {s: gmc.convert(model, grouping=s)(images, visible) for s in ("dp", "max", "window")}
+    ref = dense_masked_reference(model, images, visible)
+    for s, out in outs.items():
+        for got, want in zip(out.stages + [out.last], ref.stages + [ref.last]):
+            assert rel_err(got.feats, want.feats) <= 1e-10, s
+        assert rel_err(out.last.feats, outs["window"].last.feats) <= 1e-12
