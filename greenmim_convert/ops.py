@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels.attention_dispatch import resolve_backend
 from .kernels.grouping import pack_segments
 from .kernels.windows import WindowSpec, window_segments
 from .sites import Sites
@@ -178,6 +179,13 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     return torch.bmm(probs, v)
 
 
+def group_attention_triton(*args, **kwargs) -> torch.Tensor:
+    """The fused Triton kernel, imported on first use so CPU-only installs never load it."""
+    from .kernels.triton_group_attention import group_attention_triton as fused
+
+    return fused(*args, **kwargs)
+
+
 def swin_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
     """timm ``WindowAttention`` on packed tokens: qkv/proj on (T, C), attention on padded groups.
 
@@ -199,6 +207,11 @@ def swin_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, 
     for b in grouping.buckets:
         g, n = b.group_size, b.num_groups
         q, k, v = qkv.index_select(1, b.index).view(3, heads * n, g, dim).unbind(0)
+        if resolve_backend(q.view(heads, n, g, dim), p, backend) == "triton":
+            q4, k4, v4 = (t.view(heads, n, g, dim).transpose(0, 1) for t in (q, k, v))
+            out = group_attention_triton(q4, k4, v4, b.segment, b.position, window_bias.view(heads, area, area), attn.scale)
+            outs.append(out.transpose(0, 1).reshape(heads, n * g, dim))
+            continue
         bias = window_bias.index_select(1, b.pair_index(area)) + b.block_mask(x.dtype)
         outs.append(grouped_attention(q, k, v, bias.view(heads * n, g, g), attn.scale, p).view(heads, n * g, dim))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

@@ -16,6 +16,23 @@ SWIN_T = "swin_tiny_patch4_window7_224"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Triton kernel tests need a process whose Triton started in interpreter mode.
+
+    Outside it they are deselected (``test_kernels_under_interpreter`` runs them in such a process);
+    inside it, the test that spawns that process is deselected instead.
+    """
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    keep, drop = [], []
+    for item in items:
+        needs = "interpret" in getattr(item, "fixturenames", ())
+        spawner = item.name == "test_kernels_under_interpreter"
+        (drop if (needs and not interpreting) or (spawner and interpreting) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def make_swin(name: str = SWIN_T, dtype: torch.dtype = torch.float64, **kwargs) -> torch.nn.Module:
     """A timm Swin with random weights (relative-position tables are randomised too)."""
     model = timm.create_model(name, pretrained=False, **kwargs)
