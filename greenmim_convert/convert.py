@@ -103,6 +103,7 @@ def build_pipeline(example: torch.Tensor) -> List[P.GreenPass]:
         P.SpecializePass(example),
         P.LayoutAnalysisPass(),
         P.PatchEmbedPass(),
+        P.ConvPass(),
         P.WindowAttentionPass(),
         P.PatchMergingPass(),
         P.TokenwisePass(),

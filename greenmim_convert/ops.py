@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .kernels.attention_dispatch import resolve_backend
 from .kernels.grouping import pack_segments
+from .kernels.sparse_conv import sparse_conv2d
 from .kernels.windows import WindowSpec, window_segments
 from .sites import Sites
 from .tokens import GreenOutput, VisibleTokens
@@ -59,6 +60,29 @@ def space_to_depth(
     if channel_index is None:
         return out
     return out.index_select(1, torch.tensor(channel_index, dtype=torch.long, device=feats.device))
+
+
+def conv_per_unit(feats: torch.Tensor, fine: Sites, coarse: Sites, conv: nn.Conv2d) -> torch.Tensor:
+    """Kernel == stride Conv2d on packed tokens: gather each output's k x k inputs, then one GEMM."""
+    kh, kw = conv.kernel_size
+    offsets = [(dh, dw) for dh in range(kh) for dw in range(kw)]
+    patches = space_to_depth(feats, fine, coarse, (kh, kw), offsets)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+    out = patches.matmul(weight.t())
+    return out + conv.bias if conv.bias is not None else out
+
+
+def sparse_conv(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, conv: nn.Conv2d) -> torch.Tensor:
+    """Any Conv2d on packed tokens: masked inputs read zero, evaluated at the visible output sites."""
+    return sparse_conv2d(
+        feats, in_sites, out_sites, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+
+
+def image_sparse_conv(images: torch.Tensor, pixels: Sites, out_sites: Sites, conv: nn.Conv2d) -> torch.Tensor:
+    """A Conv2d on the image that is not a patchify conv: the visible pixels are its input sites."""
+    feats = images.permute(0, 2, 3, 1)[pixels.batch, pixels.coords[:, 0], pixels.coords[:, 1]]
+    return sparse_conv(feats, pixels, out_sites, conv)
 
 
 def drop_path(feats: torch.Tensor, sites: Sites, module: nn.Module) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The FX passes of greenmim-convert, in pipeline order (see ``pipeline``)."""
 from .base import ConvertContext, GreenPass
 from .check import CheckPass
+from .conv import ConvPass
 from .inline_functions import InlineFunctionsPass
 from .layout_analysis import LAYOUT_RULES, LayoutAnalysisPass, to_networkx
 from .outputs import OutputsPass
@@ -12,7 +13,7 @@ from .window_attention import ATTENTION_RULES, WindowAttentionPass
 from .window_ops import WindowOpsPass
 
 __all__ = [
-    "ConvertContext", "GreenPass", "CheckPass", "InlineFunctionsPass", "LayoutAnalysisPass", "OutputsPass",
+    "ConvertContext", "GreenPass", "CheckPass", "ConvPass", "InlineFunctionsPass", "LayoutAnalysisPass", "OutputsPass",
     "PatchEmbedPass", "PatchMergingPass", "SpecializePass", "TokenwisePass", "WindowAttentionPass",
     "WindowOpsPass", "LAYOUT_RULES", "ATTENTION_RULES", "to_networkx",
 ]

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from greenmim_convert.layout import Layout, LayoutError
 
-from . import patch_embed, tokenwise, window_attention, window_ops
+from . import conv, patch_embed, tokenwise, window_attention, window_ops
 from .base import GreenPass, context_of
 
 LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
@@ -22,6 +22,7 @@ LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
 # (name, rule): the first rule returning a layout wins
 LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
     ("patch-embed", patch_embed.layout_rule),
+    ("conv", conv.layout_rule),
     ("window-ops", window_ops.layout_rule),
     ("window-attention", window_attention.layout_rule),
     ("token-wise", tokenwise.layout_rule),

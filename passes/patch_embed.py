@@ -52,7 +52,7 @@ class PatchEmbedPass(GreenPass):
         ctx = context_of(gm)
         for node in list(gm.graph.nodes):
             conv = _image_conv(gm, node)
-            if conv is None or "layout" not in node.meta:
+            if conv is None or not is_patchify(conv) or "layout" not in node.meta:
                 continue
             sites = sites_node(gm, node.meta["layout"])
             ref = module_ref(gm, node.target, node)
