@@ -85,6 +85,26 @@ def image_sparse_conv(images: torch.Tensor, pixels: Sites, out_sites: Sites, con
     return sparse_conv(feats, pixels, out_sites, conv)
 
 
+def mean_pool(feats: torch.Tensor, fine: Sites, coarse: Sites, factor: int) -> torch.Tensor:
+    """Kernel == stride average pooling that averages the visible positions of each cell."""
+    if factor == 1:
+        return feats
+    grid = fine.index_grid()
+    d = torch.arange(factor, device=feats.device)
+    rows = (coarse.coords[:, :1] * factor + d[None, :])[:, :, None]
+    cols = (coarse.coords[:, 1:] * factor + d[None, :])[:, None, :]
+    nbr = grid[coarse.batch[:, None, None], rows, cols].reshape(coarse.num_tokens, -1)
+    valid = nbr >= 0
+    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+    summed = padded[torch.where(valid, nbr, feats.shape[0])].sum(1)
+    return summed / valid.sum(1, keepdim=True).clamp_min(1).to(feats.dtype)
+
+
+def channel_slice(feats: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Columns ``[start, stop)`` of packed features (one part of a fused q/k/v projection)."""
+    return feats[:, start:stop]
+
+
 def drop_path(feats: torch.Tensor, sites: Sites, module: nn.Module) -> torch.Tensor:
     """Stochastic depth per *sample* (as timm's DropPath), applied to that sample's tokens."""
     p = float(getattr(module, "drop_prob", 0.0))
@@ -241,6 +261,25 @@ def swin_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, 
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     out = out.index_select(1, grouping.slot).transpose(0, 1).reshape(t, heads * dim)
     return attn.proj_drop(attn.proj(out))
+
+
+def global_attention(
+    q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: Sites, v: torch.Tensor, heads: int,
+    scale: Optional[float] = None, dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Every visible query of a sample attends to the visible keys of that sample (padded per sample)."""
+    qp, _ = q_sites.pad(q)
+    kp, kvalid = k_sites.pad(k)
+    vp, _ = k_sites.pad(v)
+    b, nq, nk = qp.shape[0], qp.shape[1], kp.shape[1]
+    qh = qp.view(b, nq, heads, -1).transpose(1, 2)
+    kh = kp.view(b, nk, heads, -1).transpose(1, 2)
+    vh = vp.view(b, nk, heads, -1).transpose(1, 2)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    neg = torch.tensor(torch.finfo(q.dtype).min / 2, dtype=q.dtype, device=q.device)
+    mask = torch.where(kvalid, zero, neg)[:, None, None, :]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return q_sites.unpad(out.transpose(1, 2).reshape(b, nq, -1))
 
 
 def tokens(feats: torch.Tensor, sites: Sites) -> VisibleTokens:

@@ -12,6 +12,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import pvt_v2
 from timm.models import swin_transformer as swin
 
 from .sites import Sites
@@ -33,9 +35,42 @@ def visibility_map(visible: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor
 
 
 class _HookState:
-    def __init__(self, visible: torch.Tensor):
+    def __init__(self, visible: torch.Tensor, img_size: Tuple[int, int]):
         self.visible = visible
+        self.img_size = img_size
         self.block_vis: Dict[nn.Module, Tuple[torch.Tensor, nn.Module]] = {}
+        self.global_depth = 0
+
+    def grid_of(self, tokens: int) -> Tuple[int, int]:
+        """The feature grid with ``tokens`` cells and the image's aspect ratio."""
+        h, w = self.img_size
+        for stride in range(1, max(h, w) + 1):
+            if h % stride == 0 and w % stride == 0 and (h // stride) * (w // stride) == tokens:
+                return h // stride, w // stride
+        raise ValueError(f"{tokens} keys do not form a grid of a {h}x{w} image")
+
+
+def _global_pre(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args):
+        state.global_depth += 1
+    return hook
+
+
+def _global_post(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args, out):
+        state.global_depth -= 1
+    return hook
+
+
+def _masked_sdpa(state: _HookState, sdpa: Callable) -> Callable:
+    """SDPA that, inside a global-attention module, removes the keys at masked positions."""
+    def run(q, k, v, attn_mask=None, *args, **kwargs):
+        if state.global_depth and attn_mask is None:
+            vis = visibility_map(state.visible, state.grid_of(k.shape[-2])).reshape(k.shape[0], -1)
+            zero = torch.zeros((), dtype=q.dtype, device=q.device)
+            attn_mask = torch.where(vis, zero, torch.tensor(_neg(q.dtype), dtype=q.dtype))[:, None, None, :]
+        return sdpa(q, k, v, attn_mask, *args, **kwargs)
+    return run
 
 
 def _swin_block_pre(state: _HookState) -> Callable:
@@ -68,30 +103,52 @@ def _conv_pre(state: _HookState) -> Callable:
     def hook(conv: nn.Module, args):
         x = args[0]
         vis = visibility_map(state.visible, x.shape[-2:])
-        return (x * vis[:, None].to(x.dtype),) + tuple(args[1:])
+        return (torch.where(vis[:, None], x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])
     return hook
 
 
-# module type -> (hook factory, kind): the per-family knowledge of the oracle
+def _mean_pool_post(state: _HookState) -> Callable:
+    """Adaptive average pooling that averages the visible positions only."""
+    def hook(pool: nn.Module, args, out):
+        x = args[0]
+        vis = visibility_map(state.visible, x.shape[-2:])[:, None].to(x.dtype)
+        summed = F.adaptive_avg_pool2d(torch.where(vis > 0, x, torch.zeros((), dtype=x.dtype)), pool.output_size)
+        share = F.adaptive_avg_pool2d(vis, pool.output_size)
+        return torch.where(share > 0, summed / share.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros((), dtype=x.dtype))
+    return hook
+
+
+# module type -> (hook factory, with kwargs): the per-family knowledge of the oracle
 PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (swin.SwinTransformerBlock, _swin_block_pre, False),
     (swin.WindowAttention, _swin_attention_pre, True),
     (nn.Conv2d, _conv_pre, False),
+    (pvt_v2.Attention, _global_pre, False),
+]
+POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
+    (pvt_v2.Attention, _global_post),
+    (nn.AdaptiveAvgPool2d, _mean_pool_post),
 ]
 
 
 @contextmanager
-def masked_dense_hooks(model: nn.Module, visible: torch.Tensor) -> Iterator[None]:
+def masked_dense_hooks(model: nn.Module, visible: torch.Tensor, img_size: Tuple[int, int]) -> Iterator[None]:
     """Install the masked-dense hooks on ``model`` for one forward."""
-    state = _HookState(visible)
+    state = _HookState(visible, img_size)
     handles = []
+    sdpa = F.scaled_dot_product_attention
     try:
         for mod in model.modules():
             for cls, factory, with_kwargs in PRE_HOOKS:
                 if isinstance(mod, cls):
                     handles.append(mod.register_forward_pre_hook(factory(state), with_kwargs=with_kwargs))
+            for cls, factory in POST_HOOKS:
+                if isinstance(mod, cls):
+                    handles.append(mod.register_forward_hook(factory(state)))
+        F.scaled_dot_product_attention = _masked_sdpa(state, sdpa)
         yield
     finally:
+        F.scaled_dot_product_attention = sdpa
         for h in handles:
             h.remove()
 
@@ -120,7 +177,7 @@ def dense_masked_reference(
         model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out)) for n in names
     ]
     try:
-        with masked_dense_hooks(model, visible):
+        with masked_dense_hooks(model, visible, tuple(images.shape[-2:])):
             last = model.forward_features(images)
     finally:
         for h in handles:

@@ -22,6 +22,7 @@ class Sites:
         self.stride = int(stride)
         self._index_grid: Optional[torch.Tensor] = None
         self._counts: Optional[torch.Tensor] = None
+        self._rank: Optional[torch.Tensor] = None
 
     @classmethod
     def from_mask(cls, visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> "Sites":
@@ -47,6 +48,28 @@ class Sites:
         if self._counts is None:
             self._counts = torch.bincount(self.batch, minlength=self.batch_size)
         return self._counts
+
+    def rank(self) -> torch.Tensor:
+        """Position of every token among its sample's tokens, ``(T,)``."""
+        if self._rank is None:
+            counts = self.counts()
+            starts = torch.cumsum(counts, 0) - counts
+            self._rank = torch.arange(self.num_tokens, device=self.device) - starts[self.batch]
+        return self._rank
+
+    def pad(self, feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(B, Nmax, C)`` zero-padded per-sample features and the ``(B, Nmax)`` validity mask."""
+        counts = self.counts()
+        nmax = int(counts.max().item()) if counts.numel() else 0
+        out = feats.new_zeros(self.batch_size, nmax, feats.shape[1])
+        out = out.index_put((self.batch, self.rank()), feats)
+        valid = torch.zeros(self.batch_size, nmax, dtype=torch.bool, device=self.device)
+        valid[self.batch, self.rank()] = True
+        return out, valid
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``pad``: the ``(T, C)`` rows of the visible tokens, in canonical order."""
+        return padded[self.batch, self.rank()]
 
     def index_grid(self) -> torch.Tensor:
         """``(B, H, W)`` long tensor: the token index at each visible cell, -1 elsewhere."""

@@ -41,15 +41,7 @@ class VisibleTokens:
 
     def to_padded(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(B, Nmax, C)`` features padded with zeros, and the ``(B, Nmax)`` bool validity mask."""
-        counts = self.counts()
-        nmax = int(counts.max().item()) if counts.numel() else 0
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(self.feats.shape[0], device=self.feats.device) - starts[self.batch]
-        out = self.feats.new_zeros(self.batch_size, nmax, self.num_channels)
-        out[self.batch, rank] = self.feats
-        valid = torch.zeros(self.batch_size, nmax, dtype=torch.bool, device=self.feats.device)
-        valid[self.batch, rank] = True
-        return out, valid
+        return self.sites.pad(self.feats)
 
     def as_batched(self) -> torch.Tensor:
         """Zero-copy ``(B, N, C)`` view; only when every sample has the same number of tokens."""

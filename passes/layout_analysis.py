@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from greenmim_convert.layout import Layout, LayoutError
 
-from . import conv, patch_embed, tokenwise, window_attention, window_ops
+from . import channel_split, conv, global_attention, patch_embed, pooling, tokenwise, window_attention, window_ops
 from .base import GreenPass, context_of
 
 LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
@@ -23,8 +23,11 @@ LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
 LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
     ("patch-embed", patch_embed.layout_rule),
     ("conv", conv.layout_rule),
+    ("pooling", pooling.layout_rule),
+    ("channel-split", channel_split.layout_rule),
     ("window-ops", window_ops.layout_rule),
     ("window-attention", window_attention.layout_rule),
+    ("global-attention", global_attention.layout_rule),
     ("token-wise", tokenwise.layout_rule),
 ]
 

@@ -89,6 +89,17 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
             return _channel_input(node, lay)
         return None
+    if node.op == "call_function" and node.target is F.layer_norm:
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+        lay = _channel_input(node, layout_of(node.args[0]))
+        if tuple(shape) != (lay.channels,):
+            raise LayoutError(f"layer_norm over {tuple(shape)} is not over the channels")
+        return lay
+    if node.op == "call_function" and node.target is F.linear:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        if layout_of(weight) is not None or "shape" not in getattr(weight, "meta", {}):
+            raise LayoutError("linear whose weight is computed from the images")
+        return _with_channels(_channel_input(node, layout_of(node.args[0])), weight.meta["shape"][0])
     if node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS:
         return elementwise_layout(node)
     if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:

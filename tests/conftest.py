@@ -70,3 +70,29 @@ def masks_with_unequal_counts(batch: int, grid, ratio: float, gen: torch.Generat
         visible[2] = False
         visible[2].view(-1)[int(torch.randint(0, visible[2].numel(), (1,), generator=gen))] = True
     return visible
+
+
+def check_against_reference(model, green, images, visible, tol: float = 1e-10, grads: bool = True, gen=None):
+    """Outputs of every stage, and (optionally) parameter gradients of a random weighted loss, vs the oracle."""
+    from greenmim_convert.reference import dense_masked_reference
+
+    out = green(images, visible)
+    ref = dense_masked_reference(model, images, visible)
+    pairs = list(zip(out.stages + [out.last], ref.stages + [ref.last]))
+    for got, want in pairs:
+        assert torch.equal(got.batch, want.batch) and torch.equal(got.coords, want.coords)
+        assert torch.isfinite(got.feats).all()
+        if want.feats.numel():
+            assert rel_err(got.feats, want.feats) <= tol
+    if not grads:
+        return out
+    weights = [torch.randn(w.feats.shape, generator=gen, dtype=w.feats.dtype) for _, w in pairs]
+    result = []
+    for res in (out, ref):
+        model.zero_grad(set_to_none=True)
+        sum((w * t.feats).sum() for w, t in zip(weights, res.stages + [res.last])).backward()
+        result.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert result[0].keys() == result[1].keys() and result[0]
+    for name, g in result[1].items():
+        assert rel_err(result[0][name], g) <= tol, name
+    return out

@@ -1,0 +1,69 @@
+"""Channel splits: ``kv.unbind(0)`` over a channel digit becomes a slice of the packed features.
+
+Attention layers compute q/k/v with one Linear and split its output by viewing the channels as
+(3 or 2, heads, head_dim) and unbinding the leading digit. On packed tokens that is a column slice.
+Only the most significant channel digit may be split this way (contiguous columns).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+from math import prod
+from typing import Optional
+
+import torch.fx as fx
+
+from greenmim_convert import ops
+from greenmim_convert.layout import Layout, LayoutError
+
+from .base import GreenPass, layout_of
+
+
+def _split_layouts(lay: Layout, dim: int):
+    axis = lay.axes[dim]
+    if len(axis) != 1 or axis[0].kind != "c":
+        raise LayoutError(f"unbind along axis {dim} that is not one channel digit")
+    atom = axis[0]
+    rest = prod(a.size for ax in lay.axes for a in ax if a.kind == "c" and a is not atom)
+    if atom.inner != rest:
+        raise LayoutError("unbind of a channel digit that is not the most significant one")
+    sub = replace(lay, axes=lay.axes[:dim] + lay.axes[dim + 1:])
+    return [(sub, i * rest, (i + 1) * rest) for i in range(atom.size)]
+
+
+def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
+    if node.op == "call_method" and node.target == "unbind":
+        lay = layout_of(node.args[0])
+        if lay is None:
+            return None
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        node.meta["layout_tuple"] = _split_layouts(lay, dim % len(lay.axes))
+        return lay
+    if node.op == "call_function" and node.target is operator.getitem:
+        src = node.args[0]
+        parts = src.meta.get("layout_tuple") if isinstance(src, fx.Node) else None
+        if parts is None:
+            return None
+        sub, start, stop = parts[node.args[1]]
+        node.meta["channel_slice"] = (start, stop)
+        return sub
+    return None
+
+
+class ChannelSplitPass(GreenPass):
+    name = "channel-split"
+    description = "unbind over a channel digit -> column slices of the packed features"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        for node in list(gm.graph.nodes):
+            if "channel_slice" not in node.meta:
+                continue
+            src = node.args[0].args[0]
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(ops.channel_slice, (src,) + node.meta["channel_slice"])
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            self.report["unbind -> slice"] += 1
+        gm.graph.eliminate_dead_code()
+        gm.recompile()

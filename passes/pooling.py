@@ -1,0 +1,60 @@
+"""Average pooling -> mean over the visible positions of each pooled cell.
+
+Masked-dense semantics for average pooling: a pooled cell averages the visible positions it covers;
+a cell with none is not a site of the pooled grid (so it is absent from attention keys). Adaptive
+pooling whose output size divides the grid is a kernel == stride pooling.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+from greenmim_convert import ops
+from greenmim_convert.layout import Layout, LayoutError
+
+from .base import GreenPass, layout_of, sites_node
+from .conv import _is_nchw
+
+
+def _pool(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.AdaptiveAvgPool2d]:
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    return mod if isinstance(mod, nn.AdaptiveAvgPool2d) else None
+
+
+def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
+    pool = _pool(gm, node)
+    if pool is None or layout_of(node.args[0]) is None:
+        return None
+    lay = layout_of(node.args[0])
+    if not _is_nchw(lay):
+        raise LayoutError(f"pooling input is not an NCHW feature map (layout {lay.shape})")
+    size = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size, pool.output_size)
+    out = tuple(g if s is None else s for s, g in zip(size, lay.grid))
+    if lay.grid[0] % out[0] or lay.grid[1] % out[1] or lay.grid[0] // out[0] != lay.grid[1] // out[1]:
+        raise LayoutError(f"adaptive pooling from {lay.grid} to {out} is not a square kernel == stride pooling")
+    factor = lay.grid[0] // out[0]
+    return Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, out, lay.channels, lay.stride * factor)
+
+
+class PoolingPass(GreenPass):
+    name = "pooling"
+    description = "average pooling -> mean over the visible positions of each pooled cell"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        for node in list(gm.graph.nodes):
+            if _pool(gm, node) is None or "layout" not in node.meta:
+                continue
+            src = node.args[0]
+            fine, coarse = layout_of(src), node.meta["layout"]
+            factor = fine.grid[0] // coarse.grid[0]
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(ops.mean_pool, (src, sites_node(gm, fine), sites_node(gm, coarse), factor))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            self.report[f"mean pool {factor}x{factor}"] += 1
+        gm.recompile()
