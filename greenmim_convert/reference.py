@@ -13,10 +13,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import pvt_v2
+from timm.models import pvt_v2, twins
 from timm.models import swin_transformer as swin
 
 from .sites import Sites
+from .tracing import feature_stages
 from .tokens import GreenOutput, VisibleTokens
 
 
@@ -124,9 +125,11 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (swin.WindowAttention, _swin_attention_pre, True),
     (nn.Conv2d, _conv_pre, False),
     (pvt_v2.Attention, _global_pre, False),
+    (twins.GlobalSubSampleAttn, _global_pre, False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _global_post),
+    (twins.GlobalSubSampleAttn, _global_post),
     (nn.AdaptiveAvgPool2d, _mean_pool_post),
 ]
 
@@ -153,14 +156,13 @@ def masked_dense_hooks(model: nn.Module, visible: torch.Tensor, img_size: Tuple[
             h.remove()
 
 
-def _stage_modules(model: nn.Module) -> Tuple[List[str], List[int]]:
-    info = model.feature_info
-    return [f["module"] for f in info], [int(f["reduction"]) for f in info]
-
-
-def dense_to_tokens(dense: torch.Tensor, visible: torch.Tensor, stride: int, fmt: str) -> VisibleTokens:
-    """Read a dense feature map at the visible positions, in canonical order."""
-    if fmt == "NCHW":
+def dense_to_tokens(
+    dense: torch.Tensor, visible: torch.Tensor, stride: int, fmt: str, img_size: Tuple[int, int]
+) -> VisibleTokens:
+    """Read a dense feature map (NCHW, NHWC, or (B, N, C) tokens) at the visible positions, in canonical order."""
+    if dense.dim() == 3:
+        dense = dense.reshape(dense.shape[0], img_size[0] // stride, img_size[1] // stride, dense.shape[-1])
+    elif fmt == "NCHW":
         dense = dense.permute(0, 2, 3, 1)
     sites = Sites.from_mask(visible, tuple(dense.shape[1:3]), stride)
     return VisibleTokens(dense[sites.batch, sites.coords[:, 0], sites.coords[:, 1]], sites)
@@ -171,10 +173,11 @@ def dense_masked_reference(
 ) -> GreenOutput:
     """The original model under masked-dense semantics, read at the visible positions of every stage."""
     fmt = fmt or getattr(model, "output_fmt", "NCHW")
-    names, strides = _stage_modules(model)
+    names, strides = feature_stages(model)
     captured: Dict[str, torch.Tensor] = {}
     handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out)) for n in names
+        _called_module(model.get_submodule(n)).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out))
+        for n in names
     ]
     try:
         with masked_dense_hooks(model, visible, tuple(images.shape[-2:])):
@@ -182,5 +185,13 @@ def dense_masked_reference(
     finally:
         for h in handles:
             h.remove()
-    stages = [dense_to_tokens(captured[n], visible, s, fmt) for n, s in zip(names, strides)]
-    return GreenOutput(dense_to_tokens(last, visible, strides[-1], fmt), stages)
+    size = tuple(images.shape[-2:])
+    stages = [dense_to_tokens(captured[n], visible, s, fmt, size) for n, s in zip(names, strides)]
+    return GreenOutput(dense_to_tokens(last, visible, strides[-1], fmt, size), stages)
+
+
+def _called_module(module: nn.Module) -> nn.Module:
+    """The module whose output is a stage's output: a container's last child when it is never called."""
+    while isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        module = list(module.children())[-1]
+    return module

@@ -6,6 +6,7 @@ sets timm's FX feature extraction uses), and the module types the passes rewrite
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Iterable, List, Sequence, Tuple, Type
 
@@ -51,11 +52,25 @@ class Traced:
 
 
 def feature_stages(model: nn.Module) -> Tuple[List[str], List[int]]:
-    """Stage module paths and strides from timm's ``feature_info``."""
+    """Stage module paths and strides from timm's ``feature_info``.
+
+    A few timm models name a module that does not exist (Twins says ``block.0`` for ``blocks.0``);
+    such a path resolves to the one existing module path that differs from it by one character.
+    """
     info = getattr(model, "feature_info", None)
     if not info:
         raise TraceError(f"{type(model).__name__} has no feature_info: greenmim-convert needs a timm hierarchical model")
-    return [f["module"] for f in info], [int(f["reduction"]) for f in info]
+    names = {n for n, _ in model.named_modules()}
+    paths = []
+    for f in info:
+        path = f["module"]
+        if path not in names:
+            close = [n for n in names if len(n) == len(path) + 1 and difflib.SequenceMatcher(None, n, path).ratio() > 0.9]
+            if len(close) != 1:
+                raise TraceError(f"feature_info names module '{path}', which {type(model).__name__} does not have")
+            path = close[0]
+        paths.append(path)
+    return paths, [int(f["reduction"]) for f in info]
 
 
 def _stack_paths(node: fx.Node) -> List[str]:
