@@ -232,6 +232,42 @@ def bench_cmd(
         console.print(f"wrote {json_out}")
 
 
+@app.command("list")
+def list_cmd(
+    family: List[str] = typer.Option([], "--family", help="restrict to these families (repeatable); default: all"),
+    verify_models: bool = typer.Option(False, "--verify", help="also verify each converted model on a masked image"),
+    markdown_out: Optional[str] = typer.Option(None, "--markdown", help="write the table as markdown to this file"),
+) -> None:
+    """Coverage matrix: every timm model of the hierarchical families, whether it converts, and why not.
+
+    Example: greenmim-convert list --family swin --family pvt_v2 --verify
+    """
+    from rich.progress import Progress
+
+    from .coverage import FAMILIES, coverage, family_models, markdown
+
+    unknown = [f for f in family if f not in FAMILIES]
+    if unknown:
+        _fail(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    names = family_models(family or FAMILIES)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("converting", total=len(names))
+        rows = coverage(names, verify_models, progress=lambda n: bar.update(task, advance=1, description=n))
+    table = Table(title=f"{len(rows)} timm models", title_justify="left")
+    for col in ("model", "family", "status", "detail"):
+        table.add_column(col)
+    colors = {"verified": "green", "converts": "green", "mismatch": "red", "unsupported": "yellow", "error": "red"}
+    for r in rows:
+        table.add_row(r.model, r.family, f"[{colors[r.status]}]{r.status}[/]", r.detail)
+    console.print(table)
+    ok = sum(r.status in ("verified", "converts") for r in rows)
+    console.print(f"{ok} of {len(rows)} convert" + (" and verify" if verify_models else ""))
+    if markdown_out:
+        with open(markdown_out, "w") as f:
+            f.write(markdown(rows) + "\n")
+        console.print(f"wrote {markdown_out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -65,3 +65,16 @@ def test_help_has_examples(cmd):
 
 def test_suggest_prefers_prefix():
     assert suggest("swin_tiny", ["resnet50", "swin_tiny_patch4_window7_224", "swinv2_tiny"])[0] == "swin_tiny_patch4_window7_224"
+
+
+def test_list_reports_status_and_reason(monkeypatch, tmp_path):
+    import greenmim_convert.coverage as cov
+
+    monkeypatch.setattr(cov, "family_models", lambda fams: ["pvt_v2_b0", "twins_svt_small"])
+    md = tmp_path / "cov.md"
+    res = runner.invoke(app, ["list", "--verify", "--markdown", str(md)])
+    assert res.exit_code == 0, res.output
+    text = md.read_text()
+    assert "| `pvt_v2_b0` | pvt_v2 | verified |" in text
+    assert "| `twins_svt_small` | twins_svt | unsupported |" in text and "LocallyGroupedAttn" in text
+    assert runner.invoke(app, ["list", "--family", "resnet"]).exit_code == 2
