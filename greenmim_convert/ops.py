@@ -7,13 +7,14 @@ original timm modules, so the converted model shares every Parameter with the ti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels.attention_dispatch import resolve_backend
+from .kernels.attention_dispatch import requested_backend, resolve_backend
 from .kernels.grouping import pack_segments
 from .kernels.sparse_conv import sparse_conv2d
 from .kernels.windows import WindowSpec, window_segments
@@ -214,15 +215,6 @@ def window_grouping(sites: Sites, window: Tuple[int, int], shift: Tuple[int, int
     return Grouping(buckets, slot, t, logits, int((counts * counts).sum().item()))
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
-    """softmax(scale q k^T + bias) v over a batch of groups; ``(batch, g, d)`` in, ``(batch, g, d)`` out."""
-    logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
-    probs = logits.softmax(dim=-1)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, dropout_p, training=True)
-    return torch.bmm(probs, v)
-
-
 def group_attention_triton(*args, **kwargs) -> torch.Tensor:
     """The fused Triton kernel, imported on first use so CPU-only installs never load it."""
     from .kernels.triton_group_attention import group_attention_triton as fused
@@ -230,36 +222,92 @@ def group_attention_triton(*args, **kwargs) -> torch.Tensor:
     return fused(*args, **kwargs)
 
 
-def swin_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
-    """timm ``WindowAttention`` on packed tokens: qkv/proj on (T, C), attention on padded groups.
+Scores = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
-    Groups are laid out heads-major, ``(heads * G, g, d)``, so q, k, v come out of one gather per
-    bucket contiguous, and the bias of every (query, key) slot pair is one index_select of the
-    window's relative-position bias.
+
+def _window_attention(
+    qkv: torch.Tensor, grouping: Grouping, heads: int, window_bias: torch.Tensor, area: int,
+    scores: Scores, dropout_p: float, fused: Optional[Callable] = None,
+) -> torch.Tensor:
+    """Attention of packed tokens inside their windows, bucket by bucket; returns ``(T, heads * d)``.
+
+    ``qkv`` is ``(T, 3 * heads * d)``; ``window_bias`` ``(heads, N * N)`` is the relative-position
+    bias of one window; ``scores(q, k, G)`` gives the ``(heads * G, g, g)`` logits before the bias;
+    ``fused``, when given, runs a bucket in one kernel instead. Groups are laid out heads-major,
+    ``(heads * G, g, d)``, so q, k, v come out of one gather per bucket contiguous.
     """
-    if not grouping.buckets:
-        return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
-    heads, t = attn.num_heads, x.shape[0]
-    qkv = attn.qkv(x)
+    t = qkv.shape[0]
     dim = qkv.shape[-1] // (3 * heads)
     qkv = qkv.view(t, 3 * heads, dim).transpose(0, 1)
-    area = attn.relative_position_index.shape[0]
-    table = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
-    window_bias = table.view(area * area, heads).t().to(x.dtype)
-    p = attn.attn_drop.p if attn.training else 0.0
     outs = []
     for b in grouping.buckets:
         g, n = b.group_size, b.num_groups
         q, k, v = qkv.index_select(1, b.index).view(3, heads * n, g, dim).unbind(0)
-        if resolve_backend(q.view(heads, n, g, dim), p, backend) == "triton":
-            q4, k4, v4 = (t.view(heads, n, g, dim).transpose(0, 1) for t in (q, k, v))
-            out = group_attention_triton(q4, k4, v4, b.segment, b.position, window_bias.view(heads, area, area), attn.scale)
+        if fused is not None:
+            q4, k4, v4 = (x.view(heads, n, g, dim).transpose(0, 1) for x in (q, k, v))
+            out = fused(q4, k4, v4, b.segment, b.position, window_bias.view(heads, area, area))
             outs.append(out.transpose(0, 1).reshape(heads, n * g, dim))
             continue
-        bias = window_bias.index_select(1, b.pair_index(area)) + b.block_mask(x.dtype)
-        outs.append(grouped_attention(q, k, v, bias.view(heads * n, g, g), attn.scale, p).view(heads, n * g, dim))
+        bias = (window_bias.index_select(1, b.pair_index(area)) + b.block_mask(qkv.dtype)).view(heads * n, g, g)
+        probs = (scores(q, k, n) + bias).softmax(dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, dropout_p, training=True)
+        outs.append(torch.bmm(probs, v).view(heads, n * g, dim))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    out = out.index_select(1, grouping.slot).transpose(0, 1).reshape(t, heads * dim)
+    return out.index_select(1, grouping.slot).transpose(0, 1).reshape(t, heads * dim)
+
+
+def _window_bias(table: torch.Tensor, index: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(heads, N * N)`` bias of a window from a per-relative-position table and timm's index."""
+    area = index.shape[0]
+    return table[index.view(-1)].view(area * area, heads).t().to(dtype)
+
+
+def swin_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
+    """timm Swin ``WindowAttention`` on packed tokens: qkv/proj on (T, C), attention on padded groups."""
+    if not grouping.buckets:
+        return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
+    heads, scale = attn.num_heads, attn.scale
+    qkv = attn.qkv(x)
+    area = attn.relative_position_index.shape[0]
+    bias = _window_bias(attn.relative_position_bias_table, attn.relative_position_index, heads, x.dtype)
+    p = attn.attn_drop.p if attn.training else 0.0
+    probe = qkv.new_empty(0, 0, 0, qkv.shape[-1] // (3 * heads))
+    fused = None
+    if resolve_backend(probe, p, backend) == "triton":
+        fused = lambda q, k, v, seg, pos, b: group_attention_triton(q, k, v, seg, pos, b, scale)  # noqa: E731
+
+    def scores(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+
+    out = _window_attention(qkv, grouping, heads, bias, area, scores, p, fused)
+    return attn.proj_drop(attn.proj(out))
+
+
+def swinv2_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
+    """timm Swin V2 ``WindowAttention``: cosine attention, learned logit scale, continuous position bias."""
+    if not grouping.buckets:
+        return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
+    if requested_backend(backend) == "triton":
+        raise RuntimeError("the fused Triton kernel computes dot-product attention; Swin V2's cosine attention "
+                           "runs on the PyTorch path (attention_backend='auto' or 'torch')")
+    heads = attn.num_heads
+    if attn.q_bias is None:
+        qkv = attn.qkv(x)
+    else:
+        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = attn.qkv(x) + qkv_bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, qkv_bias)
+    table = attn.cpb_mlp(attn.relative_coords_table).view(-1, heads)
+    area = attn.relative_position_index.shape[0]
+    bias = 16 * torch.sigmoid(_window_bias(table, attn.relative_position_index, heads, x.dtype))
+    logit_scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp().view(heads, 1, 1, 1).to(x.dtype)
+    p = attn.attn_drop.p if attn.training else 0.0
+
+    def scores(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        cos = torch.bmm(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(1, 2))
+        return (cos.view(heads, n, *cos.shape[1:]) * logit_scale).view_as(cos)
+
+    out = _window_attention(qkv, grouping, heads, bias, area, scores, p)
     return attn.proj_drop(attn.proj(out))
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import pvt_v2, twins
 from timm.models import swin_transformer as swin
+from timm.models import swin_transformer_v2 as swinv2
 
 from .sites import Sites
 from .tracing import feature_stages
@@ -123,6 +124,8 @@ def _mean_pool_post(state: _HookState) -> Callable:
 PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (swin.SwinTransformerBlock, _swin_block_pre, False),
     (swin.WindowAttention, _swin_attention_pre, True),
+    (swinv2.SwinTransformerV2Block, _swin_block_pre, False),
+    (swinv2.WindowAttention, _swin_attention_pre, True),
     (nn.Conv2d, _conv_pre, False),
     (pvt_v2.Attention, _global_pre, False),
     (twins.GlobalSubSampleAttn, _global_pre, False),
