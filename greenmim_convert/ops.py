@@ -300,15 +300,35 @@ def swinv2_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module
     table = attn.cpb_mlp(attn.relative_coords_table).view(-1, heads)
     area = attn.relative_position_index.shape[0]
     bias = 16 * torch.sigmoid(_window_bias(table, attn.relative_position_index, heads, x.dtype))
-    logit_scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp().view(heads, 1, 1, 1).to(x.dtype)
     p = attn.attn_drop.p if attn.training else 0.0
+    out = _window_attention(qkv, grouping, heads, bias, area, _cosine_scores(attn.logit_scale, heads, x.dtype), p)
+    return attn.proj_drop(attn.proj(out))
+
+
+def swinv2cr_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
+    """timm Swin V2 CR ``WindowMultiHeadAttention``: cosine attention with a meta-MLP position bias."""
+    if requested_backend(backend) == "triton":
+        raise RuntimeError("the fused Triton kernel computes dot-product attention; Swin V2 CR's cosine attention "
+                           "runs on the PyTorch path (attention_backend='auto' or 'torch')")
+    if not grouping.buckets:
+        return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
+    heads = attn.num_heads
+    area = attn.window_size[0] * attn.window_size[1]
+    bias = attn.meta_mlp(attn.relative_coordinates_log).transpose(1, 0).reshape(heads, area * area).to(x.dtype)
+    p = attn.attn_drop.p if attn.training else 0.0
+    out = _window_attention(attn.qkv(x), grouping, heads, bias, area, _cosine_scores(attn.logit_scale, heads, x.dtype), p)
+    return attn.proj_drop(attn.proj(out))
+
+
+def _cosine_scores(logit_scale: torch.Tensor, heads: int, dtype: torch.dtype) -> Scores:
+    """Scaled cosine similarity of queries and keys (Swin V2), with the per-head learned, clamped scale."""
+    scale = torch.clamp(logit_scale.reshape(heads), max=math.log(1.0 / 0.01)).exp().view(heads, 1, 1, 1).to(dtype)
 
     def scores(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
         cos = torch.bmm(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(1, 2))
-        return (cos.view(heads, n, *cos.shape[1:]) * logit_scale).view_as(cos)
+        return (cos.view(heads, n, *cos.shape[1:]) * scale).view_as(cos)
 
-    out = _window_attention(qkv, grouping, heads, bias, area, scores, p)
-    return attn.proj_drop(attn.proj(out))
+    return scores
 
 
 def global_attention(

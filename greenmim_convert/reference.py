@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.models import pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
+from timm.models import swin_transformer_v2_cr as swinv2cr
 
 from .sites import Sites
 from .tracing import feature_stages
@@ -126,6 +127,8 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (swin.WindowAttention, _swin_attention_pre, True),
     (swinv2.SwinTransformerV2Block, _swin_block_pre, False),
     (swinv2.WindowAttention, _swin_attention_pre, True),
+    (swinv2cr.SwinTransformerV2CrBlock, _swin_block_pre, False),
+    (swinv2cr.WindowMultiHeadAttention, _swin_attention_pre, True),
     (nn.Conv2d, _conv_pre, False),
     (pvt_v2.Attention, _global_pre, False),
     (twins.GlobalSubSampleAttn, _global_pre, False),

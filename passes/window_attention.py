@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
+from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as SwinV2CrWindowAttention
 
 from greenmim_convert import ops
 from greenmim_convert.kernels.windows import WindowSpec, window_segments
@@ -26,6 +27,7 @@ from .base import GreenPass, context_of, layout_of, module_ref, sites_node
 ATTENTION_RULES: Dict[Type[nn.Module], Tuple[Callable, Optional[str]]] = {
     SwinWindowAttention: (ops.swin_window_attention, "mask"),
     SwinV2WindowAttention: (ops.swinv2_window_attention, "mask"),
+    SwinV2CrWindowAttention: (ops.swinv2cr_window_attention, "mask"),
 }
 
 

@@ -13,6 +13,7 @@ FAMILIES = {
     "twins_pcpvt_small": dict(depths=(1, 1, 1, 1)),
     "swinv2_tiny_window8_256": dict(depths=(2, 2, 2, 2)),
     "swinv2_small_window16_256": dict(depths=(2, 2, 2, 2)),
+    "swinv2_cr_tiny_224": dict(depths=(2, 2, 2, 2)),
 }
 
 
