@@ -118,7 +118,7 @@ def build_pipeline(example: torch.Tensor) -> List[P.GreenPass]:
 
 def semantic_leaves() -> List[type]:
     """Module types traced as leaves because a pass rewrites them whole."""
-    return list(P.ATTENTION_RULES) + [DropPath]
+    return list(P.ATTENTION_RULES) + list(P.TOKEN_WINDOW_RULES) + [DropPath]
 
 
 def convert(

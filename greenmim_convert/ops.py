@@ -226,7 +226,7 @@ Scores = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def _window_attention(
-    qkv: torch.Tensor, grouping: Grouping, heads: int, window_bias: torch.Tensor, area: int,
+    qkv: torch.Tensor, grouping: Grouping, heads: int, window_bias: Optional[torch.Tensor], area: int,
     scores: Scores, dropout_p: float, fused: Optional[Callable] = None,
 ) -> torch.Tensor:
     """Attention of packed tokens inside their windows, bucket by bucket; returns ``(T, heads * d)``.
@@ -248,7 +248,10 @@ def _window_attention(
             out = fused(q4, k4, v4, b.segment, b.position, window_bias.view(heads, area, area))
             outs.append(out.transpose(0, 1).reshape(heads, n * g, dim))
             continue
-        bias = (window_bias.index_select(1, b.pair_index(area)) + b.block_mask(qkv.dtype)).view(heads * n, g, g)
+        if window_bias is None:
+            bias = b.block_mask(qkv.dtype).view(1, n, g, g).expand(heads, n, g, g).reshape(heads * n, g, g)
+        else:
+            bias = (window_bias.index_select(1, b.pair_index(area)) + b.block_mask(qkv.dtype)).view(heads * n, g, g)
         probs = (scores(q, k, n) + bias).softmax(dim=-1)
         if dropout_p > 0.0:
             probs = F.dropout(probs, dropout_p, training=True)
@@ -317,6 +320,23 @@ def swinv2cr_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Modu
     bias = attn.meta_mlp(attn.relative_coordinates_log).transpose(1, 0).reshape(heads, area * area).to(x.dtype)
     p = attn.attn_drop.p if attn.training else 0.0
     out = _window_attention(attn.qkv(x), grouping, heads, bias, area, _cosine_scores(attn.logit_scale, heads, x.dtype), p)
+    return attn.proj_drop(attn.proj(out))
+
+
+def twins_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
+    """timm Twins ``LocallyGroupedAttn``: plain attention inside ws x ws windows of the token grid."""
+    if not grouping.buckets:
+        return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
+    heads, scale = attn.num_heads, attn.scale
+    p = attn.attn_drop.p if attn.training else 0.0
+    if requested_backend(backend) == "triton":
+        raise RuntimeError("the fused Triton kernel needs a relative-position bias; Twins' locally-grouped "
+                           "attention runs on the PyTorch path (attention_backend='auto' or 'torch')")
+
+    def scores(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+
+    out = _window_attention(attn.qkv(x), grouping, heads, None, attn.ws * attn.ws, scores, p)
     return attn.proj_drop(attn.proj(out))
 
 

@@ -42,7 +42,7 @@ class _HookState:
         self.visible = visible
         self.img_size = img_size
         self.block_vis: Dict[nn.Module, Tuple[torch.Tensor, nn.Module]] = {}
-        self.global_depth = 0
+        self.key_masks: List[Callable] = []
 
     def grid_of(self, tokens: int) -> Tuple[int, int]:
         """The feature grid with ``tokens`` cells and the image's aspect ratio."""
@@ -53,25 +53,43 @@ class _HookState:
         raise ValueError(f"{tokens} keys do not form a grid of a {h}x{w} image")
 
 
-def _global_pre(state: _HookState) -> Callable:
-    def hook(module: nn.Module, args):
-        state.global_depth += 1
-    return hook
+def _global_keys(state: _HookState, k: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, N) key visibility of a global attention whose N keys tile the image."""
+    return visibility_map(state.visible, state.grid_of(k.shape[-2])).reshape(k.shape[0], 1, 1, -1)
 
 
-def _global_post(state: _HookState) -> Callable:
+def _twins_window_keys(module: nn.Module) -> Callable:
+    """(B, windows, 1, 1, ws*ws) key visibility of Twins' locally-grouped attention."""
+    def keys(state: _HookState, k: torch.Tensor) -> torch.Tensor:
+        b, nw, _, n, _ = k.shape
+        ws = module.ws
+        h, w = state.grid_of(nw * n)
+        vis = visibility_map(state.visible, (h, w)).view(b, h // ws, ws, w // ws, ws).transpose(2, 3)
+        return vis.reshape(b, nw, 1, 1, n)
+    return keys
+
+
+def _attention_pre(keys_for: Callable[[nn.Module], Callable]) -> Callable:
+    def factory(state: _HookState) -> Callable:
+        def hook(module: nn.Module, args):
+            state.key_masks.append(keys_for(module))
+        return hook
+    return factory
+
+
+def _attention_post(state: _HookState) -> Callable:
     def hook(module: nn.Module, args, out):
-        state.global_depth -= 1
+        state.key_masks.pop()
     return hook
 
 
 def _masked_sdpa(state: _HookState, sdpa: Callable) -> Callable:
-    """SDPA that, inside a global-attention module, removes the keys at masked positions."""
+    """SDPA that, inside an attention module the oracle knows, removes the keys at masked positions."""
     def run(q, k, v, attn_mask=None, *args, **kwargs):
-        if state.global_depth and attn_mask is None:
-            vis = visibility_map(state.visible, state.grid_of(k.shape[-2])).reshape(k.shape[0], -1)
+        if state.key_masks and attn_mask is None:
+            vis = state.key_masks[-1](state, k)
             zero = torch.zeros((), dtype=q.dtype, device=q.device)
-            attn_mask = torch.where(vis, zero, torch.tensor(_neg(q.dtype), dtype=q.dtype))[:, None, None, :]
+            attn_mask = torch.where(vis, zero, torch.tensor(_neg(q.dtype), dtype=q.dtype))
         return sdpa(q, k, v, attn_mask, *args, **kwargs)
     return run
 
@@ -130,12 +148,14 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (swinv2cr.SwinTransformerV2CrBlock, _swin_block_pre, False),
     (swinv2cr.WindowMultiHeadAttention, _swin_attention_pre, True),
     (nn.Conv2d, _conv_pre, False),
-    (pvt_v2.Attention, _global_pre, False),
-    (twins.GlobalSubSampleAttn, _global_pre, False),
+    (pvt_v2.Attention, _attention_pre(lambda m: _global_keys), False),
+    (twins.GlobalSubSampleAttn, _attention_pre(lambda m: _global_keys), False),
+    (twins.LocallyGroupedAttn, _attention_pre(_twins_window_keys), False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
-    (pvt_v2.Attention, _global_post),
-    (twins.GlobalSubSampleAttn, _global_post),
+    (pvt_v2.Attention, _attention_post),
+    (twins.GlobalSubSampleAttn, _attention_post),
+    (twins.LocallyGroupedAttn, _attention_post),
     (nn.AdaptiveAvgPool2d, _mean_pool_post),
 ]
 

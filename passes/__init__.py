@@ -12,11 +12,11 @@ from .patch_merging import PatchMergingPass
 from .pooling import PoolingPass
 from .specialize import SpecializePass
 from .tokenwise import TokenwisePass
-from .window_attention import ATTENTION_RULES, WindowAttentionPass
+from .window_attention import ATTENTION_RULES, TOKEN_WINDOW_RULES, WindowAttentionPass
 from .window_ops import WindowOpsPass
 
 __all__ = [
     "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "GlobalAttentionPass", "InlineFunctionsPass", "LayoutAnalysisPass", "OutputsPass",
     "PatchEmbedPass", "PatchMergingPass", "PoolingPass", "SpecializePass", "TokenwisePass", "WindowAttentionPass",
-    "WindowOpsPass", "LAYOUT_RULES", "ATTENTION_RULES", "to_networkx",
+    "WindowOpsPass", "LAYOUT_RULES", "ATTENTION_RULES", "TOKEN_WINDOW_RULES", "to_networkx",
 ]

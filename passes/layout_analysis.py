@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Tuple
 
 import networkx as nx
 import torch.fx as fx
+import torch.nn.functional as F
 
 from greenmim_convert.layout import Layout, LayoutError
 
@@ -42,6 +43,17 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     return g
 
 
+def image_passthrough(node: fx.Node) -> bool:
+    """Ops that leave the image as it is: zero padding (specialised to nothing) and copies."""
+    src = node.args[0] if node.args else None
+    if not (isinstance(src, fx.Node) and src.meta.get("image")):
+        return False
+    if node.op == "call_function" and node.target is F.pad:
+        pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+        return not any(pads)
+    return node.op == "call_method" and node.target in ("contiguous", "clone")
+
+
 def _describe_failure(node: fx.Node) -> str:
     target = str(getattr(node.target, "__name__", node.target))
     target = target[2:] if target.startswith("m.") else target
@@ -58,6 +70,10 @@ class LayoutAnalysisPass(GreenPass):
         ctx.images.meta["image"] = True
         for node in gm.graph.nodes:
             if node.name not in reach or node.op == "output":
+                continue
+            if image_passthrough(node):
+                node.meta["image"] = node.meta["layout_op"] = True
+                self.report["image-ops"] += 1
                 continue
             for name, rule in LAYOUT_RULES:
                 try:

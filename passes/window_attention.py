@@ -16,6 +16,7 @@ import torch.nn as nn
 from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as SwinV2CrWindowAttention
+from timm.models.twins import LocallyGroupedAttn
 
 from greenmim_convert import ops
 from greenmim_convert.kernels.windows import WindowSpec, window_segments
@@ -29,6 +30,23 @@ ATTENTION_RULES: Dict[Type[nn.Module], Tuple[Callable, Optional[str]]] = {
     SwinV2WindowAttention: (ops.swinv2_window_attention, "mask"),
     SwinV2CrWindowAttention: (ops.swinv2cr_window_attention, "mask"),
 }
+
+
+# module type -> (runtime op, window size of the module): attention over windows of a token-grid input
+TOKEN_WINDOW_RULES: Dict[Type[nn.Module], Tuple[Callable, Callable[[nn.Module], Tuple[int, int]]]] = {
+    LocallyGroupedAttn: (ops.twins_window_attention, lambda m: (m.ws, m.ws)),
+}
+
+
+def token_window_spec(mod: nn.Module, lay: Layout) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(window, shift) of a module that windows a raster-ordered token grid itself."""
+    kinds = [a.kind for ax in lay.axes for a in ax]
+    if kinds != ["b", "h", "w", "c"] or lay.offset != (0, 0) or not lay.channel_last():
+        raise LayoutError(f"{type(mod).__name__} input is not raster-ordered tokens")
+    window = TOKEN_WINDOW_RULES[type(mod)][1](mod)
+    if lay.grid[0] % window[0] or lay.grid[1] % window[1]:
+        raise LayoutError(f"window {window} does not divide the grid {lay.grid} (the dense model would pad with keys)")
+    return window, (0, 0)
 
 
 def window_spec_of(lay: Layout) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -72,12 +90,16 @@ def check_mask_buffer(mask: torch.Tensor, grid, window, shift) -> bool:
 
 
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
-    if node.op != "call_module" or type(gm.get_submodule(node.target)) not in ATTENTION_RULES:
+    if node.op != "call_module":
         return None
+    mod = gm.get_submodule(node.target)
     lay = layout_of(node.args[0])
-    if lay is None:
+    if lay is None or type(mod) not in ATTENTION_RULES and type(mod) not in TOKEN_WINDOW_RULES:
         return None
-    window_spec_of(lay)
+    if type(mod) in TOKEN_WINDOW_RULES:
+        token_window_spec(mod, lay)
+    else:
+        window_spec_of(lay)
     return lay
 
 
@@ -91,14 +113,18 @@ class WindowAttentionPass(GreenPass):
             if node.op != "call_module" or "layout" not in node.meta:
                 continue
             mod = gm.get_submodule(node.target)
-            if type(mod) not in ATTENTION_RULES:
-                continue
-            fn, mask_arg = ATTENTION_RULES[type(mod)]
             lay = layout_of(node.args[0])
-            window, shift = window_spec_of(lay)
-            mask = node.kwargs.get(mask_arg) if mask_arg else None
-            if mask is None and len(node.args) > 1:
-                mask = node.args[1]
+            if type(mod) in TOKEN_WINDOW_RULES:
+                fn, mask = TOKEN_WINDOW_RULES[type(mod)][0], None
+                window, shift = token_window_spec(mod, lay)
+            elif type(mod) in ATTENTION_RULES:
+                fn, mask_arg = ATTENTION_RULES[type(mod)]
+                window, shift = window_spec_of(lay)
+                mask = node.kwargs.get(mask_arg) if mask_arg else None
+                if mask is None and len(node.args) > 1:
+                    mask = node.args[1]
+            else:
+                continue
             split_seam = False
             if mask is not None:
                 if not (isinstance(mask, fx.Node) and mask.op == "get_attr" and "layout" not in mask.meta):

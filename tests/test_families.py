@@ -14,6 +14,7 @@ FAMILIES = {
     "swinv2_tiny_window8_256": dict(depths=(2, 2, 2, 2)),
     "swinv2_small_window16_256": dict(depths=(2, 2, 2, 2)),
     "swinv2_cr_tiny_224": dict(depths=(2, 2, 2, 2)),
+    "twins_svt_small": dict(depths=(2, 2, 2, 2)),
 }
 
 
