@@ -37,3 +37,16 @@ def test_bench_cli_smoke(tmp_path):
         assert data[key] > 0 and data[key] == data[key] and data[key] != float("inf")
     assert len(data["grouping"]) == 7 and all(g["padding_overhead"] >= 1.0 for g in data["grouping"])
     assert "dense / converted" in res.output
+
+
+def test_sweep_script_smoke(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rows = [dict(model="m", batch_size=2, mask_ratio=r, speedup=1 + r, memory_ratio=2 + r) for r in (0.5, 0.75)]
+    sweep.plot(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
