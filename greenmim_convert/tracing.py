@@ -7,6 +7,7 @@ sets timm's FX feature extraction uses), and the module types the passes rewrite
 from __future__ import annotations
 
 import difflib
+import traceback
 from dataclasses import dataclass
 from typing import Iterable, List, Sequence, Tuple, Type
 
@@ -97,8 +98,23 @@ def _trace_once(model: nn.Module, leaves: Sequence[Type[nn.Module]]) -> fx.Graph
     try:
         graph = tracer.trace(wrapper)
     except Exception as exc:  # torch.fx raises many types; report them as one
-        raise TraceError(f"torch.fx could not trace {type(model).__name__}.forward_features: {type(exc).__name__}: {exc}") from exc
+        where = _failing_module(model, exc)
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}.forward_features{where}: {type(exc).__name__}: {exc}"
+        ) from exc
     return fx.GraphModule(wrapper, graph, class_name="GreenGraph")
+
+
+def _failing_module(model: nn.Module, exc: BaseException) -> str:
+    """' in module PATH (Type) at FILE:LINE' for the innermost model module on the traceback, or ''."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    found = ""
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, nn.Module) and id(obj) in paths:
+            name = paths[id(obj)] or "<top level>"
+            found = f" in module '{name}' ({type(obj).__name__}) at {frame.f_code.co_filename}:{lineno}"
+    return found
 
 
 def trace_features(model: nn.Module, leaves: Sequence[Type[nn.Module]]) -> Traced:

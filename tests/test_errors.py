@@ -74,8 +74,9 @@ def test_untraceable_model_is_a_trace_error():
             return x if x.sum() > 0 else -x
 
     model.layers[0].downsample = DataDependent()
-    with pytest.raises(gmc.TraceError, match="could not trace"):
+    with pytest.raises(gmc.TraceError, match="could not trace") as exc:
         gmc.convert(model)
+    assert "layers.0.downsample" in str(exc.value) and "DataDependent" in str(exc.value)
 
 
 def test_bad_options():
