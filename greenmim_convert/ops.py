@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels.attention_dispatch import requested_backend, resolve_backend
-from .kernels.grouping import pack_segments
+from .kernels.grouping import plan_buckets
 from .kernels.sparse_conv import sparse_conv2d
 from .kernels.windows import WindowSpec, window_segments
 from .sites import Sites
@@ -197,7 +197,7 @@ def window_grouping(sites: Sites, window: Tuple[int, int], shift: Tuple[int, int
     t = sites.num_tokens
     dev = seg.device
     counts = torch.bincount(seg, minlength=num_seg)
-    packings = [pack_segments(counts, window[0] * window[1], strategy)] if t else []
+    packings = plan_buckets(counts, window[0] * window[1], strategy=strategy) if t else []
     order = torch.argsort(seg, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty(t, dtype=torch.long, device=dev)

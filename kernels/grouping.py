@@ -37,16 +37,41 @@ and stopped once that bound reaches the best cost found. A group size is also sk
 Martello-Toth bound ``L2(g)`` proves it cannot win, and the knapsack pass is skipped when FFD
 already meets ``L2(g)`` (optimal for that ``g``).
 
+Buckets (``plan_buckets``). With one group size per stage every window is padded towards it, so
+the logits never fall below ``T * max(c) / sum(c^2)`` times the lower bound (1.6-2.6x on Swin at
+75% masking). Instead the distinct counts ``d_1 < ... < d_m`` are split into at most ``K``
+contiguous ranges, each packed by ``"dp"`` with its own group size and paying ``call_overhead``
+for its own attention call::
+
+    F_k(j) = min_{i <= j} F_{k-1}(i - 1) + B(i, j) + call_overhead,   F_0(0) = 0,
+    cost   = min_{k <= K} F_k(m)
+
+with ``B(i, j)`` the ``"dp"`` cost of the segments with counts in ``[d_i, d_j]``. Packing all
+``m^2 / 2`` ranges is too slow, so the search follows the shape of good splits: the first range
+holds the small windows, which share groups; every later range holds larger windows, about one per
+group. Later ranges are priced ``U(i, j) = N_ij * (g_j^2 + overhead)`` (each segment alone in a
+group of ``g_j``, ``d_j`` rounded up to the tile: exact for a narrow range of large windows, an
+upper bound otherwise), and the suffix recurrence ``S_k(i) = min_e U(i, e) + call_overhead +
+S_{k-1}(e + 1)`` runs as ``K - 1`` vectorised min-plus steps. A first range ``[d_1, d_j]`` costs
+at least ``beta(j)``, the fill / "at most p per group" bound of the ``"dp"`` candidates; the ends
+``j`` are tried in increasing ``beta(j) + call_overhead + S(j + 1)``, each packed by FFD under the
+best total so far as a limit, until the estimate reaches that total or ``MAX_PREFIX_TRIES``. The
+chosen ranges are then packed by ``"dp"`` (one segment per group when nothing is cheaper), ranges
+that chose the same group size are merged, and when the total exceeds the one-range bound
+``beta(m) + call_overhead`` the single ``"dp"`` packing is computed and kept if cheaper: a plan
+never costs more than ``pack_segments`` plus ``call_overhead``.
+
 The histogram is read on the host once (``num_groups`` has to become a Python int anyway); the
 patterns are mapped back to segments on the counts' device with a stable sort of the counts and a
 cumsum over the pattern table: the k-th segment of count c (in segment order) takes
-the k-th slot of size c.
+the k-th slot of size c. All buckets share that one sort.
 """
 from __future__ import annotations
 
 import math
 from array import array
 from bisect import bisect_right
+from itertools import accumulate, takewhile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -58,6 +83,17 @@ import torch
 GROUP_OVERHEAD = 64.0
 STRATEGIES = ("window", "max", "dp")
 MAX_ROUNDS_PER_SIZE = 8
+# Fixed cost of one more bucket, in logits per head: every bucket is one more attention call per
+# block (gathers of q, k, v and of the bias, a batched matmul, softmax, another matmul). On the CPU
+# path such a call costs 45-65 us before its first logit, the time of 60 (32 heads) to 520 (4 heads,
+# Swin-B's first stage) logits per head at head dim 32; 512 is the dearest case, so a bucket is only
+# added where it saves at least that. On a GPU a launch is worth far more logits: pass a larger value.
+CALL_OVERHEAD = 512.0
+# Bucket search: first-range ends tried, group sizes per first range bounded one by one (larger
+# ones by the fill bound), and "at most p per group" bounds used (p = 1 .. BOUND_SHARES).
+MAX_PREFIX_TRIES = 4
+BOUND_SPAN = 4
+BOUND_SHARES = 2
 
 # A pattern is (multiplicity, [(count, how many segments of that count), ...]) in slot order.
 Pattern = Tuple[int, List[Tuple[int, int]]]
@@ -211,7 +247,7 @@ class _Bounds:
         n = len(hist)
         self.cnt = [0] * (n + 1)  # cnt[x]: segments with count >= x
         self.tot = [0] * (n + 1)  # tot[x]: their tokens
-        for x in range(n - 1, 0, -1):
+        for x in range(max(sizes, default=0), 0, -1):  # nothing above the largest count
             self.cnt[x] = self.cnt[x + 1] + hist[x]
             self.tot[x] = self.tot[x + 1] + hist[x] * x
         self.sizes_up = sorted(sizes)
@@ -241,34 +277,55 @@ class _Bounds:
 
 
 def _realise(counts: torch.Tensor, patterns: List[Pattern], g: int) -> Packing:
+    """Map one group size's histogram patterns to segments (see ``_realise_buckets``)."""
+    return _realise_buckets(counts, [(g, patterns)])[0]
+
+
+def _realise_buckets(counts: torch.Tensor, buckets: Sequence[Tuple[int, List[Pattern]]]) -> List[Packing]:
     """Map histogram patterns to segments: the k-th segment of count c takes the k-th slot of size c.
 
-    One table row per slot range of a pattern (count, groups, first group, offset); its slots are
-    ``groups`` consecutive groups at that offset. Rows sorted by count line up with the segments
-    sorted by count, so a cumsum over the row sizes gives every segment its row.
+    One table row per slot range of a pattern: its slots are ``reps`` consecutive groups of one
+    bucket at one offset. Rows sorted by count line up with the segments sorted by count, so a
+    cumsum of row starts gives every segment its row (columns: first segment, first group minus
+    first segment, offset, bucket).
+    Buckets hold disjoint sets of counts, so all of them are mapped by one sort and one pass; each
+    bucket's packing then keeps only its own segments.
     """
-    dev = counts.device
     rows = []
-    base = 0
-    for reps, items in patterns:
-        off = 0
-        for c, k in items:
-            for _ in range(k):
-                rows.append((c, reps, base, off))
-                off += c
-        base += reps
+    sizes = []
+    for b, (_, patterns) in enumerate(buckets):
+        base = 0
+        for reps, items in patterns:
+            off = 0
+            for c, k in items:
+                for _ in range(k):
+                    rows.append((c, reps, base, off, b))
+                    off += c
+            base += reps
+        sizes.append(base)
     rows.sort(key=lambda r: r[0])
-    total = sum(r[1] for r in rows)
-    table = torch.frombuffer(array("q", [v for r in rows for v in r]), dtype=torch.long).view(len(rows), 4)
-    table = table.to(dev, copy=True)
-    starts = torch.cumsum(table[:, 1], 0) - table[:, 1]
-    table[:, 1] = starts
-    marks = torch.zeros(total, dtype=torch.long, device=dev).index_fill_(0, starts[1:], 1)
-    _, start, first, off = table.index_select(0, torch.cumsum(marks, 0)).unbind(1)
-    order = torch.argsort(counts, stable=True)[counts.numel() - total:]
-    seg_group = torch.full_like(counts, -1).index_put_((order,), torch.arange(total, device=dev) - start + first)
-    seg_offset = torch.zeros_like(counts).index_put_((order,), off)
-    return Packing(g, base, seg_group, seg_offset)
+    flat_rows = array("q")
+    total = 0
+    for _, reps, base, off, b in rows:
+        flat_rows.extend((total, base - total, off, b))
+        total += reps
+    table = torch.frombuffer(flat_rows, dtype=torch.long).view(len(rows), 4).to(counts.device, copy=True)
+    marks = torch.zeros(total, dtype=torch.long, device=counts.device).index_fill_(0, table[1:, 0], 1)
+    _, shift, off, which = table.index_select(0, torch.cumsum(marks, 0)).unbind(1)
+    group = torch.arange(total, device=counts.device) + shift
+    n = counts.numel()
+    order = torch.argsort(counts, stable=True)[n - total:]
+    if len(buckets) == 1:
+        seg_group = torch.full_like(counts, -1).scatter_(0, order, group)
+        seg_offset = torch.zeros_like(counts).scatter_(0, order, off)
+        return [Packing(buckets[0][0], sizes[0], seg_group, seg_offset)]
+    flat = which * n + order
+    seg_group = counts.new_full((len(buckets) * n,), -1).scatter_(0, flat, group).view(len(buckets), n)
+    seg_offset = counts.new_zeros((len(buckets) * n,)).scatter_(0, flat, off).view(len(buckets), n)
+    return [
+        Packing(g, size, grp, offs)
+        for (g, _), size, grp, offs in zip(buckets, sizes, seg_group.unbind(0), seg_offset.unbind(0))
+    ]
 
 
 def _empty_packing(counts: torch.Tensor, tile: int) -> Packing:
@@ -304,20 +361,31 @@ def _max_patterns(hist: Sequence[int], sizes: Sequence[int], g: int) -> List[Pat
     return pats if pats is not None else _ffd_patterns(hist, sizes, g)
 
 
-def _choose_dp(hist: List[int], sizes: List[int], capacity: int, tile: int, overhead: float) -> Tuple[int, List[Pattern]]:
-    """The group size and patterns of least modelled cost (see the module docstring)."""
+def _choose_dp(
+    hist: List[int], sizes: List[int], capacity: int, tile: int, overhead: float, limit: float = math.inf,
+    refine: bool = True,
+) -> Tuple[int, List[Pattern]]:
+    """The group size and patterns of least modelled cost (see the module docstring).
+
+    Only packings cheaper than ``limit`` are looked for; ``(0, [])`` when there is none. A group
+    size ``g`` costs at least ``T * g`` (``T`` tokens), so the scan stops below ``limit / T``.
+    ``refine=False`` packs every group size by FFD alone, skipping the knapsack pass: a quick
+    upper estimate used to compare bucket splits.
+    """
     bounds = _Bounds(hist, sizes)
+    tokens = bounds.tot[1]
     cands = sorted(
-        (group_cost(g, bounds.simple(g), overhead), g) for g in _candidates(sizes[0], capacity, tile)
+        (group_cost(g, bounds.simple(g), overhead), g)
+        for g in takewhile(lambda g: tokens * g < limit, _candidates(sizes[0], capacity, tile))
     )
-    best_cost, best_g, best = math.inf, 0, []
+    best_cost, best_g, best = limit, 0, []
     for bound_cost, g in cands:
         if bound_cost >= best_cost:
             break
         l2 = bounds.l2(g)
         if group_cost(g, l2, overhead) >= best_cost:
             continue
-        pats = _dp_patterns(hist, sizes, g, l2)
+        pats = _dp_patterns(hist, sizes, g, l2) if refine else _ffd_patterns(hist, sizes, g)
         cost = group_cost(g, sum(p[0] for p in pats), overhead)
         if cost < best_cost:
             best_cost, best_g, best = cost, g, pats
@@ -386,3 +454,186 @@ def pack_segments(
         return _realise(counts, _max_patterns(hist, sizes, g), g)
     g, pats = _choose_dp(hist, sizes, capacity, tile, overhead)
     return _realise(counts, pats, g)
+
+
+class _Ranges:
+    """Prices and packings of buckets over ranges ``asc[lo..hi]`` of the distinct counts (ascending)
+    of one histogram: the pieces of ``plan_buckets``' search (see the module docstring)."""
+
+    def __init__(self, hist: Sequence[int], asc: Sequence[int], capacity: int, tile: int, overhead: float):
+        self.hist, self.asc, self.capacity, self.tile, self.overhead = hist, asc, capacity, tile, overhead
+        self.le = list(accumulate(hist))  # le[x]: segments with count <= x
+        self.tok = list(accumulate(c * n for c, n in enumerate(hist)))  # tok[x]: their tokens
+        self.top = _round_up(max(capacity, asc[-1]), tile)
+        self.first = [_round_up(c, tile) for c in asc]  # smallest admissible group size per range end
+
+    def one_each(self, lo: int, hi: int) -> float:
+        """Cost of every segment of ``asc[lo..hi]`` alone in a group of the smallest admissible size."""
+        n = self.le[self.asc[hi]] - self.le[self.asc[lo] - 1]
+        return float(n) * (self.first[hi] ** 2 + self.overhead)
+
+    def prefix_bounds(self) -> List[float]:
+        """``beta(j)``, a lower bound on the ``"dp"`` cost of every prefix ``asc[0..j]``.
+
+        For each of the ``BOUND_SPAN`` smallest admissible group sizes ``g``: ``ceil(T / g)`` groups
+        for ``T`` tokens, and ``ceil(N_p / p)`` for the ``N_p`` segments above ``g / (p + 1)``, no
+        ``p + 1`` of which share a group; every larger ``g`` costs at least ``T * (g + overhead / g)``,
+        minimised in closed form.
+        """
+        le, tok, tile, overhead, top = self.le, self.tok, self.tile, self.overhead, self.top
+        shares = range(1, BOUND_SHARES + 1)
+        out = []
+        for c, f in zip(self.asc, self.first):
+            n, t = le[c], tok[c]
+            rest = f + tile * BOUND_SPAN
+            best = math.inf
+            if rest <= top:
+                g = min(max(rest, math.sqrt(overhead)), top)
+                best = t * (g + overhead / g)
+            for g in range(f, min(rest, top + 1), tile):
+                groups = -(-t // g)
+                for p in shares:
+                    x = g // (p + 1)
+                    if x < c:
+                        above = -(-(n - le[x]) // p)
+                        if above > groups:
+                            groups = above
+                cost = groups * (g * g + overhead)
+                if cost < best:
+                    best = cost
+            out.append(best)
+        return out
+
+    def pack(
+        self, lo: int, hi: int, limit: float = math.inf, refine: bool = True
+    ) -> Optional[Tuple[float, int, List[Pattern]]]:
+        """The ``"dp"`` packing of the segments of ``asc[lo..hi]`` as (cost, group size, patterns);
+        one segment per group when nothing cheaper exists; None when nothing costs less than ``limit``.
+        ``refine=False``: FFD only (see ``_choose_dp``)."""
+        one_each = self.one_each(lo, hi)
+        part = [0] * len(self.hist)
+        for c in self.asc[lo:hi + 1]:
+            part[c] = self.hist[c]
+        desc = self.asc[hi:lo - 1 if lo else None:-1]
+        g, pats = _choose_dp(part, desc, self.capacity, self.tile, self.overhead, min(limit, one_each), refine)
+        if pats:
+            return group_cost(g, sum(p[0] for p in pats), self.overhead), g, pats
+        if one_each < limit:
+            return one_each, self.first[hi], [(self.hist[c], [(c, 1)]) for c in desc]
+        return None
+
+    def later_covers(self, call_overhead: float, max_parts: int) -> Tuple[List[List[float]], List[float], List[int]]:
+        """Cheapest covers of every suffix ``asc[i + 1..m-1]`` by ranges priced ``one_each +
+        call_overhead``: ``covers[k - 1][i]`` with exactly ``k`` ranges (``k = 1 .. max_parts``),
+        then per ``i`` the cheapest over ``k`` and its ``k`` (the fewest among ties).
+
+        The recurrence runs as ``k`` vectorised min-plus steps over the ``(i, j)`` price matrix.
+        """
+        asc, le, m = self.asc, self.le, len(self.asc)
+        data = torch.tensor(
+            [[le[c] for c in asc[1:]], [le[c - 1] for c in asc[1:]], [f * f + self.overhead for f in self.first[1:]]],
+            dtype=torch.float64,
+        )
+        hi, lo, per_group = data.unbind(0)
+        n = hi - lo[:, None]
+        step = torch.where(n > 0, n * per_group + call_overhead, math.inf)
+        left, value = step[:, :-1], step[:, -1]
+        values = [value]
+        for _ in range(1, min(max_parts, m - 1)):
+            value = (left + value[1:]).amin(1)
+            values.append(value)
+        covers = torch.stack(values)
+        return covers.tolist(), covers.amin(0).tolist(), (covers.argmin(0) + 1).tolist()
+
+    def later_ranges(self, start: int, parts: int, covers: List[List[float]], call_overhead: float) -> List[Tuple[int, int]]:
+        """The ranges of the cover of ``asc[start..m-1]`` by ``parts`` ranges found by ``later_covers``."""
+        m = len(self.asc)
+        ranges = []
+        for k in range(parts, 1, -1):
+            ends = range(start, m - k + 1)
+            end = min(ends, key=lambda e: self.one_each(start, e) + call_overhead + covers[k - 2][e])
+            ranges.append((start, end))
+            start = end + 1
+        ranges.append((start, m - 1))
+        return ranges
+
+
+def _plan_dp(
+    hist: List[int], sizes: List[int], capacity: int, tile: int, overhead: float, call_overhead: float,
+    max_buckets: int,
+) -> List[Tuple[int, List[Pattern]]]:
+    """The bucket split of least modelled cost (see the module docstring), as (group size, patterns)
+    per bucket, in increasing group size; buckets that chose the same group size are merged."""
+    asc = sizes[::-1]
+    m = len(asc)
+    ranges = _Ranges(hist, asc, capacity, tile, overhead)
+    if max_buckets == 1 or m == 1:
+        _, g, pats = ranges.pack(0, m - 1)
+        return [(g, pats)]
+    covers, rest, parts = ranges.later_covers(call_overhead, max_buckets - 1)
+    rest.append(0.0)
+    parts.append(0)
+    bounds = ranges.prefix_bounds()
+    estimate = [bounds[j] + call_overhead + rest[j] for j in range(m)]
+    exact: Dict[Tuple[int, int], Tuple[float, int, List[Pattern]]] = {}
+    best_cost, best_end, quick = math.inf, m - 1, None
+    for tries, j in enumerate(sorted(range(m), key=estimate.__getitem__)):
+        if estimate[j] >= best_cost or tries == MAX_PREFIX_TRIES:
+            break
+        found = ranges.pack(0, j, best_cost - call_overhead - rest[j], refine=False)
+        if found is not None:
+            best_cost, best_end, quick = found[0] + call_overhead + rest[j], j, found
+    best = [(0, best_end)]
+    exact[0, best_end] = ranges.pack(0, best_end, quick[0]) or quick
+    if parts[best_end]:
+        best += ranges.later_ranges(best_end + 1, parts[best_end], covers, call_overhead)
+    for r in best[1:]:
+        exact[r] = ranges.pack(*r)
+    best_cost = sum(exact[r][0] + call_overhead for r in best)
+    whole = (0, m - 1)
+    if best_cost > bounds[m - 1] + call_overhead and whole not in exact:
+        found = ranges.pack(0, m - 1, best_cost - call_overhead)
+        if found is not None:
+            exact[whole] = found
+            best = [whole]
+    merged: Dict[int, List[Pattern]] = {}
+    for r in best:
+        _, g, pats = exact[r]
+        merged.setdefault(g, []).extend(pats)
+    return sorted(merged.items())
+
+
+def plan_buckets(
+    counts: torch.Tensor,
+    capacity: int,
+    max_buckets: int = 6,
+    strategy: str = "dp",
+    tile: int = 1,
+    overhead: float = GROUP_OVERHEAD,
+    call_overhead: float = CALL_OVERHEAD,
+) -> List[Packing]:
+    """Split the segments by count into buckets, each packed with its own group size.
+
+    One group size per stage leaves the windows far below it padded; buckets of similar counts pad
+    little, at ``call_overhead`` (logits per head) per bucket for its attention call in every block.
+    Returns one packing per bucket, in increasing group size, over disjoint sets of segments: a
+    segment outside a bucket (or empty) has ``seg_group == -1`` there, and every non-empty segment
+    is placed in exactly one bucket. ``"dp"`` picks at most ``max_buckets`` ranges of counts as in
+    the module docstring; small or uniform stages get one bucket, and the plan never costs more
+    than the single ``"dp"`` packing plus one call. ``"window"`` and ``"max"`` (and
+    ``max_buckets=1``) return ``[pack_segments(...)]``. With nothing to pack, the single empty
+    packing of ``pack_segments``.
+    """
+    if max_buckets < 1:
+        raise ValueError(f"max_buckets must be positive, got {max_buckets}")
+    if strategy != "dp" or max_buckets == 1:
+        return [pack_segments(counts, capacity, strategy, tile=tile, overhead=overhead)]
+    if tile < 1:
+        raise ValueError(f"tile must be positive, got {tile}")
+    counts = counts.long()
+    if counts.numel() == 0:
+        return [_empty_packing(counts, tile)]
+    hist, sizes = _histogram(counts, capacity)
+    if not sizes:
+        return [_empty_packing(counts, tile)]
+    return _realise_buckets(counts, _plan_dp(hist, sizes, capacity, tile, overhead, call_overhead, max_buckets))

@@ -20,14 +20,16 @@ def pytest_collection_modifyitems(config, items):
     """Triton kernel tests need a process whose Triton started in interpreter mode.
 
     Outside it they are deselected (``test_kernels_under_interpreter`` runs them in such a process);
-    inside it, the test that spawns that process is deselected instead.
+    inside it, the test that spawns that process is deselected instead. Tests marked ``cuda`` are
+    collected only where a GPU is present.
     """
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     keep, drop = [], []
     for item in items:
         needs = "interpret" in getattr(item, "fixturenames", ())
         spawner = item.name == "test_kernels_under_interpreter"
-        (drop if (needs and not interpreting) or (spawner and interpreting) else keep).append(item)
+        needs_gpu = item.get_closest_marker("cuda") is not None and not torch.cuda.is_available()
+        (drop if (needs and not interpreting) or (spawner and interpreting) or needs_gpu else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -1,4 +1,4 @@
-"""Window grouping: brute-force optimality bounds, packing invariants, every strategy, benchmark smoke run."""
+"""Window grouping: brute-force optimality bounds, packing invariants, every strategy, buckets, benchmark smoke run."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from greenmim_convert.kernels.grouping import (
-    GROUP_OVERHEAD, STRATEGIES, Packing, group_cost, group_count_bound, lower_bound, pack_segments,
-    pack_with_group_size, packing_cost,
+    CALL_OVERHEAD, GROUP_OVERHEAD, STRATEGIES, Packing, group_cost, group_count_bound, lower_bound, pack_segments,
+    pack_with_group_size, packing_cost, plan_buckets,
 )
 from greenmim_convert.kernels.windows import WindowSpec, window_segments
 from greenmim_convert.sites import Sites
@@ -42,6 +42,29 @@ def check_packing(counts: torch.Tensor, p: Packing, tile: int = 1) -> None:
         spans.sort()
         for (_, end), (start, _) in zip(spans, spans[1:]):
             assert end <= start
+
+
+def check_buckets(counts: torch.Tensor, buckets: List[Packing], tile: int = 1) -> None:
+    """Each bucket a valid packing of its own segments; every non-empty segment in exactly one
+    bucket, empty ones in none; group sizes strictly increasing."""
+    assert buckets
+    owner = [-1] * counts.numel()
+    for b, p in enumerate(buckets):
+        members = (p.seg_group >= 0).tolist()
+        for s, inside in enumerate(members):
+            if inside:
+                assert owner[s] == -1, f"segment {s} in buckets {owner[s]} and {b}"
+                owner[s] = b
+        check_packing(torch.where(p.seg_group >= 0, counts, 0), p, tile)
+        assert not p.seg_offset[p.seg_group < 0].any()
+    assert [o >= 0 for o in owner] == (counts > 0).tolist()
+    sizes = [p.group_size for p in buckets]
+    assert sizes == sorted(set(sizes))
+
+
+def buckets_cost(buckets: List[Packing], overhead: float = GROUP_OVERHEAD, call_overhead: float = CALL_OVERHEAD) -> float:
+    """Modelled cost of a bucket plan: its packings plus one attention call per bucket."""
+    return sum(packing_cost(p, overhead) for p in buckets) + call_overhead * len(buckets)
 
 
 def optimal_groups(items: List[int], g: int) -> int:
@@ -240,12 +263,126 @@ def test_swin_stage_counts(shift):
     assert costs["dp"] <= 1.02 * costs["max"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     counts = torch.randint(0, 50, (500,))
     for strategy in STRATEGIES:
         a = pack_segments(counts, 49, strategy, tile=16)
         b = pack_segments(counts.cuda(), 49, strategy, tile=16)
+        assert (a.group_size, a.num_groups) == (b.group_size, b.num_groups)
+        assert torch.equal(a.seg_group, b.seg_group.cpu()) and torch.equal(a.seg_offset, b.seg_offset.cpu())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.integers(0, 49), min_size=0, max_size=80),
+    st.sampled_from([1, 16]),
+    st.integers(0, 95),
+    st.integers(1, 6),
+    st.sampled_from([0.0, CALL_OVERHEAD, 1e6]),
+)
+def test_plan_buckets_invariants(items, tile, extra_capacity, max_buckets, call_overhead):
+    """Any counts: disjoint valid buckets covering every non-empty segment once, deterministic, at
+    most ``max_buckets``, never dearer than the single dp packing plus its one call."""
+    counts = torch.tensor(items, dtype=torch.long)
+    capacity = max(items, default=0) + extra_capacity
+    buckets = plan_buckets(counts, capacity, max_buckets, tile=tile, call_overhead=call_overhead)
+    check_buckets(counts, buckets, tile)
+    assert len(buckets) <= max_buckets
+    for p in buckets:
+        inside = counts[p.seg_group >= 0]
+        assert inside.numel() == 0 or p.group_size >= int(inside.max())
+    single = pack_segments(counts, capacity, "dp", tile=tile)
+    assert buckets_cost(buckets, call_overhead=call_overhead) <= packing_cost(single) + call_overhead
+    assert sum(packing_cost(p, 0) for p in buckets) >= lower_bound(counts)
+    again = plan_buckets(counts.clone(), capacity, max_buckets, tile=tile, call_overhead=call_overhead)
+    assert [(p.group_size, p.num_groups) for p in again] == [(p.group_size, p.num_groups) for p in buckets]
+    for a, b in zip(again, buckets):
+        assert torch.equal(a.seg_group, b.seg_group) and torch.equal(a.seg_offset, b.seg_offset)
+
+
+@pytest.mark.parametrize("strategy", ["window", "max"])
+def test_plan_buckets_single_bucket_strategies(strategy):
+    """``"window"`` and ``"max"`` keep one group size: exactly ``[pack_segments(...)]``."""
+    counts = torch.tensor([0, 5, 12, 3, 0, 12, 40, 41, 2, 2, 2, 7, 30, 31, 33])
+    for tile in (1, 16):
+        buckets = plan_buckets(counts, 49, strategy=strategy, tile=tile)
+        expected = pack_segments(counts, 49, strategy, tile=tile)
+        assert len(buckets) == 1
+        assert (buckets[0].group_size, buckets[0].num_groups) == (expected.group_size, expected.num_groups)
+        assert torch.equal(buckets[0].seg_group, expected.seg_group)
+        assert torch.equal(buckets[0].seg_offset, expected.seg_offset)
+
+
+def test_plan_buckets_one_bucket_cases():
+    """One bucket allowed, one count, or a call dearer than any padding: the single dp packing."""
+    counts = torch.tensor([0, 5, 12, 3, 0, 12, 40, 41, 2, 2, 2, 7, 30, 31, 33])
+    single = pack_segments(counts, 49, "dp")
+    only = plan_buckets(counts, 49, max_buckets=1)
+    assert len(only) == 1 and torch.equal(only[0].seg_group, single.seg_group)
+    assert torch.equal(only[0].seg_offset, single.seg_offset)
+    costly = plan_buckets(counts, 49, call_overhead=1e9)
+    assert len(costly) == 1 and packing_cost(costly[0]) <= packing_cost(single)
+    same = plan_buckets(torch.full((64,), 12, dtype=torch.long), 49)
+    assert [(p.group_size, p.num_groups) for p in same] == [(12, 64)]
+
+
+def test_plan_buckets_splits_mixed_counts():
+    """Large and small windows apart: less padding than one group size, and the logit floor of a
+    single group size (``T * max(c)``) is beaten."""
+    counts = torch.tensor([49] * 20 + [30] * 40 + [12] * 80 + [3] * 60)
+    buckets = plan_buckets(counts, 49)
+    check_buckets(counts, buckets)
+    assert len(buckets) > 1
+    logits = sum(packing_cost(p, 0) for p in buckets)
+    assert logits < int(counts.sum()) * 49
+    assert buckets_cost(buckets) < packing_cost(pack_segments(counts, 49, "dp")) + CALL_OVERHEAD
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("counts", [[], [0], [0, 0, 0, 0]])
+def test_plan_buckets_empty(strategy, counts):
+    """Nothing to pack: one empty packing, no groups."""
+    counts = torch.tensor(counts, dtype=torch.long)
+    buckets = plan_buckets(counts, 49, strategy=strategy, tile=16)
+    assert len(buckets) == 1 and buckets[0].num_groups == 0
+    check_packing(counts, buckets[0], 16)
+
+
+def test_plan_buckets_rejects_bad_input():
+    with pytest.raises(ValueError, match="max_buckets"):
+        plan_buckets(torch.tensor([1, 2]), 4, max_buckets=0)
+    with pytest.raises(ValueError, match="strategy"):
+        plan_buckets(torch.tensor([1, 2]), 4, strategy="knapsack")
+    with pytest.raises(ValueError, match="capacity"):
+        plan_buckets(torch.tensor([1, 5]), 4)
+    with pytest.raises(ValueError, match="tile"):
+        plan_buckets(torch.tensor([1]), 4, tile=0)
+
+
+@pytest.mark.parametrize("grid,shift", [(28, 0), (28, 3), (14, 3)])
+def test_plan_buckets_swin_stage(grid, shift):
+    """Real window counts at 75% masking: valid buckets, logits within 1.25x of ``sum c^2``, where
+    the single dp packing cannot get below 1.4x."""
+    gen = torch.Generator().manual_seed(grid + shift)
+    b, units = 32, 7
+    visible = torch.rand(b, units * units, generator=gen).argsort(1).argsort(1) < 12
+    sites = Sites.from_mask(visible.view(b, units, units), (grid, grid), 1)
+    seg, _, num = window_segments(sites.batch, sites.coords, sites.grid, b, WindowSpec((7, 7), (shift, shift)))
+    counts = torch.bincount(seg, minlength=num)
+    buckets = plan_buckets(counts, 49)
+    check_buckets(counts, buckets)
+    single = pack_segments(counts, 49, "dp")
+    lb = lower_bound(counts)
+    assert packing_cost(single, 0) > 1.4 * lb
+    assert sum(packing_cost(p, 0) for p in buckets) <= 1.25 * lb
+    assert buckets_cost(buckets) <= packing_cost(single) + CALL_OVERHEAD
+
+
+@pytest.mark.cuda
+def test_plan_buckets_cuda_matches_cpu():
+    counts = torch.randint(0, 50, (500,))
+    for a, b in zip(plan_buckets(counts, 49, tile=16), plan_buckets(counts.cuda(), 49, tile=16)):
         assert (a.group_size, a.num_groups) == (b.group_size, b.num_groups)
         assert torch.equal(a.seg_group, b.seg_group.cpu()) and torch.equal(a.seg_offset, b.seg_offset.cpu())
 
@@ -257,4 +394,4 @@ def test_benchmark_smoke(capsys):
     spec.loader.exec_module(module)
     module.main(["--small"])
     out = capsys.readouterr().out
-    assert "dp" in out and "max" in out and "pad ws2" in out
+    assert "dp" in out and "max" in out and "pad ws2" in out and "dp K" in out
