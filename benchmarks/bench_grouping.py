@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from greenmim_convert.timing import wall_times
 
 from greenmim_convert.kernels.grouping import (
     STRATEGIES, group_count_bound, lower_bound, pack_segments, packing_cost, plan_buckets,
@@ -55,16 +56,7 @@ def stage_counts(visible: torch.Tensor, grid: int, window: int, shift: int) -> t
 
 def timed_ms(fn, repeats: int, device: torch.device) -> List[float]:
     """Wall times of ``repeats`` calls of ``fn`` in milliseconds (synchronised on CUDA)."""
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
+    return [1e3 * t for t in wall_times(fn, repeats, device)]
 
 
 def single_size_floor(counts: torch.Tensor, capacity: int, tile: int) -> float:

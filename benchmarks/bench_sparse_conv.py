@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from greenmim_convert.timing import wall_times
 import torch.nn.functional as F
 
 from greenmim_convert.kernels.sparse_conv import build_neighbor_map, build_tile_plan, sparse_conv2d
@@ -34,18 +35,7 @@ def random_visible(batch: int, units: int, mask_ratio: float, generator: torch.G
 
 def timed(fn: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> float:
     """Median wall time of ``fn`` in seconds."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return statistics.median(wall_times(fn, repeats, device, warmup))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

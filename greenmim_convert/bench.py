@@ -8,7 +8,6 @@ converted model the grouping time and padding overhead of every (stage, shift).
 from __future__ import annotations
 
 import statistics
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
@@ -20,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import ops
 from .convert import GreenModel
 from .masking import random_mask
+from .timing import wall_times
 
 
 class SavedTensorCounter:
@@ -127,11 +127,6 @@ def _step(fn: Callable[[], torch.Tensor]) -> None:
     loss.backward()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5) -> List[StageGrouping]:
     """Time every (stage, shift) grouping of the converted graph on this mask and report its padding."""
     rows = []
@@ -142,13 +137,8 @@ def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5)
         site_node, window, shift, split, strategy = node.args
         _, grid, stride = site_node.args
         sites = ops.visible_sites(visible, grid, stride)
-        times = []
-        for _ in range(repeats):
-            _sync(visible.device)
-            t0 = time.perf_counter()
-            grp = ops.window_grouping(sites, window, shift, split, strategy)
-            _sync(visible.device)
-            times.append(time.perf_counter() - t0)
+        times = wall_times(lambda: ops.window_grouping(sites, window, shift, split, strategy), repeats, visible.device)
+        grp = ops.window_grouping(sites, window, shift, split, strategy)
         overhead = grp.logits / grp.lower_bound if grp.lower_bound else 1.0
         rows.append(StageGrouping(list(grid), list(window), list(shift), grp.num_tokens, grp.describe(),
                                   grp.logits, grp.lower_bound, overhead, 1e3 * statistics.median(times)))
@@ -223,12 +213,9 @@ def run_bench(
             zero()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            _step(fn)
-            _sync(device)
+            (elapsed,) = wall_times(lambda: _step(fn), 1, device)
             if i >= warmup:
-                stats[name]["times"].append(time.perf_counter() - t0)
+                stats[name]["times"].append(elapsed)
                 if device.type == "cuda":
                     stats[name]["peak"] = torch.cuda.max_memory_allocated(device)
             tick(f"step {i + 1}/{warmup + steps} {name}")
