@@ -1,0 +1,165 @@
+"""The pre-training example: it learns, resumes bit-identically, runs under DDP, and exports timm weights."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+pytest.importorskip("skimage", reason="the demo data needs scikit-image (the examples extra)")
+
+import load_into_timm  # noqa: E402
+import pretrain  # noqa: E402
+
+TINY = [
+    "--model", "swin_tiny_patch4_window7_224", "--model-arg", "embed_dim=32", "--model-arg", "depths=[2,2,2,2]",
+    "--model-arg", "num_heads=[1,2,4,8]", "--model-arg", "window_size=4", "--img-size", "128",
+    "--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "2",
+    "--batch-size", "8", "--demo-size", "64", "--workers", "0", "--no-progress", "--threads", "2",
+]
+
+
+def run(out: Path, *extra: str, plot: bool = False) -> "pretrain.TrainResult":
+    """One in-process pre-training run of the tiny Swin; the caller's global RNG is left untouched."""
+    argv = TINY + ["--out", str(out), *extra] + ([] if plot else ["--no-plot"])
+    with torch.random.fork_rng(devices=[]):
+        return pretrain.main(argv)
+
+
+def log_losses(out: Path) -> List[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """20 steps without interruption, checkpoints every 10."""
+    out = tmp_path_factory.mktemp("straight")
+    return run(out, "--steps", "20", "--ckpt-every", "10", "--seed", "3")
+
+
+def test_loss_goes_down_on_demo_photos(tmp_path):
+    result = run(tmp_path, "--steps", "30", "--ckpt-every", "0", "--lr", "1e-3", "--seed", "1", plot=True)
+    losses = result.losses
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.95 * first, (first, last)
+    assert log_losses(tmp_path) == losses
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "last.pt").exists()
+
+
+def test_resume_is_bit_identical(straight, tmp_path):
+    first = run(tmp_path, "--steps", "20", "--ckpt-every", "10", "--seed", "3", "--stop-after", "10")
+    assert first.step == 10 and (tmp_path / "last.pt").exists()
+    resumed = run(tmp_path, "--steps", "20", "--ckpt-every", "10", "--seed", "3", "--resume")
+    assert resumed.step == 20 and len(resumed.losses) == 10
+    assert first.losses + resumed.losses == straight.losses
+    assert log_losses(tmp_path) == straight.losses
+    assert_same_params(resumed.model, straight.model)
+    a = torch.load(tmp_path / "last.pt", weights_only=True)
+    b = torch.load(straight.out_dir / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in group_a:
+            assert torch.equal(group_a[k], group_b[k])
+    assert torch.equal(a["rng"][0]["masks"], b["rng"][0]["masks"])
+
+
+def test_gradient_accumulation_matches_the_big_batch(tmp_path):
+    """Without drop-path, 2 x 4 accumulated images give the gradient of one batch of 8 (masks hide equal counts)."""
+    common = ["--steps", "1", "--ckpt-every", "0", "--model-arg", "drop_path_rate=0", "--seed", "5"]
+    big = run(tmp_path / "big", *common, "--batch-size", "8")
+    accum = run(tmp_path / "accum", *common, "--batch-size", "4", "--accum-steps", "2")
+    assert big.losses[0] == pytest.approx(accum.losses[0], rel=1e-5)
+    norms = [json.loads((out / "log.jsonl").read_text())["grad_norm"] for out in (tmp_path / "big", tmp_path / "accum")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+    for (k, p), q in zip(big.model.state_dict().items(), accum.model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_bf16_autocast_runs(tmp_path):
+    result = run(tmp_path, "--steps", "2", "--ckpt-every", "0", "--bf16", "--accum-steps", "2", "--batch-size", "4")
+    assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+
+
+def test_image_folder_data(tmp_path):
+    from PIL import Image
+
+    photos = pretrain.load_demo_photos(256)
+    for i in range(8):
+        folder = tmp_path / "data" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photos[i % len(photos)].permute(1, 2, 0).numpy()).save(folder / f"{i}.jpg")
+    result = run(tmp_path / "out", "--data", str(tmp_path / "data"), "--steps", "2", "--ckpt-every", "0", "--batch-size", "4")
+    assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
+    argv = TINY + ["--out", out, "--steps", "3", "--ckpt-every", "0", "--no-plot", "--threads", "1", "--batch-size", "4"]
+    result = pretrain.main(argv)
+    torch.save({"losses": result.losses, "state": result.model.state_dict()}, Path(out) / f"rank{rank}.pt")
+
+
+def test_ddp_two_processes_stay_in_sync(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert len(r0["losses"]) == 3 and all(math.isfinite(v) for v in r0["losses"])
+    assert r0["losses"] == r1["losses"]
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    assert len(log_losses(tmp_path)) == 3
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+def test_exported_weights_load_into_dense_timm(straight, tmp_path):
+    out = tmp_path / "encoder.safetensors"
+    report = load_into_timm.export_encoder(str(straight.out_dir / "last.pt"), str(out))
+    assert report["keys_ok"] and report["missing_backbone_keys"] == [] and report["unexpected_keys"] == []
+    assert report["missing_head_keys"] == ["head.fc.bias", "head.fc.weight"]
+    assert report["max_rel_err"] <= 1e-5
+
+    from safetensors.torch import load_file
+
+    state = load_file(str(out))
+    dense = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                              window_size=4, img_size=128, num_classes=10)
+    missing, unexpected = dense.load_state_dict(state, strict=False)
+    assert sorted(missing) == ["head.fc.bias", "head.fc.weight"] and unexpected == []
+    dense.eval()
+    green = straight.model.encoder.eval()
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    visible = torch.ones(2, *green.mask_grid, dtype=torch.bool)
+    with torch.no_grad():
+        ref = dense.forward_features(x).permute(0, 3, 1, 2)
+        got = green(x, visible).last.to_dense()
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert load_into_timm.main([str(straight.out_dir / "last.pt"), "-o", str(tmp_path / "encoder.pt")]) == 0
+    assert torch.load(tmp_path / "encoder.pt", weights_only=True).keys() == state.keys()
