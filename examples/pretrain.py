@@ -40,6 +40,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import greenmim_convert as gmc
+from greenmim_convert import model_args
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,29 +61,11 @@ DEMO_IMAGES = (
 
 
 def parse_model_args(pairs: Sequence[str]) -> Dict[str, Any]:
-    """``key=value`` pairs for ``timm.create_model``; values parse as JSON when they can (lists become tuples)."""
-    kwargs: Dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"error: --model-arg expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        kwargs[key.strip()] = tuple(value) if isinstance(value, list) else value
-    return kwargs
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows a default after the help text only when there is a meaningful one."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        meaningful = action.default is not None and action.default is not False and action.default != []
-        if meaningful and action.default is not argparse.SUPPRESS and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
+    """``key=value`` pairs for ``timm.create_model`` (see ``greenmim_convert.model_args``)."""
+    try:
+        return model_args.parse_model_args(pairs)
+    except gmc.InvalidInputError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

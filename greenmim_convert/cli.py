@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import model_args
 from .convert import GreenModel, convert
 from .errors import GreenMIMError
 from .masking import random_mask
@@ -36,18 +37,11 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def parse_model_args(pairs: List[str]) -> Dict[str, Any]:
-    """``key=value`` pairs; values are JSON when they parse (numbers, lists, booleans), else strings."""
-    kwargs: Dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            _fail(f"--model-arg expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        kwargs[key.strip()] = tuple(value) if isinstance(value, list) else value
-    return kwargs
+    """``--model-arg key=value`` pairs for ``timm.create_model`` (exit 2 on a malformed pair)."""
+    try:
+        return model_args.parse_model_args(pairs)
+    except GreenMIMError as exc:
+        _fail(str(exc))
 
 
 def suggest(name: str, names: List[str], n: int = 5) -> List[str]:
