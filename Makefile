@@ -7,7 +7,7 @@ MODEL ?= swin_tiny_patch4_window7_224
 
 .PHONY: setup test test-fast demo clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
@@ -26,6 +26,7 @@ demo: setup
 	$(VENV)/bin/greenmim-convert convert $(MODEL) -o /tmp/green_swin_t.safetensors
 	$(VENV)/bin/greenmim-convert verify $(MODEL) --mask-ratio 0 --batch-size 2
 	$(VENV)/bin/greenmim-convert verify $(MODEL) --mask-ratio 0.75 --batch-size 4
+	$(VENV)/bin/greenmim-convert bench $(MODEL) --batch-size 4 --steps 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info
