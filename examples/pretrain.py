@@ -68,6 +68,17 @@ def parse_model_args(pairs: Sequence[str]) -> Dict[str, Any]:
         raise SystemExit(f"error: {exc}") from None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a default after the help text only when there is a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        meaningful = action.default is not None and action.default is not False and action.default != []
+        if meaningful and action.default is not argparse.SUPPRESS and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the pre-training script."""
     p = argparse.ArgumentParser(
