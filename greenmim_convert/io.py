@@ -10,7 +10,6 @@ import os
 from typing import Any, Dict, Optional
 
 import timm
-import torch
 
 from .convert import GreenModel, convert
 from .errors import LoadError

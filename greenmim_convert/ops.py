@@ -39,6 +39,20 @@ def patch_embed(images: torch.Tensor, sites: Sites, conv: nn.Conv2d) -> torch.Te
     return out + conv.bias if conv.bias is not None else out
 
 
+def neighbours(fine: Sites, coarse: Sites, factor: Tuple[int, int], offsets: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """``(T_coarse, K)``: the fine token at each offset (dh, dw) of every coarse site's cell, -1 when masked."""
+    off = torch.tensor(offsets, dtype=torch.long, device=coarse.device)
+    rows = coarse.coords[:, :1] * factor[0] + off[None, :, 0]
+    cols = coarse.coords[:, 1:] * factor[1] + off[None, :, 1]
+    return fine.index_grid()[coarse.batch[:, None], rows, cols]
+
+
+def _rows_or_zero(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``feats[index]`` with zero rows where ``index`` is -1 (masked positions read zeros)."""
+    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+    return padded[torch.where(index < 0, torch.full_like(index, feats.shape[0]), index)]
+
+
 def space_to_depth(
     feats: torch.Tensor, fine: Sites, coarse: Sites, factor: Tuple[int, int], offsets: Sequence[Tuple[int, int]],
     channel_index: Optional[Sequence[int]] = None,
@@ -49,15 +63,8 @@ def space_to_depth(
     ``channel_index`` reorders the gathered ``(offset, channel)`` features when they are not
     offset-major (None for the usual layout).
     """
-    fh, fw = factor
-    grid = fine.index_grid()
-    off = torch.tensor(offsets, dtype=torch.long, device=feats.device)
-    rows = coarse.coords[:, :1] * fh + off[None, :, 0]
-    cols = coarse.coords[:, 1:] * fw + off[None, :, 1]
-    nbr = grid[coarse.batch[:, None], rows, cols]
-    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
-    nbr = torch.where(nbr < 0, torch.full_like(nbr, feats.shape[0]), nbr)
-    out = padded[nbr].reshape(coarse.num_tokens, len(offsets) * feats.shape[1])
+    nbr = neighbours(fine, coarse, factor, offsets)
+    out = _rows_or_zero(feats, nbr).reshape(coarse.num_tokens, len(offsets) * feats.shape[1])
     if channel_index is None:
         return out
     return out.index_select(1, torch.tensor(channel_index, dtype=torch.long, device=feats.device))
@@ -90,14 +97,9 @@ def mean_pool(feats: torch.Tensor, fine: Sites, coarse: Sites, factor: int) -> t
     """Kernel == stride average pooling that averages the visible positions of each cell."""
     if factor == 1:
         return feats
-    grid = fine.index_grid()
-    d = torch.arange(factor, device=feats.device)
-    rows = (coarse.coords[:, :1] * factor + d[None, :])[:, :, None]
-    cols = (coarse.coords[:, 1:] * factor + d[None, :])[:, None, :]
-    nbr = grid[coarse.batch[:, None, None], rows, cols].reshape(coarse.num_tokens, -1)
+    nbr = neighbours(fine, coarse, (factor, factor), [(dh, dw) for dh in range(factor) for dw in range(factor)])
     valid = nbr >= 0
-    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
-    summed = padded[torch.where(valid, nbr, feats.shape[0])].sum(1)
+    summed = _rows_or_zero(feats, nbr).sum(1)
     return summed / valid.sum(1, keepdim=True).clamp_min(1).to(feats.dtype)
 
 

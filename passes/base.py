@@ -5,7 +5,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -79,6 +78,3 @@ class GreenPass(PassBase):
     def fail(node: fx.Node, reason: str) -> None:
         raise UnsupportedOperationError(reason, node)
 
-
-def submodule(gm: fx.GraphModule, node: fx.Node) -> torch.nn.Module:
-    return gm.get_submodule(node.target)

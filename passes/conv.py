@@ -9,14 +9,14 @@ the visible pixels as packed sites. The original weight and bias Parameters are 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch.fx as fx
 import torch.nn as nn
 
 from greenmim_convert import ops
 from greenmim_convert.kernels.sparse_conv import conv_output_grid
-from greenmim_convert.layout import Atom, Layout, LayoutError
+from greenmim_convert.layout import Layout, LayoutError
 
 from .base import GreenPass, context_of, layout_of, module_ref, sites_node
 from .patch_embed import is_patchify
@@ -68,12 +68,6 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if not _is_nchw(lay):
         raise LayoutError(f"convolution input is not an NCHW feature map (layout {lay.shape})")
     return _output_layout(conv, lay)
-
-
-def per_unit_plan(conv: nn.Conv2d) -> Tuple[Tuple[int, int], list]:
-    """Factor and neighbour offsets (raster order, matching the weight's (kh, kw)) of a patchify conv."""
-    kh, kw = conv.kernel_size
-    return (kh, kw), [(dh, dw) for dh in range(kh) for dw in range(kw)]
 
 
 class ConvPass(GreenPass):

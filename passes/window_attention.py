@@ -129,7 +129,7 @@ class WindowAttentionPass(GreenPass):
             if mask is not None:
                 if not (isinstance(mask, fx.Node) and mask.op == "get_attr" and "layout" not in mask.meta):
                     self.fail(node, "attention mask is computed from the input; only timm's constant shifted-window mask is supported")
-                buf = _fetch(gm, mask.target)
+                buf = gm.get_buffer(mask.target)
                 if not check_mask_buffer(buf, lay.grid, window, shift):
                     self.fail(node, "attention mask is not the shifted-window mask for this window and shift")
                 split_seam = True
@@ -151,9 +151,3 @@ class WindowAttentionPass(GreenPass):
         gm.graph.eliminate_dead_code()
         gm.recompile()
 
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
