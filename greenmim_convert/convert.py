@@ -107,6 +107,7 @@ def build_pipeline(example: torch.Tensor) -> List[P.GreenPass]:
         P.PoolingPass(),
         P.WindowAttentionPass(),
         P.GlobalAttentionPass(),
+        P.ChannelAttentionPass(),
         P.PatchMergingPass(),
         P.ChannelSplitPass(),
         P.TokenwisePass(),
@@ -118,7 +119,7 @@ def build_pipeline(example: torch.Tensor) -> List[P.GreenPass]:
 
 def semantic_leaves() -> List[type]:
     """Module types traced as leaves because a pass rewrites them whole."""
-    return list(P.ATTENTION_RULES) + list(P.TOKEN_WINDOW_RULES) + [DropPath]
+    return list(P.ATTENTION_RULES) + list(P.TOKEN_WINDOW_RULES) + list(P.CHANNEL_ATTENTION_TYPES) + [DropPath]
 
 
 def convert(

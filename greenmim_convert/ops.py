@@ -385,3 +385,42 @@ def tokens(feats: torch.Tensor, sites: Sites) -> VisibleTokens:
 
 def green_output(last: VisibleTokens, stages: List[VisibleTokens]) -> GreenOutput:
     return GreenOutput(last, list(stages))
+
+
+def davit_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
+    """timm DaViT ``WindowAttention``: plain scaled dot-product attention inside windows, no bias."""
+    if requested_backend(backend) == "triton":
+        raise RuntimeError("the fused Triton kernel needs a relative-position bias; DaViT's window attention "
+                           "runs on the PyTorch path (attention_backend='auto' or 'torch')")
+    if not grouping.buckets:
+        return attn.proj(x.new_zeros(0, attn.proj.in_features))
+    heads, scale = attn.num_heads, attn.scale
+
+    def scores(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+
+    area = attn.window_size[0] * attn.window_size[1]
+    return attn.proj(_window_attention(attn.qkv(x), grouping, heads, None, area, scores, 0.0))
+
+
+def channel_attention(x: torch.Tensor, sites: Sites, attn: nn.Module) -> torch.Tensor:
+    """timm DaViT ``ChannelAttention`` / ``ChannelAttentionV2`` with token sums over each sample's visible tokens.
+
+    q, k, v are padded per sample after the qkv projection, so padding rows are exact zeros and add
+    nothing to the ``(head_dim, head_dim)`` channel logits.
+    """
+    v2 = hasattr(attn, "dynamic_scale")
+    heads = attn.groups if v2 else attn.num_heads
+    qkv, _ = sites.pad(attn.qkv(x))
+    b, n, c3 = qkv.shape
+    q, k, v = qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    if not v2:
+        logits, values = (k * attn.scale).transpose(-1, -2) @ v, q
+    else:
+        if attn.dynamic_scale:
+            scale = sites.counts().clamp_min(1).to(q.dtype).rsqrt().view(b, 1, 1, 1)
+        else:
+            scale = attn.head_dim ** -0.5
+        logits, values = (q * scale).transpose(-1, -2) @ k, v
+    out = values @ logits.softmax(dim=-1).transpose(-1, -2)
+    return attn.proj(sites.unpad(out.transpose(1, 2).reshape(b, n, c3 // 3)))

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import pvt_v2, twins
+from timm.models import davit, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
@@ -67,6 +67,44 @@ def _twins_window_keys(module: nn.Module) -> Callable:
         vis = visibility_map(state.visible, (h, w)).view(b, h // ws, ws, w // ws, ws).transpose(2, 3)
         return vis.reshape(b, nw, 1, 1, n)
     return keys
+
+
+def _davit_window_keys(module: nn.Module) -> Callable:
+    """(B * windows, 1, 1, wh*ww) key visibility of DaViT's window attention (timm's own partition)."""
+    def keys(state: _HookState, k: torch.Tensor) -> torch.Tensor:
+        b = state.visible.shape[0]
+        n = k.shape[-2]
+        vis = visibility_map(state.visible, state.grid_of(k.shape[0] // b * n))
+        wins = davit.window_partition(vis[..., None].to(k.dtype), module.window_size)
+        return wins.reshape(k.shape[0], 1, 1, n) > 0.5
+    return keys
+
+
+def _channel_attention_post(state: _HookState) -> Callable:
+    """DaViT channel attention recomputed with its token sums over visible tokens only.
+
+    Written from the module's definition: the (head_dim x head_dim) logits sum k^T v (V2: q^T k,
+    scaled by the visible count) over the tokens; masked tokens are zeroed before the sum.
+    """
+    def hook(module: nn.Module, args, out):
+        x = args[0]
+        b, n, c = x.shape
+        vis = visibility_map(state.visible, state.grid_of(n)).reshape(b, 1, n, 1)
+        v2 = isinstance(module, davit.ChannelAttentionV2)
+        heads = module.groups if v2 else module.num_heads
+        q, k, v = module.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        zero = torch.zeros((), dtype=x.dtype)
+        if v2:
+            count = vis.sum(dim=2, keepdim=True).clamp_min(1).to(x.dtype)
+            q = torch.where(vis, q * count.pow(-0.5) if module.dynamic_scale else q * module.head_dim ** -0.5, zero)
+            attn = torch.matmul(q.transpose(-1, -2), k).softmax(dim=-1)
+            y = torch.matmul(attn, v.transpose(-1, -2)).transpose(-1, -2)
+        else:
+            k = torch.where(vis, k * module.scale, zero)
+            attn = torch.matmul(k.transpose(-1, -2), v).softmax(dim=-1)
+            y = torch.matmul(attn, q.transpose(-1, -2)).transpose(-1, -2)
+        return module.proj(y.transpose(1, 2).reshape(b, n, c))
+    return hook
 
 
 def _attention_pre(keys_for: Callable[[nn.Module], Callable]) -> Callable:
@@ -151,13 +189,22 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (pvt_v2.Attention, _attention_pre(lambda m: _global_keys), False),
     (twins.GlobalSubSampleAttn, _attention_pre(lambda m: _global_keys), False),
     (twins.LocallyGroupedAttn, _attention_pre(_twins_window_keys), False),
+    (davit.WindowAttention, _attention_pre(_davit_window_keys), False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _attention_post),
     (twins.GlobalSubSampleAttn, _attention_post),
     (twins.LocallyGroupedAttn, _attention_post),
+    (davit.WindowAttention, _attention_post),
+    (davit.ChannelAttention, _channel_attention_post),
+    (davit.ChannelAttentionV2, _channel_attention_post),
     (nn.AdaptiveAvgPool2d, _mean_pool_post),
 ]
+
+
+# modules whose key mask the patched SDPA adds: they must take timm's fused (SDPA) path, whatever
+# TIMM_FUSED_ATTN says, or the mask would never be applied
+SDPA_MASKED = (pvt_v2.Attention, twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn, davit.WindowAttention)
 
 
 @contextmanager
@@ -166,7 +213,10 @@ def masked_dense_hooks(model: nn.Module, visible: torch.Tensor, img_size: Tuple[
     state = _HookState(visible, img_size)
     handles = []
     sdpa = F.scaled_dot_product_attention
+    fused = {mod: mod.fused_attn for mod in model.modules() if isinstance(mod, SDPA_MASKED) and hasattr(mod, "fused_attn")}
     try:
+        for mod in fused:
+            mod.fused_attn = True
         for mod in model.modules():
             for cls, factory, with_kwargs in PRE_HOOKS:
                 if isinstance(mod, cls):
@@ -178,6 +228,8 @@ def masked_dense_hooks(model: nn.Module, visible: torch.Tensor, img_size: Tuple[
         yield
     finally:
         F.scaled_dot_product_attention = sdpa
+        for mod, flag in fused.items():
+            mod.fused_attn = flag
         for h in handles:
             h.remove()
 

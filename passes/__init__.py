@@ -1,5 +1,6 @@
 """The FX passes of greenmim-convert, in pipeline order (see ``pipeline``)."""
 from .base import ConvertContext, GreenPass
+from .channel_attention import CHANNEL_ATTENTION_TYPES, ChannelAttentionPass
 from .channel_split import ChannelSplitPass
 from .check import CheckPass
 from .conv import ConvPass
@@ -16,7 +17,8 @@ from .window_attention import ATTENTION_RULES, TOKEN_WINDOW_RULES, WindowAttenti
 from .window_ops import WindowOpsPass
 
 __all__ = [
-    "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "GlobalAttentionPass", "InlineFunctionsPass", "LayoutAnalysisPass", "OutputsPass",
+    "ConvertContext", "GreenPass", "ChannelAttentionPass", "ChannelSplitPass", "CheckPass", "ConvPass", "GlobalAttentionPass", "InlineFunctionsPass", "LayoutAnalysisPass", "OutputsPass",
     "PatchEmbedPass", "PatchMergingPass", "PoolingPass", "SpecializePass", "TokenwisePass", "WindowAttentionPass",
-    "WindowOpsPass", "LAYOUT_RULES", "ATTENTION_RULES", "TOKEN_WINDOW_RULES", "to_networkx",
+    "WindowOpsPass", "LAYOUT_RULES", "ATTENTION_RULES", "TOKEN_WINDOW_RULES", "CHANNEL_ATTENTION_TYPES",
+    "to_networkx",
 ]

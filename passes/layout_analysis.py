@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from greenmim_convert.layout import Layout, LayoutError
 
-from . import channel_split, conv, global_attention, patch_embed, pooling, tokenwise, window_attention, window_ops
+from . import channel_attention, channel_split, conv, global_attention, patch_embed, pooling, tokenwise, window_attention, window_ops
 from .base import GreenPass, context_of
 
 LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
@@ -29,6 +29,7 @@ LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
     ("window-ops", window_ops.layout_rule),
     ("window-attention", window_attention.layout_rule),
     ("global-attention", global_attention.layout_rule),
+    ("channel-attention", channel_attention.layout_rule),
     ("token-wise", tokenwise.layout_rule),
 ]
 

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional, Tuple, Type
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from timm.models.davit import WindowAttention as DaVitWindowAttention
 from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention as SwinV2CrWindowAttention
@@ -29,6 +30,7 @@ ATTENTION_RULES: Dict[Type[nn.Module], Tuple[Callable, Optional[str]]] = {
     SwinWindowAttention: (ops.swin_window_attention, "mask"),
     SwinV2WindowAttention: (ops.swinv2_window_attention, "mask"),
     SwinV2CrWindowAttention: (ops.swinv2cr_window_attention, "mask"),
+    DaVitWindowAttention: (ops.davit_window_attention, None),
 }
 
 
