@@ -160,12 +160,44 @@ class Layout:
         return replace(self, offset=(offset[0], offset[1]))
 
     # ---- queries used by the passes ---------------------------------------------------------------------
+    def channel_axis(self) -> Optional[int]:
+        """The axis holding exactly the channels, in order, when there is one (NCHW: 1, NHWC: 3)."""
+        for i, ax in enumerate(self.axes):
+            if len(ax) == 1 and ax[0].kind == "c" and ax[0].inner == 1:
+                return i if all(a.kind != "c" for j, other in enumerate(self.axes) if j != i for a in other) else None
+        return None
+
     def channel_last(self) -> bool:
         """True when the last axis holds exactly the channels, in order (token-wise ops act on it)."""
-        last = self.axes[-1] if self.axes else ()
-        return len(last) == 1 and last[0].kind == "c" and last[0].inner == 1 and all(
-            a.kind != "c" for ax in self.axes[:-1] for a in ax
-        )
+        return bool(self.axes) and self.channel_axis() == len(self.axes) - 1
+
+    def is_per_sample(self) -> bool:
+        """True when no spatial digit is left: one value per sample (after a global reduction)."""
+        return all(a.kind not in SPATIAL for ax in self.axes for a in ax)
+
+    def with_channels(self, channels: int) -> "Layout":
+        """The same layout with ``channels`` channels on its channel axis (conv 1x1, channel slices)."""
+        axis = self.channel_axis()
+        if axis is None:
+            if self.channels != 1:
+                raise LayoutError(f"layout {self.shape} has no single channel axis")
+            raise LayoutError("a one-channel layout does not say which axis holds the channels")
+        axes = list(self.axes)
+        axes[axis] = (Atom("c", channels),)
+        return replace(self, axes=tuple(axes))
+
+    def broadcast(self, other: "Layout") -> "Layout":
+        """The layout of an elementwise op between two layouts whose shapes broadcast axis by axis."""
+        offsets_differ = self.offset != other.offset and not (self.is_per_sample() or other.is_per_sample())
+        if (self.grid, self.stride) != (other.grid, other.stride) or offsets_differ or len(self.axes) != len(other.axes):
+            raise LayoutError(f"elementwise op on tensors of different layouts {self.shape} and {other.shape}")
+        axes = []
+        for a, b in zip(self.axes, other.axes):
+            if a and b and a != b:
+                raise LayoutError(f"elementwise op on tensors of different layouts {self.shape} and {other.shape}")
+            axes.append(a or b)
+        offset = other.offset if self.is_per_sample() else self.offset
+        return replace(self, axes=tuple(axes), offset=offset)
 
     def is_canonical_tokens(self) -> bool:
         """Batch, then rows, then columns (raster), then channels; no roll offset."""

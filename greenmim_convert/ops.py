@@ -424,3 +424,19 @@ def channel_attention(x: torch.Tensor, sites: Sites, attn: nn.Module) -> torch.T
         logits, values = (q * scale).transpose(-1, -2) @ k, v
     out = values @ logits.softmax(dim=-1).transpose(-1, -2)
     return attn.proj(sites.unpad(out.transpose(1, 2).reshape(b, n, c3 // 3)))
+
+
+def sample_mean(feats: torch.Tensor, sites: Sites) -> torch.Tensor:
+    """``(B, C)`` mean of every sample's visible tokens (a global average under masked-dense semantics)."""
+    summed = feats.new_zeros(sites.batch_size, feats.shape[1]).index_add(0, sites.batch, feats)
+    return summed / sites.counts().clamp_min(1).to(feats.dtype)[:, None]
+
+
+def sample_to_tokens(per_sample: torch.Tensor, sites: Sites) -> torch.Tensor:
+    """Broadcast ``(B, C)`` per-sample values to the ``(T, C)`` tokens of their samples."""
+    return per_sample.index_select(0, sites.batch)
+
+
+def pointwise_conv(feats: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 convolution (stride 1, groups 1) is a Linear over the channels of every token."""
+    return F.linear(feats, conv.weight.flatten(1), conv.bias)

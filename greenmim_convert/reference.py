@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import davit, pvt_v2, twins
+from timm.models import davit, focalnet, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
@@ -104,6 +104,28 @@ def _channel_attention_post(state: _HookState) -> Callable:
             attn = torch.matmul(k.transpose(-1, -2), v).softmax(dim=-1)
             y = torch.matmul(attn, q.transpose(-1, -2)).transpose(-1, -2)
         return module.proj(y.transpose(1, 2).reshape(b, n, c))
+    return hook
+
+
+def _focal_modulation_post(state: _HookState) -> Callable:
+    """FocalNet's modulation recomputed with its global context averaged over visible positions only.
+
+    The focal convolutions keep their own hooks (they read zeros at masked inputs); only the
+    ``mean`` over the grid, which no module hook reaches, is replaced by the visible-only mean.
+    """
+    def hook(module: nn.Module, args, out):
+        q, ctx, gates = torch.split(module.f(args[0]), module.input_split, 1)
+        levels = module.focal_level
+        modulator = torch.zeros_like(ctx)
+        for level, layer in enumerate(module.focal_layers):
+            ctx = layer(ctx)
+            modulator = modulator + ctx * gates[:, level:level + 1]
+        vis = visibility_map(state.visible, ctx.shape[-2:])[:, None].to(ctx.dtype)
+        mean = (ctx * vis).sum((2, 3), keepdim=True) / vis.sum((2, 3), keepdim=True).clamp_min(1)
+        modulator = modulator + module.act(mean) * gates[:, levels:]
+        if module.normalize_modulator:
+            modulator = modulator / (levels + 1)
+        return module.proj_drop(module.proj(module.norm(q * module.h(modulator))))
     return hook
 
 
@@ -198,6 +220,7 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (davit.WindowAttention, _attention_post),
     (davit.ChannelAttention, _channel_attention_post),
     (davit.ChannelAttentionV2, _channel_attention_post),
+    (focalnet.FocalModulation, _focal_modulation_post),
     (nn.AdaptiveAvgPool2d, _mean_pool_post),
 ]
 

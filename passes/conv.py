@@ -1,9 +1,9 @@
 """Convolutions -> convolutions over the visible sites (masked-dense semantics).
 
 A Conv2d on a packed NCHW layout reads zeros at masked input positions and is evaluated at the
-visible sites of its output grid. Kernel == stride convolutions (no padding or dilation, groups 1)
-never straddle a mask unit, so they become a per-unit gather + linear with no neighbour map; every
-other geometry (depthwise, overlapping, strided, dilated) runs ``kernels.sparse_conv``. A conv on the
+visible sites of its output grid. A 1x1 convolution is a Linear on every token (or per-sample
+value). Kernel == stride convolutions (no padding or dilation, groups 1) never straddle a mask unit,
+so they become a per-unit gather + linear with no neighbour map; every other geometry (depthwise, overlapping, strided, dilated) runs ``kernels.sparse_conv``. A conv on the
 image itself that is not a patchify conv (e.g. PVT v2's overlapping 7x7 stride-4 embedding) reads
 the visible pixels as packed sites. The original weight and bias Parameters are used.
 """
@@ -36,6 +36,11 @@ def _is_nchw(lay: Layout) -> bool:
     ) and lay.shape[2:] == lay.grid
 
 
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """1x1, stride 1, no padding, one group: a Linear over the channels of every position."""
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid") and conv.groups == 1
+
+
 def _image_layout(gm: fx.GraphModule) -> Layout:
     ctx = context_of(gm)
     return Layout.nchw(ctx.trace_batch, ctx.img_size, 3, 1)
@@ -65,6 +70,8 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     lay = layout_of(src)
     if lay is None:
         return None
+    if is_pointwise(conv) and lay.channel_axis() == 1 and len(lay.axes) == 4:
+        return lay.with_channels(conv.out_channels)
     if not _is_nchw(lay):
         raise LayoutError(f"convolution input is not an NCHW feature map (layout {lay.shape})")
     return _output_layout(conv, lay)
@@ -81,9 +88,17 @@ class ConvPass(GreenPass):
             if conv is None or "layout" not in node.meta:
                 continue
             src = node.args[0]
+            ref = module_ref(gm, node.target, node)
+            if is_pointwise(conv) and not src.meta.get("image"):
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(ops.pointwise_conv, (src, ref))
+                new.meta.update(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                self.report["pointwise linear 1x1"] += 1
+                continue
             out_lay = node.meta["layout"]
             out_sites = sites_node(gm, out_lay)
-            ref = module_ref(gm, node.target, node)
             if isinstance(src, fx.Node) and src.meta.get("image"):
                 pixels = sites_node(gm, _image_layout(gm))
                 args, fn, kind = (ctx.images, pixels, out_sites, ref), ops.image_sparse_conv, "image sparse conv"

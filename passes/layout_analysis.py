@@ -25,6 +25,7 @@ LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
     ("patch-embed", patch_embed.layout_rule),
     ("conv", conv.layout_rule),
     ("pooling", pooling.layout_rule),
+    ("spatial-mean", pooling.spatial_mean_rule),
     ("channel-split", channel_split.layout_rule),
     ("window-ops", window_ops.layout_rule),
     ("window-attention", window_attention.layout_rule),

@@ -55,6 +55,7 @@ def _channel_input(node: fx.Node, lay: Layout) -> Layout:
 
 
 def _broadcasts_per_channel(arg, lay: Layout) -> bool:
+    """A constant that is one value, or one value per channel along the layout's channel axis."""
     if not isinstance(arg, fx.Node):
         return isinstance(arg, (int, float, bool)) or (isinstance(arg, torch.Tensor) and arg.numel() == 1)
     shape = arg.meta.get("shape")
@@ -62,19 +63,30 @@ def _broadcasts_per_channel(arg, lay: Layout) -> bool:
         return False
     if not shape or all(s == 1 for s in shape):
         return True
-    return lay.channel_last() and all(s == 1 for s in shape[:-1]) and shape[-1] == lay.shape[-1]
+    axis = lay.channel_axis()
+    if axis is None or len(shape) > len(lay.axes):
+        return False
+    padded = (1,) * (len(lay.axes) - len(shape)) + tuple(shape)
+    return all(s == 1 for i, s in enumerate(padded) if i != axis) and padded[axis] == lay.channels
 
 
 def elementwise_layout(node: fx.Node) -> Optional[Layout]:
-    """Layout of an elementwise op: packed operands must agree; constants must be per-channel."""
+    """Layout of an elementwise op: packed operands must broadcast; constants must be per-channel.
+
+    A per-sample operand (after a global reduction) broadcast against tokens is marked for
+    expansion to the tokens of its sample.
+    """
     packed = [a for a in node.all_input_nodes if layout_of(a) is not None]
     lays = [layout_of(a) for a in packed]
-    if any(lay != lays[0] for lay in lays):
-        raise LayoutError("elementwise op on tensors of different layouts")
+    out = lays[0]
+    for lay in lays[1:]:
+        out = out.broadcast(lay)
+    if not out.is_per_sample() and any(lay.is_per_sample() for lay in lays):
+        node.meta["sample_broadcast"] = True
     others = [a for a in list(node.args) + list(node.kwargs.values()) if not (isinstance(a, fx.Node) and layout_of(a) is not None)]
-    if not all(_broadcasts_per_channel(a, lays[0]) or isinstance(a, (str, torch.dtype, type(None))) for a in others):
+    if not all(_broadcasts_per_channel(a, out) or isinstance(a, (str, torch.dtype, type(None))) for a in others):
         raise LayoutError("elementwise op with a constant that varies over positions")
-    return lays[0]
+    return out
 
 
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
@@ -129,5 +141,32 @@ class TokenwisePass(GreenPass):
                 elif isinstance(mod, (nn.Linear, nn.LayerNorm) + ELEMENTWISE_MODULES):
                     self.report[f"{type(mod).__name__} unchanged"] += 1
             elif node.meta.get("tokenwise"):
+                if node.meta.get("sample_broadcast"):
+                    self._expand_samples(gm, node)
+                self._flatten_constants(gm, node)
                 self.report[f"{getattr(node.target, '__name__', node.target)} unchanged"] += 1
         gm.recompile()
+
+    def _expand_samples(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        """Per-sample operands of ``node`` become one row per token of their sample."""
+        sites = sites_node(gm, node.meta["layout"])
+        for arg in node.all_input_nodes:
+            lay = layout_of(arg)
+            if lay is not None and lay.is_per_sample():
+                with gm.graph.inserting_before(node):
+                    expanded = gm.graph.call_function(ops.sample_to_tokens, (arg, sites))
+                expanded.meta["layout"] = node.meta["layout"]
+                node.replace_input_with(arg, expanded)
+                self.report["per-sample value -> its tokens"] += 1
+
+    def _flatten_constants(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        """Per-channel constants shaped for the dense layout (``(1, C, 1, 1)``) become ``(C,)`` or scalars."""
+        elementwise = node.target in ELEMENTWISE_FUNCTIONS if node.op == "call_function" else node.target in ELEMENTWISE_METHODS
+        for arg in node.all_input_nodes if elementwise else ():
+            shape = arg.meta.get("shape")
+            if layout_of(arg) is not None or shape is None or len(shape) <= 1:
+                continue
+            with gm.graph.inserting_before(node):
+                flat = gm.graph.call_method("reshape", (arg, (-1,) if max(shape) > 1 else ()))
+            node.replace_input_with(arg, flat)
+            self.report["per-channel constant flattened"] += 1
