@@ -46,29 +46,34 @@ class SavedTensorCounter:
             yield self
 
 
+def stem_conv(model: nn.Module) -> nn.Conv2d:
+    """The convolution that embeds the image (the first Conv2d reading the input channels)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d) and mod.in_channels == 3:
+            return mod
+    raise ValueError(f"{type(model).__name__} has no Conv2d on the image to put a SimMIM mask token after")
+
+
 class SimMIMDense(nn.Module):
-    """The dense baseline: timm ``forward_features`` with masked patch embeddings replaced by a learned token."""
+    """The dense baseline: timm ``forward_features`` with masked stem outputs replaced by a learned token."""
 
     def __init__(self, model: nn.Module, mask_unit: int):
         super().__init__()
         self.model = model
         self.mask_unit = mask_unit
-        dim = model.patch_embed.proj.out_channels
+        self.stem = stem_conv(model)
         p = next(model.parameters())
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim, device=p.device, dtype=p.dtype))
+        self.mask_token = nn.Parameter(torch.zeros(1, self.stem.out_channels, 1, 1, device=p.device, dtype=p.dtype))
         self._visible: Optional[torch.Tensor] = None
 
     def _hook(self, module, args, out):
-        nhwc = out.dim() == 4 and out.shape[-1] == self.mask_token.shape[-1]
-        x = out if nhwc else out.permute(0, 2, 3, 1)
-        h, w = x.shape[1:3]
+        h, w = out.shape[-2:]
         vis = self._visible.repeat_interleave(h // self._visible.shape[1], 1).repeat_interleave(w // self._visible.shape[2], 2)
-        x = torch.where(vis[..., None], x, self.mask_token.to(x.dtype))
-        return x if nhwc else x.permute(0, 3, 1, 2)
+        return torch.where(vis[:, None], out, self.mask_token.to(out.dtype))
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         self._visible = visible
-        handle = self.model.patch_embed.register_forward_hook(self._hook)
+        handle = self.stem.register_forward_hook(self._hook)
         try:
             return self.model.forward_features(images)
         finally:
