@@ -50,3 +50,29 @@ def test_sweep_script_smoke(tmp_path):
     rows = [dict(model="m", batch_size=2, mask_ratio=r, speedup=1 + r, memory_ratio=2 + r) for r in (0.5, 0.75)]
     sweep.plot(rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_simmim_baseline_masks_the_stem_of_any_family():
+    """The dense baseline puts its mask token after the image convolution, whatever the family calls it."""
+    import timm
+
+    import greenmim_convert as gmc
+    from greenmim_convert.bench import SimMIMDense
+    from greenmim_convert.masking import random_mask
+
+    small = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))
+    model = timm.create_model("davit_tiny", pretrained=False, **small).eval()
+    green = gmc.convert(model)
+    dense = SimMIMDense(model, green.mask_unit)
+    assert dense.stem is model.stem.conv
+    images = torch.randn(2, 3, *green.img_size)
+    visible = random_mask(2, green.mask_grid, 0.5)
+    with torch.no_grad():
+        dense.mask_token.normal_()
+        masked = dense(images, visible)
+        plain = model.forward_features(images)
+        dense.mask_token.add_(1.0)
+        other_token = dense(images, visible)
+    assert masked.shape == plain.shape and not torch.equal(masked, plain)
+    assert not torch.equal(masked, other_token)
+    assert not dense.stem._forward_hooks
