@@ -18,6 +18,7 @@ from .kernels.attention_dispatch import requested_backend, resolve_backend
 from .kernels.grouping import plan_buckets
 from .kernels.sparse_conv import sparse_conv2d
 from .kernels.windows import WindowSpec, window_segments
+from .gather import RowMap
 from .sites import Sites
 from .tokens import GreenOutput, VisibleTokens
 
@@ -48,9 +49,20 @@ def neighbours(fine: Sites, coarse: Sites, factor: Tuple[int, int], offsets: Seq
 
 
 def _rows_or_zero(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``feats[index]`` with zero rows where ``index`` is -1 (masked positions read zeros)."""
-    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
-    return padded[torch.where(index < 0, torch.full_like(index, feats.shape[0]), index)]
+    """``feats[index]`` with zero rows where ``index`` is -1 (masked positions read zeros).
+
+    The valid entries must be distinct (cells of a kernel == stride neighbourhood), so the gather
+    is a partial permutation and its backward a gather too (``RowMap``).
+    """
+    rows = RowMap.from_index(index, feats.shape[0])(feats)
+    return rows.view(*index.shape, *feats.shape[1:])
+
+
+def _check_cell_offsets(factor: Tuple[int, int], offsets: Sequence[Tuple[int, int]]) -> None:
+    """Offsets must be distinct cells of the ``factor`` cell: every fine token then feeds one output row."""
+    inside = all(0 <= dh < factor[0] and 0 <= dw < factor[1] for dh, dw in offsets)
+    if not inside or len(set(map(tuple, offsets))) != len(offsets):
+        raise ValueError(f"offsets {list(offsets)} are not distinct cells of a {tuple(factor)} neighbourhood")
 
 
 def space_to_depth(
@@ -63,6 +75,7 @@ def space_to_depth(
     ``channel_index`` reorders the gathered ``(offset, channel)`` features when they are not
     offset-major (None for the usual layout).
     """
+    _check_cell_offsets(factor, offsets)
     nbr = neighbours(fine, coarse, factor, offsets)
     out = _rows_or_zero(feats, nbr).reshape(coarse.num_tokens, len(offsets) * feats.shape[1])
     if channel_index is None:
@@ -135,23 +148,26 @@ class Bucket:
     def num_slots(self) -> int:
         return self.group_size * self.num_groups
 
-    def pair_index(self, window_area: int) -> torch.Tensor:
-        """``(G*g*g,)`` index into a flattened ``(N, N)`` window bias for every (query, key) slot pair."""
-        key = ("pair", window_area)
-        if key not in self._cache:
-            pos = self.position
-            self._cache[key] = (pos[:, :, None] * window_area + pos[:, None, :]).reshape(-1)
-        return self._cache[key]
+    def bias_columns(self, window_index: Optional[torch.Tensor], area: int, masked: int) -> torch.Tensor:
+        """``(G*g*g,)`` column of every slot pair in a bias table whose column ``masked`` holds -inf.
 
-    def block_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """``(G*g*g,)`` additive mask: 0 for slot pairs of one window, -inf across windows and padding."""
-        key = ("mask", dtype)
-        if key not in self._cache:
-            seg = self.segment
-            same = (seg[:, :, None] == seg[:, None, :]).reshape(-1)
-            mask = torch.zeros(same.shape, dtype=dtype, device=seg.device)
-            self._cache[key] = mask.masked_fill_(~same, float("-inf"))
-        return self._cache[key]
+        Pairs of one window read ``window_index[pos_i * area + pos_j]`` (that pair index itself
+        when None), the others ``masked``: one gather then gives the bias and the block-diagonal
+        mask together. Blocks of a stage pass equal index buffers, so a cached entry is found by
+        value as well as by identity.
+        """
+        entries = self._cache.setdefault(("columns", area, masked), [])
+        for key, columns in entries:
+            if key is window_index or (key is not None and window_index is not None and key.shape == window_index.shape
+                                       and torch.equal(key, window_index)):
+                return columns
+        pos, seg = self.position, self.segment
+        columns = (pos[:, :, None] * area + pos[:, None, :]).reshape(-1)
+        if window_index is not None:
+            columns = window_index.reshape(-1).index_select(0, columns)
+        columns.masked_fill_((seg[:, :, None] != seg[:, None, :]).reshape(-1), masked)
+        entries.append((window_index, columns))
+        return columns
 
 
 @dataclass
@@ -167,6 +183,7 @@ class Grouping:
     num_tokens: int
     logits: int              # sum over buckets of G * g^2: attention logits per head
     lower_bound: int         # sum of squared window counts: every window alone, no padding
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_groups(self) -> int:
@@ -174,6 +191,43 @@ class Grouping:
 
     def describe(self) -> str:
         return " + ".join(f"{b.num_groups}x{b.group_size}" for b in self.buckets) or "empty"
+
+    def slot_rows(self, heads: int, parts: int) -> RowMap:
+        """Rows of ``(T * parts * heads, d)`` token features into bucket layout, and back by ``.t()``.
+
+        Bucket after bucket, the rows are ordered ``(parts, heads, G * g)``, so a bucket's block is
+        ``(parts, heads * G, g, d)``: q, k, v (parts=3) or the output (parts=1) of every group,
+        heads-major. Padding slots read zero rows. Slot ``s`` of a bucket starting at slot ``o`` with
+        ``n`` slots holds lane ``l`` at row ``(width - 1) * o + s + l * n``: both directions of the
+        map are closed-form, with no scatter or search per call.
+        """
+        key = (heads, parts)
+        if key not in self._cache:
+            width = parts * heads
+            lanes = torch.arange(width, device=self.slot.device)
+            index = torch.cat([(b.index[None, :] * width + lanes[:, None]).reshape(-1) for b in self.buckets])
+            (slot, first, span), pad = self._slot_layout()
+            inverse = torch.addcmul(((width - 1) * first + slot)[:, None], lanes, span[:, None])
+            empty = None
+            if pad[0].numel():
+                empty = torch.addcmul(((width - 1) * pad[1] + pad[0])[None, :], lanes[:, None], pad[2]).reshape(-1)
+            self._cache[key] = RowMap(index, empty, inverse.reshape(-1), None)
+        return self._cache[key]
+
+    def _slot_layout(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
+        """(slot, first slot of its bucket, slot count of its bucket) of every token, then of every padding slot."""
+        if "layout" not in self._cache:
+            dev = self.slot.device
+            starts = [0]
+            for b in self.buckets:
+                starts.append(starts[-1] + b.num_slots)
+            first = torch.cat([torch.full((b.num_slots,), o, device=dev) for b, o in zip(self.buckets, starts)])
+            span = torch.cat([torch.full((b.num_slots,), b.num_slots, device=dev) for b in self.buckets])
+            pad = (torch.cat([b.segment.reshape(-1) for b in self.buckets]) < 0).nonzero().squeeze(1)
+            tokens = tuple(x.index_select(0, self.slot) for x in (first, span))
+            pads = tuple(x.index_select(0, pad) for x in (first, span))
+            self._cache["layout"] = ((self.slot, *tokens), (pad, *pads))
+        return self._cache["layout"]
 
 
 def _bucket(packing, seg: torch.Tensor, pos: torch.Tensor, rank: torch.Tensor, offset: int) -> Tuple[Bucket, torch.Tensor, torch.Tensor]:
@@ -234,45 +288,69 @@ def group_attention_triton(*args, **kwargs) -> torch.Tensor:
 Scores = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class DotScores:
+    """Scaled dot-product logits ``scale * q k^T``; with a bias they fuse into one ``baddbmm``."""
+
+    scale: float
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)
+
+    def with_bias(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``bias + scale * q k^T`` in one GEMM (one pass over the logits less, forward and backward)."""
+        return torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.scale)
+
+
+def _bias_table(window_bias: Optional[torch.Tensor], window_index: Optional[torch.Tensor], heads: int, area: int,
+                like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(heads, K + 1)`` bias table with -inf in its last column, and the ``(N * N,)`` column of each window pair."""
+    if window_bias is None:
+        window_bias = like.new_zeros(heads, 1)
+        window_index = torch.zeros(area * area, dtype=torch.long, device=like.device)
+    elif window_index is None:
+        window_index = torch.arange(area * area, device=like.device)
+    table = window_bias.to(like.dtype)
+    return torch.cat([table, table.new_full((heads, 1), float("-inf"))], dim=1), window_index.reshape(-1)
+
+
 def _window_attention(
     qkv: torch.Tensor, grouping: Grouping, heads: int, window_bias: Optional[torch.Tensor], area: int,
-    scores: Scores, dropout_p: float, fused: Optional[Callable] = None,
+    scores: Scores, dropout_p: float, fused: Optional[Callable] = None, window_index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of packed tokens inside their windows, bucket by bucket; returns ``(T, heads * d)``.
 
     ``qkv`` is ``(T, 3 * heads * d)``; ``window_bias`` ``(heads, N * N)`` is the relative-position
-    bias of one window; ``scores(q, k, G)`` gives the ``(heads * G, g, g)`` logits before the bias;
-    ``fused``, when given, runs a bucket in one kernel instead. Groups are laid out heads-major,
-    ``(heads * G, g, d)``, so q, k, v come out of one gather per bucket contiguous.
+    bias of one window, or, with ``window_index`` ``(N * N,)``, a ``(heads, K)`` table read at those
+    columns (None: no bias); ``scores(q, k, G)`` gives the ``(heads * G, g, g)`` logits before the
+    bias; ``fused``, when given, runs a bucket in one kernel instead. Groups are laid out
+    heads-major, ``(heads * G, g, d)``, and q, k, v of every bucket come out of one row gather.
     """
     t = qkv.shape[0]
     dim = qkv.shape[-1] // (3 * heads)
-    qkv = qkv.view(t, 3 * heads, dim).transpose(0, 1)
+    sizes = [heads * b.num_slots for b in grouping.buckets for _ in range(3)]
+    blocks = grouping.slot_rows(heads, 3).split(qkv.reshape(t * 3 * heads, dim), sizes)
+    table, window_index = _bias_table(window_bias, window_index, heads, area, qkv)
+    if fused is not None:
+        one_window = table.index_select(1, window_index).view(heads, area, area)
     outs = []
-    for b in grouping.buckets:
+    for i, b in enumerate(grouping.buckets):
         g, n = b.group_size, b.num_groups
-        q, k, v = qkv.index_select(1, b.index).view(3, heads * n, g, dim).unbind(0)
+        q, k, v = (x.view(heads * n, g, dim) for x in blocks[3 * i: 3 * i + 3])
         if fused is not None:
             q4, k4, v4 = (x.view(heads, n, g, dim).transpose(0, 1) for x in (q, k, v))
-            out = fused(q4, k4, v4, b.segment, b.position, window_bias.view(heads, area, area))
-            outs.append(out.transpose(0, 1).reshape(heads, n * g, dim))
+            out = fused(q4, k4, v4, b.segment, b.position, one_window)
+            outs.append(out.transpose(0, 1).reshape(heads * n * g, dim))
             continue
-        if window_bias is None:
-            bias = b.block_mask(qkv.dtype).view(1, n, g, g).expand(heads, n, g, g).reshape(heads * n, g, g)
-        else:
-            bias = (window_bias.index_select(1, b.pair_index(area)) + b.block_mask(qkv.dtype)).view(heads * n, g, g)
-        probs = (scores(q, k, n) + bias).softmax(dim=-1)
+        columns = b.bias_columns(window_index, area, table.shape[1] - 1)
+        bias = table.index_select(1, columns).view(heads * n, g, g)
+        logits = scores.with_bias(q, k, bias) if isinstance(scores, DotScores) else scores(q, k, n) + bias
+        probs = logits.softmax(dim=-1)
         if dropout_p > 0.0:
             probs = F.dropout(probs, dropout_p, training=True)
-        outs.append(torch.bmm(probs, v).view(heads, n * g, dim))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return out.index_select(1, grouping.slot).transpose(0, 1).reshape(t, heads * dim)
-
-
-def _window_bias(table: torch.Tensor, index: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(heads, N * N)`` bias of a window from a per-relative-position table and timm's index."""
-    area = index.shape[0]
-    return table[index.view(-1)].view(area * area, heads).t().to(dtype)
+        outs.append(torch.bmm(probs, v).view(heads * n * g, dim))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dim)
 
 
 def swin_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
@@ -282,17 +360,14 @@ def swin_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, 
     heads, scale = attn.num_heads, attn.scale
     qkv = attn.qkv(x)
     area = attn.relative_position_index.shape[0]
-    bias = _window_bias(attn.relative_position_bias_table, attn.relative_position_index, heads, x.dtype)
+    table = attn.relative_position_bias_table.t()
     p = attn.attn_drop.p if attn.training else 0.0
     probe = qkv.new_empty(0, 0, 0, qkv.shape[-1] // (3 * heads))
     fused = None
     if resolve_backend(probe, p, backend) == "triton":
         fused = lambda q, k, v, seg, pos, b: group_attention_triton(q, k, v, seg, pos, b, scale)  # noqa: E731
-
-    def scores(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
-        return torch.bmm(q, k.transpose(1, 2)).mul_(scale)
-
-    out = _window_attention(qkv, grouping, heads, bias, area, scores, p, fused)
+    out = _window_attention(qkv, grouping, heads, table, area, DotScores(scale), p, fused,
+                            window_index=attn.relative_position_index)
     return attn.proj_drop(attn.proj(out))
 
 
@@ -311,9 +386,10 @@ def swinv2_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module
         qkv = attn.qkv(x) + qkv_bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, qkv_bias)
     table = attn.cpb_mlp(attn.relative_coords_table).view(-1, heads)
     area = attn.relative_position_index.shape[0]
-    bias = 16 * torch.sigmoid(_window_bias(table, attn.relative_position_index, heads, x.dtype))
+    bias = 16 * torch.sigmoid(table.t())
     p = attn.attn_drop.p if attn.training else 0.0
-    out = _window_attention(qkv, grouping, heads, bias, area, _cosine_scores(attn.logit_scale, heads, x.dtype), p)
+    out = _window_attention(qkv, grouping, heads, bias, area, _cosine_scores(attn.logit_scale, heads, x.dtype), p,
+                            window_index=attn.relative_position_index)
     return attn.proj_drop(attn.proj(out))
 
 
@@ -332,20 +408,21 @@ def swinv2cr_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Modu
     return attn.proj_drop(attn.proj(out))
 
 
+def _plain_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, area: int, dropout_p: float,
+                            backend: str, family: str) -> torch.Tensor:
+    """Scaled dot-product attention inside windows with no position bias (Twins, DaViT), before ``proj``."""
+    if requested_backend(backend) == "triton":
+        raise RuntimeError(f"the fused Triton kernel needs a relative-position bias; {family} "
+                           "runs on the PyTorch path (attention_backend='auto' or 'torch')")
+    if not grouping.buckets:
+        return x.new_zeros(0, attn.proj.in_features)
+    return _window_attention(attn.qkv(x), grouping, attn.num_heads, None, area, DotScores(attn.scale), dropout_p)
+
+
 def twins_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
     """timm Twins ``LocallyGroupedAttn``: plain attention inside ws x ws windows of the token grid."""
-    if not grouping.buckets:
-        return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
-    heads, scale = attn.num_heads, attn.scale
     p = attn.attn_drop.p if attn.training else 0.0
-    if requested_backend(backend) == "triton":
-        raise RuntimeError("the fused Triton kernel needs a relative-position bias; Twins' locally-grouped "
-                           "attention runs on the PyTorch path (attention_backend='auto' or 'torch')")
-
-    def scores(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
-        return torch.bmm(q, k.transpose(1, 2)).mul_(scale)
-
-    out = _window_attention(attn.qkv(x), grouping, heads, None, attn.ws * attn.ws, scores, p)
+    out = _plain_window_attention(x, grouping, attn, attn.ws * attn.ws, p, backend, "Twins' locally-grouped attention")
     return attn.proj_drop(attn.proj(out))
 
 
@@ -389,18 +466,8 @@ def green_output(last: VisibleTokens, stages: List[VisibleTokens]) -> GreenOutpu
 
 def davit_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
     """timm DaViT ``WindowAttention``: plain scaled dot-product attention inside windows, no bias."""
-    if requested_backend(backend) == "triton":
-        raise RuntimeError("the fused Triton kernel needs a relative-position bias; DaViT's window attention "
-                           "runs on the PyTorch path (attention_backend='auto' or 'torch')")
-    if not grouping.buckets:
-        return attn.proj(x.new_zeros(0, attn.proj.in_features))
-    heads, scale = attn.num_heads, attn.scale
-
-    def scores(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
-        return torch.bmm(q, k.transpose(1, 2)).mul_(scale)
-
     area = attn.window_size[0] * attn.window_size[1]
-    return attn.proj(_window_attention(attn.qkv(x), grouping, heads, None, area, scores, 0.0))
+    return attn.proj(_plain_window_attention(x, grouping, attn, area, 0.0, backend, "DaViT's window attention"))
 
 
 def channel_attention(x: torch.Tensor, sites: Sites, attn: nn.Module) -> torch.Tensor:

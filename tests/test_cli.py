@@ -70,11 +70,11 @@ def test_suggest_prefers_prefix():
 def test_list_reports_status_and_reason(monkeypatch, tmp_path):
     import greenmim_convert.coverage as cov
 
-    monkeypatch.setattr(cov, "family_models", lambda fams: ["pvt_v2_b0", "davit_tiny"])
+    monkeypatch.setattr(cov, "family_models", lambda fams: ["pvt_v2_b0", "gcvit_xxtiny"])
     md = tmp_path / "cov.md"
     res = runner.invoke(app, ["list", "--verify", "--markdown", str(md)])
     assert res.exit_code == 0, res.output
     text = md.read_text()
     assert "| `pvt_v2_b0` | pvt_v2 | verified |" in text
-    assert "| `davit_tiny` | davit | unsupported |" in text and "scaled_dot_product_attention" in text
+    assert "| `gcvit_xxtiny` | gcvit | unsupported |" in text and "MaxPool2d" in text
     assert runner.invoke(app, ["list", "--family", "resnet"]).exit_code == 2
