@@ -49,6 +49,16 @@ def sites_node(gm: fx.GraphModule, layout: Layout) -> fx.Node:
     return ctx.site_nodes[key]
 
 
+def replace_with_call(gm: fx.GraphModule, node: fx.Node, fn: Any, args: Tuple) -> fx.Node:
+    """Replace ``node`` by ``fn(*args)`` in place: same position, same meta (layout), same users."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(fn, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 def module_ref(gm: fx.GraphModule, target: str, before: fx.Node) -> fx.Node:
     """A get_attr node handing a submodule to a runtime op."""
     with gm.graph.inserting_before(before):

@@ -15,7 +15,7 @@ from timm.models.davit import ChannelAttention, ChannelAttentionV2
 from greenmim_convert import ops
 from greenmim_convert.layout import Layout, LayoutError
 
-from .base import GreenPass, layout_of, module_ref, sites_node
+from .base import GreenPass, layout_of, module_ref, replace_with_call, sites_node
 
 CHANNEL_ATTENTION_TYPES = (ChannelAttention, ChannelAttentionV2)
 
@@ -44,10 +44,6 @@ class ChannelAttentionPass(GreenPass):
                 continue
             sites = sites_node(gm, layout_of(node.args[0]))
             ref = module_ref(gm, node.target, node)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(ops.channel_attention, (node.args[0], sites, ref))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_with_call(gm, node, ops.channel_attention, (node.args[0], sites, ref))
             self.report[type(mod).__name__] += 1
         gm.recompile()

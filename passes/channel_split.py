@@ -18,7 +18,7 @@ import torch.fx as fx
 from greenmim_convert import ops
 from greenmim_convert.layout import Layout, LayoutError
 
-from .base import GreenPass, layout_of
+from .base import GreenPass, layout_of, replace_with_call
 
 
 def _split_layouts(lay: Layout, dim: int):
@@ -104,11 +104,7 @@ class ChannelSplitPass(GreenPass):
             src = node.args[0]
             if "layout_tuple" in src.meta:
                 src = src.args[0]
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(ops.channel_slice, (src,) + node.meta["channel_slice"])
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_with_call(gm, node, ops.channel_slice, (src,) + node.meta["channel_slice"])
             self.report["channel split -> slice"] += 1
         gm.graph.eliminate_dead_code()
         gm.recompile()

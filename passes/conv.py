@@ -3,8 +3,8 @@
 A Conv2d on a packed NCHW layout reads zeros at masked input positions and is evaluated at the
 visible sites of its output grid. A 1x1 convolution is a Linear on every token (or per-sample
 value). Kernel == stride convolutions (no padding or dilation, groups 1) never straddle a mask unit,
-so they become a per-unit gather + linear with no neighbour map; every other geometry (depthwise, overlapping, strided, dilated) runs ``kernels.sparse_conv``. A conv on the
-image itself that is not a patchify conv (e.g. PVT v2's overlapping 7x7 stride-4 embedding) reads
+so they become a per-unit gather + linear with no neighbour map; every other geometry (depthwise,
+overlapping, strided, dilated) runs ``kernels.sparse_conv``. A conv on the image itself that is not a patchify conv (e.g. PVT v2's overlapping 7x7 stride-4 embedding) reads
 the visible pixels as packed sites. The original weight and bias Parameters are used.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from greenmim_convert import ops
 from greenmim_convert.kernels.sparse_conv import conv_output_grid
 from greenmim_convert.layout import Layout, LayoutError
 
-from .base import GreenPass, context_of, layout_of, module_ref, sites_node
+from .base import GreenPass, context_of, layout_of, module_ref, replace_with_call, sites_node
 from .patch_embed import is_patchify
 
 
@@ -90,11 +90,7 @@ class ConvPass(GreenPass):
             src = node.args[0]
             ref = module_ref(gm, node.target, node)
             if is_pointwise(conv) and not src.meta.get("image"):
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(ops.pointwise_conv, (src, ref))
-                new.meta.update(node.meta)
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
+                replace_with_call(gm, node, ops.pointwise_conv, (src, ref))
                 self.report["pointwise linear 1x1"] += 1
                 continue
             out_lay = node.meta["layout"]
@@ -108,11 +104,7 @@ class ConvPass(GreenPass):
             else:
                 in_sites = sites_node(gm, layout_of(src))
                 args, fn, kind = (src, in_sites, out_sites, ref), ops.sparse_conv, "sparse conv"
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(fn, args)
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_with_call(gm, node, fn, args)
             depthwise = conv.groups == conv.in_channels and conv.groups > 1
             self.report[f"{kind}{' (depthwise)' if depthwise else ''} {conv.kernel_size[0]}x{conv.kernel_size[1]}/{conv.stride[0]}"] += 1
         gm.recompile()

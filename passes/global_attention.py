@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from greenmim_convert import ops
 from greenmim_convert.layout import Layout, LayoutError
 
-from .base import GreenPass, layout_of, sites_node
+from .base import GreenPass, layout_of, replace_with_call, sites_node
 
 
 def heads_and_dim(lay: Layout, role: str) -> Tuple[int, int]:
@@ -68,11 +68,7 @@ class GlobalAttentionPass(GreenPass):
             qs, ks = sites_node(gm, layout_of(q)), sites_node(gm, layout_of(k))
             scale = node.kwargs.get("scale")
             drop = node.kwargs.get("dropout_p", 0.0)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(ops.global_attention, (q, qs, k, ks, v, heads, scale, drop))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_with_call(gm, node, ops.global_attention, (q, qs, k, ks, v, heads, scale, drop))
             same = layout_of(q).grid == layout_of(k).grid
             self.report["global attention" if same else "reduced-key attention"] += 1
         gm.recompile()

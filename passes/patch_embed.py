@@ -9,7 +9,7 @@ import torch.nn as nn
 from greenmim_convert import ops
 from greenmim_convert.layout import Layout
 
-from .base import GreenPass, context_of, module_ref, sites_node
+from .base import GreenPass, context_of, module_ref, replace_with_call, sites_node
 
 
 def _image_conv(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Conv2d]:
@@ -56,10 +56,6 @@ class PatchEmbedPass(GreenPass):
                 continue
             sites = sites_node(gm, node.meta["layout"])
             ref = module_ref(gm, node.target, node)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(ops.patch_embed, (ctx.images, sites, ref))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_with_call(gm, node, ops.patch_embed, (ctx.images, sites, ref))
             self.report[type(conv).__name__] += 1
         gm.recompile()

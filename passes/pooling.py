@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-
 import torch.fx as fx
 import torch.nn as nn
 
 from greenmim_convert import ops
 from greenmim_convert.layout import Layout, LayoutError
 
-from .base import GreenPass, layout_of, sites_node
+from .base import GreenPass, layout_of, replace_with_call, sites_node
 from .conv import _is_nchw
 
 
@@ -75,11 +74,7 @@ class PoolingPass(GreenPass):
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
             if _mean_dims(node) is not None and "layout" in node.meta:
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(ops.sample_mean, (node.args[0], sites_node(gm, layout_of(node.args[0]))))
-                new.meta.update(node.meta)
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
+                replace_with_call(gm, node, ops.sample_mean, (node.args[0], sites_node(gm, layout_of(node.args[0]))))
                 self.report["spatial mean -> per-sample mean"] += 1
                 continue
             if _pool(gm, node) is None or "layout" not in node.meta:
@@ -87,10 +82,6 @@ class PoolingPass(GreenPass):
             src = node.args[0]
             fine, coarse = layout_of(src), node.meta["layout"]
             factor = fine.grid[0] // coarse.grid[0]
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(ops.mean_pool, (src, sites_node(gm, fine), sites_node(gm, coarse), factor))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_with_call(gm, node, ops.mean_pool, (src, sites_node(gm, fine), sites_node(gm, coarse), factor))
             self.report[f"mean pool {factor}x{factor}"] += 1
         gm.recompile()

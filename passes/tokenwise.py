@@ -19,7 +19,7 @@ from timm.layers import activations as timm_activations
 from greenmim_convert import ops
 from greenmim_convert.layout import Atom, Layout, LayoutError, space_to_depth_plan
 
-from .base import GreenPass, layout_of, module_ref, sites_node
+from .base import GreenPass, layout_of, module_ref, replace_with_call, sites_node
 
 _NOT_ELEMENTWISE = {nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.PReLU}
 ELEMENTWISE_MODULES = tuple(
@@ -132,11 +132,7 @@ class TokenwisePass(GreenPass):
                 if isinstance(mod, DropPath):
                     sites = sites_node(gm, node.meta["layout"])
                     ref = module_ref(gm, node.target, node)
-                    with gm.graph.inserting_before(node):
-                        new = gm.graph.call_function(ops.drop_path, (node.args[0], sites, ref))
-                    new.meta.update(node.meta)
-                    node.replace_all_uses_with(new)
-                    gm.graph.erase_node(node)
+                    replace_with_call(gm, node, ops.drop_path, (node.args[0], sites, ref))
                     self.report["DropPath -> per-sample"] += 1
                 elif isinstance(mod, (nn.Linear, nn.LayerNorm) + ELEMENTWISE_MODULES):
                     self.report[f"{type(mod).__name__} unchanged"] += 1

@@ -23,7 +23,7 @@ from greenmim_convert import ops
 from greenmim_convert.kernels.windows import WindowSpec, window_segments
 from greenmim_convert.layout import Layout, LayoutError
 
-from .base import GreenPass, context_of, layout_of, module_ref, sites_node
+from .base import GreenPass, context_of, layout_of, module_ref, replace_with_call, sites_node
 
 # module type -> (runtime op, name of the additive-mask argument)
 ATTENTION_RULES: Dict[Type[nn.Module], Tuple[Callable, Optional[str]]] = {
@@ -144,11 +144,7 @@ class WindowAttentionPass(GreenPass):
                     )
                 self.report["groupings (stage, shift)"] += 1
             ref = module_ref(gm, node.target, node)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(fn, (node.args[0], ctx.grouping_nodes[key], ref, ctx.attention_backend))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_with_call(gm, node, fn, (node.args[0], ctx.grouping_nodes[key], ref, ctx.attention_backend))
             self.report[type(mod).__name__] += 1
         gm.graph.eliminate_dead_code()
         gm.recompile()
