@@ -1,4 +1,4 @@
-"""``convert``: trace a timm hierarchical ViT and run the pass pipeline; ``GreenModel``: the result."""
+"""``convert``: capture any hierarchical vision model and run the pass pipeline; ``GreenModel``: the result."""
 from __future__ import annotations
 
 import math
@@ -8,13 +8,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from timm.layers import DropPath
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import passes as P
+from .capture import capture, check_stage_names, example_images, is_timm_model, timm_stages
 from .errors import GreenMIMError, InvalidInputError, MaskUnitError
 from .tokens import GreenOutput
-from .tracing import example_images, trace_features
 
 GROUPINGS = ("window", "dp", "max")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -68,15 +67,27 @@ def model_name_of(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def default_img_size(model: nn.Module) -> Tuple[int, int]:
+def default_img_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The input size the model states (timm's patch embedding or pretrained config), or None."""
     pe = getattr(model, "patch_embed", None)
     size = getattr(pe, "img_size", None)
     if size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = cfg.get("input_size", (3, 224, 224))[-2:]
+        size = cfg.get("input_size", (None, None, None))[-2:]
+        if size[0] is None:
+            return None
     if isinstance(size, int):
         size = (size, size)
     return int(size[0]), int(size[1])
+
+
+def input_channels(model: nn.Module) -> int:
+    """Image channels: timm's ``in_chans``, else the input channels of the first convolution."""
+    chans = getattr(model, "in_chans", None)
+    if isinstance(chans, int):
+        return chans
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
 
 
 def _as_pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -95,62 +106,46 @@ def _check_options(grouping: str, attention_backend: str) -> None:
         raise InvalidInputError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
 
 
-def build_pipeline(example: torch.Tensor) -> List[P.GreenPass]:
+def build_pipeline() -> List[P.GreenPass]:
     """The passes in order. Passes that read layouts run before the one that removes layout ops."""
     return [
-        P.SpecializePass(example),
-        P.InlineFunctionsPass(),
-        P.SpecializePass(example),
+        P.FunctionalizePass(),
         P.LayoutAnalysisPass(),
-        P.PatchEmbedPass(),
+        P.OutputsPass(),
         P.ConvPass(),
         P.PoolingPass(),
-        P.WindowAttentionPass(),
-        P.GlobalAttentionPass(),
-        P.ChannelAttentionPass(),
+        P.AttentionPass(),
         P.PatchMergingPass(),
         P.ChannelSplitPass(),
         P.TokenwisePass(),
-        P.WindowOpsPass(),
-        P.OutputsPass(),
+        P.LayoutOpsPass(),
         P.CheckPass(),
     ]
 
 
-def semantic_leaves() -> List[type]:
-    """Module types traced as leaves because a pass rewrites them whole."""
-    return list(P.ATTENTION_RULES) + list(P.TOKEN_WINDOW_RULES) + list(P.CHANNEL_ATTENTION_TYPES) + [DropPath]
+@dataclass
+class _Compiled:
+    gm: fx.GraphModule
+    ctx: P.ConvertContext
+    pipeline: List[P.GreenPass]
 
 
-def convert(
-    model: nn.Module,
-    *,
-    img_size: Optional[Union[int, Sequence[int]]] = None,
-    mask_unit: Optional[int] = None,
-    grouping: str = "dp",
-    attention_backend: str = "auto",
-) -> "GreenModel":
-    """Compile a timm hierarchical ViT into a model that computes only on visible patches.
-
-    The result shares every Parameter with ``model``. ``mask_unit`` (pixels) defaults to the
-    model's total stride; it must be a multiple of the minimal unit the compiler derives.
-    """
-    if not isinstance(model, nn.Module) or not hasattr(model, "forward_features"):
-        raise InvalidInputError(f"convert() needs a timm model with forward_features, got {type(model).__name__}")
-    _check_options(grouping, attention_backend)
-    size = _as_pair(img_size) if img_size is not None else default_img_size(model)
-    traced = trace_features(model, semantic_leaves())
-    gm = traced.gm
-    images = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    with gm.graph.inserting_after(images):
-        visible = gm.graph.placeholder("visible")
-    ctx = P.ConvertContext(size, mask_unit or 0, TRACE_BATCH, grouping, attention_backend, images, visible)
-    gm.meta["greenmim"] = ctx
-    example = example_images(model, size, TRACE_BATCH)
-    pipeline = build_pipeline(example)
+def _compile(model: nn.Module, training: bool, size: Tuple[int, int], stages: Optional[List[str]], mask_unit: int,
+             grouping: str, attention_backend: str) -> _Compiled:
+    """Capture in one train/eval mode and run the pipeline."""
+    chans = input_channels(model)
+    example = example_images(model, size, TRACE_BATCH, chans)
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
+        captured = capture(model, example, stages or [])
+        gm = captured.gm
+        with gm.graph.inserting_after(captured.images):
+            visible = gm.graph.placeholder("visible")
+        ctx = P.ConvertContext(size, mask_unit, TRACE_BATCH, chans, grouping, attention_backend, captured.images, visible)
+        ctx.default_stages = stages is None
+        gm.meta["greenmim"] = ctx
+        pipeline = build_pipeline()
         PassManager(passes=pipeline)(gm)
     except GreenMIMError:
         raise
@@ -164,15 +159,51 @@ def convert(
     finally:
         model.train(was_training)
     gm.meta.pop("greenmim")
-    strides = sorted(ctx.grid_strides)
+    return _Compiled(gm, ctx, pipeline)
+
+
+def convert(
+    model: nn.Module,
+    *,
+    img_size: Optional[Union[int, Sequence[int]]] = None,
+    stages: Optional[Sequence[str]] = None,
+    mask_unit: Optional[int] = None,
+    grouping: str = "dp",
+    attention_backend: str = "auto",
+) -> "GreenModel":
+    """Compile a hierarchical vision model into one that computes only on visible patches.
+
+    ``model`` is any ``nn.Module`` mapping ``(B, C, H, W)`` images to features: a timm model's
+    ``forward_features`` is captured, any other module's ``forward`` (a classifier is followed up
+    to the input of its global pool). ``stages`` names modules whose outputs become
+    ``out.stages`` (default: timm's ``feature_info``; else the last value at each feature grid).
+    The result shares every Parameter with ``model``. ``mask_unit`` (pixels) defaults to the
+    model's total stride; it must be a multiple of the minimal unit the compiler derives.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"convert() needs a torch.nn.Module, got {type(model).__name__}")
+    if next(model.parameters(), None) is None:
+        raise InvalidInputError(f"{type(model).__name__} has no parameters")
+    _check_options(grouping, attention_backend)
+    size = _as_pair(img_size) if img_size is not None else default_img_size(model)
+    if size is None:
+        raise InvalidInputError(f"{type(model).__name__} does not state its input size: pass img_size=(H, W) to convert()")
+    if stages is not None:
+        stages = check_stage_names(model, list(stages))
+    elif is_timm_model(model):
+        stages = timm_stages(model)[0]
+    compiled = {mode: _compile(model, mode, size, stages, mask_unit or 0, grouping, attention_backend) for mode in (False, True)}
+    ev = compiled[False]
+    strides = sorted(ev.ctx.grid_strides | compiled[True].ctx.grid_strides)
     min_unit = math.lcm(*strides) if strides else 1
-    unit = mask_unit if mask_unit is not None else max(max(traced.stage_reductions), min_unit)
+    unit = mask_unit if mask_unit is not None else max(strides[-1] if strides else 1, min_unit)
     _check_unit(unit, min_unit, size)
     report = ConversionReport(
-        model_name_of(model), [PassRecord(p.name, p.description, dict(p.report)) for p in pipeline], min_unit, strides
+        model_name_of(model), [PassRecord(p.name, p.description, dict(p.report)) for p in ev.pipeline], min_unit, strides
     )
     config = GreenConfig(model_name_of(model), size, unit, grouping, attention_backend)
-    return GreenModel(model, gm, config, report, traced.stage_modules)
+    names = list(stages) if stages is not None else ev.ctx.stage_paths
+    return GreenModel(model, {False: ev.gm, True: compiled[True].gm}, config, report, names)
 
 
 def _check_unit(unit: int, min_unit: int, size: Tuple[int, int]) -> None:
@@ -185,11 +216,12 @@ def _check_unit(unit: int, min_unit: int, size: Tuple[int, int]) -> None:
 class GreenModel(nn.Module):
     """A converted model: ``forward(images, visible) -> GreenOutput`` computing on visible patches only.
 
-    Its children are the timm model's own children, so ``state_dict()`` has exactly the timm keys
-    and tensors; the rewritten ``torch.fx.GraphModule`` is ``graph_module``.
+    Its children are the source model's own children, so ``state_dict()`` has exactly the source
+    keys and tensors; the rewritten ``torch.fx.GraphModule`` of the current mode is ``graph_module``.
     """
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, config: GreenConfig, report: ConversionReport, stage_modules: List[str]):
+    def __init__(self, model: nn.Module, graphs: Dict[bool, fx.GraphModule], config: GreenConfig, report: ConversionReport,
+                 stage_modules: List[str]):
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -197,7 +229,7 @@ class GreenModel(nn.Module):
             self.register_parameter(name, p)
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
-        self.__dict__["graph_module"] = gm
+        self.__dict__["graph_modules"] = graphs
         self.__dict__["timm_model"] = model
         self.config = config
         self.report = report
@@ -226,7 +258,7 @@ class GreenModel(nn.Module):
     def check_inputs(self, images: torch.Tensor, visible: torch.Tensor) -> None:
         """Raise InvalidInputError naming the first thing about the inputs that does not fit."""
         p = next(self.parameters())
-        chans = getattr(self.timm_model, "in_chans", 3)
+        chans = input_channels(self.timm_model)
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise InvalidInputError(f"images must be a (B, {chans}, H, W) tensor, got {_describe(images)}")
         if images.shape[1] != chans or tuple(images.shape[2:]) != tuple(self.img_size):
@@ -247,6 +279,15 @@ class GreenModel(nn.Module):
             )
         if visible.device != images.device:
             raise InvalidInputError(f"visible is on {visible.device} but the images are on {images.device}")
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The converted graph for the current mode (train and eval are captured separately)."""
+        return self.graph_modules[self.training]
+
+    @property
+    def source_model(self) -> nn.Module:
+        return self.timm_model
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
         self.check_inputs(images, visible)

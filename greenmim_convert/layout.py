@@ -18,6 +18,7 @@ from math import prod
 from typing import Dict, List, Optional, Sequence, Tuple
 
 SPATIAL = ("h", "w")
+KEY_SPATIAL = ("kh", "kw")  # spatial digits of the key side of a query-key pair layout
 
 
 class LayoutError(Exception):
@@ -173,7 +174,37 @@ class Layout:
 
     def is_per_sample(self) -> bool:
         """True when no spatial digit is left: one value per sample (after a global reduction)."""
-        return all(a.kind not in SPATIAL for ax in self.axes for a in ax)
+        return all(a.kind not in SPATIAL + KEY_SPATIAL for ax in self.axes for a in ax)
+
+    def is_pair(self) -> bool:
+        """True for a query-key pair layout (attention logits): it holds key digits."""
+        return any(a.kind in KEY_SPATIAL for ax in self.axes for a in ax)
+
+    def channel_atoms(self) -> List[Atom]:
+        """Channel digits, most significant first: the column order of the packed ``(rows, C)`` tensor."""
+        return sorted((a for ax in self.axes for a in ax if a.kind == "c"), key=lambda a: -a.inner)
+
+    def check_packed(self) -> None:
+        """Raise unless the channel digits form a whole mixed radix and the spatial digits tile the grid."""
+        place = 1
+        for a in reversed(self.channel_atoms()):
+            if a.inner != place:
+                raise LayoutError(f"channel digits {self.channel_atoms()} do not form whole channels")
+            place *= a.size
+        if self.is_per_sample():
+            return
+        for k, n in zip(SPATIAL, self.grid):
+            place = 1
+            for a in sorted((a for ax in self.axes for a in ax if a.kind == k), key=lambda a: a.inner):
+                if a.inner != place:
+                    raise LayoutError(f"layout {self.shape} does not hold every {'row' if k == 'h' else 'column'} of its grid")
+                place *= a.size
+            if place != n:
+                raise LayoutError(f"layout {self.shape} holds a part of the {self.grid} grid")
+
+    def padded_to(self, ndim: int) -> "Layout":
+        """Broadcasting view with leading size-one axes up to ``ndim`` axes."""
+        return replace(self, axes=((),) * (ndim - len(self.axes)) + self.axes)
 
     def with_channels(self, channels: int) -> "Layout":
         """The same layout with ``channels`` channels on its channel axis (conv 1x1, channel slices)."""
@@ -188,6 +219,8 @@ class Layout:
 
     def broadcast(self, other: "Layout") -> "Layout":
         """The layout of an elementwise op between two layouts whose shapes broadcast axis by axis."""
+        n = max(len(self.axes), len(other.axes))
+        self, other = self.padded_to(n), other.padded_to(n)
         offsets_differ = self.offset != other.offset and not (self.is_per_sample() or other.is_per_sample())
         if (self.grid, self.stride) != (other.grid, other.stride) or offsets_differ or len(self.axes) != len(other.axes):
             raise LayoutError(f"elementwise op on tensors of different layouts {self.shape} and {other.shape}")

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .kernels.attention_dispatch import requested_backend, resolve_backend
 from .kernels.grouping import plan_buckets
 from .kernels.sparse_conv import sparse_conv2d
-from .kernels.windows import WindowSpec, window_segments
+from .attention import sample_attention, term_offsets, window_attention  # noqa: F401  (runtime ops of the graph)
+from .kernels.windows import DigitWindows, WindowSpec, digit_segments, window_segments
 from .gather import RowMap
 from .sites import Sites
 from .tokens import GreenOutput, VisibleTokens
@@ -28,16 +29,15 @@ def visible_sites(visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> 
     return Sites.from_mask(visible, grid, stride)
 
 
-def patch_embed(images: torch.Tensor, sites: Sites, conv: nn.Conv2d) -> torch.Tensor:
+def patch_embed(images: torch.Tensor, sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Conv2d with kernel == stride evaluated only on the patches at ``sites``: a per-patch linear."""
     b, c, h, w = images.shape
-    ph, pw = conv.kernel_size
+    ph, pw = weight.shape[2:]
     gh, gw = sites.grid
     cells = images[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
     patches = cells[sites.batch, sites.coords[:, 0], sites.coords[:, 1]].reshape(sites.num_tokens, c * ph * pw)
-    weight = conv.weight.reshape(conv.out_channels, -1)
-    out = patches.matmul(weight.t())
-    return out + conv.bias if conv.bias is not None else out
+    out = patches.matmul(weight.reshape(weight.shape[0], -1).t())
+    return out + bias if bias is not None else out
 
 
 def neighbours(fine: Sites, coarse: Sites, factor: Tuple[int, int], offsets: Sequence[Tuple[int, int]]) -> torch.Tensor:
@@ -83,27 +83,26 @@ def space_to_depth(
     return out.index_select(1, torch.tensor(channel_index, dtype=torch.long, device=feats.device))
 
 
-def conv_per_unit(feats: torch.Tensor, fine: Sites, coarse: Sites, conv: nn.Conv2d) -> torch.Tensor:
+def conv_per_unit(feats: torch.Tensor, fine: Sites, coarse: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Kernel == stride Conv2d on packed tokens: gather each output's k x k inputs, then one GEMM."""
-    kh, kw = conv.kernel_size
+    kh, kw = weight.shape[2:]
     offsets = [(dh, dw) for dh in range(kh) for dw in range(kw)]
     patches = space_to_depth(feats, fine, coarse, (kh, kw), offsets)
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
-    out = patches.matmul(weight.t())
-    return out + conv.bias if conv.bias is not None else out
+    out = patches.matmul(weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).t())
+    return out + bias if bias is not None else out
 
 
-def sparse_conv(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, conv: nn.Conv2d) -> torch.Tensor:
+def sparse_conv(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride, padding, dilation, groups: int) -> torch.Tensor:
     """Any Conv2d on packed tokens: masked inputs read zero, evaluated at the visible output sites."""
-    return sparse_conv2d(
-        feats, in_sites, out_sites, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
-    )
+    return sparse_conv2d(feats, in_sites, out_sites, weight, bias, stride, padding, dilation, groups)
 
 
-def image_sparse_conv(images: torch.Tensor, pixels: Sites, out_sites: Sites, conv: nn.Conv2d) -> torch.Tensor:
+def image_sparse_conv(images: torch.Tensor, pixels: Sites, out_sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      stride, padding, dilation, groups: int) -> torch.Tensor:
     """A Conv2d on the image that is not a patchify conv: the visible pixels are its input sites."""
     feats = images.permute(0, 2, 3, 1)[pixels.batch, pixels.coords[:, 0], pixels.coords[:, 1]]
-    return sparse_conv(feats, pixels, out_sites, conv)
+    return sparse_conv(feats, pixels, out_sites, weight, bias, stride, padding, dilation, groups)
 
 
 def mean_pool(feats: torch.Tensor, fine: Sites, coarse: Sites, factor: int) -> torch.Tensor:
@@ -121,16 +120,22 @@ def channel_slice(feats: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return feats[:, start:stop]
 
 
-def drop_path(feats: torch.Tensor, sites: Sites, module: nn.Module) -> torch.Tensor:
-    """Stochastic depth per *sample* (as timm's DropPath), applied to that sample's tokens."""
-    p = float(getattr(module, "drop_prob", 0.0))
-    if not module.training or p == 0.0:
-        return feats
-    keep = 1.0 - p
-    mask = feats.new_empty((sites.batch_size,)).bernoulli_(keep)
-    if getattr(module, "scale_by_keep", True) and keep > 0.0:
-        mask.div_(keep)
-    return feats * mask[sites.batch][:, None]
+def channel_gather(feats: torch.Tensor, columns: Tuple[int, ...]) -> torch.Tensor:
+    """Columns of packed features that are not contiguous (a split of a minor channel digit)."""
+    return feats.index_select(1, torch.tensor(columns, dtype=torch.long, device=feats.device))
+
+
+def channel_op(op, feats: torch.Tensor, sizes: Sequence[int], positions: Sequence[int], kwargs: dict, out_channels: int) -> torch.Tensor:
+    """A reduction or softmax over channel digits of packed rows: view the digits, apply ``op`` over them."""
+    x = feats.reshape(feats.shape[0], *sizes)
+    dim_arg = next(a for a in op._schema.arguments if a.name == "dim")
+    dim = positions[0] if str(dim_arg.type) == "int" else list(positions)
+    return op(x, dim=dim, **kwargs).reshape(feats.shape[0], out_channels)
+
+
+def per_sample_factory(op, like: torch.Tensor, sites: Sites, rest: tuple, kwargs: dict) -> torch.Tensor:
+    """``new_empty``/``new_zeros``/... of one value per sample: ``(B, 1)`` packed per-sample rows."""
+    return op(like, [sites.batch_size, 1], *rest, **kwargs)
 
 
 @dataclass
@@ -183,7 +188,29 @@ class Grouping:
     num_tokens: int
     logits: int              # sum over buckets of G * g^2: attention logits per head
     lower_bound: int         # sum of squared window counts: every window alone, no padding
+    sites: Optional[Sites] = None
+    windows: Optional[DigitWindows] = None
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def term_index(self, bucket: int, plan, head_sizes: Sequence[int]) -> torch.Tensor:
+        """``(heads * G * g * g,)`` offsets of a term's element for every (head, query slot, key slot) of a bucket."""
+        key = ("term", bucket, plan, tuple(head_sizes))
+        if key not in self._cache:
+            b = self.buckets[bucket]
+            coords = self.sites.coords.index_select(0, b.index)
+            h, q, k = term_offsets(plan, head_sizes, coords, self.windows.grid, self.windows.offset)
+            g, n = b.group_size, b.num_groups
+            index = h[:, None, None, None] + q.view(1, n, g, 1) + k.view(1, n, 1, g)
+            self._cache[key] = index.reshape(-1)
+        return self._cache[key]
+
+    def cross_mask(self, bucket: int) -> torch.Tensor:
+        """``(G, g, g)`` True where query and key slot belong to different windows (or padding)."""
+        key = ("cross", bucket)
+        if key not in self._cache:
+            seg = self.buckets[bucket].segment
+            self._cache[key] = seg[:, :, None] != seg[:, None, :]
+        return self._cache[key]
 
     @property
     def num_groups(self) -> int:
@@ -252,15 +279,28 @@ def _bucket(packing, seg: torch.Tensor, pos: torch.Tensor, rank: torch.Tensor, o
 CALL_OVERHEAD_LOGITS = {"cpu": 20000.0, "cuda": 4096.0}
 
 
+def digit_grouping(sites: Sites, windows: DigitWindows, labels: Optional[torch.Tensor], strategy: str) -> Grouping:
+    """Segment the visible tokens into windows described by layout digits and pack them into groups."""
+    seg, pos, num_seg = digit_segments(sites.batch, sites.coords, sites.batch_size, windows, labels)
+    grouping = group_segments(seg, pos, num_seg, windows.area, strategy)
+    grouping.sites, grouping.windows = sites, windows
+    return grouping
+
+
 def window_grouping(sites: Sites, window: Tuple[int, int], shift: Tuple[int, int], split_seam: bool, strategy: str) -> Grouping:
-    """Segment the visible tokens into (shifted) windows and pack the windows into groups."""
+    """Segment the visible tokens into (shifted) rectangular windows and pack the windows into groups."""
     spec = WindowSpec(tuple(window), tuple(shift), split_seam)
     seg, pos, num_seg = window_segments(sites.batch, sites.coords, sites.grid, sites.batch_size, spec)
-    t = sites.num_tokens
+    return group_segments(seg, pos, num_seg, window[0] * window[1], strategy)
+
+
+def group_segments(seg: torch.Tensor, pos: torch.Tensor, num_seg: int, area: int, strategy: str) -> Grouping:
+    """Pack segments (windows) of at most ``area`` tokens into buckets of equal-size groups."""
+    t = seg.shape[0]
     dev = seg.device
     counts = torch.bincount(seg, minlength=num_seg)
     overhead = CALL_OVERHEAD_LOGITS.get(dev.type, CALL_OVERHEAD_LOGITS["cpu"])
-    packings = plan_buckets(counts, window[0] * window[1], strategy=strategy, call_overhead=overhead) if t else []
+    packings = plan_buckets(counts, area, strategy=strategy, call_overhead=overhead) if t else []
     order = torch.argsort(seg, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty(t, dtype=torch.long, device=dev)
@@ -278,219 +318,12 @@ def window_grouping(sites: Sites, window: Tuple[int, int], shift: Tuple[int, int
     return Grouping(buckets, slot, t, logits, int((counts * counts).sum().item()))
 
 
-def group_attention_triton(*args, **kwargs) -> torch.Tensor:
-    """The fused Triton kernel, imported on first use so CPU-only installs never load it."""
-    from .kernels.triton_group_attention import group_attention_triton as fused
-
-    return fused(*args, **kwargs)
-
-
-Scores = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class DotScores:
-    """Scaled dot-product logits ``scale * q k^T``; with a bias they fuse into one ``baddbmm``."""
-
-    scale: float
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
-        return torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)
-
-    def with_bias(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """``bias + scale * q k^T`` in one GEMM (one pass over the logits less, forward and backward)."""
-        return torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.scale)
-
-
-def _bias_table(window_bias: Optional[torch.Tensor], window_index: Optional[torch.Tensor], heads: int, area: int,
-                like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(heads, K + 1)`` bias table with -inf in its last column, and the ``(N * N,)`` column of each window pair."""
-    if window_bias is None:
-        window_bias = like.new_zeros(heads, 1)
-        window_index = torch.zeros(area * area, dtype=torch.long, device=like.device)
-    elif window_index is None:
-        window_index = torch.arange(area * area, device=like.device)
-    table = window_bias.to(like.dtype)
-    return torch.cat([table, table.new_full((heads, 1), float("-inf"))], dim=1), window_index.reshape(-1)
-
-
-def _window_attention(
-    qkv: torch.Tensor, grouping: Grouping, heads: int, window_bias: Optional[torch.Tensor], area: int,
-    scores: Scores, dropout_p: float, fused: Optional[Callable] = None, window_index: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Attention of packed tokens inside their windows, bucket by bucket; returns ``(T, heads * d)``.
-
-    ``qkv`` is ``(T, 3 * heads * d)``; ``window_bias`` ``(heads, N * N)`` is the relative-position
-    bias of one window, or, with ``window_index`` ``(N * N,)``, a ``(heads, K)`` table read at those
-    columns (None: no bias); ``scores(q, k, G)`` gives the ``(heads * G, g, g)`` logits before the
-    bias; ``fused``, when given, runs a bucket in one kernel instead. Groups are laid out
-    heads-major, ``(heads * G, g, d)``, and q, k, v of every bucket come out of one row gather.
-    """
-    t = qkv.shape[0]
-    dim = qkv.shape[-1] // (3 * heads)
-    sizes = [heads * b.num_slots for b in grouping.buckets for _ in range(3)]
-    blocks = grouping.slot_rows(heads, 3).split(qkv.reshape(t * 3 * heads, dim), sizes)
-    table, window_index = _bias_table(window_bias, window_index, heads, area, qkv)
-    if fused is not None:
-        one_window = table.index_select(1, window_index).view(heads, area, area)
-    outs = []
-    for i, b in enumerate(grouping.buckets):
-        g, n = b.group_size, b.num_groups
-        q, k, v = (x.view(heads * n, g, dim) for x in blocks[3 * i: 3 * i + 3])
-        if fused is not None:
-            q4, k4, v4 = (x.view(heads, n, g, dim).transpose(0, 1) for x in (q, k, v))
-            out = fused(q4, k4, v4, b.segment, b.position, one_window)
-            outs.append(out.transpose(0, 1).reshape(heads * n * g, dim))
-            continue
-        columns = b.bias_columns(window_index, area, table.shape[1] - 1)
-        bias = table.index_select(1, columns).view(heads * n, g, g)
-        logits = scores.with_bias(q, k, bias) if isinstance(scores, DotScores) else scores(q, k, n) + bias
-        probs = logits.softmax(dim=-1)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, dropout_p, training=True)
-        outs.append(torch.bmm(probs, v).view(heads * n * g, dim))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dim)
-
-
-def swin_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
-    """timm Swin ``WindowAttention`` on packed tokens: qkv/proj on (T, C), attention on padded groups."""
-    if not grouping.buckets:
-        return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
-    heads, scale = attn.num_heads, attn.scale
-    qkv = attn.qkv(x)
-    area = attn.relative_position_index.shape[0]
-    table = attn.relative_position_bias_table.t()
-    p = attn.attn_drop.p if attn.training else 0.0
-    probe = qkv.new_empty(0, 0, 0, qkv.shape[-1] // (3 * heads))
-    fused = None
-    if resolve_backend(probe, p, backend) == "triton":
-        fused = lambda q, k, v, seg, pos, b: group_attention_triton(q, k, v, seg, pos, b, scale)  # noqa: E731
-    out = _window_attention(qkv, grouping, heads, table, area, DotScores(scale), p, fused,
-                            window_index=attn.relative_position_index)
-    return attn.proj_drop(attn.proj(out))
-
-
-def swinv2_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
-    """timm Swin V2 ``WindowAttention``: cosine attention, learned logit scale, continuous position bias."""
-    if not grouping.buckets:
-        return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
-    if requested_backend(backend) == "triton":
-        raise RuntimeError("the fused Triton kernel computes dot-product attention; Swin V2's cosine attention "
-                           "runs on the PyTorch path (attention_backend='auto' or 'torch')")
-    heads = attn.num_heads
-    if attn.q_bias is None:
-        qkv = attn.qkv(x)
-    else:
-        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-        qkv = attn.qkv(x) + qkv_bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, qkv_bias)
-    table = attn.cpb_mlp(attn.relative_coords_table).view(-1, heads)
-    area = attn.relative_position_index.shape[0]
-    bias = 16 * torch.sigmoid(table.t())
-    p = attn.attn_drop.p if attn.training else 0.0
-    out = _window_attention(qkv, grouping, heads, bias, area, _cosine_scores(attn.logit_scale, heads, x.dtype), p,
-                            window_index=attn.relative_position_index)
-    return attn.proj_drop(attn.proj(out))
-
-
-def swinv2cr_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
-    """timm Swin V2 CR ``WindowMultiHeadAttention``: cosine attention with a meta-MLP position bias."""
-    if requested_backend(backend) == "triton":
-        raise RuntimeError("the fused Triton kernel computes dot-product attention; Swin V2 CR's cosine attention "
-                           "runs on the PyTorch path (attention_backend='auto' or 'torch')")
-    if not grouping.buckets:
-        return attn.proj_drop(attn.proj(x.new_zeros(0, attn.proj.in_features)))
-    heads = attn.num_heads
-    area = attn.window_size[0] * attn.window_size[1]
-    bias = attn.meta_mlp(attn.relative_coordinates_log).transpose(1, 0).reshape(heads, area * area).to(x.dtype)
-    p = attn.attn_drop.p if attn.training else 0.0
-    out = _window_attention(attn.qkv(x), grouping, heads, bias, area, _cosine_scores(attn.logit_scale, heads, x.dtype), p)
-    return attn.proj_drop(attn.proj(out))
-
-
-def _plain_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, area: int, dropout_p: float,
-                            backend: str, family: str) -> torch.Tensor:
-    """Scaled dot-product attention inside windows with no position bias (Twins, DaViT), before ``proj``."""
-    if requested_backend(backend) == "triton":
-        raise RuntimeError(f"the fused Triton kernel needs a relative-position bias; {family} "
-                           "runs on the PyTorch path (attention_backend='auto' or 'torch')")
-    if not grouping.buckets:
-        return x.new_zeros(0, attn.proj.in_features)
-    return _window_attention(attn.qkv(x), grouping, attn.num_heads, None, area, DotScores(attn.scale), dropout_p)
-
-
-def twins_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
-    """timm Twins ``LocallyGroupedAttn``: plain attention inside ws x ws windows of the token grid."""
-    p = attn.attn_drop.p if attn.training else 0.0
-    out = _plain_window_attention(x, grouping, attn, attn.ws * attn.ws, p, backend, "Twins' locally-grouped attention")
-    return attn.proj_drop(attn.proj(out))
-
-
-def _cosine_scores(logit_scale: torch.Tensor, heads: int, dtype: torch.dtype) -> Scores:
-    """Scaled cosine similarity of queries and keys (Swin V2), with the per-head learned, clamped scale."""
-    scale = torch.clamp(logit_scale.reshape(heads), max=math.log(1.0 / 0.01)).exp().view(heads, 1, 1, 1).to(dtype)
-
-    def scores(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
-        cos = torch.bmm(F.normalize(q, dim=-1), F.normalize(k, dim=-1).transpose(1, 2))
-        return (cos.view(heads, n, *cos.shape[1:]) * scale).view_as(cos)
-
-    return scores
-
-
-def global_attention(
-    q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: Sites, v: torch.Tensor, heads: int,
-    scale: Optional[float] = None, dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Every visible query of a sample attends to the visible keys of that sample (padded per sample)."""
-    qp, _ = q_sites.pad(q)
-    kp, kvalid = k_sites.pad(k)
-    vp, _ = k_sites.pad(v)
-    b, nq, nk = qp.shape[0], qp.shape[1], kp.shape[1]
-    qh = qp.view(b, nq, heads, -1).transpose(1, 2)
-    kh = kp.view(b, nk, heads, -1).transpose(1, 2)
-    vh = vp.view(b, nk, heads, -1).transpose(1, 2)
-    zero = torch.zeros((), dtype=q.dtype, device=q.device)
-    neg = torch.tensor(torch.finfo(q.dtype).min / 2, dtype=q.dtype, device=q.device)
-    mask = torch.where(kvalid, zero, neg)[:, None, None, :]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return q_sites.unpad(out.transpose(1, 2).reshape(b, nq, -1))
-
-
 def tokens(feats: torch.Tensor, sites: Sites) -> VisibleTokens:
     return VisibleTokens(feats, sites)
 
 
 def green_output(last: VisibleTokens, stages: List[VisibleTokens]) -> GreenOutput:
     return GreenOutput(last, list(stages))
-
-
-def davit_window_attention(x: torch.Tensor, grouping: Grouping, attn: nn.Module, backend: str = "auto") -> torch.Tensor:
-    """timm DaViT ``WindowAttention``: plain scaled dot-product attention inside windows, no bias."""
-    area = attn.window_size[0] * attn.window_size[1]
-    return attn.proj(_plain_window_attention(x, grouping, attn, area, 0.0, backend, "DaViT's window attention"))
-
-
-def channel_attention(x: torch.Tensor, sites: Sites, attn: nn.Module) -> torch.Tensor:
-    """timm DaViT ``ChannelAttention`` / ``ChannelAttentionV2`` with token sums over each sample's visible tokens.
-
-    q, k, v are padded per sample after the qkv projection, so padding rows are exact zeros and add
-    nothing to the ``(head_dim, head_dim)`` channel logits.
-    """
-    v2 = hasattr(attn, "dynamic_scale")
-    heads = attn.groups if v2 else attn.num_heads
-    qkv, _ = sites.pad(attn.qkv(x))
-    b, n, c3 = qkv.shape
-    q, k, v = qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-    if not v2:
-        logits, values = (k * attn.scale).transpose(-1, -2) @ v, q
-    else:
-        if attn.dynamic_scale:
-            scale = sites.counts().clamp_min(1).to(q.dtype).rsqrt().view(b, 1, 1, 1)
-        else:
-            scale = attn.head_dim ** -0.5
-        logits, values = (q * scale).transpose(-1, -2) @ k, v
-    out = values @ logits.softmax(dim=-1).transpose(-1, -2)
-    return attn.proj(sites.unpad(out.transpose(1, 2).reshape(b, n, c3 // 3)))
 
 
 def sample_mean(feats: torch.Tensor, sites: Sites) -> torch.Tensor:
@@ -504,6 +337,6 @@ def sample_to_tokens(per_sample: torch.Tensor, sites: Sites) -> torch.Tensor:
     return per_sample.index_select(0, sites.batch)
 
 
-def pointwise_conv(feats: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+def pointwise_conv(feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """A 1x1 convolution (stride 1, groups 1) is a Linear over the channels of every token."""
-    return F.linear(feats, conv.weight.flatten(1), conv.bias)
+    return F.linear(feats, weight.flatten(1), bias)

@@ -1,14 +1,18 @@
 """The dense masked reference: the independent oracle every converted model is checked against.
 
-It runs the ORIGINAL timm modules on the full image and changes only what masked-dense semantics
+It runs the ORIGINAL modules on the full image and changes only what masked-dense semantics
 changes, through forward hooks: every attention gets the key mask added (masked keys removed), and
 every convolution reads zeros at masked input positions. It shares nothing with the passes but the
-model's weights; visibility inside a block is derived with timm's own window partition.
+model's weights; visibility inside a block is derived with timm's own window partition. timm models
+are known by class; torchvision's Swin by its module-level ``shifted_window_attention`` (replaced for
+the forward by an independent masked implementation); any other model's SDPA attention through a
+``key_mask_for`` callback.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
+import math
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -17,7 +21,9 @@ from timm.models import davit, focalnet, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
+from torchvision.models import swin_transformer as tv_swin
 
+from .errors import InvalidInputError
 from .sites import Sites
 from .tracing import feature_stages
 from .tokens import GreenOutput, VisibleTokens
@@ -42,7 +48,7 @@ class _HookState:
         self.visible = visible
         self.img_size = img_size
         self.block_vis: Dict[nn.Module, Tuple[torch.Tensor, nn.Module]] = {}
-        self.key_masks: List[Callable] = []
+        self.key_masks: List[Any] = []  # innermost attention module's key visibility: a function, or _GivenKeys
 
     def grid_of(self, tokens: int) -> Tuple[int, int]:
         """The feature grid with ``tokens`` cells and the image's aspect ratio."""
@@ -146,12 +152,102 @@ def _attention_post(state: _HookState) -> Callable:
 def _masked_sdpa(state: _HookState, sdpa: Callable) -> Callable:
     """SDPA that, inside an attention module the oracle knows, removes the keys at masked positions."""
     def run(q, k, v, attn_mask=None, *args, **kwargs):
-        if state.key_masks and attn_mask is None:
-            vis = state.key_masks[-1](state, k)
+        top = state.key_masks[-1] if state.key_masks else None
+        if isinstance(top, _GivenKeys):
+            attn_mask = top.added_to(attn_mask, q.dtype)
+        elif top is not None and attn_mask is None:
+            vis = top(state, k)
             zero = torch.zeros((), dtype=q.dtype, device=q.device)
             attn_mask = torch.where(vis, zero, torch.tensor(_neg(q.dtype), dtype=q.dtype))
         return sdpa(q, k, v, attn_mask, *args, **kwargs)
     return run
+
+
+KeyMaskFn = Callable[[Tuple[Any, ...], torch.Tensor], torch.Tensor]
+
+
+class _GivenKeys:
+    """Key visibility a ``key_mask_for`` callback computed for one call of an attention module."""
+
+    def __init__(self, vis: torch.Tensor):
+        self.vis = vis
+
+    def added_to(self, attn_mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The module's own mask (None, bool: True = attend, or float) plus the key mask, as a float mask."""
+        zero = torch.zeros((), dtype=dtype, device=self.vis.device)
+        key = torch.where(self.vis, zero, torch.tensor(_neg(dtype), dtype=dtype, device=self.vis.device))
+        if attn_mask is None:
+            return key
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.where(attn_mask, zero, torch.tensor(float("-inf"), dtype=dtype, device=zero.device))
+        return attn_mask + key
+
+
+def _given_keys_pre(state: "_HookState", keys: KeyMaskFn) -> Callable:
+    def hook(module: nn.Module, args):
+        state.key_masks.append(_GivenKeys(keys(args, state.visible)))
+    return hook
+
+
+def _tv_shifted_window_attention(state: "_HookState") -> Callable:
+    """torchvision's ``shifted_window_attention`` (Swin V1, and V2 when ``logit_scale`` is given) plus the key mask.
+
+    Written from torchvision's definition: pad the (B, H, W, C) map to whole windows, roll by the
+    shift (no shift along an axis whose padded size fits in one window), attend inside windows with
+    the bias, the seam mask (-100 between regions the roll made neighbours) and the key mask, then
+    undo the roll and crop. Key visibility follows the same pad/roll/partition; the padding is the
+    model's own and stays visible (it is no image position, like a conv's zero padding).
+    """
+    def attention(
+        input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor, relative_position_bias: torch.Tensor,
+        window_size: Sequence[int], num_heads: int, shift_size: Sequence[int], attention_dropout: float = 0.0,
+        dropout: float = 0.0, qkv_bias: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
+        logit_scale: Optional[torch.Tensor] = None, training: bool = True,
+    ) -> torch.Tensor:
+        b, h, w, c = input.shape
+        wh, ww = int(window_size[0]), int(window_size[1])
+        ph, pw = (-h) % wh, (-w) % ww
+        hp, wp = h + ph, w + pw
+        sh = int(shift_size[0]) if wh < hp else 0
+        sw = int(shift_size[1]) if ww < wp else 0
+        x = F.pad(input, (0, 0, 0, pw, 0, ph))
+        vis = F.pad(visibility_map(state.visible, (h, w)), (0, pw, 0, ph), value=True)
+        if sh or sw:
+            x = torch.roll(x, (-sh, -sw), (1, 2))
+            vis = torch.roll(vis, (-sh, -sw), (1, 2))
+        gh, gw, n, d = hp // wh, wp // ww, wh * ww, c // num_heads
+
+        def windows(t: torch.Tensor) -> torch.Tensor:  # (B, Hp, Wp, ...) -> (B, gh*gw, wh*ww, ...)
+            t = t.reshape(t.shape[0], gh, wh, gw, ww, *t.shape[3:]).transpose(2, 3)
+            return t.reshape(t.shape[0], gh * gw, n, *t.shape[5:])
+
+        tokens = windows(x)  # (B, nW, N, C)
+        if logit_scale is not None and qkv_bias is not None:
+            qkv_bias = torch.cat([qkv_bias[:c], torch.zeros_like(qkv_bias[c:2 * c]), qkv_bias[2 * c:]])
+        q, k, v = F.linear(tokens, qkv_weight, qkv_bias).reshape(b, gh * gw, n, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5)
+        if logit_scale is None:
+            logits = (q * d ** -0.5) @ k.transpose(-1, -2)
+        else:
+            cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+            logits = cos * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+        logits = logits + relative_position_bias  # (B, nW, heads, N, N) + (1, heads, N, N)
+        if sh or sw:
+            rows = (torch.arange(hp, device=x.device) >= hp - sh).long() if sh else torch.zeros(hp, dtype=torch.long, device=x.device)
+            cols = (torch.arange(wp, device=x.device) >= wp - sw).long() if sw else torch.zeros(wp, dtype=torch.long, device=x.device)
+            region = windows((rows[:, None] * 2 + cols[None, :])[None])[0]  # (nW, N)
+            seam = torch.where(region[:, :, None] != region[:, None, :], -100.0, 0.0).to(logits.dtype)
+            logits = logits + seam[None, :, None]
+        keys = windows(vis)  # (B, nW, N)
+        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        logits = logits + torch.where(keys, zero, torch.tensor(_neg(logits.dtype), dtype=logits.dtype))[:, :, None, None, :]
+        attn = F.dropout(logits.softmax(-1), p=attention_dropout, training=training)
+        y = (attn @ v).transpose(2, 3).reshape(b, gh, gw, wh, ww, c)  # heads back next to channels
+        y = F.dropout(F.linear(y, proj_weight, proj_bias), p=dropout, training=training)
+        y = y.transpose(2, 3).reshape(b, hp, wp, c)
+        if sh or sw:
+            y = torch.roll(y, (sh, sw), (1, 2))
+        return y[:, :h, :w].contiguous()
+    return attention
 
 
 def _swin_block_pre(state: _HookState) -> Callable:
@@ -231,11 +327,17 @@ SDPA_MASKED = (pvt_v2.Attention, twins.GlobalSubSampleAttn, twins.LocallyGrouped
 
 
 @contextmanager
-def masked_dense_hooks(model: nn.Module, visible: torch.Tensor, img_size: Tuple[int, int]) -> Iterator[None]:
-    """Install the masked-dense hooks on ``model`` for one forward."""
+def masked_dense_hooks(
+    model: nn.Module,
+    visible: torch.Tensor,
+    img_size: Tuple[int, int],
+    key_mask_for: Optional[Callable[[nn.Module], Optional[KeyMaskFn]]] = None,
+) -> Iterator[None]:
+    """Install the masked-dense hooks on ``model`` for one forward (``key_mask_for``: see ``dense_masked_reference``)."""
     state = _HookState(visible, img_size)
     handles = []
     sdpa = F.scaled_dot_product_attention
+    tv_attention = tv_swin.shifted_window_attention
     fused = {mod: mod.fused_attn for mod in model.modules() if isinstance(mod, SDPA_MASKED) and hasattr(mod, "fused_attn")}
     try:
         for mod in fused:
@@ -247,10 +349,16 @@ def masked_dense_hooks(model: nn.Module, visible: torch.Tensor, img_size: Tuple[
             for cls, factory in POST_HOOKS:
                 if isinstance(mod, cls):
                     handles.append(mod.register_forward_hook(factory(state)))
+            keys = key_mask_for(mod) if key_mask_for is not None else None
+            if keys is not None:
+                handles.append(mod.register_forward_pre_hook(_given_keys_pre(state, keys)))
+                handles.append(mod.register_forward_hook(_attention_post(state)))
         F.scaled_dot_product_attention = _masked_sdpa(state, sdpa)
+        tv_swin.shifted_window_attention = _tv_shifted_window_attention(state)
         yield
     finally:
         F.scaled_dot_product_attention = sdpa
+        tv_swin.shifted_window_attention = tv_attention
         for mod, flag in fused.items():
             mod.fused_attn = flag
         for h in handles:
@@ -269,26 +377,101 @@ def dense_to_tokens(
     return VisibleTokens(dense[sites.batch, sites.coords[:, 0], sites.coords[:, 1]], sites)
 
 
+def feature_layout(dense: torch.Tensor, img_size: Tuple[int, int], fmt: Optional[str] = None) -> Tuple[str, int]:
+    """``(layout, stride)`` of a feature map of an ``img_size`` image, read from its shape.
+
+    layout is "NCHW", "NHWC" or "NLC" ((B, N, C) tokens in raster order). A 4-D map is NCHW when
+    dims 2, 3 form a grid of the image at one integer stride, NHWC when dims 1, 2 do; when both do,
+    ``fmt`` decides (default NCHW).
+    """
+    h, w = img_size
+
+    def stride_of(gh: int, gw: int) -> Optional[int]:
+        if gh and gw and h % gh == 0 and w % gw == 0 and h // gh == w // gw:
+            return h // gh
+        return None
+
+    shape = tuple(dense.shape)
+    if dense.dim() == 3:
+        for stride in range(1, max(h, w) + 1):
+            if h % stride == 0 and w % stride == 0 and (h // stride) * (w // stride) == shape[1]:
+                return "NLC", stride
+    elif dense.dim() == 4:
+        nchw, nhwc = stride_of(*shape[2:4]), stride_of(*shape[1:3])
+        if nchw and nhwc:
+            return ("NHWC", nhwc) if fmt == "NHWC" else ("NCHW", nchw)
+        if nchw or nhwc:
+            return ("NCHW", nchw) if nchw else ("NHWC", nhwc)
+    raise InvalidInputError(f"a feature of shape {shape} is no NCHW, NHWC or (B, N, C) map of a {h}x{w} image")
+
+
 def dense_masked_reference(
-    model: nn.Module, images: torch.Tensor, visible: torch.Tensor, fmt: Optional[str] = None
+    model: nn.Module,
+    images: torch.Tensor,
+    visible: torch.Tensor,
+    fmt: Optional[str] = None,
+    *,
+    stages: Optional[Sequence[str]] = None,
+    last: Optional[str] = None,
+    key_mask_for: Optional[Callable[[nn.Module], Optional[KeyMaskFn]]] = None,
 ) -> GreenOutput:
-    """The original model under masked-dense semantics, read at the visible positions of every stage."""
+    """The original model under masked-dense semantics, read at the visible positions of every stage.
+
+    ``stages``: module names (as in ``named_modules()``) whose outputs are the stages; default: timm's
+    ``feature_info``. ``last``: the module whose output is the final features; default:
+    ``model.forward_features(images)``, else ``model(images)``. A stage output may be NCHW, NHWC or
+    (B, N, C); its layout and stride are read from its shape (``feature_layout``; ``fmt`` breaks ties).
+    ``key_mask_for(module)`` lets a model the oracle does not know mask its attention: for a module
+    that calls ``F.scaled_dot_product_attention``, return ``fn(args, visible) -> bool`` key visibility
+    (True = visible) broadcastable to that call's logits (..., L, S), computed from the module's
+    forward args and the (B, H/u, W/u) unit mask (``visibility_map`` gives it on a feature grid); it
+    is added to the call's own ``attn_mask``. Return None for every other module.
+    """
     fmt = fmt or getattr(model, "output_fmt", "NCHW")
-    names, strides = feature_stages(model)
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    strides: Optional[List[int]] = None
+    if stages is None:
+        if not getattr(model, "feature_info", None):
+            raise InvalidInputError(
+                f"{type(model).__name__} has no timm feature_info: pass stages=[module names whose outputs are the stages]"
+            )
+        names, strides = feature_stages(model)
+    else:
+        names = list(stages)
+    modules = dict(model.named_modules())
+    for n in names + ([last] if last is not None else []):
+        if n not in modules:
+            raise InvalidInputError(f"{type(model).__name__} has no module named '{n}'")
     captured: Dict[str, torch.Tensor] = {}
+    hooked = names + ([last] if last is not None and last not in names else [])
     handles = [
-        _called_module(model.get_submodule(n)).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out))
-        for n in names
+        _called_module(modules[n]).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out))
+        for n in hooked
     ]
     try:
-        with masked_dense_hooks(model, visible, tuple(images.shape[-2:])):
-            last = model.forward_features(images)
+        with masked_dense_hooks(model, visible, size, key_mask_for):
+            if last is None and hasattr(model, "forward_features"):
+                final = model.forward_features(images)
+            else:
+                final = model(images)
     finally:
         for h in handles:
             h.remove()
-    size = tuple(images.shape[-2:])
-    stages = [dense_to_tokens(captured[n], visible, s, fmt, size) for n, s in zip(names, strides)]
-    return GreenOutput(dense_to_tokens(last, visible, strides[-1], fmt, size), stages)
+    missing = [n for n in hooked if n not in captured]
+    if missing:
+        raise InvalidInputError(f"modules {missing} of {type(model).__name__} did not run in its forward")
+    if last is not None:
+        final = captured[last]
+
+    def read(dense: torch.Tensor, stride: Optional[int]) -> VisibleTokens:
+        if stride is not None:  # timm's feature_info: its stride and the model's output_fmt, as always
+            return dense_to_tokens(dense, visible, stride, fmt, size)
+        layout, stride = feature_layout(dense, size, fmt)
+        return dense_to_tokens(dense, visible, stride, layout, size)
+
+    outs = [read(captured[n], strides[i] if strides else None) for i, n in enumerate(names)]
+    timm_last = strides is not None and last is None and hasattr(model, "forward_features")
+    return GreenOutput(read(final, strides[-1] if timm_last else None), outs)
 
 
 def _called_module(module: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ tokens that wrapped around (``r < s``) and those that did not, which is the same
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -57,3 +57,58 @@ def window_segments(
     segment = (batch * nr + seg_r) * nc + seg_c
     position = torch.remainder(r - sh, wh) * ww + torch.remainder(c - sw, ww)
     return segment, position, batch_size * nr * nc
+
+
+@dataclass(frozen=True)
+class DigitWindows:
+    """Windows described by layout digits: the digits shared by a query and its keys index the window,
+    the digits of the token axis index the position inside it (any order, any stride: blocks,
+    dilated grids). A digit is ``(kind, size, inner)`` with kind ``h`` or ``w``; ``offset`` is the
+    roll: dense row ``p`` holds grid row ``(p + offset) mod H``."""
+
+    grid: Tuple[int, int]
+    offset: Tuple[int, int]
+    shared: Tuple[Tuple[str, int, int], ...]
+    token: Tuple[Tuple[str, int, int], ...]
+
+    @property
+    def area(self) -> int:
+        out = 1
+        for _, size, _ in self.token:
+            out *= size
+        return out
+
+    @property
+    def windows_per_sample(self) -> int:
+        out = 1
+        for _, size, _ in self.shared:
+            out *= size
+        return out
+
+    def digits(self, coords: torch.Tensor, digits: Tuple[Tuple[str, int, int], ...]) -> torch.Tensor:
+        """Mixed-radix value of ``digits`` (major first) at every coordinate."""
+        dense = [torch.remainder(coords[:, i] - self.offset[i], self.grid[i]) for i in range(2)]
+        value = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device)
+        for kind, size, inner in digits:
+            value = value * size + torch.div(dense["hw".index(kind)], inner, rounding_mode="floor") % size
+        return value
+
+
+def digit_segments(
+    batch: torch.Tensor, coords: torch.Tensor, batch_size: int, windows: DigitWindows, labels: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Segment id (sample-major) and in-window position of every token for digit-described windows.
+
+    ``labels`` ``(H, W)`` splits windows further into regions (a block mask such as the shifted
+    window seam); labels are small non-negative ints, at most ``area`` of them per window.
+    """
+    window = windows.digits(coords, windows.shared)
+    position = windows.digits(coords, windows.token)
+    per_sample = windows.windows_per_sample
+    segment = batch * per_sample + window
+    count = batch_size * per_sample
+    if labels is not None:
+        region = labels[coords[:, 0], coords[:, 1]]
+        segment = segment * windows.area + region
+        count *= windows.area
+    return segment, position, count

@@ -1,16 +1,20 @@
-"""Shared pieces of the passes: the pass base class, the conversion context and graph helpers."""
+"""Shared pieces of the passes: the pass base class, the conversion context and ATen-graph helpers."""
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from greenmim_convert import ops
 from greenmim_convert.errors import UnsupportedOperationError
 from greenmim_convert.layout import Layout
+
+aten = torch.ops.aten
 
 
 @dataclass
@@ -20,6 +24,7 @@ class ConvertContext:
     img_size: Tuple[int, int]
     mask_unit: int
     trace_batch: int
+    channels: int
     grouping: str = "dp"
     attention_backend: str = "auto"
     images: Optional[fx.Node] = None
@@ -27,6 +32,9 @@ class ConvertContext:
     site_nodes: Dict[Tuple, fx.Node] = field(default_factory=dict)
     grouping_nodes: Dict[Tuple, fx.Node] = field(default_factory=dict)
     grid_strides: set = field(default_factory=set)
+    default_stages: bool = False
+    failures: Dict[fx.Node, Tuple[fx.Node, str]] = field(default_factory=dict)
+    stage_paths: list = field(default_factory=list)
 
 
 def context_of(gm: fx.GraphModule) -> ConvertContext:
@@ -36,6 +44,34 @@ def context_of(gm: fx.GraphModule) -> ConvertContext:
 def layout_of(node: Any) -> Optional[Layout]:
     """The symbolic layout of a node reachable from the images, or None for constants."""
     return node.meta.get("layout") if isinstance(node, fx.Node) else None
+
+
+def is_op(node: Any, *targets) -> bool:
+    """True when ``node`` calls one of the ATen overloads or overload packets in ``targets``."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    packet = getattr(node.target, "overloadpacket", None)
+    return any(node.target is t or packet is t for t in targets)
+
+
+def args_of(node: fx.Node) -> Dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    out: Dict[str, Any] = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+def shape_of(node: Any) -> Optional[Tuple[int, ...]]:
+    """The concrete shape recorded at capture, or None for non-tensors."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def sites_node(gm: fx.GraphModule, layout: Layout) -> fx.Node:
@@ -49,20 +85,35 @@ def sites_node(gm: fx.GraphModule, layout: Layout) -> fx.Node:
     return ctx.site_nodes[key]
 
 
-def replace_with_call(gm: fx.GraphModule, node: fx.Node, fn: Any, args: Tuple) -> fx.Node:
+def replace_with_call(gm: fx.GraphModule, node: fx.Node, fn: Any, args: Tuple, kwargs: Optional[Dict] = None) -> fx.Node:
     """Replace ``node`` by ``fn(*args)`` in place: same position, same meta (layout), same users."""
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(fn, args)
+        new = gm.graph.call_function(fn, args, kwargs or {})
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return new
 
 
-def module_ref(gm: fx.GraphModule, target: str, before: fx.Node) -> fx.Node:
-    """A get_attr node handing a submodule to a runtime op."""
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(target)
+def constant(gm: fx.GraphModule, value: Any, before: fx.Node, prefix: str = "green_const") -> fx.Node:
+    """A get_attr node handing a static Python object (a program, a window description) to a runtime op."""
+    i = 0
+    while hasattr(gm, f"_{prefix}_{i}"):
+        i += 1
+    name = f"_{prefix}_{i}"
+    setattr(gm, name, value)
+    with gm.graph.inserting_before(before), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a plain attribute, not a Parameter, buffer or submodule
+        return gm.graph.get_attr(name)
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module of the source model that produced ``node`` ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path[2:] if path.startswith("m.") else ("" if path == "m" else path)
 
 
 class GreenPass(PassBase):
@@ -87,4 +138,3 @@ class GreenPass(PassBase):
     @staticmethod
     def fail(node: fx.Node, reason: str) -> None:
         raise UnsupportedOperationError(reason, node)
-

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from greenmim_convert import ops
+from greenmim_convert import attention, ops
 
-from .base import GreenPass, context_of
+from .base import GreenPass, context_of, layout_of
 
-_OPS_MODULE = ops.__name__
+_RUNTIME = {ops.__name__, attention.__name__}
 
 
 class CheckPass(GreenPass):
@@ -17,9 +17,12 @@ class CheckPass(GreenPass):
     def run(self, gm: fx.GraphModule) -> None:
         ctx = context_of(gm)
         for user in ctx.images.users:
-            if not (user.op == "call_function" and getattr(user.target, "__module__", "") == _OPS_MODULE):
+            if not (user.op == "call_function" and getattr(user.target, "__module__", "") in _RUNTIME):
                 self.fail(user, "the images are read by an op that is not a visible-patch op")
         for node in gm.graph.nodes:
             if node.meta.get("layout_op"):
                 self.fail(node, "layout op left in the converted graph")
+            lay = layout_of(node)
+            if lay is not None and lay.is_pair():
+                self.fail(node, "attention logits left in the converted graph")
         self.report["ok"] += 1

@@ -1,36 +1,44 @@
 """Layout analysis: annotate every value computed from the images with its symbolic layout.
 
 Values reachable from the image input (networkx reachability over the FX graph) are the ones that
-become packed visible tokens; everything else (parameters, constant tables) stays as it is. Each
-reachable node must be matched by one rule of ``LAYOUT_RULES``; the first node no rule understands
-stops the conversion with an error naming it.
+become packed visible tokens; everything else (parameters, buffers, tables and masks computed from
+them) stays as it is. Each reachable node must be matched by one rule of ``LAYOUT_RULES``. A node
+no rule understands is recorded; ``OutputsPass`` reports it unless it lies past the last value that
+still has visible tokens (the global pool and head of a classifier).
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, List, Optional, Tuple
 
 import networkx as nx
 import torch.fx as fx
-import torch.nn.functional as F
 
 from greenmim_convert.layout import Layout, LayoutError
 
-from . import channel_attention, channel_split, conv, global_attention, patch_embed, pooling, tokenwise, window_attention, window_ops
-from .base import GreenPass, context_of
+from . import attention, channel_split, conv, layout_ops, patch_merging, pooling, tokenwise
+from .base import GreenPass, aten, context_of, is_op, layout_of, shape_of
 
 LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
 
+
+def _pick(gm, node):
+    return patch_merging.pick_rule(node) if layout_of(node.args[0] if node.args else None) is not None else None
+
+
+def _cat(gm, node):
+    return patch_merging.cat_rule(node)
+
+
 # (name, rule): the first rule returning a layout wins
 LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
-    ("patch-embed", patch_embed.layout_rule),
+    ("strided-pick", _pick),
+    ("layout-ops", layout_ops.layout_rule),
     ("conv", conv.layout_rule),
     ("pooling", pooling.layout_rule),
-    ("spatial-mean", pooling.spatial_mean_rule),
+    ("attention", attention.layout_rule),
     ("channel-split", channel_split.layout_rule),
-    ("window-ops", window_ops.layout_rule),
-    ("window-attention", window_attention.layout_rule),
-    ("global-attention", global_attention.layout_rule),
-    ("channel-attention", channel_attention.layout_rule),
+    ("cat", _cat),
     ("token-wise", tokenwise.layout_rule),
 ]
 
@@ -46,20 +54,20 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
 
 
 def image_passthrough(node: fx.Node) -> bool:
-    """Ops that leave the image as it is: zero padding (specialised to nothing) and copies."""
+    """Ops that leave the image as it is: zero padding, copies and views of the same shape."""
     src = node.args[0] if node.args else None
     if not (isinstance(src, fx.Node) and src.meta.get("image")):
         return False
-    if node.op == "call_function" and node.target is F.pad:
-        pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
-        return not any(pads)
-    return node.op == "call_method" and node.target in ("contiguous", "clone")
+    if is_op(node, aten.pad, aten.constant_pad_nd):
+        return not any(node.args[1])
+    if is_op(node, aten.contiguous, aten.clone, aten.alias, aten.detach):
+        return True
+    return is_op(node, aten.view, aten.reshape, aten._to_copy) and shape_of(node) == shape_of(src)
 
 
 def _describe_failure(node: fx.Node) -> str:
     target = str(getattr(node.target, "__name__", node.target))
-    target = target[2:] if target.startswith("m.") else target
-    return f"no pass converts {node.op} '{target}' on visible tokens"
+    return f"no pass converts {target} on visible tokens"
 
 
 class LayoutAnalysisPass(GreenPass):
@@ -70,28 +78,43 @@ class LayoutAnalysisPass(GreenPass):
         ctx = context_of(gm)
         reach = nx.descendants(to_networkx(gm.graph), ctx.images.name)
         ctx.images.meta["image"] = True
+        failed: dict = {}
         for node in gm.graph.nodes:
             if node.name not in reach or node.op == "output":
+                continue
+            blocked = [a for a in node.all_input_nodes if a in failed]
+            if blocked:
+                failed[node] = failed[blocked[0]]
                 continue
             if image_passthrough(node):
                 node.meta["image"] = node.meta["layout_op"] = True
                 self.report["image-ops"] += 1
                 continue
-            for name, rule in LAYOUT_RULES:
-                try:
-                    lay = rule(gm, node)
-                except LayoutError as exc:
-                    self.fail(node, str(exc))
-                if lay is not None:
-                    node.meta["layout"] = lay
-                    if name == "window-ops":
-                        node.meta["layout_op"] = True
-                    elif name == "token-wise" and node.op != "call_module":
-                        node.meta["tokenwise"] = True
-                    self.report[name] += 1
-                    break
-            else:
-                module = ""
-                if node.op == "call_module":
-                    module = f" ({type(gm.get_submodule(node.target)).__name__})"
-                self.fail(node, _describe_failure(node) + module)
+            if any(a.meta.get("pick") is not None for a in node.all_input_nodes) and not is_op(node, aten.slice, aten.cat):
+                failed[node] = (node, "a strided spatial slice is used by an op other than a concatenation")
+                continue
+            try:
+                lay, name = self._match(gm, node)
+            except LayoutError as exc:
+                failed[node] = (node, str(exc))
+                continue
+            if lay is None:
+                failed[node] = (node, _describe_failure(node))
+                continue
+            node.meta["layout"] = lay
+            if name == "layout-ops" or name == "strided-pick":
+                node.meta["layout_op"] = True
+            self.report[name] += 1
+        ctx.failures = failed
+
+    @staticmethod
+    def _match(gm: fx.GraphModule, node: fx.Node):
+        if node.op != "call_function":
+            return None, None
+        if node.target is operator.getitem:
+            return channel_split.layout_rule(gm, node), "channel-split"
+        for name, rule in LAYOUT_RULES:
+            lay = rule(gm, node)
+            if lay is not None:
+                return lay, name
+        return None, None

@@ -1,12 +1,25 @@
-"""Outputs: the graph returns VisibleTokens of the final features and of every stage."""
+"""Outputs: choose the final value and the stage values, prune what follows, return VisibleTokens.
+
+The final value is the captured features when they still hold visible tokens (a timm
+``forward_features``, a backbone's ``forward``); for a classifier it is the last value before its
+global reduction (the input of its global pool). Stage values are the captured stage modules'
+outputs; for a model without ``stages=`` or timm's ``feature_info`` they are the last value
+computed at each feature grid. An op no rule understands fails the conversion here, unless it lies
+past the final value.
+"""
 from __future__ import annotations
 
+from typing import List
+
+import networkx as nx
 import torch.fx as fx
 
 from greenmim_convert import ops
+from greenmim_convert.errors import UnsupportedOperationError
 from greenmim_convert.layout import Layout
 
-from .base import GreenPass, context_of, layout_of, sites_node
+from .base import GreenPass, context_of, layout_of, module_path, sites_node
+from .layout_analysis import to_networkx
 
 
 def token_like(lay: Layout) -> bool:
@@ -15,29 +28,66 @@ def token_like(lay: Layout) -> bool:
     spatial = [a for a in atoms if a.kind in "hw"]
     chans = [a for a in atoms if a.kind == "c"]
     full = {a.kind: a for a in spatial if a.inner == 1 and a.size == lay.grid["hw".index(a.kind)]}
-    grid_ok = all(g == 1 for g in lay.grid) or (len(spatial) == len(full) == sum(g > 1 for g in lay.grid))
-    return grid_ok and len(chans) <= 1 and all(a.inner == 1 for a in chans) and lay.offset == (0, 0)
+    grid_ok = len(spatial) == len(full) == sum(g > 1 for g in lay.grid) and bool(spatial)
+    return grid_ok and len(chans) <= 1 and all(a.inner == 1 for a in chans) and lay.offset == (0, 0) and not lay.is_pair()
 
 
 class OutputsPass(GreenPass):
     name = "outputs"
-    description = "final and per-stage features -> VisibleTokens"
+    description = "final and per-stage features -> VisibleTokens; the classifier head past them is dropped"
 
     def run(self, gm: fx.GraphModule) -> None:
-        context_of(gm)
+        ctx = context_of(gm)
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        last, stages = out.args[0]
+        values = list(out.args[0])
+        graph = to_networkx(gm.graph)
+        last = values[0]
+        if layout_of(last) is None or not token_like(layout_of(last)):
+            last = self._last_token_value(gm, graph, last)
+        stages = values[1:] if not ctx.default_stages else self._default_stages(gm, graph, last)
+        needed = set(nx.ancestors(graph, last.name)) | {last.name}
+        for s in stages:
+            needed |= set(nx.ancestors(graph, s.name)) | {s.name}
+        for node, (where, reason) in ctx.failures.items():
+            if node.name in needed:
+                raise UnsupportedOperationError(reason, where)
+        for s in stages:
+            if layout_of(s) is None or not token_like(layout_of(s)):
+                self.fail(s, f"stage output is not a per-position feature map (layout {getattr(layout_of(s), 'shape', None)})")
+        ctx.stage_paths = [module_path(s) for s in stages]
 
         def wrap(node: fx.Node) -> fx.Node:
-            lay = layout_of(node)
-            if lay is None or not token_like(lay):
-                self.fail(node, f"stage output is not a per-position feature map (layout {getattr(lay, 'shape', None)})")
-            sites = sites_node(gm, lay)
             with gm.graph.inserting_before(out):
                 self.report["VisibleTokens"] += 1
-                return gm.graph.call_function(ops.tokens, (node, sites))
+                return gm.graph.call_function(ops.tokens, (node, sites_node(gm, layout_of(node))))
 
         with gm.graph.inserting_before(out):
             result = gm.graph.call_function(ops.green_output, (wrap(last), [wrap(s) for s in stages]))
         out.args = (result,)
+        gm.graph.eliminate_dead_code()
         gm.recompile()
+
+    def _last_token_value(self, gm: fx.GraphModule, graph: nx.DiGraph, value: fx.Node) -> fx.Node:
+        """The last value (graph order) holding visible tokens on which the model's output depends."""
+        ctx = context_of(gm)
+        ancestors = nx.ancestors(graph, value.name)
+        found = None
+        for node in gm.graph.nodes:
+            if node.name in ancestors and layout_of(node) is not None and token_like(layout_of(node)) and not node.meta.get("pick"):
+                found = node
+        if found is None:
+            first = next(iter(ctx.failures.values()), None)
+            if first is not None:
+                raise UnsupportedOperationError(first[1], first[0])
+            self.fail(value, "the model's output does not depend on any value with visible tokens")
+        return found
+
+    def _default_stages(self, gm: fx.GraphModule, graph: nx.DiGraph, last: fx.Node) -> List[fx.Node]:
+        """The last value computed at each feature grid, finest first."""
+        ancestors = nx.ancestors(graph, last.name) | {last.name}
+        by_grid = {}
+        for node in gm.graph.nodes:
+            lay = layout_of(node)
+            if node.name in ancestors and lay is not None and token_like(lay) and not node.meta.get("layout_op"):
+                by_grid[(lay.stride, lay.grid)] = node
+        return [by_grid[k] for k in sorted(by_grid) if k[0] > 1]

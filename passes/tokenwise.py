@@ -1,168 +1,246 @@
-"""Token-wise ops pass through unchanged: one generic rule for every model.
+"""Token-wise ops run unchanged on packed ``(rows, C)`` tensors: one generic rule for every model.
 
-Linear, norms over the channel axis, activations, dropout, residual adds and per-channel scales act
-on each token independently, so they run as they are on the packed ``(T, C)`` features. Stochastic
-depth is per *sample*, so timm's DropPath is the one sample-wise op rewritten here.
+``linear`` and ``layer_norm`` over the channels, elementwise ops (activations, residual adds,
+per-channel scales, dropout, dtype casts), and reductions or softmax over channel digits act on
+each token (or each sample) on its own. Operands of an elementwise op may hold different channel
+digits (a per-head norm against per-head features), be per-sample values (a global mean, a
+drop-path keep mask) or constants shaped for the dense layout (``(1, C, 1, 1)``): the pass views,
+gathers and reshapes them so the op broadcasts on packed rows exactly as it did densely. A random
+tensor of one value per sample (``new_empty((B, 1, 1)).bernoulli_``, stochastic depth) stays one
+value per sample.
 """
 from __future__ import annotations
 
-import operator
-from typing import Optional
+from math import prod
+from typing import List, Optional, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import DropPath
-from timm.layers import activations as timm_activations
 
 from greenmim_convert import ops
 from greenmim_convert.layout import Atom, Layout, LayoutError, space_to_depth_plan
 
-from .base import GreenPass, layout_of, module_ref, replace_with_call, sites_node
+from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, shape_of, sites_node
 
-_NOT_ELEMENTWISE = {nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.PReLU}
-ELEMENTWISE_MODULES = tuple(
-    {
-        cls
-        for mod in (nn.modules.activation, timm_activations)
-        for cls in vars(mod).values()
-        if isinstance(cls, type) and issubclass(cls, nn.Module) and cls not in _NOT_ELEMENTWISE and cls is not nn.Module
-    }
-    | {nn.Dropout, nn.Identity, nn.AlphaDropout}
+UNARY = (
+    aten.gelu, aten.relu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish, aten.hardsigmoid, aten.mish,
+    aten.leaky_relu, aten.elu, aten.exp, aten.log, aten.sqrt, aten.rsqrt, aten.abs, aten.neg, aten.erf,
+    aten.clamp, aten.clamp_min, aten.clamp_max, aten.hardtanh, aten.softplus, aten.reciprocal, aten.square,
+    aten.dropout, aten.bernoulli, aten._to_copy, aten.to, aten.type_as, aten.pow, aten.sign, aten.relu6,
 )
-ELEMENTWISE_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-    torch.add, torch.sub, torch.mul, torch.div, torch.tanh, torch.sigmoid, torch.neg,
-    F.gelu, F.relu, F.silu, F.dropout, F.hardswish, F.mish, F.leaky_relu,
-}
-ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "tanh", "sigmoid", "relu", "float", "to", "type_as"}
+BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.where, aten.rsub)
+ELEMENTWISE = UNARY + BINARY
+CHANNEL_REDUCTIONS = (aten.linalg_vector_norm, aten.sum, aten.mean, aten.amax, aten.amin)
+FACTORIES = (aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full)
 
 
 def _with_channels(lay: Layout, channels: int) -> Layout:
     return Layout(lay.axes[:-1] + ((Atom("c", channels),),), lay.grid, lay.stride, lay.offset)
 
 
-def _channel_input(node: fx.Node, lay: Layout) -> Layout:
-    """The layout a channel op sees: gathers low spatial digits first when the last axis holds them."""
+def channel_input(node: fx.Node, lay: Layout) -> Layout:
+    """The layout an op over the last axis sees: gathers low spatial digits first when that axis holds them."""
     if lay.channel_last():
         return lay
     if lay.spatial_factor_in_last_axis() is not None:
         new, factor, plan = space_to_depth_plan(lay)
         node.meta["space_to_depth"] = (lay, new, factor, plan)
         return new
-    raise LayoutError(f"op over the last axis of layout {lay.shape} whose last axis is not the channels")
+    raise LayoutError(f"op over the last axis of layout {lay.shape}, which does not hold exactly the channels")
 
 
-def _broadcasts_per_channel(arg, lay: Layout) -> bool:
-    """A constant that is one value, or one value per channel along the layout's channel axis."""
+def _constant_ok(arg, out: Layout) -> bool:
+    """A constant that is a number, or varies only along channel digits of the output layout."""
     if not isinstance(arg, fx.Node):
-        return isinstance(arg, (int, float, bool)) or (isinstance(arg, torch.Tensor) and arg.numel() == 1)
-    shape = arg.meta.get("shape")
-    if shape is None:
-        return False
-    if not shape or all(s == 1 for s in shape):
         return True
-    axis = lay.channel_axis()
-    if axis is None or len(shape) > len(lay.axes):
+    shape = shape_of(arg)
+    if shape is None:
+        return True
+    if len(shape) > len(out.axes):
         return False
-    padded = (1,) * (len(lay.axes) - len(shape)) + tuple(shape)
-    return all(s == 1 for i, s in enumerate(padded) if i != axis) and padded[axis] == lay.channels
+    padded = (1,) * (len(out.axes) - len(shape)) + tuple(shape)
+    for size, ax in zip(padded, out.axes):
+        if size != 1 and (size != prod(a.size for a in ax) or any(a.kind != "c" for a in ax)):
+            return False
+    return True
 
 
-def elementwise_layout(node: fx.Node) -> Optional[Layout]:
-    """Layout of an elementwise op: packed operands must broadcast; constants must be per-channel.
-
-    A per-sample operand (after a global reduction) broadcast against tokens is marked for
-    expansion to the tokens of its sample.
-    """
+def elementwise_layout(node: fx.Node) -> Layout:
+    """Broadcast layout of an elementwise op; constants must vary along channels only."""
     packed = [a for a in node.all_input_nodes if layout_of(a) is not None]
-    lays = [layout_of(a) for a in packed]
-    out = lays[0]
-    for lay in lays[1:]:
-        out = out.broadcast(lay)
-    if not out.is_per_sample() and any(lay.is_per_sample() for lay in lays):
-        node.meta["sample_broadcast"] = True
-    others = [a for a in list(node.args) + list(node.kwargs.values()) if not (isinstance(a, fx.Node) and layout_of(a) is not None)]
-    if not all(_broadcasts_per_channel(a, out) or isinstance(a, (str, torch.dtype, type(None))) for a in others):
-        raise LayoutError("elementwise op with a constant that varies over positions")
+    out = layout_of(packed[0])
+    for a in packed[1:]:
+        out = out.broadcast(layout_of(a))
+    if out.is_pair():
+        return out
+    for a in node.all_input_nodes:
+        if layout_of(a) is None and not _constant_ok(a, out):
+            raise LayoutError(f"elementwise op with a constant of shape {shape_of(a)} that varies over positions")
+    out.check_packed()
     return out
+
+
+def _reduced_axes(node: fx.Node, lay: Layout) -> Optional[List[int]]:
+    dims = args_of(node).get("dim")
+    if dims is None:
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return sorted({d % len(lay.axes) for d in dims})
+
+
+def channel_reduction_layout(node: fx.Node, lay: Layout) -> Optional[Layout]:
+    """Reduction over axes holding channel digits only (a per-head norm): None when spatial axes are reduced."""
+    axes = _reduced_axes(node, lay)
+    if not axes or any(a.kind != "c" for i in axes for a in lay.axes[i]):
+        return None
+    keep = bool(args_of(node).get("keepdim"))
+    out = tuple(() if i in axes else ax for i, ax in enumerate(lay.axes) if keep or i not in axes)
+    return Layout(out, lay.grid, lay.stride, lay.offset)
+
+
+def _softmax_channel_layout(node: fx.Node, lay: Layout) -> Layout:
+    dim = args_of(node)["dim"] % len(lay.axes)
+    if len(lay.axes[dim]) != 1 or lay.axes[dim][0].kind != "c":
+        raise LayoutError("softmax over an axis that is not one channel digit")
+    return lay
+
+
+def _per_sample_factory(node: fx.Node, lay: Layout, batch: int) -> Layout:
+    """``x.new_empty((B, 1, ..., 1))``: one value per sample of ``x``."""
+    size = list(args_of(node)["size"])
+    b = [a for ax in lay.axes for a in ax if a.kind == "b"]
+    if not size or size[0] != batch or any(s != 1 for s in size[1:]) or len(b) != 1:
+        raise LayoutError(f"tensor factory of size {tuple(size)} from image features (only (batch, 1, ...) per-sample tensors are supported)")
+    return Layout(((b[0],),) + ((),) * (len(size) - 1), lay.grid, lay.stride)
 
 
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     """Output layout of a token-wise op, or None when ``node`` is not one."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        lay = layout_of(node.args[0])
-        if isinstance(mod, (DropPath,) + ELEMENTWISE_MODULES):
-            return lay
-        if isinstance(mod, nn.Linear):
-            return _with_channels(_channel_input(node, lay), mod.out_features)
-        if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:
-            return _channel_input(node, lay)
+    if node.op != "call_function" or not hasattr(node.target, "_schema"):
         return None
-    if node.op == "call_function" and node.target is F.layer_norm:
-        shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
-        lay = _channel_input(node, layout_of(node.args[0]))
-        if tuple(shape) != (lay.channels,):
-            raise LayoutError(f"layer_norm over {tuple(shape)} is not over the channels")
-        return lay
-    if node.op == "call_function" and node.target is F.linear:
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-        if layout_of(weight) is not None or "shape" not in getattr(weight, "meta", {}):
+    src = node.args[0] if node.args else None
+    if is_op(node, aten.linear):
+        a = args_of(node)
+        if layout_of(a["weight"]) is not None:
             raise LayoutError("linear whose weight is computed from the images")
-        return _with_channels(_channel_input(node, layout_of(node.args[0])), weight.meta["shape"][0])
-    if node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS:
+        return _with_channels(channel_input(node, layout_of(src)), shape_of(a["weight"])[0])
+    if is_op(node, aten.layer_norm):
+        lay = channel_input(node, layout_of(src))
+        if tuple(args_of(node)["normalized_shape"]) != (lay.channels,):
+            raise LayoutError(f"layer_norm over {tuple(args_of(node)['normalized_shape'])} is not over the channels")
+        return lay
+    if is_op(node, *FACTORIES) and layout_of(src) is not None:
+        node.meta["per_sample_factory"] = True
+        return _per_sample_factory(node, layout_of(src), context_of(gm).trace_batch)
+    if is_op(node, *ELEMENTWISE) and any(layout_of(a) is not None for a in node.all_input_nodes):
+        node.meta["elementwise"] = True
         return elementwise_layout(node)
-    if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
-        return elementwise_layout(node)
+    if is_op(node, *CHANNEL_REDUCTIONS) and layout_of(src) is not None:
+        out = channel_reduction_layout(node, layout_of(src))
+        if out is not None:
+            node.meta["channel_reduction"] = True
+        return out
+    if is_op(node, aten.softmax, aten._softmax, aten.log_softmax) and layout_of(src) is not None and not layout_of(src).is_pair():
+        node.meta["channel_reduction"] = True
+        return _softmax_channel_layout(node, layout_of(src))
     return None
+
+
+def _sizes(lay: Layout, signature: Sequence[Atom]) -> List[int]:
+    have = {a for ax in lay.axes for a in ax if a.kind == "c"}
+    return [a.size if a in have else 1 for a in signature]
+
+
+def _constant_atoms(arg: fx.Node, out: Layout) -> List[Atom]:
+    """The output's digits along which a dense-shaped constant varies (all channel digits, see ``_constant_ok``)."""
+    shape = shape_of(arg) or ()
+    padded = (1,) * (len(out.axes) - len(shape)) + tuple(shape)
+    return [a for size, ax in zip(padded, out.axes) if size != 1 for a in ax]
+
+
+def _pack_constant(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out: Layout, split_channels: bool) -> fx.Node:
+    """Nodes turning a dense-shaped per-channel constant into packed column order: ``(1, C)`` or ``(1, *digits)``."""
+    atoms = _constant_atoms(arg, out)
+    signature = out.channel_atoms()
+    perm = sorted(range(len(atoms)), key=lambda i: -atoms[i].inner)
+    sizes = _sizes(Layout((tuple(atoms),), out.grid, out.stride), signature)
+    final = [1] + (sizes if split_channels else [prod(sizes)])
+    with gm.graph.inserting_before(node):
+        x = gm.graph.call_function(aten.reshape.default, (arg, [a.size for a in atoms] or [1]))
+        if perm != list(range(len(perm))):
+            x = gm.graph.call_function(aten.permute.default, (x, perm))
+        return gm.graph.call_function(aten.reshape.default, (x, final))
 
 
 class TokenwisePass(GreenPass):
     name = "token-wise"
-    description = "token-wise ops run unchanged on packed tokens; DropPath becomes per-sample"
+    description = "token-wise ops run unchanged on packed tokens; per-sample values broadcast to their tokens"
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
-            if "layout" not in node.meta or node.meta.get("layout_op"):
+            lay = node.meta.get("layout")
+            if lay is None or node.meta.get("layout_op") or lay.is_pair() or node.meta.get("attention"):
                 continue
-            if node.op == "call_module":
-                mod = gm.get_submodule(node.target)
-                if isinstance(mod, DropPath):
-                    sites = sites_node(gm, node.meta["layout"])
-                    ref = module_ref(gm, node.target, node)
-                    replace_with_call(gm, node, ops.drop_path, (node.args[0], sites, ref))
-                    self.report["DropPath -> per-sample"] += 1
-                elif isinstance(mod, (nn.Linear, nn.LayerNorm) + ELEMENTWISE_MODULES):
-                    self.report[f"{type(mod).__name__} unchanged"] += 1
-            elif node.meta.get("tokenwise"):
-                if node.meta.get("sample_broadcast"):
-                    self._expand_samples(gm, node)
-                self._flatten_constants(gm, node)
-                self.report[f"{getattr(node.target, '__name__', node.target)} unchanged"] += 1
+            if node.meta.get("per_sample_factory"):
+                self._per_sample_factory(gm, node)
+            elif node.meta.get("elementwise"):
+                self._elementwise(gm, node)
+            elif node.meta.get("channel_reduction"):
+                self._channel_op(gm, node)
+            elif is_op(node, aten.linear, aten.layer_norm):
+                self.report[f"{node.target.__name__.split('.')[0]} unchanged"] += 1
         gm.recompile()
 
-    def _expand_samples(self, gm: fx.GraphModule, node: fx.Node) -> None:
-        """Per-sample operands of ``node`` become one row per token of their sample."""
+    def _per_sample_factory(self, gm: fx.GraphModule, node: fx.Node) -> None:
         sites = sites_node(gm, node.meta["layout"])
-        for arg in node.all_input_nodes:
-            lay = layout_of(arg)
-            if lay is not None and lay.is_per_sample():
-                with gm.graph.inserting_before(node):
-                    expanded = gm.graph.call_function(ops.sample_to_tokens, (arg, sites))
-                expanded.meta["layout"] = node.meta["layout"]
-                node.replace_input_with(arg, expanded)
-                self.report["per-sample value -> its tokens"] += 1
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(ops.per_sample_factory, (node.target, node.args[0], sites, tuple(node.args[2:]), dict(node.kwargs)))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        self.report["per-sample random tensor"] += 1
 
-    def _flatten_constants(self, gm: fx.GraphModule, node: fx.Node) -> None:
-        """Per-channel constants shaped for the dense layout (``(1, C, 1, 1)``) become ``(C,)`` or scalars."""
-        elementwise = node.target in ELEMENTWISE_FUNCTIONS if node.op == "call_function" else node.target in ELEMENTWISE_METHODS
-        for arg in node.all_input_nodes if elementwise else ():
-            shape = arg.meta.get("shape")
-            if layout_of(arg) is not None or shape is None or len(shape) <= 1:
-                continue
-            with gm.graph.inserting_before(node):
-                flat = gm.graph.call_method("reshape", (arg, (-1,) if max(shape) > 1 else ()))
-            node.replace_input_with(arg, flat)
-            self.report["per-channel constant flattened"] += 1
+    def _elementwise(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        out = node.meta["layout"]
+        signature = out.channel_atoms()
+        full = [a.size for a in signature]
+        constants = [a for a in node.all_input_nodes if layout_of(a) is None and prod(shape_of(a) or (1,)) > 1]
+        packed = [a for a in node.all_input_nodes if layout_of(a) is not None]
+        const_sizes = [_sizes(Layout((tuple(_constant_atoms(c, out)),), out.grid, out.stride), signature) for c in constants]
+        split = any(_sizes(layout_of(a), signature) != full for a in packed) or any(s != full for s in const_sizes)
+        for arg in constants:
+            node.replace_input_with(arg, _pack_constant(gm, node, arg, out, split))
+            self.report["per-channel constant packed"] += 1
+        for arg in packed:
+            lay, new = layout_of(arg), arg
+            if lay.is_per_sample() and not out.is_per_sample():
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(ops.sample_to_tokens, (new, sites_node(gm, out)))
+                self.report["per-sample value -> its tokens"] += 1
+            if split:
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(aten.reshape.default, (new, [-1] + _sizes(lay, signature)))
+            if new is not arg:
+                node.replace_input_with(arg, new)
+        if split:
+            with gm.graph.inserting_after(node):
+                flat = gm.graph.call_function(aten.reshape.default, (node, [-1, prod(full)]))
+            node.replace_all_uses_with(flat, delete_user_cb=lambda u: u is not flat)
+            flat.meta["layout"] = out
+        self.report[f"{str(node.target).split('.')[1]} unchanged"] += 1
+
+    def _channel_op(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        src = node.args[0]
+        lay = layout_of(src)
+        signature = lay.channel_atoms()
+        dims = _reduced_axes(node, lay) if not is_op(node, aten.softmax, aten._softmax, aten.log_softmax) else [args_of(node)["dim"] % len(lay.axes)]
+        positions = [1 + signature.index(a) for i in dims for a in lay.axes[i]]
+        out_sizes = [a.size for a in node.meta["layout"].channel_atoms()]
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(ops.channel_op, (node.target, src, [a.size for a in signature], positions,
+                                                          {k: v for k, v in args_of(node).items() if k not in ("self", "input", "dim")},
+                                                          prod(out_sizes)))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        self.report[f"{str(node.target).split('.')[1]} over channel digits"] += 1

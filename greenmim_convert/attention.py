@@ -1,0 +1,182 @@
+"""Runtime of compiled attention regions: logits of packed groups, their terms, softmax, ``@ v``.
+
+An ``AttentionProgram`` is what the attention pass read from the graph between ``q @ kᵀ`` and
+``@ v``: elementwise steps with scalars or image-independent *terms* (each read per (head, query,
+key) through a ``TermPlan``), the softmax over keys, then dropout. ``window_attention`` runs it on
+the padded groups of a ``Grouping`` (keys of other windows and padding slots get ``-inf``);
+``sample_attention`` runs it per sample with keys possibly on another grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.attention_dispatch import requested_backend
+from .sites import Sites
+
+Digit = Tuple[str, int, int, int]  # (kind h|w, size, inner, stride in the term)
+
+
+@dataclass(frozen=True)
+class TermPlan:
+    """Where a term's element for (head, query, key) lives: sum of head, query and key digit offsets."""
+
+    head: Tuple[Tuple[int, int, int], ...]  # (index among the head digits, size, stride)
+    query: Tuple[Digit, ...]
+    key: Tuple[Digit, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op on the logits: ``kind`` is scalar, scalar-tensor, term, unary, dropout or cast."""
+
+    kind: str
+    op: Any
+    value: Any
+    swap: bool = False  # the logits are the second operand (``bias - logits``)
+    tensor: Any = None  # the graph node of a one-element tensor operand (at compile time only)
+
+    def __reduce__(self):
+        return (Step, (self.kind, self.op, self.value, self.swap, None))
+
+
+@dataclass(frozen=True)
+class AttentionProgram:
+    """Everything between ``q @ kᵀ`` and ``@ v``, and the number of heads."""
+
+    heads: int
+    head_sizes: Tuple[int, ...]
+    steps: Tuple[Step, ...]
+    post: Tuple[Step, ...]
+    terms: Tuple[TermPlan, ...]
+    backend: str = "auto"
+
+
+def _digits(coords: torch.Tensor, grid, offset, digits: Sequence[Digit]) -> torch.Tensor:
+    """Sum of ``digit * stride`` of every token for the given digits (dense index with the roll offset)."""
+    out = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device)
+    for kind, size, inner, stride in digits:
+        i = "hw".index(kind)
+        dense = torch.remainder(coords[:, i] - offset[i], grid[i])
+        out += (torch.div(dense, inner, rounding_mode="floor") % size) * stride
+    return out
+
+
+def term_offsets(plan: TermPlan, head_sizes: Sequence[int], coords: torch.Tensor, grid, offset, key_coords=None,
+                 key_grid=None, key_offset=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Offsets of a term's elements: per head ``(heads,)``, per query token and per key token."""
+    heads = 1
+    for s in head_sizes:
+        heads *= s
+    key_coords = coords if key_coords is None else key_coords
+    q = _digits(coords, grid, offset, plan.query)
+    k = _digits(key_coords, key_grid or grid, offset if key_offset is None else key_offset, plan.key)
+    return _head_offsets(plan, heads, head_sizes, coords.device), q, k
+
+
+def _head_offsets(plan: TermPlan, heads: int, head_sizes: Sequence[int], device) -> torch.Tensor:
+    out = torch.zeros(heads, dtype=torch.long, device=device)
+    h = torch.arange(heads, device=device)
+    for index, size, stride in plan.head:
+        below = 1
+        for s in head_sizes[index + 1:]:
+            below *= s
+        out += (torch.div(h, below, rounding_mode="floor") % size) * stride
+    return out
+
+
+def _apply(step: Step, x: torch.Tensor, other: Any) -> torch.Tensor:
+    return step.op(other, x) if step.swap else step.op(x, other)
+
+
+def _run_steps(logits: torch.Tensor, steps: Sequence[Step], term_values: List[torch.Tensor], scalars: List[torch.Tensor]) -> torch.Tensor:
+    t = 0
+    for step in steps:
+        if step.kind == "scalar":
+            logits = _apply(step, logits, step.value)
+        elif step.kind == "scalar-tensor":
+            logits = _apply(step, logits, scalars[step.value].reshape(()))
+        elif step.kind == "term":
+            logits = _apply(step, logits, term_values[step.value])
+        elif step.kind == "unary":
+            logits = step.op(logits, *step.value)
+        elif step.kind == "cast" and step.value is not None:
+            logits = logits.to(step.value)
+    return logits
+
+
+def _run_post(probs: torch.Tensor, post: Sequence[Step], training_dropout: bool = True) -> torch.Tensor:
+    for step in post:
+        if step.kind == "dropout" and step.value:
+            probs = F.dropout(probs, step.value, training=True)
+        elif step.kind == "cast" and step.value is not None:
+            probs = probs.to(step.value)
+    return probs
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping, program: AttentionProgram,
+                     terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention of packed tokens inside their windows, bucket by bucket; returns ``(T, heads * dv)``."""
+    heads = program.heads
+    t = q.shape[0]
+    dq, dv = q.shape[1] // heads, v.shape[1] // heads
+    if requested_backend(program.backend) == "triton":
+        raise RuntimeError("attention_backend='triton' is not available for this attention; use 'auto' or 'torch'")
+    if not grouping.buckets:
+        return v.new_zeros(0, heads * dv)
+    rows = grouping.slot_rows(heads, 1)
+    sizes = [heads * b.num_slots for b in grouping.buckets]
+    qb = rows.split(q.reshape(t * heads, dq), sizes)
+    kb = rows.split(k.reshape(t * heads, dq), sizes)
+    vb = rows.split(v.reshape(t * heads, dv), sizes)
+    flat_terms = [x.reshape(-1) for x in terms]
+    outs = []
+    for i, b in enumerate(grouping.buckets):
+        g, n = b.group_size, b.num_groups
+        qi, ki, vi = qb[i].view(heads * n, g, dq), kb[i].view(heads * n, g, dq), vb[i].view(heads * n, g, dv)
+        logits = torch.bmm(qi, ki.transpose(1, 2))
+        values = [flat.index_select(0, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
+                  for flat, plan in zip(flat_terms, program.terms)]
+        logits = _run_steps(logits, program.steps, values, list(scalars))
+        low = torch.finfo(logits.dtype).min
+        logits = logits.view(heads, n, g, g).masked_fill(grouping.cross_mask(i)[None], low).view(heads * n, g, g)
+        probs = _run_post(logits.softmax(dim=-1), program.post)
+        outs.append(torch.bmm(probs, vi).view(heads * n * g, dv))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dv)
+
+
+def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: Sites, v: torch.Tensor,
+                     program: AttentionProgram, terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Every visible query of a sample attends to the visible keys of that sample (padded per sample)."""
+    if requested_backend(program.backend) == "triton":
+        raise RuntimeError("attention_backend='triton' is not available for per-sample attention; use 'auto' or 'torch'")
+    heads = program.heads
+    qp, qvalid = q_sites.pad(q)
+    kp, kvalid = k_sites.pad(k)
+    vp, _ = k_sites.pad(v)
+    b, nq, nk = qp.shape[0], qp.shape[1], kp.shape[1]
+    qh = qp.view(b, nq, heads, -1).transpose(1, 2)
+    kh = kp.view(b, nk, heads, -1).transpose(1, 2)
+    vh = vp.view(b, nk, heads, -1).transpose(1, 2)
+    logits = qh @ kh.transpose(-1, -2)
+    values = []
+    for flat, plan in zip(terms, program.terms):
+        index = _padded_term_index(plan, program.head_sizes, q_sites, k_sites)
+        values.append(flat.reshape(-1).index_select(0, index.reshape(-1)).view(b, heads, nq, nk))
+    logits = _run_steps(logits, program.steps, values, list(scalars))
+    logits = logits.masked_fill(~kvalid[:, None, None, :], torch.finfo(logits.dtype).min)
+    probs = _run_post(logits.softmax(dim=-1), program.post)
+    out = (probs @ vh).transpose(1, 2).reshape(b, nq, -1)
+    return q_sites.unpad(out)
+
+
+def _padded_term_index(plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites) -> torch.Tensor:
+    """``(B, heads, Nq, Nk)`` term offsets of padded per-sample attention."""
+    h, q, k = term_offsets(plan, head_sizes, q_sites.coords, q_sites.grid, (0, 0), k_sites.coords, k_sites.grid, (0, 0))
+    qpad, _ = q_sites.pad(q[:, None])
+    kpad, _ = k_sites.pad(k[:, None])
+    return h[None, :, None, None] + qpad[:, None, :, :] + kpad[:, None, None, :, 0]

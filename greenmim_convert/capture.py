@@ -1,0 +1,148 @@
+"""Capture any image model as a graph of ATen operators with ``torch.export`` (non-strict).
+
+Sizes are concrete at capture, so Python that computes on shapes (padding amounts, masks built in
+``forward``, ``if H % w``) runs and disappears; what remains are operator nodes (linear, view,
+roll, matmul, scaled_dot_product_attention, conv2d, ...) that keep the model's own Parameter
+objects and name their module in ``meta["nn_module_stack"]``. The graph returns the features
+followed by the output of every stage module (captured with forward hooks during export).
+"""
+from __future__ import annotations
+
+import difflib
+import traceback
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import InvalidInputError, TraceError
+
+ROOT = "m"  # the captured wrapper holds the model under this name
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    """timm models expose ``forward_features`` and ``feature_info``: their features are captured from there."""
+    return hasattr(model, "forward_features") and bool(getattr(model, "feature_info", None))
+
+
+class _Features(nn.Module):
+    """Calls the model's features function and returns its output plus the stashed stage outputs."""
+
+    def __init__(self, model: nn.Module, stages: Sequence[str]):
+        super().__init__()
+        self.m = model
+        self.stages = list(stages)
+
+    def forward(self, x: torch.Tensor):
+        stash: List[Optional[torch.Tensor]] = [None] * len(self.stages)
+        handles = [
+            _called_module(self.m.get_submodule(name)).register_forward_hook(
+                lambda mod, args, out, i=i: stash.__setitem__(i, out))
+            for i, name in enumerate(self.stages)
+        ]
+        try:
+            out = self.m.forward_features(x) if is_timm_model(self.m) else self.m(x)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [name for name, value in zip(self.stages, stash) if not isinstance(value, torch.Tensor)]
+        if missing:
+            raise TraceError(f"stage module(s) {missing} were not called with a tensor output during the forward")
+        if not isinstance(out, torch.Tensor):
+            raise TraceError(f"the model's forward returned {type(out).__name__}; greenmim-convert needs a tensor")
+        return (out, *stash)
+
+
+def _called_module(module: nn.Module) -> nn.Module:
+    """The module whose output is a stage's output: a container's last child when it is never called."""
+    while isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        module = list(module.children())[-1]
+    return module
+
+
+def timm_stages(model: nn.Module) -> Tuple[List[str], List[int]]:
+    """Stage module paths and strides from timm's ``feature_info``.
+
+    A few timm models name a module that does not exist (Twins says ``block.0`` for ``blocks.0``);
+    such a path resolves to the one existing module path that differs from it by one character.
+    """
+    info = getattr(model, "feature_info", None) or []
+    names = {n for n, _ in model.named_modules()}
+    paths = []
+    for f in info:
+        path = f["module"]
+        if path not in names:
+            close = [n for n in names if len(n) == len(path) + 1 and difflib.SequenceMatcher(None, n, path).ratio() > 0.9]
+            if len(close) != 1:
+                raise TraceError(f"feature_info names module '{path}', which {type(model).__name__} does not have")
+            path = close[0]
+        paths.append(path)
+    return paths, [int(f["reduction"]) for f in info]
+
+
+def check_stage_names(model: nn.Module, stages: Sequence[str]) -> List[str]:
+    """Validate ``stages=`` against ``named_modules()``, with close matches for a misspelt name."""
+    names = [n for n, _ in model.named_modules() if n]
+    for s in stages:
+        if not isinstance(s, str) or s not in names:
+            close = difflib.get_close_matches(str(s), names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise InvalidInputError(f"stages: {type(model).__name__} has no module named {s!r}{hint}")
+    return list(stages)
+
+
+@dataclass
+class Captured:
+    """A captured model: the GraphModule, the image placeholder, and the output nodes (features, stages)."""
+
+    gm: fx.GraphModule
+    images: fx.Node
+    last: fx.Node
+    stages: List[fx.Node]
+
+
+def _failing_module(model: nn.Module, exc: BaseException) -> str:
+    """' in module PATH (Type) at FILE:LINE' for the innermost model module on the traceback, or ''."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    found = ""
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, nn.Module) and id(obj) in paths:
+            name = paths[id(obj)] or "<top level>"
+            found = f" in module '{name}' ({type(obj).__name__}) at {frame.f_code.co_filename}:{lineno}"
+    return found
+
+
+def capture(model: nn.Module, images: torch.Tensor, stages: Sequence[str]) -> Captured:
+    """Export the model's features function on ``images`` in its current train/eval mode."""
+    wrapper = _Features(model, stages)
+    try:
+        program = torch.export.export(wrapper, (images,), strict=False)
+    except TraceError:
+        raise
+    except Exception as exc:  # export raises many types; report them as one, naming the module
+        where = _failing_module(model, exc)
+        raise TraceError(f"torch.export could not capture {type(model).__name__}{where}: {type(exc).__name__}: {exc}") from exc
+    exported = program.module()
+    graph = fx.Graph()
+    remap = graph.graph_copy(exported.graph, {})
+    graph.output(remap)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph.erase_node(node)  # export's input-shape guards: the converted model checks its inputs itself
+    gm = fx.GraphModule(exported, graph, class_name="GreenGraph")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    values = list(out.args[0])
+    return Captured(gm, placeholders[0], values[0], values[1:])
+
+
+def example_images(model: nn.Module, img_size: Tuple[int, int], batch: int, chans: int) -> torch.Tensor:
+    """Random images with the model's dtype and device, for capture."""
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None else torch.float32
+    device = p.device if p is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, chans, *img_size, generator=gen).to(device=device, dtype=dtype)

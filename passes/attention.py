@@ -1,0 +1,304 @@
+"""Attention, recognised by its operations -> attention over packed visible tokens.
+
+``q @ kᵀ`` (``matmul``/``bmm``) whose operands hold token digits on their row axes and contract a
+channel digit makes a *pair* layout: the digits both share (sample, window, head) index the
+attention batch, the query's and the key's token digits its two token axes. Any layout op,
+elementwise op with image-independent operands (relative-position bias after its gathers, a full
+``(heads, N, N)`` bias, a continuous-position-bias MLP's output, a seam mask built in ``forward``,
+a logit scale), ``softmax`` over the key axis and dropout may follow; ``@ v`` contracts the key
+axis back to tokens. ``scaled_dot_product_attention`` is the same with its ``attn_mask`` as the
+term. Each such region becomes one runtime op that gathers every term per (query, key) pair of
+packed groups: group window attention when query and key share window digits, per-sample
+attention (keys possibly on a reduced grid) when they share only the sample.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+from greenmim_convert import ops
+from greenmim_convert.attention import AttentionProgram, Step, TermPlan
+from greenmim_convert.kernels.windows import DigitWindows
+from greenmim_convert.layout import Atom, Layout, LayoutError
+
+from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
+from .tokenwise import UNARY, BINARY
+
+KEY = {"h": "kh", "w": "kw"}
+MATMULS = (aten.matmul, aten.bmm)
+SOFTMAX = (aten.softmax, aten._softmax)
+
+
+def _spatial(ax) -> bool:
+    return bool(ax) and all(a.kind in "hw" for a in ax)
+
+
+def _pair_layout(q: Layout, k: Layout, kt: bool) -> Layout:
+    """Pair layout of ``q @ kᵀ``: ``q`` is ``(..., Nq, D)``, ``k`` is ``(..., D, Nk)`` (``kt``) or ``(..., Nk, D)``."""
+    n = max(len(q.axes), len(k.axes))
+    q, k = q.padded_to(n), k.padded_to(n)
+    k_tok, k_red = (k.axes[-1], k.axes[-2]) if kt else (k.axes[-2], k.axes[-1])
+    if q.axes[-1] != k_red or not all(a.kind == "c" for a in q.axes[-1]):
+        raise LayoutError("q @ kᵀ does not contract one channel digit of both")
+    if not _spatial(q.axes[-2]) or not _spatial(k_tok):
+        raise LayoutError("q @ kᵀ whose row axes are not token axes")
+    if q.axes[:-2] != k.axes[:-2]:
+        raise LayoutError("query and key do not share their batch (sample, window, head) digits")
+    if q.is_pair() or k.is_pair():
+        raise LayoutError("attention of attention")
+    key_axis = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in k_tok)
+    return Layout(q.axes[:-2] + (q.axes[-2], key_axis), q.grid, q.stride, q.offset)
+
+
+def _qk_rule(node: fx.Node) -> Optional[Layout]:
+    a, b = node.args[0], node.args[1]
+    la, lb = layout_of(a), layout_of(b)
+    if la is None or lb is None:
+        return None
+    if la.is_pair():
+        return _pv_layout(node, la, lb)
+    if la.axes[-1] and all(x.kind in "hw" for x in la.axes[-1]):
+        raise LayoutError("matmul contracting token axes (a per-sample token sum such as channel attention) is not supported yet")
+    out = _pair_layout(la, lb, True)
+    node.meta["attention_qk"] = (a, b)
+    return out
+
+
+def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:
+    n = max(len(p.axes), len(v.axes))
+    p, v = p.padded_to(n), v.padded_to(n)
+    key = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in v.axes[-2] if a.kind in KEY)
+    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or p.axes[:-2] != v.axes[:-2]:
+        raise LayoutError("probabilities @ v does not contract the key axis with the value tokens")
+    node.meta["attention_pv"] = True
+    out = Layout(p.axes[:-1] + (v.axes[-1],), p.grid, p.stride, p.offset)
+    out.check_packed()
+    return out
+
+
+def _sdpa_rule(node: fx.Node) -> Optional[Layout]:
+    a = args_of(node)
+    lq, lk, lv = (layout_of(a[n]) for n in ("query", "key", "value"))
+    if lq is None or lk is None or lv is None:
+        raise LayoutError("attention between image features and constants")
+    if a["is_causal"]:
+        raise LayoutError("causal attention has no meaning on image tokens")
+    if layout_of(a["attn_mask"]) is not None:
+        raise LayoutError("attention mask computed from the images")
+    pair = _pair_layout(lq, lk, False)
+    out = Layout(pair.axes[:-1] + (lv.padded_to(len(pair.axes)).axes[-1],), lq.grid, lq.stride, lq.offset)
+    node.meta["attention_sdpa"] = pair
+    out.check_packed()
+    return out
+
+
+def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
+    if is_op(node, *MATMULS):
+        return _qk_rule(node)
+    if is_op(node, aten.scaled_dot_product_attention):
+        return _sdpa_rule(node)
+    src = node.args[0] if node.args else None
+    lay = layout_of(src)
+    if lay is not None and lay.is_pair() and is_op(node, *SOFTMAX):
+        dim = args_of(node)["dim"] % len(lay.axes)
+        if not lay.axes[dim] or any(a.kind not in ("kh", "kw") for a in lay.axes[dim]) or dim != len(lay.axes) - 1:
+            raise LayoutError("softmax over an axis that is not the key axis")
+        return lay
+    return None
+
+
+# ---- compile a region into one runtime op ---------------------------------------------------------------
+
+
+def _heads(pair: Layout, q: Layout) -> Tuple[int, List[Atom]]:
+    """The channel digits shared by query and key (heads), checked to be the major digits of q's columns."""
+    shared = [a for ax in pair.axes[:-2] for a in ax if a.kind == "c"]
+    if any(a.kind == "b" for a in pair.axes[-2] + pair.axes[-1]):
+        raise LayoutError("batch digits inside the token axes")
+    sig = q.channel_atoms()
+    if sig[: len(shared)] != sorted(shared, key=lambda a: -a.inner):
+        raise LayoutError("attention heads are not the major channel digits of the queries")
+    heads = 1
+    for a in shared:
+        heads *= a.size
+    return heads, sorted(shared, key=lambda a: -a.inner)
+
+
+def _windows(pair: Layout, q: Layout, k: Layout) -> Optional[DigitWindows]:
+    """Digit windows when queries and keys share window digits on one grid; None for per-sample attention."""
+    shared = [a for ax in pair.axes[:-2] for a in ax if a.kind in "hw"]
+    token = list(pair.axes[-2])
+    if (q.grid, q.stride, q.offset) != (k.grid, k.stride, k.offset):
+        if shared:
+            raise LayoutError("windowed attention whose keys live on another grid")
+        return None
+    keys = [Atom(a.kind[1], a.size, a.inner) for a in pair.axes[-1]]
+    if sorted(keys, key=lambda a: (a.kind, a.inner)) != sorted(token, key=lambda a: (a.kind, a.inner)):
+        raise LayoutError("keys and queries cover different positions of their window")
+    if not shared:
+        return None
+    return DigitWindows(q.grid, q.offset, tuple((a.kind, a.size, a.inner) for a in shared),
+                        tuple((a.kind, a.size, a.inner) for a in token))
+
+
+def term_plan(term: fx.Node, at: Layout, heads: List[Atom]) -> TermPlan:
+    """How to read an image-independent term broadcast against the pair layout ``at`` for one (head, query, key)."""
+    shape = shape_of(term) or ()
+    if len(shape) > len(at.axes):
+        raise LayoutError(f"attention term of shape {shape} has more axes than the logits")
+    padded = (1,) * (len(at.axes) - len(shape)) + tuple(shape)
+    strides, place = [], 1
+    for size in reversed(padded):
+        strides.append(place)
+        place *= size
+    strides = strides[::-1]
+    head, query, key = [], [], []
+    for size, stride, ax in zip(padded, strides, at.axes):
+        if size == 1:
+            continue
+        if size != prod_sizes(ax):
+            raise LayoutError(f"attention term of shape {shape} does not broadcast against the logits")
+        within = 1
+        for a in reversed(ax):
+            digit = (a.kind, a.size, a.inner, stride * within)
+            within *= a.size
+            if a.kind == "b":
+                raise LayoutError("attention term that differs between samples")
+            if a.kind == "c":
+                if a not in heads:
+                    raise LayoutError("attention term indexed by a channel digit that is not a head")
+                head.append((heads.index(a), a.size, stride * (within // a.size)))
+            elif a.kind in ("kh", "kw"):
+                key.append((a.kind[1], a.size, a.inner, digit[3]))
+            else:
+                query.append(digit)
+    return TermPlan(tuple(head), tuple(query), tuple(key))
+
+
+def prod_sizes(ax) -> int:
+    out = 1
+    for a in ax:
+        out *= a.size
+    return out
+
+
+class AttentionPass(GreenPass):
+    name = "attention"
+    description = "q @ kᵀ / softmax / @ v regions and SDPA -> attention over packed groups of visible tokens"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        for node in list(gm.graph.nodes):
+            if node.meta.get("attention_pv"):
+                self._compile_matmul(gm, node)
+            elif "attention_sdpa" in node.meta:
+                self._compile_sdpa(gm, node)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+    def _compile_matmul(self, gm: fx.GraphModule, pv: fx.Node) -> None:
+        chain, node = [], pv.args[0]
+        while "attention_qk" not in node.meta:
+            pair_inputs = [a for a in node.all_input_nodes if layout_of(a) is not None and layout_of(a).is_pair()]
+            if len(pair_inputs) != 1 or len(node.users) != 1:
+                self.fail(node, "attention logits used or combined outside one softmax chain")
+            chain.append(node)
+            node = pair_inputs[0]
+        qk = node
+        if len(qk.users) != 1:
+            self.fail(qk, "attention logits used outside one softmax chain")
+        q, kt = qk.meta["attention_qk"]
+        steps, terms, post = [], [], []
+        seen_softmax = False
+        for n in reversed(chain):
+            lay = layout_of(n)
+            if n.meta.get("layout_op"):
+                continue
+            if is_op(n, *SOFTMAX):
+                if seen_softmax:
+                    self.fail(n, "two softmaxes in one attention")
+                seen_softmax = True
+                continue
+            step = self._step(gm, n, lay, qk, q, terms)
+            (post if seen_softmax else steps).append(step)
+        if not seen_softmax:
+            self.fail(pv, "attention without a softmax over the keys")
+        if any(s.kind not in ("dropout", "cast") for s in post):
+            self.fail(pv, "ops other than dropout between softmax and @ v")
+        self._emit(gm, pv, q, kt, pv.args[1], layout_of(qk), steps, post, terms, key_transposed=True)
+        for n in chain + [qk]:  # random ops (dropout) are not removed as dead code
+            if not n.users:
+                gm.graph.erase_node(n)
+
+    def _step(self, gm, n: fx.Node, lay: Layout, qk: fx.Node, q: fx.Node, terms: List) -> Step:
+        other = [a for a in list(n.args[1:]) if not (isinstance(a, fx.Node) and layout_of(a) is not None)]
+        if is_op(n, aten.dropout):
+            p, train = args_of(n)["p"], args_of(n)["train"]
+            return Step("dropout", None, p if train else 0.0)
+        if is_op(n, aten._to_copy):
+            return Step("cast", None, args_of(n).get("dtype"))
+        if not is_op(n, *UNARY, *BINARY):
+            self.fail(n, f"{n.target} on attention logits")
+        pair_first = isinstance(n.args[0], fx.Node) and layout_of(n.args[0]) is not None
+        if is_op(n, *UNARY) or not other:
+            return Step("unary", n.target, tuple(n.args[1:]))
+        operand = other[0]
+        if isinstance(operand, fx.Node):
+            shape = shape_of(operand) or ()
+            if all(s == 1 for s in shape):
+                return Step("scalar-tensor", n.target, len(terms), swap=not pair_first, tensor=operand)
+            heads = _heads(layout_of(qk), layout_of(q))[1]
+            terms.append((operand, term_plan(operand, lay, heads)))
+            return Step("term", n.target, len(terms) - 1, swap=not pair_first)
+        return Step("scalar", n.target, operand, swap=not pair_first)
+
+    def _compile_sdpa(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        a = args_of(node)
+        pair = node.meta["attention_sdpa"]
+        q, k, v = a["query"], a["key"], a["value"]
+        d = shape_of(q)[-1]
+        scale = a.get("scale") or d ** -0.5
+        steps, terms = [Step("scalar", aten.mul.Tensor, scale)], []
+        mask = a["attn_mask"]
+        if mask is not None:
+            if shape_of(mask) is not None and mask.meta["val"].dtype == torch.bool:
+                self.fail(node, "boolean attn_mask: pass an additive float mask")
+            heads = _heads(pair, layout_of(q))[1]
+            terms.append((mask, term_plan(mask, pair, heads)))
+            steps.append(Step("term", aten.add.Tensor, 0))
+        post = [Step("dropout", None, float(a["dropout_p"] or 0.0))] if a["dropout_p"] else []
+        self._emit(gm, node, q, k, v, pair, steps, post, terms, key_transposed=False)
+
+    def _emit(self, gm, at: fx.Node, q, k, v, pair: Layout, steps, post, terms, key_transposed: bool) -> None:
+        ctx = context_of(gm)
+        lq, lk = layout_of(q), layout_of(k)
+        if key_transposed:
+            lk = lk.transpose(-1, -2)
+        heads, head_atoms = _heads(pair, lq)
+        windows = _windows(pair, lq, lk)
+        program = AttentionProgram(heads, tuple(a.size for a in head_atoms), tuple(steps), tuple(post),
+                                   tuple(p for _, p in terms), ctx.attention_backend)
+        term_nodes = [t for t, _ in terms]
+        tensors = [s.tensor for s in steps if s.tensor is not None]
+        program_node = constant(gm, program, at, "attention_program")
+        if windows is not None:
+            key = (windows, ctx.grouping)
+            sites = sites_node(gm, lq)
+            if key not in ctx.grouping_nodes:
+                spec = constant(gm, windows, ctx.visible.next, "windows")
+                with gm.graph.inserting_after(sites):
+                    ctx.grouping_nodes[key] = gm.graph.call_function(ops.digit_grouping, (sites, spec, None, ctx.grouping))
+                self.report["groupings"] += 1
+        with gm.graph.inserting_before(at):
+            if windows is not None:
+                new = gm.graph.call_function(ops.window_attention, (q, k, v, ctx.grouping_nodes[key], program_node, term_nodes, tensors))
+                kind = "window attention"
+            else:
+                new = gm.graph.call_function(ops.sample_attention, (q, sites_node(gm, lq), k, sites_node(gm, lk), v, program_node, term_nodes, tensors))
+                kind = "per-sample attention" if lq.grid == lk.grid else "reduced-key attention"
+        new.meta["layout"] = at.meta["layout"]
+        at.replace_all_uses_with(new)
+        gm.graph.erase_node(at)
+        self.report[kind] += 1

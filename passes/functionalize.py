@@ -1,0 +1,47 @@
+"""In-place ATen ops (``add_``, ``bernoulli_``, ``div_``, ``relu_``) -> their out-of-place forms.
+
+Export's training IR keeps in-place ops; on packed tokens a view is the same tensor, so mutation
+would leak through layout ops that no longer copy. Each in-place op becomes its functional form and
+later readers of the mutated value read the new node instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .base import GreenPass
+
+
+def _functional(target):
+    packet = getattr(target, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
+    if not name.endswith("_") or name.startswith("_") or not target._schema.arguments[0].alias_info:
+        return None
+    base = getattr(torch.ops.aten, name[:-1], None)
+    if base is None:
+        return None
+    overload = target._overloadname
+    if overload == "float" and name == "bernoulli_":
+        return torch.ops.aten.bernoulli.p
+    return getattr(base, overload, None) or getattr(base, "default", None)
+
+
+class FunctionalizePass(GreenPass):
+    name = "functionalize"
+    description = "in-place ops -> out-of-place ops"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or not hasattr(node.target, "_schema"):
+                continue
+            functional = _functional(node.target)
+            if functional is None:
+                continue
+            mutated = node.args[0]
+            node.target = functional
+            for user in list(mutated.users):
+                if user is not node and order.get(user, -1) > order[node]:
+                    user.replace_input_with(mutated, node)
+            self.report[f"{functional.__name__}"] += 1
+        gm.recompile()

@@ -1,0 +1,96 @@
+"""Layout ops: views, permutes, rolls, zero pads and full slices become free on packed tokens.
+
+The layout rule follows each op symbolically (see ``greenmim_convert.layout``); once the passes
+that read layouts have run, ``LayoutOpsPass`` removes the ops, since packed data never moves.
+Ops rewritten: ``view``, ``reshape``, ``_unsafe_view``, ``permute``, ``transpose``, ``flatten``,
+``unflatten``, ``unsqueeze``, ``squeeze``, ``contiguous``, ``clone``, ``alias``, ``detach``,
+``roll``, ``pad`` (zero amounts), ``slice`` (full), ``expand`` (of size-one axes, feeding
+elementwise ops), ``_to_copy`` within one dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+
+from greenmim_convert.layout import Layout, LayoutError
+
+from .base import GreenPass, args_of, aten, is_op, layout_of, shape_of
+
+VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unflatten)
+NOOPS = (aten.contiguous, aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy)
+
+
+def _full_slice(node: fx.Node, lay: Layout) -> bool:
+    a = args_of(node)
+    size = lay.shape[a["dim"] % len(lay.axes)]
+    start = a["start"] or 0
+    end = size if a["end"] is None else min(a["end"], size)
+    return start == 0 and end >= size and a["step"] == 1
+
+
+def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
+    """Layout after a layout-only op, or None when ``node`` is not one."""
+    src = node.args[0] if node.args else None
+    lay = layout_of(src)
+    if lay is None or node.op != "call_function" or not hasattr(node.target, "_schema"):
+        return None
+    try:
+        if is_op(node, *VIEWS):
+            return lay.view(shape_of(node))
+        if is_op(node, aten.permute):
+            return lay.permute(node.args[1])
+        if is_op(node, aten.transpose):
+            return lay.transpose(node.args[1], node.args[2])
+        if is_op(node, aten.t):
+            return lay.transpose(0, 1)
+        if is_op(node, aten.flatten):
+            a = args_of(node)
+            return lay.flatten(a["start_dim"], a["end_dim"])
+        if is_op(node, aten.unsqueeze):
+            return lay.unsqueeze(node.args[1])
+        if is_op(node, aten.squeeze):
+            return lay.view(shape_of(node))
+        if is_op(node, *NOOPS):
+            return lay
+        if is_op(node, aten._to_copy):
+            a = args_of(node)
+            if a.get("dtype") not in (None, src.meta["val"].dtype):
+                return None  # a dtype cast is token-wise
+            return lay
+        if is_op(node, aten.roll):
+            a = args_of(node)
+            return lay.roll(list(a["shifts"]), list(a["dims"]))
+        if is_op(node, aten.pad, aten.constant_pad_nd):
+            pads = node.args[1]
+            return lay if not any(pads) else None
+        if is_op(node, aten.slice) and _full_slice(node, lay):
+            return lay
+        if is_op(node, aten.expand, aten.expand_as):
+            return expand_layout(node, lay)
+    except LayoutError as exc:
+        raise LayoutError(f"{getattr(node.target, '__name__', node.target)}: {exc}") from exc
+    return None
+
+
+def expand_layout(node: fx.Node, lay: Layout) -> Layout:
+    """``expand`` only repeats size-one axes: packed values broadcast instead, so its users must be elementwise."""
+    shape = shape_of(node)
+    if len(shape) != len(lay.axes):
+        raise LayoutError("expand that adds axes")
+    node.meta["broadcast_view"] = True
+    return lay
+
+
+class LayoutOpsPass(GreenPass):
+    name = "layout-ops"
+    description = "views, permutes, rolls, zero pads and full slices become free on packed tokens"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        for node in list(gm.graph.nodes):
+            if node.meta.get("layout_op"):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                self.report[str(getattr(node.target, "__name__", node.target)).split(".")[0]] += 1
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
