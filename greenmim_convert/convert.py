@@ -115,6 +115,7 @@ def build_pipeline() -> List[P.GreenPass]:
         P.ConvPass(),
         P.PoolingPass(),
         P.AttentionPass(),
+        P.SampleMatmulPass(),
         P.PatchMergingPass(),
         P.ChannelSplitPass(),
         P.TokenwisePass(),
@@ -203,7 +204,9 @@ def convert(
     )
     config = GreenConfig(model_name_of(model), size, unit, grouping, attention_backend)
     names = list(stages) if stages is not None else ev.ctx.stage_paths
-    return GreenModel(model, {False: ev.gm, True: compiled[True].gm}, config, report, names)
+    green = GreenModel(model, {False: ev.gm, True: compiled[True].gm}, config, report, names)
+    green.last_module = ev.ctx.last_path
+    return green
 
 
 def _check_unit(unit: int, min_unit: int, size: Tuple[int, int]) -> None:

@@ -185,12 +185,15 @@ class Layout:
         return sorted((a for ax in self.axes for a in ax if a.kind == "c"), key=lambda a: -a.inner)
 
     def check_packed(self) -> None:
-        """Raise unless the channel digits form a whole mixed radix and the spatial digits tile the grid."""
-        place = 1
-        for a in reversed(self.channel_atoms()):
-            if a.inner != place:
-                raise LayoutError(f"channel digits {self.channel_atoms()} do not form whole channels")
-            place *= a.size
+        """Raise unless the channel digits are distinct and the spatial digits tile the grid.
+
+        Packed columns enumerate the channel digits present, most significant first; a reduction
+        over a digit (a per-head norm) leaves the others in place.
+        """
+        chans = self.channel_atoms()
+        for major, minor in zip(chans, chans[1:]):
+            if major.inner < minor.inner * minor.size:
+                raise LayoutError(f"channel digits {chans} overlap")
         if self.is_per_sample():
             return
         for k, n in zip(SPATIAL, self.grid):

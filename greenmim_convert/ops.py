@@ -340,3 +340,45 @@ def sample_to_tokens(per_sample: torch.Tensor, sites: Sites) -> torch.Tensor:
 def pointwise_conv(feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """A 1x1 convolution (stride 1, groups 1) is a Linear over the channels of every token."""
     return F.linear(feats, weight.flatten(1), bias)
+
+
+def to_padded_dense(x: torch.Tensor, sites: Sites, spec: Tuple[Tuple, ...], sizes: Tuple[int, ...]) -> torch.Tensor:
+    """Packed tokens ``(T, C)`` or per-sample rows ``(B, C)`` -> the dense operand, tokens padded per sample."""
+    tokens = any(ax == ("t",) for ax in spec)
+    if tokens:
+        x, _ = sites.pad(x)
+        lead = [0, 1]
+    else:
+        lead = [0]
+    x = x.reshape(*x.shape[: len(lead)], *sizes)
+    place = {"b": 0, "t": 1}
+    perm, shape = [], []
+    for ax in spec:
+        dims = [place[ax[0]]] if ax and isinstance(ax[0], str) else [len(lead) + j for j in ax]
+        perm.extend(dims)
+        size = 1
+        for d in dims:
+            size *= x.shape[d]
+        shape.append(size)
+    return x.permute(*perm).reshape(shape)
+
+
+def from_padded_dense(x: torch.Tensor, sites: Sites, spec: Tuple[Tuple, ...], sizes: Tuple[int, ...]) -> torch.Tensor:
+    """The dense result of a per-sample matmul -> packed tokens ``(T, C)`` or per-sample rows ``(B, C)``."""
+    tokens = any(ax == ("t",) for ax in spec)
+    split, order = [], []
+    for ax, size in zip(spec, x.shape):
+        if ax and isinstance(ax[0], str):
+            split.append(size)
+            order.append(ax[0])
+        else:
+            split.extend(sizes[j] for j in ax)
+            order.extend(ax)
+    x = x.reshape(split)
+    lead = ["b", "t"] if tokens else ["b"]
+    perm = [order.index(k) for k in lead] + [order.index(j) for j in range(len(sizes))]
+    channels = 1
+    for s in sizes:
+        channels *= s
+    x = x.permute(*perm).reshape(*x.shape[:0], *[x.shape[order.index(k)] for k in lead], channels)
+    return sites.unpad(x) if tokens else x

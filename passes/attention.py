@@ -60,11 +60,42 @@ def _qk_rule(node: fx.Node) -> Optional[Layout]:
         return None
     if la.is_pair():
         return _pv_layout(node, la, lb)
-    if la.axes[-1] and all(x.kind in "hw" for x in la.axes[-1]):
-        raise LayoutError("matmul contracting token axes (a per-sample token sum such as channel attention) is not supported yet")
+    sample = sample_matmul_layout(la, lb)
+    if sample is not None:
+        node.meta["sample_matmul"] = True
+        return sample
     out = _pair_layout(la, lb, True)
     node.meta["attention_qk"] = (a, b)
     return out
+
+
+def sample_matmul_layout(la: Layout, lb: Layout) -> Optional[Layout]:
+    """Layout of a matmul that sums over every token of a sample (``kᵀ @ v`` of channel attention), or of
+    a per-sample matrix applied to tokens; None for other matmuls.
+
+    Both run on per-sample padded dense tensors. The second operand's own channel digits are
+    renamed above the first's, so the per-sample result keeps distinct digits.
+    """
+    n = max(len(la.axes), len(lb.axes))
+    la, lb = la.padded_to(n), lb.padded_to(n)
+    whole = lambda lay, axis: bool(lay.axes[axis]) and all(a.kind in "hw" for a in lay.axes[axis]) and sum(
+        a.kind in "hw" for ax in lay.axes for a in ax) == len(lay.axes[axis])
+    if not la.is_per_sample() and not lb.is_per_sample() and whole(la, -1) and whole(lb, -2):
+        if la.axes[-1] != lb.axes[-2] or la.axes[:-2] != lb.axes[:-2]:
+            raise LayoutError("token sum of two operands over different positions")
+        top = max((a.inner * a.size for ax in la.axes + lb.axes for a in ax if a.kind == "c"), default=1)
+        right = tuple(Atom(a.kind, a.size, a.inner * top) for a in lb.axes[-1])
+        out = Layout(la.axes[:-1] + (right,), la.grid, la.stride)
+        if any(a.kind != "c" for a in la.axes[-2] + right):
+            raise LayoutError("token sum whose result keeps token digits")
+        return out
+    if la.is_per_sample() != lb.is_per_sample():
+        tokens = lb if la.is_per_sample() else la
+        axis = -1 if la.is_per_sample() else -2
+        if not whole(tokens, axis) or la.axes[:-2] != lb.axes[:-2] or la.shape[-1] != lb.shape[-2]:
+            raise LayoutError("per-sample matrix times tokens whose token digits are not one whole axis")
+        return Layout(la.axes[:-1] + (lb.axes[-1],), tokens.grid, tokens.stride, tokens.offset)
+    return None
 
 
 def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:

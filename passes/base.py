@@ -35,6 +35,7 @@ class ConvertContext:
     default_stages: bool = False
     failures: Dict[fx.Node, Tuple[fx.Node, str]] = field(default_factory=dict)
     stage_paths: list = field(default_factory=list)
+    last_path: Optional[str] = None
 
 
 def context_of(gm: fx.GraphModule) -> ConvertContext:

@@ -18,7 +18,7 @@ from greenmim_convert import ops
 from greenmim_convert.errors import UnsupportedOperationError
 from greenmim_convert.layout import Layout
 
-from .base import GreenPass, context_of, layout_of, module_path, sites_node
+from .base import GreenPass, context_of, layout_of, sites_node
 from .layout_analysis import to_networkx
 
 
@@ -30,6 +30,19 @@ def token_like(lay: Layout) -> bool:
     full = {a.kind: a for a in spatial if a.inner == 1 and a.size == lay.grid["hw".index(a.kind)]}
     grid_ok = len(spatial) == len(full) == sum(g > 1 for g in lay.grid) and bool(spatial)
     return grid_ok and len(chans) <= 1 and all(a.inner == 1 for a in chans) and lay.offset == (0, 0) and not lay.is_pair()
+
+
+def owning_module(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The outermost source module whose output is ``node`` (no later node belongs to it); '' if none."""
+    stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for path in stack:
+        later = [n for n in gm.graph.nodes if order[n] > order[node] and n.op == "call_function"
+                 and any(v[0] == path for v in (n.meta.get("nn_module_stack") or {}).values())]
+        name = path[2:] if path.startswith("m.") else ""
+        if not later and name:
+            return name
+    return ""
 
 
 class OutputsPass(GreenPass):
@@ -54,7 +67,8 @@ class OutputsPass(GreenPass):
         for s in stages:
             if layout_of(s) is None or not token_like(layout_of(s)):
                 self.fail(s, f"stage output is not a per-position feature map (layout {getattr(layout_of(s), 'shape', None)})")
-        ctx.stage_paths = [module_path(s) for s in stages]
+        ctx.stage_paths = [owning_module(gm, s) for s in stages]
+        ctx.last_path = owning_module(gm, last) if last is not values[0] else None
 
         def wrap(node: fx.Node) -> fx.Node:
             with gm.graph.inserting_before(out):
