@@ -224,7 +224,8 @@ def _tv_shifted_window_attention(state: "_HookState") -> Callable:
         tokens = windows(x)  # (B, nW, N, C)
         if logit_scale is not None and qkv_bias is not None:
             qkv_bias = torch.cat([qkv_bias[:c], torch.zeros_like(qkv_bias[c:2 * c]), qkv_bias[2 * c:]])
-        q, k, v = F.linear(tokens, qkv_weight, qkv_bias).reshape(b, gh * gw, n, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5)
+        qkv = F.linear(tokens, qkv_weight, qkv_bias).reshape(b, gh * gw, n, 3, num_heads, d)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each (B, nW, heads, N, d)
         if logit_scale is None:
             logits = (q * d ** -0.5) @ k.transpose(-1, -2)
         else:
@@ -232,14 +233,17 @@ def _tv_shifted_window_attention(state: "_HookState") -> Callable:
             logits = cos * torch.clamp(logit_scale, max=math.log(100.0)).exp()
         logits = logits + relative_position_bias  # (B, nW, heads, N, N) + (1, heads, N, N)
         if sh or sw:
-            rows = (torch.arange(hp, device=x.device) >= hp - sh).long() if sh else torch.zeros(hp, dtype=torch.long, device=x.device)
-            cols = (torch.arange(wp, device=x.device) >= wp - sw).long() if sw else torch.zeros(wp, dtype=torch.long, device=x.device)
+            # the strips the roll wrapped around (last sh rows, last sw cols) are regions of their own;
+            # torchvision's other region border (at -window) falls between windows and changes nothing
+            rows = (torch.arange(hp, device=x.device) >= hp - sh).long()
+            cols = (torch.arange(wp, device=x.device) >= wp - sw).long()
             region = windows((rows[:, None] * 2 + cols[None, :])[None])[0]  # (nW, N)
             seam = torch.where(region[:, :, None] != region[:, None, :], -100.0, 0.0).to(logits.dtype)
             logits = logits + seam[None, :, None]
         keys = windows(vis)  # (B, nW, N)
         zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-        logits = logits + torch.where(keys, zero, torch.tensor(_neg(logits.dtype), dtype=logits.dtype))[:, :, None, None, :]
+        neg = torch.tensor(_neg(logits.dtype), dtype=logits.dtype)
+        logits = logits + torch.where(keys, zero, neg)[:, :, None, None, :]
         attn = F.dropout(logits.softmax(-1), p=attention_dropout, training=training)
         y = (attn @ v).transpose(2, 3).reshape(b, gh, gw, wh, ww, c)  # heads back next to channels
         y = F.dropout(F.linear(y, proj_weight, proj_bias), p=dropout, training=training)
@@ -333,7 +337,7 @@ def masked_dense_hooks(
     img_size: Tuple[int, int],
     key_mask_for: Optional[Callable[[nn.Module], Optional[KeyMaskFn]]] = None,
 ) -> Iterator[None]:
-    """Install the masked-dense hooks on ``model`` for one forward (``key_mask_for``: see ``dense_masked_reference``)."""
+    """Install the masked-dense hooks on ``model`` for one forward (``key_mask_for``: as in ``dense_masked_reference``)."""
     state = _HookState(visible, img_size)
     handles = []
     sdpa = F.scaled_dot_product_attention
@@ -433,7 +437,8 @@ def dense_masked_reference(
     if stages is None:
         if not getattr(model, "feature_info", None):
             raise InvalidInputError(
-                f"{type(model).__name__} has no timm feature_info: pass stages=[module names whose outputs are the stages]"
+                f"{type(model).__name__} has no timm feature_info: pass stages=[the module names whose outputs are "
+                "the stages]"
             )
         names, strides = feature_stages(model)
     else:

@@ -74,12 +74,16 @@ def masks_with_unequal_counts(batch: int, grid, ratio: float, gen: torch.Generat
     return visible
 
 
-def check_against_reference(model, green, images, visible, tol: float = 1e-10, grads: bool = True, gen=None):
-    """Outputs of every stage, and (optionally) parameter gradients of a random weighted loss, vs the oracle."""
+def check_against_reference(model, green, images, visible, tol: float = 1e-10, grads: bool = True, gen=None, **oracle):
+    """Outputs of every stage, and (optionally) parameter gradients of a random weighted loss, vs the oracle.
+
+    ``oracle``: keyword arguments of ``dense_masked_reference`` (``stages=``, ``last=``, ``key_mask_for=``)
+    for models without timm's ``feature_info``/``forward_features``.
+    """
     from greenmim_convert.reference import dense_masked_reference
 
     out = green(images, visible)
-    ref = dense_masked_reference(model, images, visible)
+    ref = dense_masked_reference(model, images, visible, **oracle)
     pairs = list(zip(out.stages + [out.last], ref.stages + [ref.last]))
     for got, want in pairs:
         assert torch.equal(got.batch, want.batch) and torch.equal(got.coords, want.coords)
