@@ -117,14 +117,67 @@ def _run_post(probs: torch.Tensor, post: Sequence[Step], training_dropout: bool 
     return probs
 
 
+def _folded(program: AttentionProgram) -> Optional[Tuple[float, int]]:
+    """``(scale, term)`` when the logits are ``scale * q kᵀ + term``: one gather and one ``baddbmm``."""
+    steps = program.steps
+    if not steps or steps[-1].kind != "term" or steps[-1].op is not torch.ops.aten.add.Tensor or steps[-1].swap:
+        return None
+    scale = 1.0
+    for step in steps[:-1]:
+        if step.kind != "scalar" or step.op is not torch.ops.aten.mul.Tensor:
+            return None
+        scale *= float(step.value)
+    return scale, steps[-1].value
+
+
+def fusable(program: AttentionProgram, windows) -> Optional[Tuple[float, Optional[int]]]:
+    """``(scale, term)`` when the fused kernel computes this program: dot-product logits, at most one
+    additive term read by in-window positions only, no dropout."""
+    if any(s.kind == "dropout" and s.value for s in program.post):
+        return None
+    if not program.steps:
+        return 1.0, None
+    if all(s.kind == "scalar" and s.op is torch.ops.aten.mul.Tensor for s in program.steps):
+        scale = 1.0
+        for s in program.steps:
+            scale *= float(s.value)
+        return scale, None
+    folded = _folded(program)
+    if folded is None:
+        return None
+    plan = program.terms[folded[1]]
+    token = {(k, n, i) for k, n, i in windows.token}
+    if any((k, n, i) not in token for k, n, i, _ in plan.query + plan.key):
+        return None
+    return folded
+
+
+def window_bias(term: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], windows) -> torch.Tensor:
+    """``(heads, N, N)`` term of one window, indexed by in-window positions (for the fused kernel)."""
+    area = windows.area
+    pos = torch.arange(area, device=term.device)
+    digits = {}
+    rest = pos
+    for kind, size, inner in reversed(windows.token):
+        digits[(kind, size, inner)] = rest % size
+        rest = torch.div(rest, size, rounding_mode="floor")
+    q = sum((digits[(k, n, i)] * st for k, n, i, st in plan.query), torch.zeros_like(pos))
+    k = sum((digits[(kk, n, i)] * st for kk, n, i, st in plan.key), torch.zeros_like(pos))
+    heads = 1
+    for h in head_sizes:
+        heads *= h
+    hoff = _head_offsets(plan, heads, head_sizes, term.device)
+    index = hoff[:, None, None] + q[None, :, None] + k[None, None, :]
+    return term.reshape(-1)[index.reshape(-1)].view(heads, area, area)
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping, program: AttentionProgram,
                      terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor]) -> torch.Tensor:
     """Attention of packed tokens inside their windows, bucket by bucket; returns ``(T, heads * dv)``."""
     heads = program.heads
     t = q.shape[0]
     dq, dv = q.shape[1] // heads, v.shape[1] // heads
-    if requested_backend(program.backend) == "triton":
-        raise RuntimeError("attention_backend='triton' is not available for this attention; use 'auto' or 'torch'")
+    fused = _fused_call(q, program, grouping, terms)
     if not grouping.buckets:
         return v.new_zeros(0, heads * dv)
     rows = grouping.slot_rows(heads, 1)
@@ -132,28 +185,70 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
     qb = rows.split(q.reshape(t * heads, dq), sizes)
     kb = rows.split(k.reshape(t * heads, dq), sizes)
     vb = rows.split(v.reshape(t * heads, dv), sizes)
+    folded = _folded(program) if fused is None else None
     flat_terms = [x.reshape(-1) for x in terms]
+    if folded is not None:
+        table = flat_terms[folded[1]]
+        table = torch.cat([table, table.new_full((1,), float("-inf"))])
     outs = []
     for i, b in enumerate(grouping.buckets):
         g, n = b.group_size, b.num_groups
         qi, ki, vi = qb[i].view(heads * n, g, dq), kb[i].view(heads * n, g, dq), vb[i].view(heads * n, g, dv)
-        logits = torch.bmm(qi, ki.transpose(1, 2))
-        values = [flat.index_select(0, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
-                  for flat, plan in zip(flat_terms, program.terms)]
-        logits = _run_steps(logits, program.steps, values, list(scalars))
-        low = torch.finfo(logits.dtype).min
-        logits = logits.view(heads, n, g, g).masked_fill(grouping.cross_mask(i)[None], low).view(heads * n, g, g)
+        if fused is not None:
+            q4, k4, v4 = (x.view(heads, n, g, -1).transpose(0, 1) for x in (qi, ki, vi))
+            out = fused(q4, k4, v4, b.segment, b.position)
+            outs.append(out.transpose(0, 1).reshape(heads * n * g, dv))
+            continue
+        if folded is not None:
+            plan = program.terms[folded[1]]
+            bias = table.index_select(0, grouping.term_index(i, plan, program.head_sizes, masked=table.shape[0] - 1))
+            logits = torch.baddbmm(bias.view(heads * n, g, g), qi, ki.transpose(1, 2), alpha=folded[0])
+        else:
+            logits = torch.bmm(qi, ki.transpose(1, 2))
+            values = [flat.index_select(0, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
+                      for flat, plan in zip(flat_terms, program.terms)]
+            logits = _run_steps(logits, program.steps, values, list(scalars))
+            low = torch.finfo(logits.dtype).min
+            logits = logits.view(heads, n, g, g).masked_fill(grouping.cross_mask(i)[None], low).view(heads * n, g, g)
         probs = _run_post(logits.softmax(dim=-1), program.post)
         outs.append(torch.bmm(probs, vi).view(heads * n * g, dv))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dv)
 
 
+def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Sequence[torch.Tensor]):
+    """The fused Triton kernel for this program when the backend resolves to it, else None."""
+    from .kernels.attention_dispatch import resolve_backend
+
+    choice = requested_backend(program.backend)
+    if choice == "torch":
+        return None
+    plan = fusable(program, grouping.windows)
+    if plan is None:
+        if choice == "triton":
+            raise RuntimeError("attention_backend='triton': the fused kernel computes softmax(scale * q kᵀ + bias) v "
+                               "without dropout; this attention does more (use 'auto' or 'torch')")
+        return None
+    heads = program.heads
+    probe = q.new_empty(0, heads, 0, q.shape[1] // heads)
+    if resolve_backend(probe, 0.0, program.backend) != "triton":
+        return None
+    from .kernels.triton_group_attention import group_attention_triton
+
+    scale, term = plan
+    bias = None if term is None else window_bias(terms[term], program.terms[term], program.head_sizes, grouping.windows)
+    if bias is None:
+        area = grouping.windows.area
+        bias = q.new_zeros(heads, area, area)
+    return lambda q4, k4, v4, seg, pos: group_attention_triton(q4, k4, v4, seg, pos, bias.to(q4.dtype), scale)
+
+
 def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: Sites, v: torch.Tensor,
                      program: AttentionProgram, terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor]) -> torch.Tensor:
     """Every visible query of a sample attends to the visible keys of that sample (padded per sample)."""
     if requested_backend(program.backend) == "triton":
-        raise RuntimeError("attention_backend='triton' is not available for per-sample attention; use 'auto' or 'torch'")
+        raise RuntimeError("attention_backend='triton': the fused kernel runs window attention; per-sample attention "
+                           "(keys of a whole sample or a reduced grid) runs on the PyTorch path (use 'auto' or 'torch')")
     heads = program.heads
     qp, qvalid = q_sites.pad(q)
     kp, kvalid = k_sites.pad(k)

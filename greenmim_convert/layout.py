@@ -224,16 +224,16 @@ class Layout:
         """The layout of an elementwise op between two layouts whose shapes broadcast axis by axis."""
         n = max(len(self.axes), len(other.axes))
         self, other = self.padded_to(n), other.padded_to(n)
-        offsets_differ = self.offset != other.offset and not (self.is_per_sample() or other.is_per_sample())
-        if (self.grid, self.stride) != (other.grid, other.stride) or offsets_differ or len(self.axes) != len(other.axes):
+        sample = self.is_per_sample() or other.is_per_sample()
+        if not sample and ((self.grid, self.stride, self.offset) != (other.grid, other.stride, other.offset)):
             raise LayoutError(f"elementwise op on tensors of different layouts {self.shape} and {other.shape}")
         axes = []
         for a, b in zip(self.axes, other.axes):
             if a and b and a != b:
                 raise LayoutError(f"elementwise op on tensors of different layouts {self.shape} and {other.shape}")
             axes.append(a or b)
-        offset = other.offset if self.is_per_sample() else self.offset
-        return replace(self, axes=tuple(axes), offset=offset)
+        base = other if self.is_per_sample() else self
+        return replace(base, axes=tuple(axes))
 
     def is_canonical_tokens(self) -> bool:
         """Batch, then rows, then columns (raster), then channels; no roll offset."""

@@ -133,6 +133,11 @@ def channel_op(op, feats: torch.Tensor, sizes: Sequence[int], positions: Sequenc
     return op(x, dim=dim, **kwargs).reshape(feats.shape[0], out_channels)
 
 
+def per_sample_creation(op, visible: torch.Tensor, ndim: int, rest: tuple, kwargs: dict) -> torch.Tensor:
+    """``torch.empty((B, 1, ..., 1))`` and friends as packed per-sample rows ``(B, 1)``."""
+    return op([visible.shape[0], 1], *rest, **kwargs)
+
+
 def per_sample_factory(op, like: torch.Tensor, sites: Sites, rest: tuple, kwargs: dict) -> torch.Tensor:
     """``new_empty``/``new_zeros``/... of one value per sample: ``(B, 1)`` packed per-sample rows."""
     return op(like, [sites.batch_size, 1], *rest, **kwargs)
@@ -192,15 +197,20 @@ class Grouping:
     windows: Optional[DigitWindows] = None
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def term_index(self, bucket: int, plan, head_sizes: Sequence[int]) -> torch.Tensor:
-        """``(heads * G * g * g,)`` offsets of a term's element for every (head, query slot, key slot) of a bucket."""
-        key = ("term", bucket, plan, tuple(head_sizes))
+    def term_index(self, bucket: int, plan, head_sizes: Sequence[int], masked: Optional[int] = None) -> torch.Tensor:
+        """``(heads * G * g * g,)`` offsets of a term's element for every (head, query slot, key slot) of a bucket.
+
+        With ``masked``, pairs of slots in different windows (or padding) read that offset instead.
+        """
+        key = ("term", bucket, plan, tuple(head_sizes), masked)
         if key not in self._cache:
             b = self.buckets[bucket]
             coords = self.sites.coords.index_select(0, b.index)
             h, q, k = term_offsets(plan, head_sizes, coords, self.windows.grid, self.windows.offset)
             g, n = b.group_size, b.num_groups
             index = h[:, None, None, None] + q.view(1, n, g, 1) + k.view(1, n, 1, g)
+            if masked is not None:
+                index = index.masked_fill(self.cross_mask(bucket)[None], masked)
             self._cache[key] = index.reshape(-1)
         return self._cache[key]
 
@@ -281,6 +291,8 @@ CALL_OVERHEAD_LOGITS = {"cpu": 20000.0, "cuda": 4096.0}
 
 def digit_grouping(sites: Sites, windows: DigitWindows, labels: Optional[torch.Tensor], strategy: str) -> Grouping:
     """Segment the visible tokens into windows described by layout digits and pack them into groups."""
+    if labels is not None:
+        labels = labels.to(sites.device)
     seg, pos, num_seg = digit_segments(sites.batch, sites.coords, sites.batch_size, windows, labels)
     grouping = group_segments(seg, pos, num_seg, windows.area, strategy)
     grouping.sites, grouping.windows = sites, windows

@@ -25,6 +25,7 @@ from greenmim_convert.kernels.windows import DigitWindows
 from greenmim_convert.layout import Atom, Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
+from .block_masks import evaluate_constant, region_labels
 from .tokenwise import UNARY, BINARY
 
 KEY = {"h": "kh", "w": "kw"}
@@ -302,6 +303,26 @@ class AttentionPass(GreenPass):
         post = [Step("dropout", None, float(a["dropout_p"] or 0.0))] if a["dropout_p"] else []
         self._emit(gm, node, q, k, v, pair, steps, post, terms, key_transposed=False)
 
+    def _split_block_masks(self, gm, steps, terms, program_heads, windows):
+        """Drop additive block-mask terms (seam masks) in favour of region labels for the grouping."""
+        labels = None
+        for i, step in enumerate(steps):
+            if step.kind != "term" or step.op not in (aten.add.Tensor,) or step.swap or labels is not None:
+                continue
+            node, plan = terms[step.value]
+            value = evaluate_constant(gm, node)
+            found = region_labels(value, plan, program_heads, windows) if value is not None else None
+            if found is not None:
+                labels = found
+                steps = steps[:i] + steps[i + 1:]
+                self.report["block mask -> window regions"] += 1
+        if labels is None:
+            return steps, terms, None
+        used = sorted({s.value for s in steps if s.kind == "term"})
+        remap = {old: new for new, old in enumerate(used)}
+        steps = [replace(s, value=remap[s.value]) if s.kind == "term" else s for s in steps]
+        return steps, [terms[i] for i in used], labels
+
     def _emit(self, gm, at: fx.Node, q, k, v, pair: Layout, steps, post, terms, key_transposed: bool) -> None:
         ctx = context_of(gm)
         lq, lk = layout_of(q), layout_of(k)
@@ -309,18 +330,25 @@ class AttentionPass(GreenPass):
             lk = lk.transpose(-1, -2)
         heads, head_atoms = _heads(pair, lq)
         windows = _windows(pair, lq, lk)
+        scalar_steps = [i for i, s in enumerate(steps) if s.kind == "scalar-tensor"]
+        tensors = [steps[i].tensor for i in scalar_steps]
+        for n, i in enumerate(scalar_steps):
+            steps[i] = replace(steps[i], value=n)
+        labels = None
+        if windows is not None:
+            steps, terms, labels = self._split_block_masks(gm, steps, terms, program_heads=tuple(a.size for a in head_atoms), windows=windows)
         program = AttentionProgram(heads, tuple(a.size for a in head_atoms), tuple(steps), tuple(post),
                                    tuple(p for _, p in terms), ctx.attention_backend)
         term_nodes = [t for t, _ in terms]
-        tensors = [s.tensor for s in steps if s.tensor is not None]
         program_node = constant(gm, program, at, "attention_program")
         if windows is not None:
-            key = (windows, ctx.grouping)
+            key = (windows, ctx.grouping, None if labels is None else tuple(labels.reshape(-1).tolist()))
             sites = sites_node(gm, lq)
             if key not in ctx.grouping_nodes:
                 spec = constant(gm, windows, ctx.visible.next, "windows")
+                label_node = constant(gm, labels, ctx.visible.next, "regions") if labels is not None else None
                 with gm.graph.inserting_after(sites):
-                    ctx.grouping_nodes[key] = gm.graph.call_function(ops.digit_grouping, (sites, spec, None, ctx.grouping))
+                    ctx.grouping_nodes[key] = gm.graph.call_function(ops.digit_grouping, (sites, spec, label_node, ctx.grouping))
                 self.report["groupings"] += 1
         with gm.graph.inserting_before(at):
             if windows is not None:

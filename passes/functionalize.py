@@ -1,8 +1,9 @@
 """In-place ATen ops (``add_``, ``bernoulli_``, ``div_``, ``relu_``) -> their out-of-place forms.
 
 Export's training IR keeps in-place ops; on packed tokens a view is the same tensor, so mutation
-would leak through layout ops that no longer copy. Each in-place op becomes its functional form and
-later readers of the mutated value read the new node instead.
+would leak through layout ops that no longer copy. Each in-place op on a value computed from the
+images becomes its functional form and later readers of the mutated value read the new node
+instead. In-place ops on constants (masks filled slice by slice) stay: they run as written.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from .base import GreenPass
+from .layout_analysis import image_values
 
 
 def _functional(target):
@@ -32,9 +34,11 @@ class FunctionalizePass(GreenPass):
 
     def run(self, gm: fx.GraphModule) -> None:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        images = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        reach = image_values(gm, images)
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or not hasattr(node.target, "_schema"):
-                continue
+            if node.op != "call_function" or not hasattr(node.target, "_schema") or node.name not in reach:
+                continue  # constants (a seam mask filled slice by slice) keep their in-place ops, run as written
             functional = _functional(node.target)
             if functional is None:
                 continue

@@ -65,6 +65,36 @@ def image_passthrough(node: fx.Node) -> bool:
     return is_op(node, aten.view, aten.reshape, aten._to_copy) and shape_of(node) == shape_of(src)
 
 
+def image_values(gm: fx.GraphModule, images: fx.Node) -> set:
+    """Names of the nodes whose value depends on the images' values (not only on their dtype or device)."""
+    reach = {images.name}
+    for node in gm.graph.nodes:
+        if any(a.name in reach for a in node.all_input_nodes) and not constant_factory(gm, node):
+            reach.add(node.name)
+    reach.discard(images.name)
+    return reach
+
+
+def _descendants(node: fx.Node) -> set:
+    out, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user not in out:
+                out.add(user)
+                todo.append(user)
+    return out
+
+
+def constant_factory(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``x.new_zeros(size)`` and friends whose size is not one value per sample: constants."""
+    if not is_op(node, *tokenwise.FACTORIES):
+        return False
+    size = list(node.args[1]) if len(node.args) > 1 else []
+    batch = gm.meta["greenmim"].trace_batch if "greenmim" in gm.meta else None
+    return not (size and size[0] == batch and all(s == 1 for s in size[1:]))
+
+
 def _describe_failure(node: fx.Node) -> str:
     target = str(getattr(node.target, "__name__", node.target))
     return f"no pass converts {target} on visible tokens"
@@ -76,10 +106,16 @@ class LayoutAnalysisPass(GreenPass):
 
     def run(self, gm: fx.GraphModule) -> None:
         ctx = context_of(gm)
-        reach = nx.descendants(to_networkx(gm.graph), ctx.images.name)
+        reach = image_values(gm, ctx.images)
         ctx.images.meta["image"] = True
         failed: dict = {}
         for node in gm.graph.nodes:
+            created = tokenwise.per_sample_creation(node, ctx.trace_batch) if node.name not in reach else None
+            if created is not None:
+                node.meta["layout"] = created
+                reach |= {n.name for n in _descendants(node)}
+                self.report["per-sample creation"] += 1
+                continue
             if node.name not in reach or node.op == "output":
                 continue
             blocked = [a for a in node.all_input_nodes if a in failed]
@@ -89,6 +125,10 @@ class LayoutAnalysisPass(GreenPass):
             if image_passthrough(node):
                 node.meta["image"] = node.meta["layout_op"] = True
                 self.report["image-ops"] += 1
+                continue
+            if constant_factory(gm, node) or not any(layout_of(a) is not None or a.meta.get("image") or a in failed
+                                                      for a in node.all_input_nodes):
+                node.meta["constant"] = True  # reads only the dtype/device of image values: a constant
                 continue
             if any(a.meta.get("pick") is not None for a in node.all_input_nodes) and not is_op(node, aten.slice, aten.cat):
                 failed[node] = (node, "a strided spatial slice is used by an op other than a concatenation")

@@ -29,7 +29,9 @@ UNARY = (
     aten.dropout, aten.bernoulli, aten._to_copy, aten.to, aten.type_as, aten.pow, aten.sign, aten.relu6,
 )
 BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.where, aten.rsub)
-ELEMENTWISE = UNARY + BINARY
+IN_PLACE = (aten.add_, aten.sub_, aten.mul_, aten.div_, aten.bernoulli_, aten.clamp_, aten.relu_, aten.fill_)
+ELEMENTWISE = UNARY + BINARY + IN_PLACE
+CREATION = (aten.empty, aten.zeros, aten.ones, aten.full, aten.rand, aten.randn)
 CHANNEL_REDUCTIONS = (aten.linalg_vector_norm, aten.sum, aten.mean, aten.amax, aten.amin)
 FACTORIES = (aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full)
 
@@ -114,6 +116,17 @@ def _per_sample_factory(node: fx.Node, lay: Layout, batch: int) -> Layout:
     return Layout(((b[0],),) + ((),) * (len(size) - 1), lay.grid, lay.stride)
 
 
+def per_sample_creation(node: fx.Node, batch: int) -> Optional[Layout]:
+    """``torch.empty((B, 1, ..., 1))`` and friends: a fresh tensor of one value per sample (stochastic depth)."""
+    if not is_op(node, *CREATION):
+        return None
+    size = list(node.args[0]) if node.args and isinstance(node.args[0], (list, tuple)) else []
+    if not size or size[0] != batch or any(s != 1 for s in size[1:]):
+        return None
+    node.meta["per_sample_creation"] = True
+    return Layout(((Atom("b", batch),),) + ((),) * (len(size) - 1), (1, 1), 1)
+
+
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     """Output layout of a token-wise op, or None when ``node`` is not one."""
     if node.op != "call_function" or not hasattr(node.target, "_schema"):
@@ -183,6 +196,14 @@ class TokenwisePass(GreenPass):
                 continue
             if node.meta.get("per_sample_factory"):
                 self._per_sample_factory(gm, node)
+            elif node.meta.get("per_sample_creation"):
+                ctx = context_of(gm)
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(ops.per_sample_creation, (node.target, ctx.visible, len(node.args[0]), tuple(node.args[1:]), dict(node.kwargs)))
+                new.meta.update(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                self.report["per-sample random tensor"] += 1
             elif node.meta.get("elementwise"):
                 self._elementwise(gm, node)
             elif node.meta.get("channel_reduction"):
