@@ -3,21 +3,25 @@
 Both run forward + backward of a simple loss, alternating step by step so that machine drift hits
 both alike. Reported per model: wall time (median and spread), bytes of activations saved for
 backward (deduplicated by storage, parameters excluded), peak CUDA memory, FLOPs, and for the
-converted model the grouping time and padding overhead of every (stage, shift).
+converted model the grouping time and padding overhead of every window grouping of its graph.
 """
 from __future__ import annotations
 
 import statistics
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from operator import attrgetter
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import ops
-from .convert import GreenModel
+from .capture import is_timm_model
+from .convert import GreenModel, input_channels
+from .kernels.windows import DigitWindows
 from .masking import random_mask
 from .timing import wall_times
 
@@ -55,7 +59,8 @@ def stem_conv(model: nn.Module) -> nn.Conv2d:
 
 
 class SimMIMDense(nn.Module):
-    """The dense baseline: timm ``forward_features`` with masked stem outputs replaced by a learned token."""
+    """The dense baseline: the function ``convert`` captures (timm's ``forward_features``, else ``forward``)
+    with masked stem outputs replaced by a learned token."""
 
     def __init__(self, model: nn.Module, mask_unit: int):
         super().__init__()
@@ -75,7 +80,7 @@ class SimMIMDense(nn.Module):
         self._visible = visible
         handle = self.stem.register_forward_hook(self._hook)
         try:
-            return self.model.forward_features(images)
+            return self.model.forward_features(images) if is_timm_model(self.model) else self.model(images)
         finally:
             handle.remove()
             self._visible = None
@@ -94,6 +99,8 @@ class ModelStats:
 
 @dataclass
 class StageGrouping:
+    """One window grouping of the graph: its grid, window shape (rows, cols) and roll shift, and its packing."""
+
     grid: List[int]
     window: List[int]
     shift: List[int]
@@ -132,42 +139,80 @@ def _step(fn: Callable[[], torch.Tensor]) -> None:
     loss.backward()
 
 
+def _constant(gm: fx.GraphModule, arg: Any) -> Any:
+    """The value of a ``get_attr`` argument (a constant the passes stored on the graph), else the argument."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return attrgetter(arg.target)(gm)
+    return arg
+
+
+def window_shape(windows: DigitWindows) -> List[int]:
+    """Rows and columns of a window: the product of its token digits along each axis."""
+    shape = [1, 1]
+    for kind, size, _ in windows.token:
+        shape["hw".index(kind)] *= size
+    return shape
+
+
 def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5) -> List[StageGrouping]:
-    """Time every (stage, shift) grouping of the converted graph on this mask and report its padding."""
+    """Time every ``digit_grouping`` of the converted graph on this mask and report its padding."""
     rows = []
     gm = green.graph_module
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not ops.window_grouping:
+        if node.op != "call_function" or node.target is not ops.digit_grouping:
             continue
-        site_node, window, shift, split, strategy = node.args
+        site_node, windows, labels, strategy = node.args
         _, grid, stride = site_node.args
+        windows, labels = _constant(gm, windows), _constant(gm, labels)
         sites = ops.visible_sites(visible, grid, stride)
-        times = wall_times(lambda: ops.window_grouping(sites, window, shift, split, strategy), repeats, visible.device)
-        grp = ops.window_grouping(sites, window, shift, split, strategy)
+        times = wall_times(lambda: ops.digit_grouping(sites, windows, labels, strategy), repeats, visible.device)
+        grp = ops.digit_grouping(sites, windows, labels, strategy)
         overhead = grp.logits / grp.lower_bound if grp.lower_bound else 1.0
-        rows.append(StageGrouping(list(grid), list(window), list(shift), grp.num_tokens, grp.describe(),
+        rows.append(StageGrouping(list(grid), window_shape(windows), list(windows.offset), grp.num_tokens, grp.describe(),
                                   grp.logits, grp.lower_bound, overhead, 1e3 * statistics.median(times)))
     return rows
 
 
-def exact_attention_fraction(green: GreenModel, visible: torch.Tensor) -> float:
-    """Logits an exact per-window attention needs over those computed, weighted by each block's width."""
-    gm = green.graph_module
-    needed = computed = 0
-    cache = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not ops.swin_window_attention:
-            continue
-        grp_node, attn_node = node.args[1], node.args[2]
-        if grp_node not in cache:
-            site_node, window, shift, split, strategy = grp_node.args
-            sites = ops.visible_sites(visible, site_node.args[1], site_node.args[2])
-            cache[grp_node] = ops.window_grouping(sites, window, shift, split, strategy)
-        grp = cache[grp_node]
-        width = gm.get_submodule(attn_node.target).proj.in_features
-        needed += grp.lower_bound * width
-        computed += grp.logits * width
-    return needed / computed if computed else 1.0
+class _AttentionCensus(fx.Interpreter):
+    """Runs the converted graph and sums, over its attention calls, the logits computed and those an exact
+    attention needs, each weighted by the width of q (heads x head dim)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.needed = 0
+        self.computed = 0
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op != "call_function":
+            return out
+        if n.target is ops.window_attention:
+            q, grp = self.env[n.args[0]], self.env[n.args[3]]
+            self.needed += grp.lower_bound * q.shape[1]
+            self.computed += grp.logits * q.shape[1]
+        elif n.target is ops.sample_attention:
+            q, q_sites, k_sites = self.env[n.args[0]], self.env[n.args[1]], self.env[n.args[3]]
+            nq, nk = q_sites.counts(), k_sites.counts()
+            if nq.numel():
+                self.needed += int((nq * nk).sum()) * q.shape[1]
+                self.computed += q_sites.batch_size * int(nq.max()) * int(nk.max()) * q.shape[1]
+        return out
+
+
+def exact_attention_fraction(green: GreenModel, visible: torch.Tensor, images: Optional[torch.Tensor] = None) -> float:
+    """Logits an exact per-window (or per-sample) attention needs over those computed, weighted by each block's width.
+
+    Runs the graph once without grad (on random images when none are given) to read the groupings and widths.
+    """
+    if images is None:
+        p = next(green.parameters())
+        gen = torch.Generator().manual_seed(0)
+        chans = input_channels(green.source_model)
+        images = torch.randn(visible.shape[0], chans, *green.img_size, generator=gen).to(p.device, p.dtype)
+    census = _AttentionCensus(green.graph_module)
+    with torch.no_grad():
+        census.run(images, visible)
+    return census.needed / census.computed if census.computed else 1.0
 
 
 def run_bench(
@@ -230,7 +275,7 @@ def run_bench(
         t = s["times"]
         result[name] = ModelStats(statistics.median(t), (max(t) - min(t)) if len(t) > 1 else 0.0, s["saved"], s["flops"], s["peak"])
     d, g = result["dense"], result["green"]
-    ideal = g.flops - stats["green"]["attn"] * (1.0 - exact_attention_fraction(green, visible))
+    ideal = g.flops - stats["green"]["attn"] * (1.0 - exact_attention_fraction(green, visible, images))
     return BenchResult(
         model=green.config.model_name, batch_size=batch_size, img_size=list(green.img_size), mask_ratio=mask_ratio,
         device=str(device), dtype=str(dtype).replace("torch.", ""), steps=steps, dense=d, green=g,

@@ -4,31 +4,36 @@ Exit codes: 0 success, 1 verification failed, 2 usage error or unsupported model
 """
 from __future__ import annotations
 
-import difflib
 import json
 import sys
 from typing import Any, Dict, List, Optional
 
-import timm
 import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import model_args
+from . import model_args, models
 from .convert import GreenModel, convert
 from .errors import GreenMIMError
 from .masking import random_mask
+from .models import suggest  # noqa: F401  (part of the CLI's interface)
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Compile timm hierarchical ViTs into models that compute only on the visible patches of masked images.",
+    help="Compile hierarchical ViTs (timm names, or torchvision:NAME) into models that compute only on the visible "
+    "patches of masked images.",
 )
 console = Console()
 err_console = Console(stderr=True)
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+MODEL_HELP = "timm model name, or torchvision:NAME for a torchvision classifier"
+IMG_SIZE_HELP = "image size (default: the model's; 224 for torchvision models, which do not state theirs)"
+MODEL_ARG_HELP = ("extra model argument key=value (repeatable), for timm.create_model or torchvision's builder; "
+                  "architecture keys a torchvision builder fixes (depths, embed_dim, ...) go to its model class")
+GROUPING_HELP = "window packing: dp (ours) | max (GreenMIM) | window (one window per group)"
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -37,41 +42,33 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def parse_model_args(pairs: List[str]) -> Dict[str, Any]:
-    """``--model-arg key=value`` pairs for ``timm.create_model`` (exit 2 on a malformed pair)."""
+    """``--model-arg key=value`` pairs for the model builder (exit 2 on a malformed pair)."""
     try:
         return model_args.parse_model_args(pairs)
     except GreenMIMError as exc:
         _fail(str(exc))
 
 
-def suggest(name: str, names: List[str], n: int = 5) -> List[str]:
-    """Close matches for a misspelt model name: similar names of the same family first."""
-    scored = sorted(names, key=lambda c: -difflib.SequenceMatcher(None, name, c).ratio())
-    family = name.split("_")[0][:4]
-    same = [c for c in scored if c.startswith(name)] + [c for c in scored if c.startswith(family) and not c.startswith(name)]
-    return (same + [c for c in scored if c not in same])[:n]
-
-
-def create(name: str, model_args: List[str], img_size: Optional[int]) -> torch.nn.Module:
-    """timm.create_model with random weights (nothing is downloaded); close matches for unknown names."""
-    if name not in timm.list_models():
-        close = suggest(name, timm.list_models())
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        _fail(f"unknown timm model {name!r}.{hint}")
+def create(name: str, model_args: List[str], img_size: Optional[int]) -> models.BuiltModel:
+    """Build a timm or ``torchvision:`` model with random weights (nothing is downloaded); exit 2 with close
+    matches for an unknown name."""
     kwargs = parse_model_args(model_args)
-    if img_size is not None:
-        kwargs.setdefault("img_size", img_size)
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
-        _fail(f"timm.create_model({name!r}, **{kwargs}) failed: {exc}")
+        return models.build(name, kwargs, img_size)
+    except GreenMIMError as exc:
+        _fail(str(exc))
 
 
-def _convert(model: torch.nn.Module, img_size: Optional[int], mask_unit: Optional[int], grouping: str) -> GreenModel:
+def _convert(built: models.BuiltModel, mask_unit: Optional[int], grouping: str) -> GreenModel:
+    """Convert at the built model's image size; a torchvision model keeps its command-line name in the config."""
     try:
-        return convert(model, img_size=img_size, mask_unit=mask_unit, grouping=grouping)
+        green = convert(built.model, img_size=built.img_size, mask_unit=mask_unit, grouping=grouping)
     except GreenMIMError as exc:
         _fail(f"{type(exc).__name__}: {exc}")
+    if models.is_torchvision(built.name):
+        green.config.model_name = green.report.model = built.name
+    green.config.model_kwargs = dict(built.kwargs)
+    return green
 
 
 def report_table(green: GreenModel) -> Table:
@@ -87,19 +84,20 @@ def report_table(green: GreenModel) -> Table:
 
 @app.command("convert")
 def convert_cmd(
-    model: str = typer.Argument(..., help="timm model name, e.g. swin_tiny_patch4_window7_224"),
+    model: str = typer.Argument(..., help=MODEL_HELP + ", e.g. swin_tiny_patch4_window7_224 or torchvision:swin_t"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="write the converted model (safetensors + config)"),
-    img_size: Optional[int] = typer.Option(None, help="image size (default: the model's)"),
+    img_size: Optional[int] = typer.Option(None, help=IMG_SIZE_HELP),
     mask_unit: Optional[int] = typer.Option(None, help="mask unit in pixels (default: the model's total stride)"),
-    grouping: str = typer.Option("dp", help="window packing: dp (ours) | max (GreenMIM) | window (one window per group)"),
-    model_arg: List[str] = typer.Option([], "--model-arg", help="extra timm.create_model argument key=value (repeatable)"),
+    grouping: str = typer.Option("dp", help=GROUPING_HELP),
+    model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP),
 ) -> None:
-    """Convert a timm model and print the pass report.
+    """Convert a timm or torchvision model and print the pass report.
 
     Example: greenmim-convert convert swin_tiny_patch4_window7_224 -o green_swin_t.safetensors
+    Example: greenmim-convert convert torchvision:swin_t --img-size 224
     """
-    net = create(model, model_arg, img_size)
-    green = _convert(net, img_size, mask_unit, grouping)
+    built = create(model, model_arg, img_size)
+    green = _convert(built, mask_unit, grouping)
     console.print(report_table(green))
     rep = green.report
     console.print(
@@ -109,21 +107,21 @@ def convert_cmd(
     if output:
         from .io import save
 
-        save(green, output, parse_model_args(model_arg) | ({"img_size": img_size} if img_size else {}))
+        save(green, output, built.kwargs)
         console.print(f"wrote {output}")
 
 
 @app.command("verify")
 def verify_cmd(
-    model: str = typer.Argument(..., help="timm model name"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     mask_ratio: float = typer.Option(0.75, help="fraction of mask units hidden in every sample"),
     batch_size: int = typer.Option(2, help="images per batch (each gets its own mask)"),
-    img_size: Optional[int] = typer.Option(None, help="image size (default: the model's)"),
+    img_size: Optional[int] = typer.Option(None, help=IMG_SIZE_HELP),
     mask_unit: Optional[int] = typer.Option(None, help="mask unit in pixels"),
     dtype: str = typer.Option("float64", help="float64 (exactness, rtol 1e-10) or float32 (rtol 1e-5)"),
     seed: int = typer.Option(0, help="seed of the weights, images and masks"),
-    grouping: str = typer.Option("dp", help="window packing: dp (ours) | max (GreenMIM) | window (one window per group)"),
-    model_arg: List[str] = typer.Option([], "--model-arg", help="extra timm.create_model argument key=value"),
+    grouping: str = typer.Option("dp", help=GROUPING_HELP),
+    model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP),
 ) -> None:
     """Convert a model and compare it with the dense masked reference on random images and masks.
 
@@ -137,8 +135,9 @@ def verify_cmd(
     if batch_size < 1:
         _fail(f"--batch-size must be positive, got {batch_size}")
     torch.manual_seed(seed)
-    net = create(model, model_arg, img_size).to(DTYPES[dtype]).eval()
-    green = _convert(net, img_size, mask_unit, grouping)
+    built = create(model, model_arg, img_size)
+    net = built.model.to(DTYPES[dtype]).eval()
+    green = _convert(built, mask_unit, grouping)
     gen = torch.Generator().manual_seed(seed)
     try:
         visible = random_mask(batch_size, green.mask_grid, mask_ratio, generator=gen)
@@ -160,17 +159,17 @@ def verify_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    model: str = typer.Argument(..., help="timm model name"),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     batch_size: int = typer.Option(8, help="images per step, each with its own mask"),
-    img_size: Optional[int] = typer.Option(None, help="image size (default: the model's)"),
+    img_size: Optional[int] = typer.Option(None, help=IMG_SIZE_HELP),
     mask_ratio: float = typer.Option(0.75, help="fraction of mask units hidden"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 or float64"),
     steps: int = typer.Option(5, help="timed steps after one warm-up step"),
-    grouping: str = typer.Option("dp", help="window packing: dp (ours) | max (GreenMIM) | window (one window per group)"),
+    grouping: str = typer.Option("dp", help=GROUPING_HELP),
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the numbers to this JSON file"),
     seed: int = typer.Option(0, help="seed of weights, images and masks"),
-    model_arg: List[str] = typer.Option([], "--model-arg", help="extra timm.create_model argument key=value"),
+    model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP),
 ) -> None:
     """Time forward+backward of the converted model against the dense SimMIM-style model.
 
@@ -180,6 +179,7 @@ def bench_cmd(
     from rich.progress import Progress
 
     from .bench import run_bench
+    from .capture import is_timm_model
 
     if dtype not in DTYPES:
         _fail(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -188,10 +188,12 @@ def bench_cmd(
     if steps < 1 or batch_size < 1 or not 0.0 <= mask_ratio <= 1.0:
         _fail("--steps and --batch-size must be positive and --mask-ratio in [0, 1]")
     torch.manual_seed(seed)
-    net = create(model, model_arg, img_size).to(device=device, dtype=DTYPES[dtype]).train()
-    green = _convert(net, img_size, None, grouping)
+    built = create(model, model_arg, img_size)
+    net = built.model.to(device=device, dtype=DTYPES[dtype]).train()
+    green = _convert(built, None, grouping)
+    dense_fn = "forward_features" if is_timm_model(net) else "forward"
     console.print(
-        f"[bold]{model}[/]: dense SimMIM-style forward_features (mask token at hidden units) vs converted model on visible "
+        f"[bold]{model}[/]: dense SimMIM-style {dense_fn} (mask token at hidden units) vs converted model on visible "
         f"units; batch {batch_size}, {green.img_size[0]}px, mask ratio {mask_ratio}, per-image masks, {device} {dtype}, "
         f"forward+backward, {steps} timed steps"
     )
@@ -213,12 +215,12 @@ def bench_cmd(
         table.add_row("peak CUDA memory", f"{d.peak_cuda_bytes / 2**20:.0f} MiB", f"{g.peak_cuda_bytes / 2**20:.0f} MiB",
                       f"{d.peak_cuda_bytes / max(g.peak_cuda_bytes, 1):.2f}x")
     console.print(table)
-    gt = Table(title=f"grouping per (stage, shift): strategy {grouping}", title_justify="left")
+    gt = Table(title=f"window groupings: strategy {grouping}", title_justify="left")
     for col in ("grid", "window", "shift", "tokens", "groups x size", "logits / lower bound", "time"):
         gt.add_column(col, justify="right")
     for r in res.grouping:
-        gt.add_row(f"{r.grid[0]}x{r.grid[1]}", f"{r.window[0]}", f"{r.shift[0]}", str(r.tokens), r.groups,
-                   f"{r.padding_overhead:.2f}", f"{r.time_ms:.2f} ms")
+        gt.add_row(f"{r.grid[0]}x{r.grid[1]}", f"{r.window[0]}x{r.window[1]}", f"{r.shift[0]},{r.shift[1]}", str(r.tokens),
+                   r.groups, f"{r.padding_overhead:.2f}", f"{r.time_ms:.2f} ms")
     console.print(gt)
     if json_out:
         with open(json_out, "w") as f:
@@ -228,13 +230,17 @@ def bench_cmd(
 
 @app.command("list")
 def list_cmd(
-    family: List[str] = typer.Option([], "--family", help="restrict to these families (repeatable); default: all"),
+    family: List[str] = typer.Option(
+        [], "--family", help="restrict to these families (repeatable): timm families, or torchvision for its Swin, "
+        "Swin V2 and MaxViT; default: all"),
     verify_models: bool = typer.Option(False, "--verify", help="also verify each converted model on a masked image"),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="write the table as markdown to this file"),
 ) -> None:
-    """Coverage matrix: every timm model of the hierarchical families, whether it converts, and why not.
+    """Coverage matrix: every model of the hierarchical families (timm's, and torchvision's under the family
+    torchvision), whether it converts, and why not.
 
     Example: greenmim-convert list --family swin --family pvt_v2 --verify
+    Example: greenmim-convert list --family torchvision
     """
     from rich.progress import Progress
 
@@ -247,7 +253,7 @@ def list_cmd(
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("converting", total=len(names))
         rows = coverage(names, verify_models, progress=lambda n: bar.update(task, advance=1, description=n))
-    table = Table(title=f"{len(rows)} timm models", title_justify="left")
+    table = Table(title=f"{len(rows)} models", title_justify="left")
     for col in ("model", "family", "status", "detail"):
         table.add_column(col)
     colors = {"verified": "green", "converts": "green", "mismatch": "red", "unsupported": "yellow", "error": "red"}

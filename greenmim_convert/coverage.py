@@ -1,4 +1,4 @@
-"""Coverage matrix: which timm models of the hierarchical families convert (and verify), and why not."""
+"""Coverage matrix: which models of the hierarchical families (timm's and torchvision's) convert, verify, and why not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,13 +7,15 @@ from typing import Callable, Iterable, List, Optional
 import timm
 import torch
 
+from . import models
 from .convert import convert
 from .errors import GreenMIMError, UnsupportedOperationError
 from .masking import random_mask
 from .verify import verify
 
-FAMILIES = ("swin", "swinv2", "swinv2_cr", "twins_pcpvt", "twins_svt", "pvt_v2", "davit", "gcvit", "maxvit",
-            "focalnet", "hiera", "mvitv2", "nest")
+TIMM_FAMILIES = ("swin", "swinv2", "swinv2_cr", "twins_pcpvt", "twins_svt", "pvt_v2", "davit", "gcvit", "maxvit",
+                 "focalnet", "hiera", "mvitv2", "nest")
+FAMILIES = TIMM_FAMILIES + (models.TORCHVISION,)
 
 
 @dataclass
@@ -27,18 +29,21 @@ class CoverageRow:
 
 
 def family_of(name: str) -> Optional[str]:
-    """The longest family prefix of a timm model name."""
+    """``torchvision`` for a ``torchvision:`` name, else the longest family prefix of a timm model name."""
+    if models.is_torchvision(name):
+        return models.TORCHVISION
     best = None
-    for fam in FAMILIES:
+    for fam in TIMM_FAMILIES:
         if name.startswith(fam + "_") and (best is None or len(fam) > len(best)):
             best = fam
     return best
 
 
 def family_models(families: Iterable[str] = FAMILIES) -> List[str]:
-    """Every timm model name of the given families."""
+    """Every timm model name of the given families, then torchvision's hierarchical models when asked for."""
     wanted = set(families)
-    return [n for n in timm.list_models() if family_of(n) in wanted]
+    names = [n for n in timm.list_models() if family_of(n) in wanted]
+    return names + (models.torchvision_hierarchical() if models.TORCHVISION in wanted else [])
 
 
 def _short(exc: Exception) -> str:
@@ -49,15 +54,17 @@ def _short(exc: Exception) -> str:
 
 
 def check_model(name: str, verify_it: bool = False, seed: int = 0) -> CoverageRow:
-    """Create ``name`` with random weights, convert it, and optionally verify it on one masked image."""
+    """Build ``name`` (timm or torchvision) with random weights, convert it, optionally verify it on one masked image."""
     fam = family_of(name) or ""
     try:
         torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False).eval()
-    except Exception as exc:  # a model timm itself cannot build here
-        return CoverageRow(name, fam, "error", f"timm.create_model failed: {_short(exc)}")
+        built = models.build(name)
+        model = built.model.eval()
+    except Exception as exc:  # a model timm or torchvision itself cannot build here
+        builder = "torchvision.models.get_model" if models.is_torchvision(name) else "timm.create_model"
+        return CoverageRow(name, fam, "error", f"{builder} failed: {_short(exc)}")
     try:
-        green = convert(model)
+        green = convert(model, img_size=built.img_size)
     except GreenMIMError as exc:
         return CoverageRow(name, fam, "unsupported", _short(exc))
     if not verify_it:

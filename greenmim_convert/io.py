@@ -1,6 +1,7 @@
-"""Save and load converted models: timm model name + config as JSON metadata, weights as safetensors.
+"""Save and load converted models: model name (timm's, or ``torchvision:NAME``) + config as JSON metadata,
+weights as safetensors.
 
-Loading re-creates the timm model, loads the weights and converts it again, so no Python object is
+Loading re-creates the source model, loads the weights and converts it again, so no Python object is
 ever unpickled from the file.
 """
 from __future__ import annotations
@@ -9,10 +10,9 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-import timm
-
+from . import models
 from .convert import GreenModel, convert
-from .errors import LoadError
+from .errors import GreenMIMError, LoadError
 
 FORMAT = "greenmim-convert/1"
 
@@ -47,10 +47,10 @@ def load(path: str, map_location: str = "cpu") -> GreenModel:
         config = json.loads(meta["config"])
         name = config["model_name"]
         kwargs = dict(config.get("model_kwargs") or {})
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except (KeyError, json.JSONDecodeError, RuntimeError, TypeError) as exc:
+        model = models.build(name, kwargs).model
+    except (KeyError, json.JSONDecodeError, RuntimeError, TypeError, GreenMIMError) as exc:
         raise LoadError(f"{path}: damaged greenmim-convert config: {exc}") from None
-    first = next(iter(state.values()), None)
+    first = next((v for v in state.values() if v.is_floating_point()), None)  # index buffers are integers
     if first is not None:
         model = model.to(first.dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -63,5 +63,5 @@ def load(path: str, map_location: str = "cpu") -> GreenModel:
         grouping=config.get("grouping", "dp"),
         attention_backend=config.get("attention_backend", "auto"),
     )
-    green.config.model_kwargs = kwargs
+    green.config.model_name, green.config.model_kwargs = name, kwargs
     return green.to(map_location)

@@ -3,13 +3,45 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import timm
 import torch
+import torch.nn as nn
 from typer.testing import CliRunner
 
-from greenmim_convert.bench import SavedTensorCounter
+import greenmim_convert as gmc
+from greenmim_convert import models
+from greenmim_convert.bench import (
+    SavedTensorCounter, SimMIMDense, exact_attention_fraction, measure_grouping, run_bench,
+)
 from greenmim_convert.cli import app
+from greenmim_convert.masking import random_mask
 
-from test_cli import SWIN, TINY
+from test_cli import SWIN, TINY, TV_SWIN, TV_TINY
+
+# the tiny Swin's stages at 128px: grids 32, 16, 8 with 4x4 windows, each stage one plain and one
+# shifted block, so six groupings; stage 3's window covers its whole 4x4 grid (per-sample attention)
+GROUPINGS = {(32, (0, 0)), (32, (2, 2)), (16, (0, 0)), (16, (2, 2)), (8, (0, 0)), (8, (2, 2))}
+
+
+def check_bench_json(data: dict) -> None:
+    for side in ("dense", "green"):
+        for key in ("time_median_s", "time_spread_s", "saved_bytes", "flops"):
+            assert key in data[side]
+        assert data[side]["time_median_s"] > 0 and data[side]["saved_bytes"] > 0 and data[side]["flops"] > 0
+    for key in ("speedup", "saved_bytes_reduction", "flops_ratio", "flops_vs_ideal"):
+        assert data[key] > 0 and data[key] == data[key] and data[key] != float("inf")
+    assert {(g["grid"][0], tuple(g["shift"])) for g in data["grouping"]} == GROUPINGS
+    assert len(data["grouping"]) == len(GROUPINGS)
+    assert all(g["window"] == [4, 4] and g["padding_overhead"] >= 1.0 for g in data["grouping"])
+
+
+@pytest.fixture(scope="module")
+def tiny_swin():
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, img_size=128)
+    model = timm.create_model(SWIN, pretrained=False, **kwargs).eval()
+    return model, gmc.convert(model)
 
 
 def test_saved_tensor_counter_known_answer():
@@ -28,15 +60,86 @@ def test_bench_cli_smoke(tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", SWIN, *TINY, "--batch-size", "2", "--steps", "1", "--json", str(out)])
     assert res.exit_code == 0, res.output
+    check_bench_json(json.loads(out.read_text()))
+    assert "dense / converted" in res.output and "forward_features" in res.output
+
+
+def test_bench_cli_torchvision(tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", TV_SWIN, *TV_TINY, "--batch-size", "2", "--steps", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
-    for side in ("dense", "green"):
-        for key in ("time_median_s", "time_spread_s", "saved_bytes", "flops"):
-            assert key in data[side]
-        assert data[side]["time_median_s"] > 0 and data[side]["saved_bytes"] > 0 and data[side]["flops"] > 0
-    for key in ("speedup", "saved_bytes_reduction", "flops_ratio", "flops_vs_ideal"):
-        assert data[key] > 0 and data[key] == data[key] and data[key] != float("inf")
-    assert len(data["grouping"]) == 7 and all(g["padding_overhead"] >= 1.0 for g in data["grouping"])
-    assert "dense / converted" in res.output
+    check_bench_json(data)
+    assert data["model"] == TV_SWIN and data["img_size"] == [128, 128]
+    assert "SimMIM-style forward " in " ".join(res.output.split())
+
+
+def test_measure_grouping_reads_the_digit_windows(tiny_swin):
+    _, green = tiny_swin
+    visible = random_mask(2, green.mask_grid, 0.75, generator=torch.Generator().manual_seed(1))
+    rows = measure_grouping(green, visible, repeats=1)
+    assert {(r.grid[0], tuple(r.shift)) for r in rows} == GROUPINGS
+    for r in rows:
+        assert r.window == [4, 4] and r.time_ms > 0
+        assert r.tokens == int(visible.sum()) * (r.grid[0] // 4) ** 2
+        assert r.lower_bound <= r.logits and r.padding_overhead == r.logits / r.lower_bound
+
+
+def test_exact_attention_fraction_weights_logits_by_width(tiny_swin):
+    """Needed over computed logits, each attention call weighted by its q width (= the stage's channels here)."""
+    _, green = tiny_swin
+    visible = random_mask(2, green.mask_grid, 0.75, generator=torch.Generator().manual_seed(2))
+    width = {32: 32, 16: 64, 8: 128}
+    rows = measure_grouping(green, visible, repeats=1)
+    needed = sum(r.lower_bound * width[r.grid[0]] for r in rows)
+    computed = sum(r.logits * width[r.grid[0]] for r in rows)
+    counts = visible.flatten(1).sum(1)  # stage 3's 4x4 grid is the mask grid: two per-sample blocks of width 256
+    needed += 2 * 256 * int((counts * counts).sum())
+    computed += 2 * 256 * len(counts) * int(counts.max()) ** 2
+    frac = exact_attention_fraction(green, visible)
+    assert 0 < frac < 1 and frac == pytest.approx(needed / computed)
+
+
+class TinyNet(nn.Module):
+    """Not a timm model and without ``forward_features``: a patchify conv, a token MLP, a 2x2 merge."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, 4)
+        self.mlp = nn.Linear(16, 16)
+        self.merge = nn.Conv2d(16, 32, 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.merge(x)
+
+
+def test_run_bench_on_a_model_that_is_not_timm():
+    torch.manual_seed(0)
+    model = TinyNet().train()
+    green = gmc.convert(model, img_size=32)
+    res = run_bench(model, green, batch_size=2, mask_ratio=0.5, steps=1)
+    assert res.model == "TinyNet" and res.grouping == [] and res.flops_vs_ideal == pytest.approx(1.0)
+    assert res.dense.flops > res.green.flops > 0 and res.dense.saved_bytes > 0
+
+
+def test_simmim_baseline_runs_forward_of_torchvision_models():
+    """Without forward_features the baseline is the model's forward, with the mask token after its patchify conv."""
+    torch.manual_seed(0)
+    small = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=(4, 4))
+    model = models.build(TV_SWIN, small).model.eval()
+    dense = SimMIMDense(model, 32)
+    assert dense.stem is model.features[0][0]
+    images = torch.randn(2, 3, 128, 128)
+    visible = random_mask(2, (4, 4), 0.5)
+    with torch.no_grad():
+        dense.mask_token.normal_()
+        plain = model(images)
+        assert torch.equal(dense(images, torch.ones_like(visible)), plain)
+        masked = dense(images, visible)
+    assert masked.shape == plain.shape == (2, 1000) and not torch.equal(masked, plain)
+    assert not dense.stem._forward_hooks
 
 
 def test_sweep_script_smoke(tmp_path):
