@@ -254,9 +254,10 @@ def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: 
     kp, kvalid = k_sites.pad(k)
     vp, _ = k_sites.pad(v)
     b, nq, nk = qp.shape[0], qp.shape[1], kp.shape[1]
-    qh = qp.view(b, nq, heads, -1).transpose(1, 2)
-    kh = kp.view(b, nk, heads, -1).transpose(1, 2)
-    vh = vp.view(b, nk, heads, -1).transpose(1, 2)
+    dq, dv = q.shape[1] // heads, v.shape[1] // heads
+    qh = qp.view(b, nq, heads, dq).transpose(1, 2)
+    kh = kp.view(b, nk, heads, dq).transpose(1, 2)
+    vh = vp.view(b, nk, heads, dv).transpose(1, 2)
     logits = qh @ kh.transpose(-1, -2)
     values = []
     for flat, plan in zip(terms, program.terms):
@@ -265,7 +266,7 @@ def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: 
     logits = _run_steps(logits, program.steps, values, list(scalars))
     logits = logits.masked_fill(~kvalid[:, None, None, :], torch.finfo(logits.dtype).min)
     probs = _run_post(logits.softmax(dim=-1), program.post)
-    out = (probs @ vh).transpose(1, 2).reshape(b, nq, -1)
+    out = (probs @ vh).transpose(1, 2).reshape(b, nq, heads * dv)
     return q_sites.unpad(out)
 
 

@@ -8,7 +8,10 @@ followed by the output of every stage module (captured with forward hooks during
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
+import logging
 import traceback
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -115,16 +118,40 @@ def _failing_module(model: nn.Module, exc: BaseException) -> str:
     return found
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """Export prints and logs whole graphs when it fails; the TraceError says what matters."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _essentials(exc: BaseException) -> str:
+    """The first line of an export error and the user code it names, without export's generic advice."""
+    lines = str(exc).strip().splitlines()
+    out = lines[:1]
+    if "The following call raised this error:" in lines:
+        i = lines.index("The following call raised this error:")
+        out += [ln.strip() for ln in lines[i + 1:i + 3] if ln.strip()]
+    return " | ".join(out)
+
+
 def capture(model: nn.Module, images: torch.Tensor, stages: Sequence[str]) -> Captured:
     """Export the model's features function on ``images`` in its current train/eval mode."""
     wrapper = _Features(model, stages)
     try:
-        program = torch.export.export(wrapper, (images,), strict=False)
+        with _quiet_torch_logs():
+            program = torch.export.export(wrapper, (images,), strict=False)
     except TraceError:
         raise
     except Exception as exc:  # export raises many types; report them as one, naming the module
         where = _failing_module(model, exc)
-        raise TraceError(f"torch.export could not capture {type(model).__name__}{where}: {type(exc).__name__}: {exc}") from exc
+        raise TraceError(f"torch.export could not capture {type(model).__name__}{where}: {type(exc).__name__}: {_essentials(exc)}") from exc
     exported = program.module()
     graph = fx.Graph()
     remap = graph.graph_copy(exported.graph, {})

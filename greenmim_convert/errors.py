@@ -20,7 +20,7 @@ class MaskUnitError(InvalidInputError):
 
 
 class TraceError(GreenMIMError):
-    """The model could not be traced by torch.fx."""
+    """The model could not be captured (``torch.export``) or its stages could not be found."""
 
 
 class LoadError(GreenMIMError):
@@ -30,18 +30,21 @@ class LoadError(GreenMIMError):
 def describe_node(node: fx.Node) -> str:
     """One line naming an FX node, the module it came from and its source line."""
     stack = node.meta.get("nn_module_stack") or {}
-    path = "<top level>"
+    path, kind = "<top level>", ""
     if stack:
         last = list(stack.values())[-1]
         path = last[0] if isinstance(last, tuple) else str(last)
+        if isinstance(last, tuple) and len(last) > 1:
+            kind = getattr(last[1], "__name__", str(last[1]).rsplit(".", 1)[-1].strip("'>"))
         if path.startswith("m."):
             path = path[2:]
         elif path == "m":
-            path = "<top level>"
+            path, kind = "<top level>", ""
     target = str(getattr(node.target, "__name__", node.target))
     target = target[2:] if target.startswith("m.") else target
     source = _source_line(node)
-    return f"node '{node.name}' ({node.op} {target}) in module '{path}'" + (f" at {source}" if source else "")
+    module = f"module '{path}'" + (f" ({kind})" if kind else "")
+    return f"node '{node.name}' ({node.op} {target}) in {module}" + (f" at {source}" if source else "")
 
 
 def _source_line(node: fx.Node) -> Optional[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .base import GreenPass
+from .base import GreenPass, args_of
 from .layout_analysis import image_values
 
 
@@ -43,6 +43,10 @@ class FunctionalizePass(GreenPass):
             if functional is None:
                 continue
             mutated = node.args[0]
+            bound = args_of(node)
+            schema = node.target._schema
+            node.args = tuple(bound[a.name] for a in schema.arguments if not a.kwarg_only)
+            node.kwargs = {a.name: bound[a.name] for a in schema.arguments if a.kwarg_only and bound[a.name] is not None}
             node.target = functional
             for user in list(mutated.users):
                 if user is not node and order.get(user, -1) > order[node]:
