@@ -4,8 +4,10 @@ The final value is the captured features when they still hold visible tokens (a 
 ``forward_features``, a backbone's ``forward``); for a classifier it is the last value before its
 global reduction (the input of its global pool). Stage values are the captured stage modules'
 outputs; for a model without ``stages=`` or timm's ``feature_info`` they are the last value
-computed at each feature grid. An op no rule understands fails the conversion here, unless it lies
-past the final value.
+computed at each feature grid.
+
+Every op the model's output depends on must be understood, the head past the final value
+included: a classifier whose head has an op no rule knows fails rather than being cut short.
 """
 from __future__ import annotations
 
@@ -58,9 +60,9 @@ class OutputsPass(GreenPass):
         if layout_of(last) is None or not token_like(layout_of(last)):
             last = self._last_token_value(gm, graph, last)
         stages = values[1:] if not ctx.default_stages else self._default_stages(gm, graph, last)
-        needed = set(nx.ancestors(graph, last.name)) | {last.name}
-        for s in stages:
-            needed |= set(nx.ancestors(graph, s.name)) | {s.name}
+        needed = set()
+        for v in values + [last] + list(stages):
+            needed |= set(nx.ancestors(graph, v.name)) | {v.name}
         for node, (where, reason) in ctx.failures.items():
             if node.name in needed:
                 raise UnsupportedOperationError(reason, where)
