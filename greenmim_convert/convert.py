@@ -148,6 +148,7 @@ def _compile(model: nn.Module, training: bool, size: Tuple[int, int], stages: Op
         gm.meta["greenmim"] = ctx
         pipeline = build_pipeline()
         PassManager(passes=pipeline)(gm)
+        gm.recompile()
     except GreenMIMError:
         raise
     except Exception as exc:

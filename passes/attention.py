@@ -228,7 +228,6 @@ class AttentionPass(GreenPass):
             elif "attention_sdpa" in node.meta:
                 self._compile_sdpa(gm, node)
         gm.graph.eliminate_dead_code()
-        gm.recompile()
 
     def _compile_matmul(self, gm: fx.GraphModule, pv: fx.Node) -> None:
         chain, node = [], pv.args[0]

@@ -10,6 +10,7 @@ Any other term stays a gathered term, exact.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -76,8 +77,24 @@ def _fetch(gm: fx.GraphModule, target: str):
     return obj
 
 
+_LABELS: dict = {}
+
+
 def region_labels(value: torch.Tensor, plan: TermPlan, head_sizes, windows: DigitWindows) -> Optional[torch.Tensor]:
-    """``(H, W)`` region label of every grid cell when ``value`` is a block mask on ``windows``; else None."""
+    """``(H, W)`` region label of every grid cell when ``value`` is a block mask on ``windows``; else None.
+
+    Blocks of a stage carry equal masks: results are cached by the mask's content.
+    """
+    digest = hashlib.sha256(value.double().contiguous().numpy().tobytes()).hexdigest()
+    key = (plan, tuple(head_sizes), windows, tuple(value.shape), digest)
+    if key not in _LABELS:
+        if len(_LABELS) > 256:
+            _LABELS.clear()
+        _LABELS[key] = _region_labels(value, plan, head_sizes, windows)
+    return _LABELS[key]
+
+
+def _region_labels(value: torch.Tensor, plan: TermPlan, head_sizes, windows: DigitWindows) -> Optional[torch.Tensor]:
     if plan.head:
         return None
     h, w = windows.grid

@@ -125,4 +125,3 @@ class ChannelSplitPass(GreenPass):
                 replace_with_call(gm, node, ops.channel_gather, (src, tuple(columns)))
                 self.report["channel split -> column gather"] += 1
         gm.graph.eliminate_dead_code()
-        gm.recompile()

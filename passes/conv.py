@@ -121,4 +121,3 @@ class ConvPass(GreenPass):
             replace_with_call(gm, node, fn, args)
             depthwise = c["groups"] > 1 and c["groups"] == shape_of(w)[0]
             self.report[f"{kind}{' (depthwise)' if depthwise else ''} {c['kernel'][0]}x{c['kernel'][1]}/{c['stride'][0]}"] += 1
-        gm.recompile()

@@ -52,4 +52,3 @@ class FunctionalizePass(GreenPass):
                 if user is not node and order.get(user, -1) > order[node]:
                     user.replace_input_with(mutated, node)
             self.report[f"{functional.__name__}"] += 1
-        gm.recompile()

@@ -93,4 +93,3 @@ class LayoutOpsPass(GreenPass):
                 gm.graph.erase_node(node)
                 self.report[str(getattr(node.target, "__name__", node.target)).split(".")[0]] += 1
         gm.graph.eliminate_dead_code()
-        gm.recompile()

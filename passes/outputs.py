@@ -81,7 +81,6 @@ class OutputsPass(GreenPass):
             result = gm.graph.call_function(ops.green_output, (wrap(last), [wrap(s) for s in stages]))
         out.args = (result,)
         gm.graph.eliminate_dead_code()
-        gm.recompile()
 
     def _last_token_value(self, gm: fx.GraphModule, graph: nx.DiGraph, value: fx.Node) -> fx.Node:
         """The last value (graph order) holding visible tokens on which the model's output depends."""

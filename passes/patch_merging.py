@@ -138,4 +138,3 @@ class PatchMergingPass(GreenPass):
                 self.report[f"space-to-depth {factor[0]}x{factor[1]}"] += 1
             node.replace_input_with(src, done[src])
         gm.graph.eliminate_dead_code()
-        gm.recompile()

@@ -82,4 +82,3 @@ class PoolingPass(GreenPass):
                 factor = fine.grid[0] // coarse.grid[0]
                 replace_with_call(gm, node, ops.mean_pool, (src, sites_node(gm, fine), sites_node(gm, coarse), factor))
                 self.report[f"mean pool {factor}x{factor}"] += 1
-        gm.recompile()

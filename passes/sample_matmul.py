@@ -61,4 +61,3 @@ class SampleMatmulPass(GreenPass):
             packed.meta["layout"] = out
             node.meta.pop("layout")
             self.report["per-sample padded matmul"] += 1
-        gm.recompile()

@@ -210,7 +210,6 @@ class TokenwisePass(GreenPass):
                 self._channel_op(gm, node)
             elif is_op(node, aten.linear, aten.layer_norm):
                 self.report[f"{node.target.__name__.split('.')[0]} unchanged"] += 1
-        gm.recompile()
 
     def _per_sample_factory(self, gm: fx.GraphModule, node: fx.Node) -> None:
         sites = sites_node(gm, node.meta["layout"])
