@@ -85,7 +85,7 @@ def region_labels(value: torch.Tensor, plan: TermPlan, head_sizes, windows: Digi
 
     Blocks of a stage carry equal masks: results are cached by the mask's content.
     """
-    digest = hashlib.sha256(value.double().contiguous().numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256(value.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()
     key = (plan, tuple(head_sizes), windows, tuple(value.shape), digest)
     if key not in _LABELS:
         if len(_LABELS) > 256:
