@@ -205,7 +205,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
             logits = torch.baddbmm(bias.view(heads * n, g, g), qi, ki.transpose(1, 2), alpha=folded[0])
         else:
             logits = torch.bmm(qi, ki.transpose(1, 2))
-            values = [flat.index_select(0, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
+            values = [_per_head(flat, plan, program.head_sizes, n) if not (plan.query or plan.key) else
+                      flat.index_select(0, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
                       for flat, plan in zip(flat_terms, program.terms)]
             logits = _run_steps(logits, program.steps, values, list(scalars))
             low = torch.finfo(logits.dtype).min
@@ -214,6 +215,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
         outs.append(torch.bmm(probs, vi).view(heads * n * g, dv))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dv)
+
+
+def _per_head(flat: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], groups: int) -> torch.Tensor:
+    """A term that varies by head only (a logit scale): ``(heads * G, 1, 1)``, broadcast over the pairs."""
+    heads = 1
+    for h in head_sizes:
+        heads *= h
+    per_head = flat.index_select(0, _head_offsets(plan, heads, head_sizes, flat.device))
+    return per_head[:, None].expand(heads, groups).reshape(heads * groups, 1, 1)
 
 
 def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Sequence[torch.Tensor]):
