@@ -93,7 +93,7 @@ def _apply(step: Step, x: torch.Tensor, other: Any) -> torch.Tensor:
 
 
 def _run_steps(logits: torch.Tensor, steps: Sequence[Step], term_values: List[torch.Tensor], scalars: List[torch.Tensor]) -> torch.Tensor:
-    t = 0
+    """Apply the program's steps to the logits, in graph order."""
     for step in steps:
         if step.kind == "scalar":
             logits = _apply(step, logits, step.value)

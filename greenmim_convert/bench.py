@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import ops
+from . import attention, ops
 from .capture import is_timm_model
 from .convert import GreenModel, input_channels
 from .kernels.windows import DigitWindows
@@ -186,11 +186,11 @@ class _AttentionCensus(fx.Interpreter):
         out = super().run_node(n)
         if n.op != "call_function":
             return out
-        if n.target is ops.window_attention:
+        if n.target is attention.window_attention:
             q, grp = self.env[n.args[0]], self.env[n.args[3]]
             self.needed += grp.lower_bound * q.shape[1]
             self.computed += grp.logits * q.shape[1]
-        elif n.target is ops.sample_attention:
+        elif n.target is attention.sample_attention:
             q, q_sites, k_sites = self.env[n.args[0]], self.env[n.args[1]], self.env[n.args[3]]
             nq, nk = q_sites.counts(), k_sites.counts()
             if nq.numel():

@@ -1,23 +1,20 @@
 """Runtime operations that the passes insert into the rewritten graph.
 
 Each takes packed features ``(T, C)`` plus the ``Sites`` they live on, and computes at the visible
-positions what the dense op computes under masked-dense semantics. They read parameters from the
-original timm modules, so the converted model shares every Parameter with the timm model.
+positions what the dense op computes under masked-dense semantics. Weights arrive as the source
+model's own Parameters (graph inputs), so the converted model shares every Parameter with it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels.attention_dispatch import requested_backend, resolve_backend
 from .kernels.grouping import plan_buckets
 from .kernels.sparse_conv import sparse_conv2d
-from .attention import sample_attention, term_offsets, window_attention  # noqa: F401  (runtime ops of the graph)
+from .attention import term_offsets
 from .kernels.windows import DigitWindows, WindowSpec, digit_segments, window_segments
 from .gather import RowMap
 from .sites import Sites

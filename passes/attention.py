@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx as fx
 
+from greenmim_convert import attention as runtime
 from greenmim_convert import ops
 from greenmim_convert.attention import AttentionProgram, Step, TermPlan
 from greenmim_convert.kernels.windows import DigitWindows
@@ -351,10 +352,10 @@ class AttentionPass(GreenPass):
                 self.report["groupings"] += 1
         with gm.graph.inserting_before(at):
             if windows is not None:
-                new = gm.graph.call_function(ops.window_attention, (q, k, v, ctx.grouping_nodes[key], program_node, term_nodes, tensors))
+                new = gm.graph.call_function(runtime.window_attention, (q, k, v, ctx.grouping_nodes[key], program_node, term_nodes, tensors))
                 kind = "window attention"
             else:
-                new = gm.graph.call_function(ops.sample_attention, (q, sites_node(gm, lq), k, sites_node(gm, lk), v, program_node, term_nodes, tensors))
+                new = gm.graph.call_function(runtime.sample_attention, (q, sites_node(gm, lq), k, sites_node(gm, lk), v, program_node, term_nodes, tensors))
                 kind = "per-sample attention" if lq.grid == lk.grid else "reduced-key attention"
         new.meta["layout"] = at.meta["layout"]
         at.replace_all_uses_with(new)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from math import prod
 from typing import List, Optional, Sequence
 
-import torch
 import torch.fx as fx
 
 from greenmim_convert import ops
