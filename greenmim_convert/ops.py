@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.grouping import plan_buckets
-from .kernels.sparse_conv import sparse_conv2d
+from .kernels.sparse_conv import build_neighbor_map, sparse_conv2d
 from .attention import term_offsets
 from .kernels.windows import DigitWindows, WindowSpec, digit_segments, window_segments
 from .gather import RowMap
@@ -339,6 +339,54 @@ def sample_mean(feats: torch.Tensor, sites: Sites) -> torch.Tensor:
     """``(B, C)`` mean of every sample's visible tokens (a global average under masked-dense semantics)."""
     summed = feats.new_zeros(sites.batch_size, feats.shape[1]).index_add(0, sites.batch, feats)
     return summed / sites.counts().clamp_min(1).to(feats.dtype)[:, None]
+
+
+def sample_reduce(op, feats: torch.Tensor, sites: Sites, kwargs: dict) -> torch.Tensor:
+    """A reduction over the whole grid (``sum``, ``mean``, ``linalg_vector_norm``, ``amax``, ``amin``)
+    taken over each sample's visible tokens: ``(B, C)``. Padding rows are the op's neutral element."""
+    name = op.__name__.split(".")[0]
+    if name == "mean":
+        return sample_mean(feats, sites)
+    fill = {"amax": float("-inf"), "amin": float("inf")}.get(name, 0.0)
+    padded, valid = sites.pad(feats)
+    if fill:
+        padded = padded.masked_fill(~valid[:, :, None], fill)
+    return op(padded, dim=[1], **kwargs)
+
+
+def cell_reduce(kind: str, feats: torch.Tensor, fine: Sites, coarse: Sites, factor: int) -> torch.Tensor:
+    """``amax``, ``mean`` or ``sum`` over the visible positions of every ``factor`` x ``factor`` cell."""
+    if kind == "mean":
+        return mean_pool(feats, fine, coarse, factor)
+    nbr = neighbours(fine, coarse, (factor, factor), [(dh, dw) for dh in range(factor) for dw in range(factor)])
+    fill = float("-inf") if kind == "amax" else 0.0
+    pad = feats.new_full((1, feats.shape[1]), fill)
+    rows = torch.cat([feats, pad]).index_select(0, torch.where(nbr >= 0, nbr, feats.shape[0]).reshape(-1))
+    rows = rows.view(*nbr.shape, feats.shape[1])
+    return rows.amax(1) if kind == "amax" else rows.sum(1)
+
+
+def max_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, stride, padding, dilation) -> torch.Tensor:
+    """Max pooling at the visible output sites over the visible positions of each window."""
+    nmap = build_neighbor_map(in_sites, out_sites, kernel, stride, padding, dilation)
+    low = feats.new_full((1, feats.shape[1]), float("-inf"))
+    rows = torch.cat([feats, low]).index_select(0, torch.where(nmap >= 0, nmap, feats.shape[0]).reshape(-1))
+    return rows.view(*nmap.shape, feats.shape[1]).amax(0)
+
+
+def gather_constant(const: torch.Tensor, sites: Sites, spatial, roll: Tuple[int, int], channel_offsets: torch.Tensor) -> torch.Tensor:
+    """A constant varying over positions (a position embedding), read at every visible token: ``(T, C)``.
+
+    ``spatial`` lists ``(kind, size, inner, stride)`` digits of the dense index (rows ``h``, columns
+    ``w``, after the layout's ``roll``) and where each sits in the constant.
+    """
+    offset = torch.zeros(sites.num_tokens, dtype=torch.long, device=sites.device)
+    for kind, size, inner, stride in spatial:
+        axis = "hw".index(kind)
+        dense = torch.remainder(sites.coords[:, axis] - roll[axis], sites.grid[axis])
+        offset += (torch.div(dense, inner, rounding_mode="floor") % size) * stride
+    index = offset[:, None] + channel_offsets.to(sites.device)[None, :]
+    return const.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
 
 
 def sample_to_tokens(per_sample: torch.Tensor, sites: Sites) -> torch.Tensor:

@@ -3,9 +3,11 @@
 Masked-dense semantics for average pooling: a pooled cell averages the visible positions it covers;
 a cell with none is not a site of the pooled grid (so it is absent from attention keys). Adaptive
 pooling whose output size divides the grid, and ``avg_pool2d`` with kernel == stride, are
-kernel == stride poolings. A ``mean`` over every spatial axis (a global context, squeeze-excite)
-is the per-sample mean of the visible tokens: one value per sample, broadcast back to the sample's
-tokens by the token-wise pass. Ops rewritten: ``adaptive_avg_pool2d``, ``avg_pool2d``, ``mean``.
+kernel == stride poolings. A reduction over every spatial axis (a global context, squeeze-excite,
+GRN's norm) is one value per sample over its visible tokens, broadcast back to the sample's tokens
+by the token-wise pass. Max pooling takes the maximum over the visible positions of its window (as
+over its own ``-inf`` padding). Ops rewritten: ``adaptive_avg_pool2d``, ``avg_pool2d``,
+``max_pool2d``, and ``mean``, ``sum``, ``linalg_vector_norm``, ``amax``, ``amin`` over the grid.
 """
 from __future__ import annotations
 
@@ -14,10 +16,14 @@ from typing import Optional
 import torch.fx as fx
 
 from greenmim_convert import ops
-from greenmim_convert.layout import Layout, LayoutError
+from greenmim_convert.layout import Atom, Layout, LayoutError
+
+from greenmim_convert.kernels.sparse_conv import conv_output_grid
 
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, shape_of, sites_node
 from .conv import is_nchw
+
+SPATIAL_REDUCTIONS = (aten.mean, aten.sum, aten.linalg_vector_norm, aten.amax, aten.amin)
 
 
 def _pool_factor(node: fx.Node, lay: Layout) -> Optional[int]:
@@ -51,23 +57,82 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
             node.meta["spatial_mean"] = True
             return Layout(((lay.axes[0]), lay.axes[1], (), ()), lay.grid, lay.stride)
         return Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, out, lay.channels, lay.stride * factor)
-    if is_op(node, aten.mean) and not lay.is_per_sample():
+    if is_op(node, *SPATIAL_REDUCTIONS) and not lay.is_per_sample():
         dims = args_of(node)["dim"]
         reduced = {d % len(lay.axes) for d in ([dims] if isinstance(dims, int) else dims or [])}
-        spatial = [(a.kind in "hw") for ax in lay.axes for a in ax]
-        if not any(spatial):
+        if not any(a.kind in "hw" for i in reduced for a in lay.axes[i]):
             return None
+        cell = _cell_reduction(node, lay, reduced)
+        if cell is not None:
+            return cell
         if any((a.kind in "hw") != (i in reduced) for i, ax in enumerate(lay.axes) for a in ax) or any(not lay.axes[i] for i in reduced):
-            raise LayoutError(f"mean over axes {sorted(reduced)} of layout {lay.shape} is not over the whole grid")
+            raise LayoutError(f"reduction over axes {sorted(reduced)} of layout {lay.shape} is not over exactly the whole grid")
         keep = bool(args_of(node)["keepdim"])
-        node.meta["spatial_mean"] = True
+        node.meta["spatial_reduction"] = True
         return Layout(tuple(() if i in reduced else ax for i, ax in enumerate(lay.axes) if keep or i not in reduced), lay.grid, lay.stride)
+    if is_op(node, aten.max_pool2d):
+        return _max_pool_layout(node, lay)
     return None
+
+
+def _cell_reduction(node: fx.Node, lay: Layout, reduced: set) -> Optional[Layout]:
+    """A reduction over the low row and column digits of every cell (Hiera's max pooling of unrolled
+    tokens): a kernel == stride pooling onto the coarser grid; None when other digits are reduced."""
+    atoms = [a for i in reduced for a in lay.axes[i]]
+    if any(a.kind not in "hw" for a in atoms) or not is_op(node, aten.amax, aten.mean, aten.sum):
+        return None
+    factor = {}
+    for kind in "hw":
+        low = sorted((a for a in atoms if a.kind == kind), key=lambda a: a.inner)
+        place = 1
+        for a in low:
+            if a.inner != place:
+                return None
+            place *= a.size
+        factor[kind] = place
+    if factor["h"] != factor["w"] or factor["h"] == 1 or lay.offset != (0, 0):
+        return None
+    f = factor["h"]
+    keep = bool(args_of(node)["keepdim"])
+    axes = []
+    for i, ax in enumerate(lay.axes):
+        if i in reduced:
+            if keep:
+                axes.append(())
+            continue
+        axes.append(tuple(Atom(a.kind, a.size, a.inner // f) if a.kind in "hw" else a for a in ax))
+    if any(a.kind in "hw" and a.inner % f for ax in lay.axes for a in ax if a not in atoms):
+        return None
+    out = Layout(tuple(axes), (lay.grid[0] // f, lay.grid[1] // f), lay.stride * f)
+    out.check_packed()
+    node.meta["cell_reduction"] = f
+    return out
+
+
+def _max_pool_layout(node: fx.Node, lay: Layout) -> Layout:
+    a = args_of(node)
+    k = _pair(a["kernel_size"])
+    s = _pair(a["stride"] or k)
+    p, d = _pair(a["padding"]), _pair(a["dilation"])
+    if not is_nchw(lay):
+        raise LayoutError(f"max pooling input is not an NCHW feature map (layout {lay.shape})")
+    if a["ceil_mode"] or s[0] != s[1]:
+        raise LayoutError("max pooling with ceil_mode or an anisotropic stride")
+    grid = conv_output_grid(lay.grid, k, s, p, d)
+    if s[0] > 1 and (lay.grid[0] != grid[0] * s[0] or lay.grid[1] != grid[1] * s[1]):
+        raise LayoutError(f"max pooling from grid {lay.grid} to {grid} does not keep the grid aligned")
+    node.meta["max_pool"] = (k, s, p, d)
+    return Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, grid, lay.channels, lay.stride * s[0])
+
+
+def _pair(v):
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return (int(v[0]), int(v[-1]))
 
 
 class PoolingPass(GreenPass):
     name = "pooling"
-    description = "average pooling -> mean over the visible positions of each pooled cell"
+    description = "pooling and grid reductions -> over the visible positions only"
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
@@ -77,6 +142,21 @@ class PoolingPass(GreenPass):
             if node.meta.get("spatial_mean"):
                 replace_with_call(gm, node, ops.sample_mean, (src, sites_node(gm, layout_of(src))))
                 self.report["spatial mean -> per-sample mean"] += 1
+            elif node.meta.get("spatial_reduction"):
+                kwargs = {k: v for k, v in args_of(node).items() if k not in ("self", "input", "dim", "keepdim")}
+                replace_with_call(gm, node, ops.sample_reduce, (node.target, src, sites_node(gm, layout_of(src)), kwargs))
+                self.report[f"spatial {str(node.target).split('.')[1]} -> per-sample over visible positions"] += 1
+            elif node.meta.get("cell_reduction"):
+                f = node.meta["cell_reduction"]
+                kind = str(node.target).split(".")[1]
+                args = (kind, src, sites_node(gm, layout_of(src)), sites_node(gm, node.meta["layout"]), f)
+                replace_with_call(gm, node, ops.cell_reduce, args)
+                self.report[f"{kind} over {f}x{f} cells of visible positions"] += 1
+            elif node.meta.get("max_pool"):
+                k, st, p, d = node.meta["max_pool"]
+                args = (src, sites_node(gm, layout_of(src)), sites_node(gm, node.meta["layout"]), k, st, p, d)
+                replace_with_call(gm, node, ops.max_pool, args)
+                self.report[f"max pool {k[0]}x{k[1]}/{st[0]} over visible positions"] += 1
             elif is_op(node, aten.adaptive_avg_pool2d, aten.avg_pool2d):
                 fine, coarse = layout_of(src), node.meta["layout"]
                 factor = fine.grid[0] // coarse.grid[0]

@@ -1,10 +1,13 @@
 """Token-wise ops run unchanged on packed ``(rows, C)`` tensors: one generic rule for every model.
 
-``linear`` and ``layer_norm`` over the channels, elementwise ops (activations, residual adds,
+``linear`` and ``layer_norm`` over the channels, ``batch_norm`` (in training mode its statistics
+are taken over the visible tokens of the batch, and update the running statistics: the sparse
+BatchNorm of SparK and FCMAE), elementwise ops (activations, residual adds,
 per-channel scales, dropout, dtype casts), and reductions or softmax over channel digits act on
 each token (or each sample) on its own. Operands of an elementwise op may hold different channel
 digits (a per-head norm against per-head features), be per-sample values (a global mean, a
-drop-path keep mask) or constants shaped for the dense layout (``(1, C, 1, 1)``): the pass views,
+drop-path keep mask), constants shaped for the dense layout (``(1, C, 1, 1)``) or constants that
+vary over positions (a position embedding, read at the visible tokens): the pass views,
 gathers and reshapes them so the op broadcasts on packed rows exactly as it did densely. A random
 tensor of one value per sample (``new_empty((B, 1, 1)).bernoulli_``, stochastic depth) stays one
 value per sample.
@@ -14,12 +17,13 @@ from __future__ import annotations
 from math import prod
 from typing import List, Optional, Sequence
 
+import torch
 import torch.fx as fx
 
 from greenmim_convert import ops
 from greenmim_convert.layout import Atom, Layout, LayoutError, space_to_depth_plan
 
-from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, shape_of, sites_node
+from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
 
 UNARY = (
     aten.gelu, aten.relu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish, aten.hardsigmoid, aten.mish,
@@ -27,7 +31,8 @@ UNARY = (
     aten.clamp, aten.clamp_min, aten.clamp_max, aten.hardtanh, aten.softplus, aten.reciprocal, aten.square,
     aten.dropout, aten.bernoulli, aten._to_copy, aten.to, aten.type_as, aten.pow, aten.sign, aten.relu6,
 )
-BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.where, aten.rsub)
+BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.where, aten.rsub,
+          aten.addcmul, aten.addcdiv, aten.lerp)
 IN_PLACE = (aten.add_, aten.sub_, aten.mul_, aten.div_, aten.bernoulli_, aten.clamp_, aten.relu_, aten.fill_)
 ELEMENTWISE = UNARY + BINARY + IN_PLACE
 CREATION = (aten.empty, aten.zeros, aten.ones, aten.full, aten.rand, aten.randn)
@@ -47,11 +52,18 @@ def channel_input(node: fx.Node, lay: Layout) -> Layout:
         new, factor, plan = space_to_depth_plan(lay)
         node.meta["space_to_depth"] = (lay, new, factor, plan)
         return new
+    last = lay.axes[-1] if lay.axes else ()
+    if last and set(last) == set(lay.channel_atoms()):
+        signature = lay.channel_atoms()
+        columns = torch.arange(lay.channels).view([a.size for a in signature])
+        order = columns.permute([signature.index(a) for a in last]).reshape(-1).tolist()
+        node.meta["channel_permute"] = tuple(order)  # heads moved behind head_dim: columns in the axis' order
+        return Layout(lay.axes[:-1] + ((Atom("c", lay.channels),),), lay.grid, lay.stride, lay.offset)
     raise LayoutError(f"op over the last axis of layout {lay.shape}, which does not hold exactly the channels")
 
 
 def _constant_ok(arg, out: Layout) -> bool:
-    """A constant that is a number, or varies only along channel digits of the output layout."""
+    """A constant that is a number, or varies along channel and position digits (not samples) of the output."""
     if not isinstance(arg, fx.Node):
         return True
     shape = shape_of(arg)
@@ -61,7 +73,7 @@ def _constant_ok(arg, out: Layout) -> bool:
         return False
     padded = (1,) * (len(out.axes) - len(shape)) + tuple(shape)
     for size, ax in zip(padded, out.axes):
-        if size != 1 and (size != prod(a.size for a in ax) or any(a.kind != "c" for a in ax)):
+        if size != 1 and (size != prod(a.size for a in ax) or any(a.kind == "b" for a in ax)):
             return False
     return True
 
@@ -76,7 +88,7 @@ def elementwise_layout(node: fx.Node) -> Layout:
         return out
     for a in node.all_input_nodes:
         if layout_of(a) is None and not _constant_ok(a, out):
-            raise LayoutError(f"elementwise op with a constant of shape {shape_of(a)} that varies over positions")
+            raise LayoutError(f"elementwise op with a constant of shape {shape_of(a)} that varies between samples")
     out.check_packed()
     return out
 
@@ -136,6 +148,11 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         if layout_of(a["weight"]) is not None:
             raise LayoutError("linear whose weight is computed from the images")
         return _with_channels(channel_input(node, layout_of(src)), shape_of(a["weight"])[0])
+    if is_op(node, aten.batch_norm):
+        lay = layout_of(src)
+        if lay.channel_axis() != 1:
+            raise LayoutError(f"batch_norm over axis 1 of layout {lay.shape}, which does not hold exactly the channels")
+        return lay
     if is_op(node, aten.layer_norm):
         lay = channel_input(node, layout_of(src))
         if tuple(args_of(node)["normalized_shape"]) != (lay.channels,):
@@ -170,9 +187,47 @@ def _constant_atoms(arg: fx.Node, out: Layout) -> List[Atom]:
     return [a for size, ax in zip(padded, out.axes) if size != 1 for a in ax]
 
 
+def _constant_strides(arg: fx.Node, out: Layout) -> List[tuple]:
+    """``(atom, stride)`` of every digit of the output along which the constant varies."""
+    shape = shape_of(arg) or ()
+    padded = (1,) * (len(out.axes) - len(shape)) + tuple(shape)
+    dim_strides, place = [], 1
+    for size in reversed(padded):
+        dim_strides.append(place)
+        place *= size
+    out_list = []
+    for size, stride, ax in zip(padded, reversed(dim_strides), out.axes):
+        if size == 1:
+            continue
+        within = 1
+        for a in reversed(ax):
+            out_list.append((a, stride * within))
+            within *= a.size
+    return out_list
+
+
+def _gather_position_constant(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out: Layout, split_channels: bool) -> fx.Node:
+    """Nodes reading a position-dependent constant (a position embedding) at every visible token."""
+    strides = _constant_strides(arg, out)
+    spatial = tuple((a.kind, a.size, a.inner, st) for a, st in strides if a.kind in "hw")
+    found = {a: st for a, st in strides if a.kind == "c"}
+    signature = out.channel_atoms()
+    columns = torch.zeros(1, dtype=torch.long)
+    for a in signature:
+        columns = (columns[:, None] + torch.arange(a.size) * found.get(a, 0)).reshape(-1)
+    with gm.graph.inserting_before(node):
+        offsets = constant(gm, columns, node, "position_columns")
+        x = gm.graph.call_function(ops.gather_constant, (arg, sites_node(gm, out), spatial, out.offset, offsets))
+        if split_channels:
+            x = gm.graph.call_function(aten.reshape.default, (x, [-1] + [a.size for a in signature]))
+    return x
+
+
 def _pack_constant(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out: Layout, split_channels: bool) -> fx.Node:
     """Nodes turning a dense-shaped per-channel constant into packed column order: ``(1, C)`` or ``(1, *digits)``."""
     atoms = _constant_atoms(arg, out)
+    if any(a.kind in "hw" for a in atoms):
+        return _gather_position_constant(gm, node, arg, out, split_channels)
     signature = out.channel_atoms()
     perm = sorted(range(len(atoms)), key=lambda i: -atoms[i].inner)
     sizes = _sizes(Layout((tuple(atoms),), out.grid, out.stride), signature)
@@ -207,7 +262,12 @@ class TokenwisePass(GreenPass):
                 self._elementwise(gm, node)
             elif node.meta.get("channel_reduction"):
                 self._channel_op(gm, node)
-            elif is_op(node, aten.linear, aten.layer_norm):
+            elif is_op(node, aten.linear, aten.layer_norm, aten.batch_norm):
+                if "channel_permute" in node.meta:
+                    with gm.graph.inserting_before(node):
+                        reordered = gm.graph.call_function(ops.channel_gather, (node.args[0], node.meta["channel_permute"]))
+                    node.replace_input_with(node.args[0], reordered)
+                    self.report["channels reordered"] += 1
                 self.report[f"{node.target.__name__.split('.')[0]} unchanged"] += 1
 
     def _per_sample_factory(self, gm: fx.GraphModule, node: fx.Node) -> None:
@@ -226,10 +286,12 @@ class TokenwisePass(GreenPass):
         constants = [a for a in node.all_input_nodes if layout_of(a) is None and prod(shape_of(a) or (1,)) > 1]
         packed = [a for a in node.all_input_nodes if layout_of(a) is not None]
         const_sizes = [_sizes(Layout((tuple(_constant_atoms(c, out)),), out.grid, out.stride), signature) for c in constants]
-        split = any(_sizes(layout_of(a), signature) != full for a in packed) or any(s != full for s in const_sizes)
+        split = any(_sizes(layout_of(a), signature) != full for a in packed) or any(s != full for s in const_sizes
+                                                                                     if prod(s) > 1 or len(full) > 1)
         for arg in constants:
             node.replace_input_with(arg, _pack_constant(gm, node, arg, out, split))
-            self.report["per-channel constant packed"] += 1
+            positional = any(a.kind in "hw" for a in _constant_atoms(arg, out))
+            self.report["position constant gathered at visible tokens" if positional else "per-channel constant packed"] += 1
         for arg in packed:
             lay, new = layout_of(arg), arg
             if lay.is_per_sample() and not out.is_per_sample():
