@@ -79,7 +79,8 @@ def _cell_reduction(node: fx.Node, lay: Layout, reduced: set) -> Optional[Layout
     """A reduction over the low row and column digits of every cell (Hiera's max pooling of unrolled
     tokens): a kernel == stride pooling onto the coarser grid; None when other digits are reduced."""
     atoms = [a for i in reduced for a in lay.axes[i]]
-    if any(a.kind not in "hw" for a in atoms) or not is_op(node, aten.amax, aten.mean, aten.sum):
+    kept = [a for i, ax in enumerate(lay.axes) if i not in reduced for a in ax if a.kind in "hw"]
+    if not kept or any(a.kind not in "hw" for a in atoms) or not is_op(node, aten.amax, aten.mean, aten.sum):
         return None
     factor = {}
     for kind in "hw":
