@@ -79,10 +79,14 @@ def timm_stages(model: nn.Module) -> Tuple[List[str], List[int]]:
         if path not in names:
             close = [n for n in names if len(n) == len(path) + 1 and difflib.SequenceMatcher(None, n, path).ratio() > 0.9]
             if len(close) != 1:
-                raise TraceError(f"feature_info names module '{path}', which {type(model).__name__} does not have")
+                raise MissingStageError(f"feature_info names module '{path}', which {type(model).__name__} does not have")
             path = close[0]
         paths.append(path)
     return paths, [int(f["reduction"]) for f in info]
+
+
+class MissingStageError(TraceError):
+    """timm's ``feature_info`` names a module the model does not have (MViTv2 says ``block.0``)."""
 
 
 def check_stage_names(model: nn.Module, stages: Sequence[str]) -> List[str]:

@@ -11,8 +11,8 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import passes as P
-from .capture import capture, check_stage_names, example_images, is_timm_model, timm_stages
-from .errors import GreenMIMError, InvalidInputError, MaskUnitError
+from .capture import MissingStageError, capture, check_stage_names, example_images, is_timm_model, timm_stages
+from .errors import GreenMIMError, InvalidInputError, MaskUnitError, TraceError
 from .tokens import GreenOutput
 
 GROUPINGS = ("window", "dp", "max")
@@ -193,9 +193,14 @@ def convert(
     if stages is not None:
         stages = check_stage_names(model, list(stages))
     elif is_timm_model(model):
-        stages = timm_stages(model)[0]
+        try:
+            stages = timm_stages(model)[0]
+        except MissingStageError:
+            stages = None  # the last value at each feature grid; checked against feature_info's strides below
     compiled = {mode: _compile(model, mode, size, stages, mask_unit or 0, grouping, attention_backend) for mode in (False, True)}
     ev = compiled[False]
+    if stages is None and is_timm_model(model):
+        _check_feature_strides(model, ev)
     strides = sorted(ev.ctx.grid_strides | compiled[True].ctx.grid_strides)
     min_unit = math.lcm(*strides) if strides else 1
     unit = mask_unit if mask_unit is not None else max(strides[-1] if strides else 1, min_unit)
@@ -208,6 +213,15 @@ def convert(
     green = GreenModel(model, {False: ev.gm, True: compiled[True].gm}, config, report, names)
     green.last_module = ev.ctx.last_path
     return green
+
+
+def _check_feature_strides(model: nn.Module, compiled: _Compiled) -> None:
+    """Stages found from the graph must have the strides timm's ``feature_info`` states."""
+    want = [int(f["reduction"]) for f in model.feature_info]
+    got = compiled.ctx.stage_strides
+    if list(got) != list(want):
+        raise TraceError(f"feature_info names modules {type(model).__name__} does not have, and the feature grids "
+                         f"found have strides {list(got)} instead of its reductions {list(want)}: pass stages=")
 
 
 def _check_unit(unit: int, min_unit: int, size: Tuple[int, int]) -> None:

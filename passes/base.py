@@ -36,6 +36,7 @@ class ConvertContext:
     failures: Dict[fx.Node, Tuple[fx.Node, str]] = field(default_factory=dict)
     stage_paths: list = field(default_factory=list)
     last_path: Optional[str] = None
+    stage_strides: list = field(default_factory=list)
 
 
 def context_of(gm: fx.GraphModule) -> ConvertContext:

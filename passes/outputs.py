@@ -70,6 +70,7 @@ class OutputsPass(GreenPass):
             if layout_of(s) is None or not token_like(layout_of(s)):
                 self.fail(s, f"stage output is not a per-position feature map (layout {getattr(layout_of(s), 'shape', None)})")
         ctx.stage_paths = [owning_module(gm, s) for s in stages]
+        ctx.stage_strides = [layout_of(s).stride for s in stages]
         ctx.last_path = owning_module(gm, last) if last is not values[0] else None
 
         def wrap(node: fx.Node) -> fx.Node:
