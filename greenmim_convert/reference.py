@@ -90,7 +90,8 @@ def _channel_attention_post(state: _HookState) -> Callable:
     """DaViT channel attention recomputed with its token sums over visible tokens only.
 
     Written from the module's definition: the (head_dim x head_dim) logits sum k^T v (V2: q^T k,
-    scaled by the visible count) over the tokens; masked tokens are zeroed before the sum.
+    scaled by ``N ** -0.5`` with N the dense token count, a number the module reads from the input's
+    shape) over the tokens; masked tokens are zeroed before the sum.
     """
     def hook(module: nn.Module, args, out):
         x = args[0]
@@ -101,8 +102,7 @@ def _channel_attention_post(state: _HookState) -> Callable:
         q, k, v = module.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
         zero = torch.zeros((), dtype=x.dtype)
         if v2:
-            count = vis.sum(dim=2, keepdim=True).clamp_min(1).to(x.dtype)
-            q = torch.where(vis, q * count.pow(-0.5) if module.dynamic_scale else q * module.head_dim ** -0.5, zero)
+            q = torch.where(vis, q * (n ** -0.5 if module.dynamic_scale else module.head_dim ** -0.5), zero)
             attn = torch.matmul(q.transpose(-1, -2), k).softmax(dim=-1)
             y = torch.matmul(attn, v.transpose(-1, -2)).transpose(-1, -2)
         else:

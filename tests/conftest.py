@@ -74,9 +74,13 @@ def masks_with_unequal_counts(batch: int, grid, ratio: float, gen: torch.Generat
     return visible
 
 
-def check_against_reference(model, green, images, visible, tol: float = 1e-10, grads: bool = True, gen=None, **oracle):
+def check_against_reference(
+    model, green, images, visible, tol: float = 1e-10, grads: bool = True, gen=None, zero_grads=(), **oracle
+):
     """Outputs of every stage, and (optionally) parameter gradients of a random weighted loss, vs the oracle.
 
+    ``zero_grads``: names of parameters whose gradient is analytically zero (e.g. a bias added to every
+    logit of a softmax): both gradients must be rounding noise, at most ``tol`` times the largest gradient.
     ``oracle``: keyword arguments of ``dense_masked_reference`` (``stages=``, ``last=``, ``key_mask_for=``)
     for models without timm's ``feature_info``/``forward_features``.
     """
@@ -99,6 +103,32 @@ def check_against_reference(model, green, images, visible, tol: float = 1e-10, g
         sum((w * t.feats).sum() for w, t in zip(weights, res.stages + [res.last])).backward()
         result.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert result[0].keys() == result[1].keys() and result[0]
+    assert set(zero_grads) <= result[1].keys()
+    scale = max(float(g.abs().max()) for g in result[1].values())
     for name, g in result[1].items():
-        assert rel_err(result[0][name], g) <= tol, name
+        if name in zero_grads:
+            assert max(float(result[0][name].abs().max()), float(g.abs().max())) <= tol * scale, name
+        else:
+            assert rel_err(result[0][name], g) <= tol, name
+    return out
+
+
+def _timm_dense_nchw(model, x: torch.Tensor, grid) -> torch.Tensor:
+    """A timm feature map as NCHW: it may be NCHW, NHWC (the model's ``output_fmt``) or (B, N, C) tokens."""
+    if x.dim() == 3:
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+    return x.permute(0, 3, 1, 2) if getattr(model, "output_fmt", "NCHW") == "NHWC" else x
+
+
+def check_all_visible(model, green, images, tol: float = 1e-10):
+    """Every unit visible: each stage == timm's ``forward_intermediates`` and the last == ``forward_features``."""
+    with torch.no_grad():
+        out = green(images, torch.ones(images.shape[0], *green.mask_grid, dtype=torch.bool))
+        _, stages = model.forward_intermediates(images)
+        final = _timm_dense_nchw(model, model.forward_features(images), out.last.grid)
+    assert len(stages) == len(out.stages)
+    for got, want in zip(out.stages + [out.last], list(stages) + [final]):
+        dense = got.to_dense()
+        assert dense.shape == want.shape
+        assert rel_err(dense, want) <= tol
     return out

@@ -1,39 +1,105 @@
-"""Families beyond Swin, each through the generic passes: all visible == timm, masked == oracle (float64)."""
+"""One equivalence harness for every family: all visible == timm at every stage, masked == oracle (float64, gradients)."""
 from __future__ import annotations
+
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import pytest
 import timm
 import torch
+from timm.models.focalnet import _create_focalnet
 
 import greenmim_convert as gmc
 
-from conftest import check_against_reference, masks_with_unequal_counts, rel_err
+from conftest import TINY_SWIN, check_against_reference, check_all_visible, masks_with_unequal_counts
 
-FAMILIES = {
-    "twins_pcpvt_small": dict(depths=(1, 1, 1, 1)),
-    "swinv2_tiny_window8_256": dict(depths=(2, 2, 2, 2)),
-    "swinv2_small_window16_256": dict(depths=(2, 2, 2, 2)),
-    "swinv2_cr_tiny_224": dict(depths=(2, 2, 2, 2)),
-    "twins_svt_small": dict(depths=(2, 2, 2, 2)),
+
+class Case(NamedTuple):
+    """A family member: how to build it, its small configuration, the image size to convert at and the mask ratio."""
+
+    builder: Callable[..., torch.nn.Module]
+    name: str
+    kwargs: Dict[str, Any]
+    img_size: Optional[int] = None  # None: the size the model states
+    ratio: float = 0.75
+    zero_grads: Tuple[str, ...] = ()  # name endings of parameters whose gradient is analytically zero
+
+
+SMALL_DAVIT = dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8))
+SMALL_FOCAL = dict(depths=(1, 1, 2, 1), embed_dim=32, layerscale_value=0.5)
+FOCAL_IMG = 96  # small grids: float64 depthwise convolutions take PyTorch's slow per-group path on the CPU
+SMALL_TWINS = dict(embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8))
+SMALL_SWINV2 = dict(depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8))
+
+CASES: Dict[str, Case] = {
+    "swin": Case(timm.create_model, "swin_tiny_patch4_window7_224", TINY_SWIN),
+    "swinv2_tiny_window8_256": Case(timm.create_model, "swinv2_tiny_window8_256", SMALL_SWINV2),
+    "swinv2_small_window16_256": Case(timm.create_model, "swinv2_small_window16_256", SMALL_SWINV2),
+    # the meta MLP's output bias adds one constant to every logit of a head: softmax cancels it
+    "swinv2_cr_tiny_224": Case(timm.create_model, "swinv2_cr_tiny_224", SMALL_SWINV2, zero_grads=("meta_mlp.fc2.bias",)),
+    "davit_tiny": Case(timm.create_model, "davit_tiny", SMALL_DAVIT, 224, 0.6),
+    "davit_base_fl": Case(timm.create_model, "davit_base_fl", SMALL_DAVIT, 384, 0.6),
+    # the small-receptive-field model, and three focal levels with the post-norm options
+    "focalnet_tiny_srf": Case(_create_focalnet, "focalnet_tiny_srf", dict(SMALL_FOCAL, focal_levels=(2, 2, 2, 2)), FOCAL_IMG, 0.6),
+    "focalnet_tiny_lrf": Case(
+        _create_focalnet, "focalnet_tiny_lrf",
+        dict(SMALL_FOCAL, focal_levels=(3, 3, 3, 3), use_post_norm_in_modulation=True, normalize_modulator=True),
+        FOCAL_IMG, 0.6,
+    ),
+    "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
+    "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
+    "pvt_v2_b2_li": Case(timm.create_model, "pvt_v2_b2_li", dict(depths=(1, 1, 1, 1))),
+    # depth 2: the PEG follows a stage's first block, so at depth 1 feature_info's module (blocks.i) ends before it
+    "twins_pcpvt_small": Case(timm.create_model, "twins_pcpvt_small", dict(SMALL_TWINS, depths=(2, 2, 2, 2))),
+    "twins_svt_small": Case(timm.create_model, "twins_svt_small", dict(SMALL_TWINS, depths=(2, 2, 2, 2))),
 }
 
 
-def _dense_nchw(model, x: torch.Tensor, grid) -> torch.Tensor:
-    """timm's forward_features output as NCHW: it may be NCHW, NHWC (``output_fmt``) or (B, N, C)."""
-    if x.dim() == 3:
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
-    return x.permute(0, 3, 1, 2) if getattr(model, "output_fmt", "NCHW") == "NHWC" else x
-
-
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_family_equivalence(name, seed):
+def build(case: str, seed: int, dtype: torch.dtype = torch.float64):
+    """``(model, green)`` of a case with random weights, its 1-D parameters and relative-position tables randomised too."""
+    c = CASES[case]
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **FAMILIES[name]).double().eval()
-    green = gmc.convert(model)
+    model = c.builder(c.name, pretrained=False, **c.kwargs)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "relative_position_bias_table" in n:
+                p.normal_(0.0, 0.5)
+            elif p.dim() == 1 and n.endswith("bias"):
+                p.normal_(0.0, 0.1)  # larger biases would dominate q and k: near-uniform attention, ill-conditioned grads
+            elif p.dim() == 1 and not n.endswith("logit_scale"):  # norm weights, layer scales; not temperatures
+                p.normal_(1.0, 0.5)
+    model = model.to(dtype).eval()
+    return model, gmc.convert(model, img_size=c.img_size)
+
+
+class Built(NamedTuple):
+    """A built case and the seed it was built from."""
+
+    case: str
+    seed: int
+    model: torch.nn.Module
+    green: Any
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def family(request) -> Built:
+    """One case built once for both checks, from a fresh seed (shown by pytest's -l)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    return Built(request.param, seed, *build(request.param, seed))
+
+
+def test_all_visible_matches_timm(family):
+    case, seed, model, green = family
     gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, *green.img_size, generator=gen, dtype=torch.float64)
+    check_all_visible(model, green, images)
+
+
+def test_masked_matches_reference(family):
+    case, seed, model, green = family
+    gen = torch.Generator().manual_seed(seed + 1)
     images = torch.randn(3, 3, *green.img_size, generator=gen, dtype=torch.float64)
-    full = torch.ones(3, *green.mask_grid, dtype=torch.bool)
-    out = green(images, full)
-    assert rel_err(out.last.to_dense(), _dense_nchw(model, model.forward_features(images), out.last.grid)) <= 1e-10
-    visible = masks_with_unequal_counts(3, green.mask_grid, 0.75, gen)
-    check_against_reference(model, green, images, visible, gen=gen)
+    visible = masks_with_unequal_counts(3, green.mask_grid, CASES[case].ratio, gen)
+    assert len(set(visible.flatten(1).sum(1).tolist())) > 1
+    zero = [n for n, _ in model.named_parameters() if n.endswith(CASES[case].zero_grads)]
+    assert bool(zero) == bool(CASES[case].zero_grads)
+    check_against_reference(model, green, images, visible, gen=gen, zero_grads=zero)

@@ -160,11 +160,15 @@ def test_state_dict_is_timms(tiny_swin64):
 def test_graph_code_shows_sparse_ops(tiny_swin64):
     _, green = tiny_swin64
     code = green.graph_module.code
-    for op in ("patch_embed", "swin_window_attention", "window_grouping", "space_to_depth"):
+    for op in ("patch_embed", "window_attention", "digit_grouping", "space_to_depth", "sample_attention"):
         assert op in code
     for dense in ("torch.roll", ".view(", ".permute(", "attn_mask"):
         assert dense not in code
-    assert code.count("window_grouping(") == 7  # once per (stage, shift), shared by the blocks
+    assert code.count("digit_grouping(") == 6  # once per (stage, shift) of stages 0-2, shared by the blocks
+    assert code.count("window_attention(") == 6
+    assert code.count("sample_attention(") == 2  # the last stage's 4x4 grid is one window 4: whole-sample attention
+    counts = {p.name: p.counts for p in green.report.passes}["attention"]
+    assert counts["block mask -> window regions"] == 3  # one shifted seam mask per windowed stage
 
 
 def test_forward_head_mean_over_visible(tiny_swin64, seed):
