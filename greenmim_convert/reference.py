@@ -25,7 +25,7 @@ from torchvision.models import swin_transformer as tv_swin
 
 from .errors import InvalidInputError
 from .sites import Sites
-from .tracing import feature_stages
+from .capture import timm_stages as feature_stages
 from .tokens import GreenOutput, VisibleTokens
 
 
