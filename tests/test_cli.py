@@ -86,7 +86,7 @@ def test_list_reports_status_and_reason(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     text = md.read_text()
     assert "| `pvt_v2_b0` | pvt_v2 | verified |" in text
-    assert "| `gcvit_xxtiny` | gcvit | unsupported |" in text and "max_pool2d" in text
+    assert "| `gcvit_xxtiny` | gcvit | unsupported |" in text and "repeat_interleave" in text
     assert runner.invoke(app, ["list", "--family", "resnet"]).exit_code == 2
 
 
