@@ -186,10 +186,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
     kb = rows.split(k.reshape(t * heads, dq), sizes)
     vb = rows.split(v.reshape(t * heads, dv), sizes)
     folded = _folded(program) if fused is None else None
-    flat_terms = [x.reshape(-1) for x in terms]
+    tables = [head_table(x, plan, program.head_sizes) for x, plan in zip(terms, program.terms)]
     if folded is not None:
-        table = flat_terms[folded[1]]
-        table = torch.cat([table, table.new_full((1,), float("-inf"))])
+        table = tables[folded[1]]
+        table = torch.cat([table, table.new_full((heads, 1), float("-inf"))], 1)
     outs = []
     for i, b in enumerate(grouping.buckets):
         g, n = b.group_size, b.num_groups
@@ -201,13 +201,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
             continue
         if folded is not None:
             plan = program.terms[folded[1]]
-            bias = table.index_select(0, grouping.term_index(i, plan, program.head_sizes, masked=table.shape[0] - 1))
+            bias = table.index_select(1, grouping.term_index(i, plan, program.head_sizes, masked=table.shape[1] - 1))
             logits = torch.baddbmm(bias.view(heads * n, g, g), qi, ki.transpose(1, 2), alpha=folded[0])
         else:
             logits = torch.bmm(qi, ki.transpose(1, 2))
-            values = [_per_head(flat, plan, program.head_sizes, n) if not (plan.query or plan.key) else
-                      flat.index_select(0, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
-                      for flat, plan in zip(flat_terms, program.terms)]
+            values = [_per_head(tab[:, 0], n) if not (plan.query or plan.key) else
+                      tab.index_select(1, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
+                      for tab, plan in zip(tables, program.terms)]
             logits = _run_steps(logits, program.steps, values, list(scalars))
             low = torch.finfo(logits.dtype).min
             logits = logits.view(heads, n, g, g).masked_fill(grouping.cross_mask(i)[None], low).view(heads * n, g, g)
@@ -217,13 +217,20 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
     return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dv)
 
 
-def _per_head(flat: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], groups: int) -> torch.Tensor:
+def _per_head(per_head: torch.Tensor, groups: int) -> torch.Tensor:
     """A term that varies by head only (a logit scale): ``(heads * G, 1, 1)``, broadcast over the pairs."""
+    return per_head[:, None].expand(per_head.shape[0], groups).reshape(-1, 1, 1)
+
+
+def head_table(term: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int]) -> torch.Tensor:
+    """``(heads, span)``: row ``h`` holds the term's elements from head ``h``'s offset on, so that one gather
+    of ``(G * g * g,)`` pair offsets reads every head (the saved index is ``heads`` times smaller)."""
     heads = 1
     for h in head_sizes:
         heads *= h
-    per_head = flat.index_select(0, _head_offsets(plan, heads, head_sizes, flat.device))
-    return per_head[:, None].expand(heads, groups).reshape(heads * groups, 1, 1)
+    span = 1 + sum((size - 1) * stride for _, size, _, stride in plan.query + plan.key)
+    rows = _head_offsets(plan, heads, head_sizes, term.device)[:, None] + torch.arange(span, device=term.device)
+    return term.reshape(-1)[rows]
 
 
 def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Sequence[torch.Tensor]):

@@ -195,7 +195,8 @@ class Grouping:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def term_index(self, bucket: int, plan, head_sizes: Sequence[int], masked: Optional[int] = None) -> torch.Tensor:
-        """``(heads * G * g * g,)`` offsets of a term's element for every (head, query slot, key slot) of a bucket.
+        """``(G * g * g,)`` offset of a term's element, past its head's offset, for every (query slot, key slot)
+        of a bucket (see ``attention.head_table``).
 
         With ``masked``, pairs of slots in different windows (or padding) read that offset instead.
         """
@@ -203,11 +204,11 @@ class Grouping:
         if key not in self._cache:
             b = self.buckets[bucket]
             coords = self.sites.coords.index_select(0, b.index)
-            h, q, k = term_offsets(plan, head_sizes, coords, self.windows.grid, self.windows.offset)
+            _, q, k = term_offsets(plan, head_sizes, coords, self.windows.grid, self.windows.offset)
             g, n = b.group_size, b.num_groups
-            index = h[:, None, None, None] + q.view(1, n, g, 1) + k.view(1, n, 1, g)
+            index = q.view(n, g, 1) + k.view(n, 1, g)
             if masked is not None:
-                index = index.masked_fill(self.cross_mask(bucket)[None], masked)
+                index = index.masked_fill(self.cross_mask(bucket), masked)
             self._cache[key] = index.reshape(-1)
         return self._cache[key]
 
