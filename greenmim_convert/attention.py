@@ -180,8 +180,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
     fused = _fused_call(q, program, grouping, terms)
     if not grouping.buckets:
         return v.new_zeros(0, heads * dv)
+    rows = grouping.slot_rows(heads, 1)
     sizes = [heads * b.num_slots for b in grouping.buckets]
-    qb, kb, vb = (_group_rows(x, heads, grouping, sizes) for x in (q, k, v))
+    qb = rows.split(q.reshape(t * heads, dq), sizes)
+    kb = rows.split(k.reshape(t * heads, dq), sizes)
+    vb = rows.split(v.reshape(t * heads, dv), sizes)
     folded = _folded(program) if fused is None else None
     tables = [head_table(x, plan, program.head_sizes) for x, plan in zip(terms, program.terms)]
     if folded is not None:
@@ -212,18 +215,6 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
         outs.append(torch.bmm(probs, vi).view(heads * n * g, dv))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dv)
-
-
-def _group_rows(x: torch.Tensor, heads: int, grouping, sizes: Sequence[int]) -> Tuple[torch.Tensor, ...]:
-    """Bucket blocks of ``x`` ``(T, heads * d)``; a column slice of a fused projection is read in place."""
-    t, d = x.shape[0], x.shape[1] // heads
-    base = x._base
-    if not x.is_contiguous() and base is not None and base.dim() == 2 and base.is_contiguous() and \
-            base.shape[0] == t and x.stride() == (base.shape[1], 1) and base.shape[1] % d == 0:
-        offset = x.storage_offset() - base.storage_offset()
-        if offset % d == 0:
-            return grouping.lane_rows(heads, base.shape[1] // d, offset // d).split(base.view(-1, d), sizes)
-    return grouping.slot_rows(heads, 1).split(x.reshape(t * heads, d), sizes)
 
 
 def _per_head(per_head: torch.Tensor, groups: int) -> torch.Tensor:

@@ -212,19 +212,6 @@ class Grouping:
             self._cache[key] = index.reshape(-1)
         return self._cache[key]
 
-    def lane_rows(self, heads: int, width: int, start: int) -> RowMap:
-        """Rows of ``(T * width, d)`` lanes into bucket layout ``(heads, G * g)`` per bucket, reading lanes
-        ``start .. start + heads`` of every token: q, k or v straight out of a fused qkv projection."""
-        key = ("lanes", heads, width, start)
-        if key not in self._cache:
-            lanes = torch.arange(heads, device=self.slot.device)[:, None]
-            parts = []
-            for b in self.buckets:
-                rows = b.index[None, :] * width + start + lanes
-                parts.append(rows.masked_fill((b.segment.reshape(-1) < 0)[None, :], -1).reshape(-1))
-            self._cache[key] = RowMap.from_index(torch.cat(parts), self.num_tokens * width)
-        return self._cache[key]
-
     def cross_mask(self, bucket: int) -> torch.Tensor:
         """``(G, g, g)`` True where query and key slot belong to different windows (or padding)."""
         key = ("cross", bucket)
