@@ -130,7 +130,7 @@ def channel_op(op, feats: torch.Tensor, sizes: Sequence[int], positions: Sequenc
     return op(x, dim=dim, **kwargs).reshape(feats.shape[0], out_channels)
 
 
-def per_sample_creation(op, visible: torch.Tensor, ndim: int, rest: tuple, kwargs: dict) -> torch.Tensor:
+def per_sample_creation(op, visible: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
     """``torch.empty((B, 1, ..., 1))`` and friends as packed per-sample rows ``(B, 1)``."""
     return op([visible.shape[0], 1], *rest, **kwargs)
 
@@ -149,32 +149,10 @@ class Bucket:
     index: torch.Tensor      # (G*g,) token of each slot; padding slots read token 0 (no real query sees them)
     segment: torch.Tensor    # (G, g) window id per slot; unique negative ids on padding
     position: torch.Tensor   # (G, g) in-window position per slot
-    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_slots(self) -> int:
         return self.group_size * self.num_groups
-
-    def bias_columns(self, window_index: Optional[torch.Tensor], area: int, masked: int) -> torch.Tensor:
-        """``(G*g*g,)`` column of every slot pair in a bias table whose column ``masked`` holds -inf.
-
-        Pairs of one window read ``window_index[pos_i * area + pos_j]`` (that pair index itself
-        when None), the others ``masked``: one gather then gives the bias and the block-diagonal
-        mask together. Blocks of a stage pass equal index buffers, so a cached entry is found by
-        value as well as by identity.
-        """
-        entries = self._cache.setdefault(("columns", area, masked), [])
-        for key, columns in entries:
-            if key is window_index or (key is not None and window_index is not None and key.shape == window_index.shape
-                                       and torch.equal(key, window_index)):
-                return columns
-        pos, seg = self.position, self.segment
-        columns = (pos[:, :, None] * area + pos[:, None, :]).reshape(-1)
-        if window_index is not None:
-            columns = window_index.reshape(-1).index_select(0, columns)
-        columns.masked_fill_((seg[:, :, None] != seg[:, None, :]).reshape(-1), masked)
-        entries.append((window_index, columns))
-        return columns
 
 
 @dataclass

@@ -14,6 +14,7 @@ attention (keys possibly on a reduced grid) when they share only the sample.
 from __future__ import annotations
 
 from dataclasses import replace
+from math import prod
 from typing import List, Optional, Tuple
 
 import torch
@@ -192,7 +193,7 @@ def term_plan(term: fx.Node, at: Layout, heads: List[Atom]) -> TermPlan:
     for size, stride, ax in zip(padded, strides, at.axes):
         if size == 1:
             continue
-        if size != prod_sizes(ax):
+        if size != prod(a.size for a in ax):
             raise LayoutError(f"attention term of shape {shape} does not broadcast against the logits")
         within = 1
         for a in reversed(ax):
@@ -209,13 +210,6 @@ def term_plan(term: fx.Node, at: Layout, heads: List[Atom]) -> TermPlan:
             else:
                 query.append(digit)
     return TermPlan(tuple(head), tuple(query), tuple(key))
-
-
-def prod_sizes(ax) -> int:
-    out = 1
-    for a in ax:
-        out *= a.size
-    return out
 
 
 class AttentionPass(GreenPass):

@@ -109,15 +109,6 @@ def constant(gm: fx.GraphModule, value: Any, before: fx.Node, prefix: str = "gre
         return gm.graph.get_attr(name)
 
 
-def module_path(node: fx.Node) -> str:
-    """The innermost module of the source model that produced ``node`` ('' at top level)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return path[2:] if path.startswith("m.") else ("" if path == "m" else path)
-
-
 class GreenPass(PassBase):
     """A pass that counts what it rewrote; the counts form the conversion report."""
 

@@ -253,7 +253,7 @@ class TokenwisePass(GreenPass):
             elif node.meta.get("per_sample_creation"):
                 ctx = context_of(gm)
                 with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(ops.per_sample_creation, (node.target, ctx.visible, len(node.args[0]), tuple(node.args[1:]), dict(node.kwargs)))
+                    new = gm.graph.call_function(ops.per_sample_creation, (node.target, ctx.visible, tuple(node.args[1:]), dict(node.kwargs)))
                 new.meta.update(node.meta)
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
