@@ -8,6 +8,8 @@ the padded groups of a ``Grouping`` (keys of other windows and padding slots get
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -78,12 +80,16 @@ def term_offsets(plan: TermPlan, head_sizes: Sequence[int], coords: torch.Tensor
 
 
 def _head_offsets(plan: TermPlan, heads: int, head_sizes: Sequence[int], device) -> torch.Tensor:
-    out = torch.zeros(heads, dtype=torch.long, device=device)
-    h = torch.arange(heads, device=device)
+    return _head_offsets_cpu(plan, heads, tuple(head_sizes)).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _head_offsets_cpu(plan: TermPlan, heads: int, head_sizes: Tuple[int, ...]) -> torch.Tensor:
+    """Offset of each head's first element in a term (static: cached per plan)."""
+    out = torch.zeros(heads, dtype=torch.long)
+    h = torch.arange(heads)
     for index, size, stride in plan.head:
-        below = 1
-        for s in head_sizes[index + 1:]:
-            below *= s
+        below = math.prod(head_sizes[index + 1:])
         out += (torch.div(h, below, rounding_mode="floor") % size) * stride
     return out
 
@@ -225,12 +231,17 @@ def _per_head(per_head: torch.Tensor, groups: int) -> torch.Tensor:
 def head_table(term: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int]) -> torch.Tensor:
     """``(heads, span)``: row ``h`` holds the term's elements from head ``h``'s offset on, so that one gather
     of ``(G * g * g,)`` pair offsets reads every head (the saved index is ``heads`` times smaller)."""
-    heads = 1
-    for h in head_sizes:
-        heads *= h
+    heads = math.prod(head_sizes)
     span = 1 + sum((size - 1) * stride for _, size, _, stride in plan.query + plan.key)
+    if term.numel() == heads * span and _heads_stacked(plan, heads, tuple(head_sizes), span):
+        return term.reshape(heads, span)  # heads one after the other, each span long: a view
     rows = _head_offsets(plan, heads, head_sizes, term.device)[:, None] + torch.arange(span, device=term.device)
     return term.reshape(-1)[rows]
+
+
+@functools.lru_cache(maxsize=None)
+def _heads_stacked(plan: TermPlan, heads: int, head_sizes: Tuple[int, ...], span: int) -> bool:
+    return torch.equal(_head_offsets_cpu(plan, heads, head_sizes), torch.arange(heads) * span)
 
 
 def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Sequence[torch.Tensor]):

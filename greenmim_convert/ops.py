@@ -117,6 +117,11 @@ def channel_slice(feats: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return feats[:, start:stop]
 
 
+def channel_split(feats: torch.Tensor, sizes: Tuple[int, ...]) -> Tuple[torch.Tensor, ...]:
+    """Consecutive column ranges of packed features, all at once (so their gradients meet in one ``cat``)."""
+    return torch.split(feats, list(sizes), dim=1)
+
+
 def channel_gather(feats: torch.Tensor, columns: Tuple[int, ...]) -> torch.Tensor:
     """Columns of packed features that are not contiguous (a split of a minor channel digit)."""
     return feats.index_select(1, torch.tensor(columns, dtype=torch.long, device=feats.device))

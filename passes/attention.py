@@ -317,6 +317,15 @@ class AttentionPass(GreenPass):
         steps = [replace(s, value=remap[s.value]) if s.kind == "term" else s for s in steps]
         return steps, [terms[i] for i in used], labels
 
+    def _fold_query_scale(self, q: fx.Node, steps: List[Step]) -> Tuple[fx.Node, List[Step]]:
+        """``(q * s) @ kᵀ`` -> ``s * (q @ kᵀ)``: the scale joins the logits' steps (one ``baddbmm`` alpha)
+        instead of a pass over every query."""
+        if is_op(q, aten.mul) and len(q.users) == 1 and isinstance(q.args[1], (int, float)) \
+                and layout_of(q.args[0]) == layout_of(q):
+            self.report["query scale -> logits"] += 1
+            return q.args[0], [Step("scalar", aten.mul.Tensor, q.args[1])] + list(steps)
+        return q, steps
+
     def _emit(self, gm, at: fx.Node, q, k, v, pair: Layout, steps, post, terms, key_transposed: bool) -> None:
         ctx = context_of(gm)
         lq, lk = layout_of(q), layout_of(k)
@@ -328,6 +337,7 @@ class AttentionPass(GreenPass):
         tensors = [steps[i].tensor for i in scalar_steps]
         for n, i in enumerate(scalar_steps):
             steps[i] = replace(steps[i], value=n)
+        q, steps = self._fold_query_scale(q, steps)
         labels = None
         if windows is not None:
             steps, terms, labels = self._split_block_masks(gm, steps, terms, program_heads=tuple(a.size for a in head_atoms), windows=windows)

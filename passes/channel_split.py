@@ -111,6 +111,9 @@ class ChannelSplitPass(GreenPass):
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
+            if "parts" in node.meta:
+                self._split_whole(gm, node)
+        for node in list(gm.graph.nodes):
             columns = node.meta.get("columns")
             if columns is None or node.meta.get("attention"):
                 continue
@@ -125,3 +128,23 @@ class ChannelSplitPass(GreenPass):
                 replace_with_call(gm, node, ops.channel_gather, (src, tuple(columns)))
                 self.report["channel split -> column gather"] += 1
         gm.graph.eliminate_dead_code()
+
+    def _split_whole(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        """A split whose parts are consecutive column ranges covering every column (q/k/v of a fused
+        projection) becomes one ``split`` of the packed features, whose backward is one ``cat``."""
+        parts = node.meta["parts"]
+        sizes = [len(cols) for _, cols in parts]
+        flat = [c for _, cols in parts for c in cols]
+        items = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem]
+        if flat != list(range(len(flat))) or not items or any(u.meta.get("attention") for u in items):
+            return
+        with gm.graph.inserting_after(node):
+            whole = gm.graph.call_function(ops.channel_split, (node.args[0], tuple(sizes)))
+        for item in items:
+            with gm.graph.inserting_before(item):
+                new = gm.graph.call_function(operator.getitem, (whole, item.args[1]))
+            new.meta.update(item.meta)
+            new.meta.pop("columns", None)
+            item.replace_all_uses_with(new)
+            gm.graph.erase_node(item)
+        self.report["channel split -> one split"] += 1

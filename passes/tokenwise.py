@@ -258,6 +258,10 @@ class TokenwisePass(GreenPass):
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
                 self.report["per-sample random tensor"] += 1
+            elif is_op(node, aten.dropout) and not (args_of(node)["p"] and args_of(node)["train"]):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                self.report["dropout that keeps everything removed"] += 1
             elif node.meta.get("elementwise"):
                 self._elementwise(gm, node)
             elif node.meta.get("channel_reduction"):
