@@ -234,6 +234,8 @@ def list_cmd(
         [], "--family", help="restrict to these families (repeatable): timm families, or torchvision for its Swin, "
         "Swin V2 and MaxViT; default: all"),
     verify_models: bool = typer.Option(False, "--verify", help="also verify each converted model on a masked image"),
+    verify_smallest: bool = typer.Option(False, "--verify-smallest", help="verify the smallest converting model of "
+                                         "each family (by parameters)"),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="write the table as markdown to this file"),
 ) -> None:
     """Coverage matrix: every model of the hierarchical families (timm's, and torchvision's under the family
@@ -252,20 +254,24 @@ def list_cmd(
     names = family_models(family or FAMILIES)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("converting", total=len(names))
-        rows = coverage(names, verify_models, progress=lambda n: bar.update(task, advance=1, description=n))
+        mode = "all" if verify_models else "smallest" if verify_smallest else "none"
+        rows = coverage(names, mode, progress=lambda n: bar.update(task, advance=1, description=n))
     table = Table(title=f"{len(rows)} models", title_justify="left")
-    for col in ("model", "family", "status", "detail"):
+    for col in ("model", "family", "status", "verified", "detail"):
         table.add_column(col)
-    colors = {"verified": "green", "converts": "green", "mismatch": "red", "unsupported": "yellow", "error": "red"}
+    colors = {"converts": "green", "unsupported": "yellow", "error": "red", "✓": "green", "✗": "red", "not run": "dim"}
     for r in rows:
-        table.add_row(r.model, r.family, f"[{colors[r.status]}]{r.status}[/]", r.detail)
+        table.add_row(r.model, r.family, f"[{colors[r.status]}]{r.status}[/]", f"[{colors[r.verified]}]{r.verified}[/]", r.detail)
     console.print(table)
-    ok = sum(r.status in ("verified", "converts") for r in rows)
-    console.print(f"{ok} of {len(rows)} convert" + (" and verify" if verify_models else ""))
+    ok = sum(r.status == "converts" for r in rows)
+    checked = [r for r in rows if r.verified != "not run"]
+    console.print(f"{ok} of {len(rows)} convert" + (f"; {sum(r.verified == '✓' for r in checked)} of {len(checked)} verified" if checked else ""))
     if markdown_out:
         with open(markdown_out, "w") as f:
             f.write(markdown(rows) + "\n")
         console.print(f"wrote {markdown_out}")
+    if any(r.verified == "✗" for r in rows):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -85,8 +85,8 @@ def test_list_reports_status_and_reason(monkeypatch, tmp_path):
     res = runner.invoke(app, ["list", "--verify", "--markdown", str(md)])
     assert res.exit_code == 0, res.output
     text = md.read_text()
-    assert "| `pvt_v2_b0` | pvt_v2 | verified |" in text
-    assert "| `gcvit_xxtiny` | gcvit | unsupported |" in text and "repeat_interleave" in text
+    assert "| `pvt_v2_b0` | pvt_v2 | converts | ✓ |" in text
+    assert "| `gcvit_xxtiny` | gcvit | unsupported | not run |" in text and "repeat_interleave" in text
     assert runner.invoke(app, ["list", "--family", "resnet"]).exit_code == 2
 
 
@@ -166,4 +166,26 @@ def test_list_torchvision_family(monkeypatch, tmp_path):
     md = tmp_path / "tv.md"
     res = runner.invoke(app, ["list", "--family", "torchvision", "--verify", "--markdown", str(md)])
     assert res.exit_code == 0, res.output
-    assert "| `torchvision:swin_t` | torchvision | verified |" in md.read_text()
+    assert "| `torchvision:swin_t` | torchvision | converts | ✓ |" in md.read_text()
+
+
+def test_list_verifies_smallest_of_each_family_and_fails_on_mismatch(monkeypatch, tmp_path):
+    import greenmim_convert.coverage as cov
+
+    monkeypatch.setattr(cov, "family_models", lambda fams: ["pvt_v2_b1", "pvt_v2_b0"])
+    md = tmp_path / "cov.md"
+    res = runner.invoke(app, ["list", "--verify-smallest", "--markdown", str(md)])
+    assert res.exit_code == 0, res.output
+    text = md.read_text()
+    assert "| `pvt_v2_b0` | pvt_v2 | converts | ✓ |" in text and "| `pvt_v2_b1` | pvt_v2 | converts | not run |" in text
+
+    real = cov.verify
+
+    def wrong(model, green, images, visible):
+        report = real(model, green, images, visible)
+        report.rows[0].max_rel, report.rows[0].ok = 1.0, False
+        return report
+
+    monkeypatch.setattr(cov, "verify", wrong)
+    res = runner.invoke(app, ["list", "--verify-smallest", "--markdown", str(md)])
+    assert res.exit_code == 1 and "| `pvt_v2_b0` | pvt_v2 | converts | ✗ |" in md.read_text()
