@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers.grn import GlobalResponseNorm
 from timm.models import davit, focalnet, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
@@ -132,6 +133,29 @@ def _focal_modulation_post(state: _HookState) -> Callable:
         if module.normalize_modulator:
             modulator = modulator / (levels + 1)
         return module.proj_drop(module.proj(module.norm(q * module.h(modulator))))
+    return hook
+
+
+def _grn_post(state: _HookState) -> Callable:
+    """Global response normalisation with its per-sample L2 norm over visible positions only (FCMAE's sparse GRN).
+
+    From the definition: ``g = ||x||_2`` over the grid per channel, ``n = g / (mean over channels of g + eps)``,
+    output ``x + bias + weight * x * n``; masked positions add nothing to ``g`` (their output is never read).
+    """
+    def hook(module: nn.Module, args, out):
+        x = args[0]
+        spatial = list(module.spatial_dim)
+        grid = [x.shape[d] for d in spatial]
+        vis = visibility_map(state.visible, tuple(grid))
+        shape = [x.shape[0]] + [1] * (x.dim() - 1)
+        for d, size in zip(spatial, grid):
+            shape[d] = size
+        vis = vis.reshape(shape)
+        g = torch.where(vis, x, torch.zeros((), dtype=x.dtype)).pow(2).sum(spatial, keepdim=True).sqrt()
+        n = g / (g.mean(dim=module.channel_dim, keepdim=True) + module.eps)
+        wb = [1] * x.dim()
+        wb[module.channel_dim] = -1
+        return x + module.bias.view(wb) + module.weight.view(wb) * (x * n)
     return hook
 
 
@@ -322,6 +346,7 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (davit.ChannelAttentionV2, _channel_attention_post),
     (focalnet.FocalModulation, _focal_modulation_post),
     (nn.AdaptiveAvgPool2d, _mean_pool_post),
+    (GlobalResponseNorm, _grn_post),
 ]
 
 

@@ -29,6 +29,8 @@ SMALL_FOCAL = dict(depths=(1, 1, 2, 1), embed_dim=32, layerscale_value=0.5)
 FOCAL_IMG = 96  # small grids: float64 depthwise convolutions take PyTorch's slow per-group path on the CPU
 SMALL_TWINS = dict(embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8))
 SMALL_SWINV2 = dict(depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8))
+SMALL_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
+CONVNEXT_IMG = 64  # float64 depthwise 7x7 convolutions take PyTorch's slow per-group path on the CPU
 
 CASES: Dict[str, Case] = {
     "swin": Case(timm.create_model, "swin_tiny_patch4_window7_224", TINY_SWIN),
@@ -45,6 +47,9 @@ CASES: Dict[str, Case] = {
         dict(SMALL_FOCAL, focal_levels=(3, 3, 3, 3), use_post_norm_in_modulation=True, normalize_modulator=True),
         FOCAL_IMG, 0.6,
     ),
+    # depthwise 7x7 convs on visible positions; V2 adds GRN, a per-sample norm over visible positions
+    "convnext_atto": Case(timm.create_model, "convnext_atto", SMALL_CONVNEXT, CONVNEXT_IMG),
+    "convnextv2_atto": Case(timm.create_model, "convnextv2_atto", SMALL_CONVNEXT, CONVNEXT_IMG),
     "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
     "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
     "pvt_v2_b2_li": Case(timm.create_model, "pvt_v2_b2_li", dict(depths=(1, 1, 1, 1))),
