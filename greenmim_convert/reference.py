@@ -1,8 +1,9 @@
 """The dense masked reference: the independent oracle every converted model is checked against.
 
 It runs the ORIGINAL modules on the full image and changes only what masked-dense semantics
-changes, through forward hooks: every attention gets the key mask added (masked keys removed), and
-every convolution reads zeros at masked input positions. It shares nothing with the passes but the
+changes, through forward hooks: every attention gets the key mask added (masked keys removed),
+every convolution reads zeros at masked input positions, and per-sample statistics (GRN,
+squeeze-excite, training-mode BatchNorm, global pools) are taken over visible positions. It shares nothing with the passes but the
 model's weights; visibility inside a block is derived with timm's own window partition. timm models
 are known by class; torchvision's Swin by its module-level ``shifted_window_attention`` (replaced for
 the forward by an independent masked implementation); any other model's SDPA attention through a
@@ -18,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.grn import GlobalResponseNorm
-from timm.models import davit, focalnet, pvt_v2, twins
+from timm.layers.squeeze_excite import SEModule
+from timm.models import davit, focalnet, maxxvit, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
@@ -50,6 +52,7 @@ class _HookState:
         self.img_size = img_size
         self.block_vis: Dict[nn.Module, Tuple[torch.Tensor, nn.Module]] = {}
         self.key_masks: List[Any] = []  # innermost attention module's key visibility: a function, or _GivenKeys
+        self.per_sample = 0  # > 0 inside a module whose inner convs act on one value per sample (squeeze-excite)
 
     def grid_of(self, tokens: int) -> Tuple[int, int]:
         """The feature grid with ``tokens`` cells and the image's aspect ratio."""
@@ -159,6 +162,50 @@ def _grn_post(state: _HookState) -> Callable:
     return hook
 
 
+def _partition_keys_pre(state: _HookState) -> Callable:
+    """MaxViT's block or grid attention: key visibility partitioned by timm's own partition functions."""
+    def hook(module: nn.Module, args):
+        x = args[0]
+        nchw = isinstance(module, maxxvit.PartitionAttention2d)
+        grid = tuple(x.shape[-2:]) if nchw else tuple(x.shape[1:3])
+        vis = visibility_map(state.visible, grid).to(x.dtype)
+        if nchw:
+            part = maxxvit.window_partition_nchw if module.partition_block else maxxvit.grid_partition_nchw
+            wins = part(vis[:, None], module.partition_size)
+        else:
+            part = maxxvit.window_partition if module.partition_block else maxxvit.grid_partition
+            wins = part(vis[..., None], module.partition_size)
+        state.key_masks.append(_GivenKeys(wins.reshape(wins.shape[0], 1, 1, -1) > 0.5))
+    return hook
+
+
+def _squeeze_excite_pre(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args):
+        state.per_sample += 1
+    return hook
+
+
+def _squeeze_excite_post(state: _HookState) -> Callable:
+    """timm's ``SEModule`` recomputed from its definition with the squeeze (mean, and max when ``add_maxpool``)
+    over visible positions only; its 1x1 convs act on one value per sample."""
+    def hook(module: nn.Module, args, out):
+        state.per_sample -= 1
+        x = args[0]
+        vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
+        zero = torch.zeros((), dtype=x.dtype)
+        x_se = torch.where(vis, x, zero).sum((2, 3), keepdim=True) / vis.sum((2, 3), keepdim=True).clamp_min(1)
+        if module.add_maxpool:
+            low = torch.tensor(float("-inf"), dtype=x.dtype)
+            x_se = 0.5 * x_se + 0.5 * torch.where(vis, x, low).amax((2, 3), keepdim=True)
+        state.per_sample += 1
+        try:
+            x_se = module.fc2(module.act(module.bn(module.fc1(x_se))))
+        finally:
+            state.per_sample -= 1
+        return x * module.gate(x_se)
+    return hook
+
+
 def _attention_pre(keys_for: Callable[[nn.Module], Callable]) -> Callable:
     def factory(state: _HookState) -> Callable:
         def hook(module: nn.Module, args):
@@ -211,6 +258,34 @@ def _given_keys_pre(state: "_HookState", keys: KeyMaskFn) -> Callable:
     def hook(module: nn.Module, args):
         state.key_masks.append(_GivenKeys(keys(args, state.visible)))
     return hook
+
+
+def _masked_batch_norm(state: "_HookState", batch_norm: Callable) -> Callable:
+    """``F.batch_norm`` whose training-mode statistics are taken over the visible positions of the batch only
+    (the sparse BatchNorm of SparK and FCMAE), running statistics updated from them; eval mode is unchanged.
+
+    From the definition: per channel, mean and biased variance over the visible positions normalise;
+    the running mean and the unbiased variance are blended in with ``momentum``.
+    """
+    def run(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+        if not training or input.dim() != 4 or state.per_sample:
+            return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        vis = visibility_map(state.visible, tuple(input.shape[-2:]))[:, None].to(input.dtype)
+        n = vis.sum()
+        mean = (input * vis).sum((0, 2, 3)) / n
+        centred = (input - mean[None, :, None, None]) * vis
+        var = centred.pow(2).sum((0, 2, 3)) / n
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(momentum * mean)
+                running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))
+        out = (input - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + eps)
+        if weight is not None:
+            out = out * weight[None, :, None, None]
+        if bias is not None:
+            out = out + bias[None, :, None, None]
+        return out
+    return run
 
 
 def _tv_shifted_window_attention(state: "_HookState") -> Callable:
@@ -306,6 +381,8 @@ def _swin_attention_pre(state: _HookState) -> Callable:
 
 def _conv_pre(state: _HookState) -> Callable:
     def hook(conv: nn.Module, args):
+        if state.per_sample:
+            return None
         x = args[0]
         vis = visibility_map(state.visible, x.shape[-2:])
         return (torch.where(vis[:, None], x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])
@@ -336,6 +413,9 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (twins.GlobalSubSampleAttn, _attention_pre(lambda m: _global_keys), False),
     (twins.LocallyGroupedAttn, _attention_pre(_twins_window_keys), False),
     (davit.WindowAttention, _attention_pre(_davit_window_keys), False),
+    (maxxvit.PartitionAttentionCl, _partition_keys_pre, False),
+    (maxxvit.PartitionAttention2d, _partition_keys_pre, False),
+    (SEModule, _squeeze_excite_pre, False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _attention_post),
@@ -347,12 +427,16 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (focalnet.FocalModulation, _focal_modulation_post),
     (nn.AdaptiveAvgPool2d, _mean_pool_post),
     (GlobalResponseNorm, _grn_post),
+    (maxxvit.PartitionAttentionCl, _attention_post),
+    (maxxvit.PartitionAttention2d, _attention_post),
+    (SEModule, _squeeze_excite_post),
 ]
 
 
 # modules whose key mask the patched SDPA adds: they must take timm's fused (SDPA) path, whatever
 # TIMM_FUSED_ATTN says, or the mask would never be applied
-SDPA_MASKED = (pvt_v2.Attention, twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn, davit.WindowAttention)
+SDPA_MASKED = (pvt_v2.Attention, twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn, davit.WindowAttention,
+               maxxvit.AttentionCl, maxxvit.Attention2d)
 
 
 @contextmanager
@@ -366,6 +450,7 @@ def masked_dense_hooks(
     state = _HookState(visible, img_size)
     handles = []
     sdpa = F.scaled_dot_product_attention
+    batch_norm = F.batch_norm
     tv_attention = tv_swin.shifted_window_attention
     fused = {mod: mod.fused_attn for mod in model.modules() if isinstance(mod, SDPA_MASKED) and hasattr(mod, "fused_attn")}
     try:
@@ -383,10 +468,12 @@ def masked_dense_hooks(
                 handles.append(mod.register_forward_pre_hook(_given_keys_pre(state, keys)))
                 handles.append(mod.register_forward_hook(_attention_post(state)))
         F.scaled_dot_product_attention = _masked_sdpa(state, sdpa)
+        F.batch_norm = _masked_batch_norm(state, batch_norm)
         tv_swin.shifted_window_attention = _tv_shifted_window_attention(state)
         yield
     finally:
         F.scaled_dot_product_attention = sdpa
+        F.batch_norm = batch_norm
         tv_swin.shifted_window_attention = tv_attention
         for mod, flag in fused.items():
             mod.fused_attn = flag

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from greenmim_convert.sites import Sites
 
 IntPair = Union[int, Tuple[int, int]]
-Padding = Union[int, Tuple[int, int], str]
+Padding = Union[int, Tuple[int, int], Tuple[int, int, int, int], str]  # 4 values: (top, bottom, left, right)
 Backend = Literal["auto", "torch", "tiles", "triton", "spconv"]
 BACKENDS: Tuple[str, ...] = ("auto", "torch", "tiles", "triton", "spconv")
 # Candidate tile edges of the "tiles" backend, and the fraction of computed output cells that must
@@ -62,7 +62,8 @@ def resolve_padding(
     """Top/left padding of a convolution; ``"same"`` and ``"valid"`` follow ``torch.nn.Conv2d``.
 
     Only the leading padding matters for the neighbour map: the trailing one only decides the
-    output grid size, which the output ``Sites`` already carry (and is checked against).
+    output grid size, which the output ``Sites`` already carry (and is checked against). Four values
+    ``(top, bottom, left, right)`` are a zero pad before the conv (TensorFlow "SAME" ``Conv2dSame``).
     """
     if isinstance(padding, str):
         if padding == "valid":
@@ -72,10 +73,18 @@ def resolve_padding(
                 raise ValueError("padding='same' requires stride 1, as in torch.nn.Conv2d")
             return tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))  # type: ignore[return-value]
         raise ValueError(f"unknown padding mode {padding!r}")
-    pad = as_pair(padding, "padding")
-    if min(pad) < 0:
+    sides = padding_sides(padding)
+    if min(sides) < 0:
         raise ValueError(f"padding must be non-negative, got {padding!r}")
-    return pad
+    return (sides[0], sides[2])
+
+
+def padding_sides(padding: Union[int, Tuple[int, ...]]) -> Tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of a numeric padding: an int, a pair (symmetric) or four sides."""
+    if not isinstance(padding, int) and len(padding) == 4:
+        return tuple(int(p) for p in padding)  # type: ignore[return-value]
+    ph, pw = as_pair(padding, "padding")
+    return (ph, ph, pw, pw)
 
 
 def conv_output_grid(
@@ -88,8 +97,8 @@ def conv_output_grid(
         if padding == "same":
             return (int(grid[0]), int(grid[1]))
         padding = 0
-    p = as_pair(padding, "padding")
-    return tuple((n + 2 * pi - di * (ki - 1) - 1) // si + 1 for n, ki, si, pi, di in zip(grid, k, s, p, d))  # type: ignore[return-value]
+    t, b, l, r = padding_sides(padding)
+    return tuple((n + pi - di * (ki - 1) - 1) // si + 1 for n, ki, si, pi, di in zip(grid, k, s, (t + b, l + r), d))  # type: ignore[return-value]
 
 
 def check_conv_geometry(
@@ -340,10 +349,15 @@ def _triton_problem(feats: torch.Tensor, weight: torch.Tensor, groups: int) -> O
     return None
 
 
-def _spconv_problem(feats: torch.Tensor, groups: int, stride: Tuple[int, int], dilation: Tuple[int, int]) -> Optional[str]:
+def _spconv_problem(feats: torch.Tensor, groups: int, stride: Tuple[int, int], dilation: Tuple[int, int],
+                    padding: Padding = 0) -> Optional[str]:
     """Why the spconv backend cannot run this call, or None when it can."""
     from greenmim_convert.kernels.spconv_backend import spconv_available
 
+    if not isinstance(padding, (int, str)):
+        t, b, l, r = padding_sides(padding)
+        if t != b or l != r:
+            return f"spconv cannot express the asymmetric padding {tuple(padding)}"
     if groups != 1:
         return f"the spconv backend implements groups == 1 only, got groups={groups}"
     if not spconv_available():
@@ -355,13 +369,14 @@ def _spconv_problem(feats: torch.Tensor, groups: int, stride: Tuple[int, int], d
     return None
 
 
-def _auto_kernel(feats: torch.Tensor, weight: torch.Tensor, groups: int, stride: Tuple[int, int], dilation: Tuple[int, int]) -> Optional[str]:
+def _auto_kernel(feats: torch.Tensor, weight: torch.Tensor, groups: int, stride: Tuple[int, int], dilation: Tuple[int, int],
+                 padding: Padding = 0) -> Optional[str]:
     """The device kernel ``"auto"`` uses for this call, or None when it runs a PyTorch path."""
     if not feats.is_cuda:
         return None
     if _is_depthwise(feats, weight, groups) and _triton_problem(feats, weight, groups) is None:
         return "triton"
-    if groups == 1 and weight.shape[2] * weight.shape[3] > 1 and _spconv_problem(feats, groups, stride, dilation) is None:
+    if groups == 1 and weight.shape[2] * weight.shape[3] > 1 and _spconv_problem(feats, groups, stride, dilation, padding) is None:
         return "spconv"
     return None
 
@@ -374,6 +389,7 @@ def select_backend(
     dilation: IntPair = 1,
     backend: Backend = "auto",
     tile_plan: Optional[TilePlan] = None,
+    padding: Padding = 0,
 ) -> str:
     """Resolve ``backend`` for one call: the name of the implementation that will run it.
 
@@ -394,11 +410,11 @@ def select_backend(
             raise BackendUnavailableError(problem)
         return "triton"
     if backend == "spconv":
-        problem = _spconv_problem(feats, groups, s, d)
+        problem = _spconv_problem(feats, groups, s, d, padding)
         if problem is not None:
             raise BackendUnavailableError(problem)
         return "spconv"
-    kernel = _auto_kernel(feats, weight, groups, s, d)
+    kernel = _auto_kernel(feats, weight, groups, s, d, padding)
     if kernel is not None:
         return kernel
     if tile_plan is not None and tile_plan.occupancy >= MIN_TILE_OCCUPANCY:
@@ -439,10 +455,10 @@ def sparse_conv2d(
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
     s, d = as_pair(stride, "stride"), as_pair(dilation, "dilation")
-    wants_plan = backend == "tiles" or (backend == "auto" and _auto_kernel(feats, weight, groups, s, d) is None)
+    wants_plan = backend == "tiles" or (backend == "auto" and _auto_kernel(feats, weight, groups, s, d, padding) is None)
     if wants_plan and tile_plan is None:
         tile_plan = build_tile_plan(in_sites, out_sites, (kh, kw), s, padding, d)
-    chosen = select_backend(feats, weight, groups, s, d, backend, tile_plan)
+    chosen = select_backend(feats, weight, groups, s, d, backend, tile_plan, padding)
     if chosen == "spconv":
         from greenmim_convert.kernels.spconv_backend import spconv_conv2d
 

@@ -26,10 +26,16 @@ def _pair(v) -> Tuple[int, int]:
 
 
 def conv_args(node: fx.Node) -> dict:
-    """kernel, stride, padding, dilation and groups of an ``aten.conv2d`` node."""
+    """kernel, stride, padding, dilation and groups of an ``aten.conv2d`` node; a zero pad feeding it
+    (``conv_pad``) joins its padding as ``(top, bottom, left, right)``."""
     a = args_of(node)
     shape = shape_of(a["weight"])
     pad = a["padding"] if isinstance(a["padding"], str) else _pair(a["padding"])
+    extra = a["input"].meta.get("conv_pad") if isinstance(a["input"], fx.Node) else None
+    if extra is not None:
+        if isinstance(pad, str):
+            raise LayoutError(f"a zero pad before a convolution with padding={pad!r}")
+        pad = (pad[0] + extra[0], pad[0] + extra[1], pad[1] + extra[2], pad[1] + extra[3])
     return dict(out_channels=shape[0], kernel=(shape[2], shape[3]), stride=_pair(a["stride"]), padding=pad,
                 dilation=_pair(a["dilation"]), groups=int(a["groups"]), weight=a["weight"], bias=a["bias"])
 

@@ -4,7 +4,7 @@ The layout rule follows each op symbolically (see ``greenmim_convert.layout``); 
 that read layouts have run, ``LayoutOpsPass`` removes the ops, since packed data never moves.
 Ops rewritten: ``view``, ``reshape``, ``_unsafe_view``, ``permute``, ``transpose``, ``flatten``,
 ``unflatten``, ``unsqueeze``, ``squeeze``, ``contiguous``, ``clone``, ``alias``, ``detach``,
-``roll``, ``pad`` (zero amounts), ``slice`` (full), ``expand`` (of size-one axes, feeding
+``roll``, ``pad`` (zero amounts, or zeros read only by convolutions, which absorb them), ``slice`` (full), ``expand`` (of size-one axes, feeding
 elementwise ops), ``_to_copy`` within one dtype.
 """
 from __future__ import annotations
@@ -62,8 +62,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
             a = args_of(node)
             return lay.roll(list(a["shifts"]), list(a["dims"]))
         if is_op(node, aten.pad, aten.constant_pad_nd):
-            pads = node.args[1]
-            return lay if not any(pads) else None
+            return lay if not any(node.args[1]) or conv_pad(node) is not None else None
         if is_op(node, aten.slice) and _full_slice(node, lay):
             return lay
         if is_op(node, aten.expand, aten.expand_as):
@@ -71,6 +70,21 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     except LayoutError as exc:
         raise LayoutError(f"{getattr(node.target, '__name__', node.target)}: {exc}") from exc
     return None
+
+
+def conv_pad(node: fx.Node):
+    """``(top, bottom, left, right)`` of a zero pad of H and W read only by convolutions (TensorFlow-style SAME
+    padding, as timm's ``Conv2dSame``), which then take it as their own padding; None for any other pad."""
+    a = args_of(node)
+    pads = list(a["pad"])
+    if is_op(node, aten.pad) and (a.get("mode", "constant") != "constant"):
+        return None
+    if a.get("value") not in (None, 0, 0.0) or len(pads) != 4 or min(pads) < 0 or not node.users:
+        return None
+    if not all(is_op(u, aten.conv2d) and u.args[0] is node and node not in u.args[1:] for u in node.users):
+        return None
+    node.meta["conv_pad"] = (pads[2], pads[3], pads[0], pads[1])
+    return node.meta["conv_pad"]
 
 
 def expand_layout(node: fx.Node, lay: Layout) -> Layout:

@@ -75,7 +75,8 @@ def masks_with_unequal_counts(batch: int, grid, ratio: float, gen: torch.Generat
 
 
 def check_against_reference(
-    model, green, images, visible, tol: float = 1e-10, grads: bool = True, gen=None, zero_grads=(), **oracle
+    model, green, images, visible, tol: float = 1e-10, grads: bool = True, gen=None, zero_grads=(), rng_seed=None,
+    **oracle
 ):
     """Outputs of every stage, and (optionally) parameter gradients of a random weighted loss, vs the oracle.
 
@@ -83,11 +84,28 @@ def check_against_reference(
     logit of a softmax): both gradients must be rounding noise, at most ``tol`` times the largest gradient.
     ``oracle``: keyword arguments of ``dense_masked_reference`` (``stages=``, ``last=``, ``key_mask_for=``)
     for models without timm's ``feature_info``/``forward_features``.
+    ``rng_seed`` (training mode): both forwards start from this seed, so that per-sample random draws
+    (drop-path) are the same draws; the buffers both forwards update (BatchNorm running statistics) must agree.
     """
     from greenmim_convert.reference import dense_masked_reference
 
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
     out = green(images, visible)
+    updated = {n: b.clone() for n, b in model.named_buffers()}
+    for n, b in model.named_buffers():  # new objects, not copy_: autograd may have saved the updated ones
+        if not torch.equal(b, before[n]):
+            owner, _, leaf = n.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = before[n].clone()
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
     ref = dense_masked_reference(model, images, visible, **oracle)
+    for n, b in model.named_buffers():
+        if b.is_floating_point() and not torch.equal(b, before[n]):
+            assert rel_err(updated[n], b) <= tol, n
+        else:
+            assert torch.equal(updated[n], b), n
     pairs = list(zip(out.stages + [out.last], ref.stages + [ref.last]))
     for got, want in pairs:
         assert torch.equal(got.batch, want.batch) and torch.equal(got.coords, want.coords)

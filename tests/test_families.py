@@ -22,6 +22,7 @@ class Case(NamedTuple):
     img_size: Optional[int] = None  # None: the size the model states
     ratio: float = 0.75
     zero_grads: Tuple[str, ...] = ()  # name endings of parameters whose gradient is analytically zero
+    train_zero_grads: Tuple[str, ...] = ()  # more of them in training mode: biases a batch-statistics BatchNorm cancels
 
 
 SMALL_DAVIT = dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8))
@@ -30,6 +31,7 @@ FOCAL_IMG = 96  # small grids: float64 depthwise convolutions take PyTorch's slo
 SMALL_TWINS = dict(embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8))
 SMALL_SWINV2 = dict(depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8))
 SMALL_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
+SMALL_MAXVIT = dict(depths=(1, 1, 1, 1), embed_dim=(32, 64, 128, 256))
 CONVNEXT_IMG = 64  # float64 depthwise 7x7 convolutions take PyTorch's slow per-group path on the CPU
 
 CASES: Dict[str, Case] = {
@@ -50,6 +52,13 @@ CASES: Dict[str, Case] = {
     # depthwise 7x7 convs on visible positions; V2 adds GRN, a per-sample norm over visible positions
     "convnext_atto": Case(timm.create_model, "convnext_atto", SMALL_CONVNEXT, CONVNEXT_IMG),
     "convnextv2_atto": Case(timm.create_model, "convnextv2_atto", SMALL_CONVNEXT, CONVNEXT_IMG),
+    # block and grid attention, MBConv with BatchNorm, strided depthwise convs and squeeze-excite; the
+    # rw model's relative-position MLP ends in a bias added to every logit of a head (softmax cancels it),
+    # the tf model pads TensorFlow-style (Conv2dSame) before its strided convs
+    "maxvit_rmlp_pico_rw_256": Case(timm.create_model, "maxvit_rmlp_pico_rw_256", SMALL_MAXVIT,
+                                    zero_grads=("rel_pos.mlp.fc2.bias",), train_zero_grads=("pre_norm.bias",)),
+    "maxvit_tiny_tf_224": Case(timm.create_model, "maxvit_tiny_tf_224", SMALL_MAXVIT,
+                               train_zero_grads=("pre_norm.bias", "stem.conv1.bias")),
     "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
     "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
     "pvt_v2_b2_li": Case(timm.create_model, "pvt_v2_b2_li", dict(depths=(1, 1, 1, 1))),
@@ -72,6 +81,11 @@ def build(case: str, seed: int, dtype: torch.dtype = torch.float64):
                 p.normal_(0.0, 0.1)  # larger biases would dominate q and k: near-uniform attention, ill-conditioned grads
             elif p.dim() == 1 and not n.endswith("logit_scale"):  # norm weights, layer scales; not temperatures
                 p.normal_(1.0, 0.5)
+        for n, b in model.named_buffers():  # BatchNorm statistics start at 0 and 1
+            if n.endswith("running_mean"):
+                b.normal_(0.0, 0.2)
+            elif n.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
     model = model.to(dtype).eval()
     return model, gmc.convert(model, img_size=c.img_size)
 
@@ -108,3 +122,21 @@ def test_masked_matches_reference(family):
     zero = [n for n, _ in model.named_parameters() if n.endswith(CASES[case].zero_grads)]
     assert bool(zero) == bool(CASES[case].zero_grads)
     check_against_reference(model, green, images, visible, gen=gen, zero_grads=zero)
+
+
+def test_masked_train_mode_matches_reference(family):
+    """Training mode: drop-path per sample (same draws from the same seed), BatchNorm statistics over visible
+    positions with the running statistics updated alike."""
+    case, seed, model, green = family
+    gen = torch.Generator().manual_seed(seed + 2)
+    images = torch.randn(3, 3, *green.img_size, generator=gen, dtype=torch.float64)
+    visible = masks_with_unequal_counts(3, green.mask_grid, CASES[case].ratio, gen)
+    ends = CASES[case].zero_grads + CASES[case].train_zero_grads
+    zero = [n for n, _ in model.named_parameters() if n.endswith(ends)]
+    assert bool(zero) == bool(ends)
+    green.train()
+    assert model.training
+    try:
+        check_against_reference(model, green, images, visible, gen=gen, zero_grads=zero, rng_seed=seed)
+    finally:
+        green.eval()

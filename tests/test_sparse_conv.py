@@ -44,7 +44,10 @@ def dense_masked_conv(
     h, w = in_sites.grid
     canvas = feats.new_zeros(b, h, w, feats.shape[1])
     canvas = canvas.index_put((in_sites.batch, in_sites.coords[:, 0], in_sites.coords[:, 1]), feats)
-    out = F.conv2d(canvas.permute(0, 3, 1, 2), weight, bias, stride, padding, dilation, groups)
+    x = canvas.permute(0, 3, 1, 2)
+    if not isinstance(padding, (int, str)) and len(padding) == 4:  # (top, bottom, left, right): a zero pad first
+        x, padding = F.pad(x, (padding[2], padding[3], padding[0], padding[1])), 0
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     assert tuple(out.shape[2:]) == tuple(out_sites.grid)
     return out.permute(0, 2, 3, 1)[out_sites.batch, out_sites.coords[:, 0], out_sites.coords[:, 1]]
 
@@ -462,3 +465,19 @@ def test_benchmark_smoke(capsys):
     module.main(["--small"])
     out = capsys.readouterr().out
     assert "sparse/dense time ratio" in out and "neighbour map" in out
+
+
+@pytest.mark.parametrize("k,s,p,g", [((3, 3), (2, 2), (0, 1, 0, 1), 4), ((3, 3), (1, 1), (1, 1, 1, 1), 1),
+                                     ((4, 2), (2, 1), (1, 2, 0, 1), 1)], ids=["tf-same-s2-depthwise", "symmetric", "uneven"])
+def test_four_sided_padding(k, s, p, g):
+    """(top, bottom, left, right) padding, as a zero pad before the conv (TensorFlow SAME): every backend vs the oracle."""
+    gen = torch.Generator().manual_seed(99 + k[0] + p[1])
+    h, w = 12, 10
+    ho, wo = conv_output_grid((h, w), k, s, p)
+    assert (ho, wo) == tuple((n + a + b - kk) // ss + 1 for n, a, b, kk, ss in zip((h, w), p[::2], p[1::2], k, s))
+    in_sites = Sites.from_mask(torch.rand(2, h, w, generator=gen) < 0.6, (h, w), 1)
+    out_sites = Sites.from_mask(torch.rand(2, ho, wo, generator=gen) < 0.6, (ho, wo), 1)
+    weight, bias = random_params(4, 4, g, k, True, gen)
+    feats = torch.randn(in_sites.num_tokens, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    for backend in ("torch", "tiles", "auto"):
+        check_backend(backend, feats, in_sites, out_sites, weight, bias, s, p, (1, 1), g)
