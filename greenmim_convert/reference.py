@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.squeeze_excite import SEModule
-from timm.models import davit, focalnet, maxxvit, pvt_v2, twins
+from timm.models import davit, focalnet, maxxvit, nest, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
@@ -176,6 +176,33 @@ def _partition_keys_pre(state: _HookState) -> Callable:
             part = maxxvit.window_partition if module.partition_block else maxxvit.grid_partition
             wins = part(vis[..., None], module.partition_size)
         state.key_masks.append(_GivenKeys(wins.reshape(wins.shape[0], 1, 1, -1) > 0.5))
+    return hook
+
+
+def _nest_block_keys(module: nn.Module) -> Callable:
+    """(B, 1, T, 1, N) key visibility of NesT's attention inside its T blocks of N tokens (timm's ``blockify``)."""
+    def keys(state: _HookState, k: torch.Tensor) -> torch.Tensor:
+        b, _, t, n, _ = k.shape
+        vis = visibility_map(state.visible, state.grid_of(t * n))
+        blocks = nest.blockify(vis[..., None].to(k.dtype), math.isqrt(n))
+        return blocks.reshape(b, 1, t, 1, n) > 0.5
+    return keys
+
+
+def _max_pool_pre(state: _HookState) -> Callable:
+    """Max pooling over visible positions only: masked inputs become -inf, as the pool's own padding."""
+    def hook(pool: nn.Module, args):
+        x = args[0]
+        vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
+        return (torch.where(vis, x, torch.tensor(float("-inf"), dtype=x.dtype)),) + tuple(args[1:])
+    return hook
+
+
+def _max_pool_post(state: _HookState) -> Callable:
+    """Outputs in masked units are not computed: zero, not the -inf of an all-masked window."""
+    def hook(pool: nn.Module, args, out):
+        vis = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
+        return torch.where(vis, out, torch.zeros((), dtype=out.dtype))
     return hook
 
 
@@ -416,6 +443,8 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (maxxvit.PartitionAttentionCl, _partition_keys_pre, False),
     (maxxvit.PartitionAttention2d, _partition_keys_pre, False),
     (SEModule, _squeeze_excite_pre, False),
+    (nest.Attention, _attention_pre(_nest_block_keys), False),
+    (nn.MaxPool2d, _max_pool_pre, False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _attention_post),
@@ -430,13 +459,15 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (maxxvit.PartitionAttentionCl, _attention_post),
     (maxxvit.PartitionAttention2d, _attention_post),
     (SEModule, _squeeze_excite_post),
+    (nest.Attention, _attention_post),
+    (nn.MaxPool2d, _max_pool_post),
 ]
 
 
 # modules whose key mask the patched SDPA adds: they must take timm's fused (SDPA) path, whatever
 # TIMM_FUSED_ATTN says, or the mask would never be applied
 SDPA_MASKED = (pvt_v2.Attention, twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn, davit.WindowAttention,
-               maxxvit.AttentionCl, maxxvit.Attention2d)
+               maxxvit.AttentionCl, maxxvit.Attention2d, nest.Attention)
 
 
 @contextmanager

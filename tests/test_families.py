@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from timm.models.focalnet import _create_focalnet
+from timm.models.nest import _create_nest
 
 import greenmim_convert as gmc
 
@@ -59,6 +60,8 @@ CASES: Dict[str, Case] = {
                                     zero_grads=("rel_pos.mlp.fc2.bias",), train_zero_grads=("pre_norm.bias",)),
     "maxvit_tiny_tf_224": Case(timm.create_model, "maxvit_tiny_tf_224", SMALL_MAXVIT,
                                train_zero_grads=("pre_norm.bias", "stem.conv1.bias")),
+    # attention inside nested blocks; block aggregation by conv, LayerNorm and max pooling over visible positions
+    "nest_tiny": Case(_create_nest, "nest_tiny", dict(embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 2))),
     "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
     "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
     "pvt_v2_b2_li": Case(timm.create_model, "pvt_v2_b2_li", dict(depths=(1, 1, 1, 1))),
