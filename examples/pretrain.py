@@ -411,7 +411,14 @@ def build_model(args: argparse.Namespace) -> Tuple[MIMPretrainer, Dict[str, Any]
         kwargs["img_size"] = args.img_size
     torch.manual_seed(args.seed)
     try:
-        net = timm.create_model(args.model, pretrained=False, **{**kwargs, "num_classes": 0})
+        try:
+            net = timm.create_model(args.model, pretrained=False, **{**kwargs, "num_classes": 0})
+        except TypeError as exc:
+            if "img_size" not in str(exc) or args.img_size is None:
+                raise
+            del kwargs["img_size"]  # a convolutional net (ConvNeXt) takes any image size: only convert() needs it
+            torch.manual_seed(args.seed)
+            net = timm.create_model(args.model, pretrained=False, **{**kwargs, "num_classes": 0})
     except (RuntimeError, TypeError) as exc:
         raise SystemExit(f"error: timm.create_model({args.model!r}, **{kwargs}) failed: {exc}") from None
     try:

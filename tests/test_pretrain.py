@@ -66,6 +66,26 @@ def test_loss_goes_down_on_demo_photos(tmp_path):
     assert (tmp_path / "last.pt").exists()
 
 
+OTHER_FAMILIES = {
+    # FCMAE-style: ConvNeXt V2 with GRN over visible positions; MaxViT with BatchNorm over visible positions
+    "convnextv2": ["--model", "convnextv2_atto", "--model-arg", "depths=[1,1,2,1]", "--model-arg", "dims=[16,32,48,64]"],
+    "maxvit": ["--model", "maxvit_rmlp_pico_rw_256", "--model-arg", "depths=[1,1,1,1]",
+               "--model-arg", "embed_dim=[32,64,128,256]"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_other_families_learn(family, tmp_path):
+    """A short pre-training run of a tiny ConvNeXt V2 and MaxViT: the loss is finite and falls."""
+    argv = TINY[TINY.index("--img-size"):] + OTHER_FAMILIES[family] + ["--out", str(tmp_path), "--no-plot", "--steps", "30",
+                                                   "--ckpt-every", "0", "--lr", "1e-3", "--seed", "1"]
+    with torch.random.fork_rng(devices=[]):
+        losses = pretrain.main(argv).losses
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.95 * first, (first, last)
+
+
 def test_resume_is_bit_identical(straight, tmp_path):
     first = run(tmp_path, "--steps", "20", "--ckpt-every", "10", "--seed", "3", "--stop-after", "10")
     assert first.step == 10 and (tmp_path / "last.pt").exists()
