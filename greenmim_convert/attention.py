@@ -4,7 +4,8 @@ An ``AttentionProgram`` is what the attention pass read from the graph between `
 ``@ v``: elementwise steps with scalars or image-independent *terms* (each read per (head, query,
 key) through a ``TermPlan``), the softmax over keys, then dropout. ``window_attention`` runs it on
 the padded groups of a ``Grouping`` (keys of other windows and padding slots get ``-inf``);
-``sample_attention`` runs it per sample with keys possibly on another grid.
+``sample_attention`` runs it per sample with keys possibly on another grid; ``cross_window_attention``
+runs it in windows whose queries were pooled to a coarser grid than their keys.
 """
 from __future__ import annotations
 
@@ -304,3 +305,48 @@ def _padded_term_index(plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites
     qpad, _ = q_sites.pad(q[:, None])
     kpad, _ = k_sites.pad(k[:, None])
     return h[None, :, None, None] + qpad[:, None, :, :] + kpad[:, None, None, :, 0]
+
+
+def _segment_pad(x: torch.Tensor, seg: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` grouped by segment: ``(count, Nmax, C)`` zero-padded, the validity mask and each row's rank."""
+    sizes = torch.bincount(seg, minlength=count)
+    order = torch.argsort(seg, stable=True)
+    rank = torch.empty_like(seg)
+    rank[order] = torch.arange(seg.shape[0], device=seg.device) - (torch.cumsum(sizes, 0) - sizes)[seg[order]]
+    nmax = int(sizes.max().item()) if count else 0
+    out = x.new_zeros(count, nmax, x.shape[1]).index_put((seg, rank), x)
+    valid = torch.zeros(count, nmax, dtype=torch.bool, device=x.device)
+    valid[seg, rank] = True
+    return out, valid, rank
+
+
+def cross_window_attention(q: torch.Tensor, q_sites: Sites, q_windows, k: torch.Tensor, k_sites: Sites, k_windows,
+                           v: torch.Tensor, program: AttentionProgram, scalars: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention inside windows whose queries live on a coarser grid than their keys (queries max-pooled per
+    cell, as in Hiera's mask-unit attention): each window's visible queries attend to its visible keys,
+    windows padded to their largest count; windows without a visible query are skipped."""
+    if requested_backend(program.backend) == "triton":
+        raise RuntimeError("attention_backend='triton': the fused kernel runs window attention on one grid; pooled-query "
+                           "windows run on the PyTorch path (use 'auto' or 'torch')")
+    per_sample = q_windows.windows_per_sample
+    q_win = q_sites.batch * per_sample + q_windows.digits(q_sites.coords, q_windows.shared)
+    k_win = k_sites.batch * per_sample + k_windows.digits(k_sites.coords, k_windows.shared)
+    used, q_seg = torch.unique(q_win, return_inverse=True)
+    lookup = torch.full((k_sites.batch_size * per_sample,), -1, dtype=torch.long, device=k.device)
+    lookup[used] = torch.arange(used.shape[0], device=k.device)
+    k_seg = lookup[k_win]
+    keep = (k_seg >= 0).nonzero().squeeze(1)
+    heads = program.heads
+    qp, _, q_rank = _segment_pad(q, q_seg, used.shape[0])
+    kp, kvalid, _ = _segment_pad(k.index_select(0, keep), k_seg.index_select(0, keep), used.shape[0])
+    vp, _, _ = _segment_pad(v.index_select(0, keep), k_seg.index_select(0, keep), used.shape[0])
+    w, nq, nk = qp.shape[0], qp.shape[1], kp.shape[1]
+    dq, dv = q.shape[1] // heads, v.shape[1] // heads
+    qh = qp.view(w, nq, heads, dq).transpose(1, 2)
+    kh = kp.view(w, nk, heads, dq).transpose(1, 2)
+    vh = vp.view(w, nk, heads, dv).transpose(1, 2)
+    logits = _run_steps(qh @ kh.transpose(-1, -2), program.steps, [], list(scalars))
+    logits = logits.masked_fill(~kvalid[:, None, None, :], torch.finfo(logits.dtype).min)
+    probs = _run_post(logits.softmax(dim=-1), program.post)
+    out = (probs @ vh).transpose(1, 2).reshape(w, nq, heads * dv)
+    return out[q_seg, q_rank]

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.squeeze_excite import SEModule
-from timm.models import davit, focalnet, maxxvit, nest, pvt_v2, twins
+from timm.models import davit, focalnet, hiera, maxxvit, nest, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
@@ -574,6 +574,8 @@ def dense_masked_reference(
     forward args and the (B, H/u, W/u) unit mask (``visibility_map`` gives it on a feature grid); it
     is added to the call's own ``attn_mask``. Return None for every other module.
     """
+    if isinstance(model, hiera.Hiera) and stages is None and last is None:
+        return hiera_reference(model, images, visible)
     fmt = fmt or getattr(model, "output_fmt", "NCHW")
     size = (int(images.shape[-2]), int(images.shape[-1]))
     strides: Optional[List[int]] = None
@@ -620,6 +622,53 @@ def dense_masked_reference(
     outs = [read(captured[n], strides[i] if strides else None) for i, n in enumerate(names)]
     timm_last = strides is not None and last is None and hasattr(model, "forward_features")
     return GreenOutput(read(final, strides[-1] if timm_last else None), outs)
+
+
+def hiera_reference(model: nn.Module, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
+    """Hiera's own masked forward (MAE-style: masked mask units discarded), one sample at a time so that
+    samples may keep unequal numbers of units; stage outputs rerolled by its own ``Reroll``.
+
+    Hiera computes only on its visible mask units by construction, so the model itself is the oracle
+    when the conversion's mask unit is Hiera's.
+    """
+    if tuple(visible.shape[1:]) != tuple(model.mask_spatial_shape):
+        raise InvalidInputError(f"Hiera masks its own {tuple(model.mask_spatial_shape)} mask units; the mask grid is "
+                                f"{tuple(visible.shape[1:])}")
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    stage_tokens: List[List[torch.Tensor]] = [[] for _ in model.stage_ends]
+    last: List[torch.Tensor] = []
+    for i in range(images.shape[0]):
+        mask = visible[i].reshape(1, -1)
+        final, units = model.forward_intermediates(images[i:i + 1], mask=mask, output_fmt="NHWC")
+        for j, rolled in enumerate(units):
+            stage_tokens[j].append(_unit_maps_to_tokens(rolled[0], visible[i]))
+        last.append(_unit_maps_to_tokens(model.reroll(final, model.stage_ends[-1], mask=mask)[0], visible[i]))
+
+    def tokens(rows: List[torch.Tensor], stage: int) -> VisibleTokens:
+        uh, uw = _unit_shape(model, stage)
+        grid = (visible.shape[1] * uh, visible.shape[2] * uw)
+        return VisibleTokens(torch.cat(rows), Sites.from_mask(visible, grid, size[0] // grid[0]))
+
+    stages = [tokens(rows, j) for j, rows in enumerate(stage_tokens)]
+    return GreenOutput(tokens(last, len(stage_tokens) - 1), stages)
+
+
+def _unit_shape(model: nn.Module, stage: int) -> Tuple[int, int]:
+    """Positions per mask unit along each axis at a stage: Hiera's mask unit shrinks by its query stride per stage."""
+    _, size = model.reroll.schedule[model.stage_ends[stage]]
+    return (size[0] // model.mask_spatial_shape[0], size[1] // model.mask_spatial_shape[1])
+
+
+def _unit_maps_to_tokens(units: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """``(visible units, uh, uw, C)`` maps of one sample's visible units (raster unit order) -> its visible
+    positions' rows in raster order of the whole grid."""
+    n, uh, uw, c = units.shape
+    gh, gw = visible.shape
+    canvas = units.new_zeros(gh * gw, uh, uw, c)
+    canvas = canvas.index_copy(0, visible.reshape(-1).nonzero().squeeze(1), units)
+    dense = canvas.view(gh, gw, uh, uw, c).permute(0, 2, 1, 3, 4).reshape(gh * uh, gw * uw, c)
+    vis = visible.repeat_interleave(uh, 0).repeat_interleave(uw, 1)
+    return dense[vis]
 
 
 def _called_module(module: nn.Module) -> nn.Module:

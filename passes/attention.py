@@ -48,12 +48,25 @@ def _pair_layout(q: Layout, k: Layout, kt: bool) -> Layout:
         raise LayoutError("q @ kᵀ does not contract one channel digit of both")
     if not _spatial(q.axes[-2]) or not _spatial(k_tok):
         raise LayoutError("q @ kᵀ whose row axes are not token axes")
-    if q.axes[:-2] != k.axes[:-2]:
+    if not same_batch(q, k):
         raise LayoutError("query and key do not share their batch (sample, window, head) digits")
     if q.is_pair() or k.is_pair():
         raise LayoutError("attention of attention")
     key_axis = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in k_tok)
     return Layout(q.axes[:-2] + (q.axes[-2], key_axis), q.grid, q.stride, q.offset)
+
+
+def _absolute(lay: Layout, axes) -> tuple:
+    """Atoms of ``axes`` with spatial digits in pixels (``inner * stride``), to compare digits across grids."""
+    return tuple(tuple((a.kind, a.size, a.inner * lay.stride) if a.kind in "hw" else a for a in ax) for ax in axes)
+
+
+def same_batch(q: Layout, k: Layout) -> bool:
+    """Query and key (or value) share their batch axes: the same sample, head and window digits, where the
+    query may live on a coarser grid (queries pooled per cell, as Hiera's): then windows compare in pixels."""
+    if q.axes[:-2] == k.axes[:-2]:
+        return True
+    return q.offset == k.offset == (0, 0) and _absolute(q, q.axes[:-2]) == _absolute(k, k.axes[:-2])
 
 
 def _qk_rule(node: fx.Node) -> Optional[Layout]:
@@ -105,7 +118,7 @@ def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:
     n = max(len(p.axes), len(v.axes))
     p, v = p.padded_to(n), v.padded_to(n)
     key = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in v.axes[-2] if a.kind in KEY)
-    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or p.axes[:-2] != v.axes[:-2]:
+    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or not (p.axes[:-2] == v.axes[:-2] or same_batch(p, v)):
         raise LayoutError("probabilities @ v does not contract the key axis with the value tokens")
     node.meta["attention_pv"] = True
     out = Layout(p.axes[:-1] + (v.axes[-1],), p.grid, p.stride, p.offset)
@@ -166,8 +179,6 @@ def _windows(pair: Layout, q: Layout, k: Layout) -> Optional[DigitWindows]:
     shared = [a for ax in pair.axes[:-2] for a in ax if a.kind in "hw"]
     token = list(pair.axes[-2])
     if (q.grid, q.stride, q.offset) != (k.grid, k.stride, k.offset):
-        if shared:
-            raise LayoutError("windowed attention whose keys live on another grid")
         return None
     keys = [Atom(a.kind[1], a.size, a.inner) for a in pair.axes[-1]]
     if sorted(keys, key=lambda a: (a.kind, a.inner)) != sorted(token, key=lambda a: (a.kind, a.inner)):
@@ -176,6 +187,18 @@ def _windows(pair: Layout, q: Layout, k: Layout) -> Optional[DigitWindows]:
         return None
     return DigitWindows(q.grid, q.offset, tuple((a.kind, a.size, a.inner) for a in shared),
                         tuple((a.kind, a.size, a.inner) for a in token))
+
+
+def _cross_windows(pair: Layout, q: Layout, k: Layout) -> Optional[Tuple[DigitWindows, DigitWindows]]:
+    """Windows of queries on a coarser grid than their keys (pooled queries): the window digits on each grid."""
+    if (q.grid, q.stride) == (k.grid, k.stride):
+        return None
+    n = len(pair.axes)
+    found = []
+    for lay in (q.padded_to(n), k.padded_to(n)):
+        shared = tuple((a.kind, a.size, a.inner) for ax in lay.axes[:-2] for a in ax if a.kind in "hw")
+        found.append(DigitWindows(lay.grid, lay.offset, shared, ()))
+    return tuple(found) if found[0].shared else None
 
 
 def term_plan(term: fx.Node, at: Layout, heads: List[Atom]) -> TermPlan:
@@ -354,10 +377,18 @@ class AttentionPass(GreenPass):
                 with gm.graph.inserting_after(sites):
                     ctx.grouping_nodes[key] = gm.graph.call_function(ops.digit_grouping, (sites, spec, label_node, ctx.grouping))
                 self.report["groupings"] += 1
+        cross = _cross_windows(pair, lq, lk) if windows is None else None
+        if cross is not None and terms:
+            self.fail(at, "attention terms in windows whose queries live on a coarser grid than their keys")
         with gm.graph.inserting_before(at):
             if windows is not None:
                 new = gm.graph.call_function(runtime.window_attention, (q, k, v, ctx.grouping_nodes[key], program_node, term_nodes, tensors))
                 kind = "window attention"
+            elif cross is not None:
+                specs = [constant(gm, w, at, "windows") for w in cross]
+                new = gm.graph.call_function(runtime.cross_window_attention, (q, sites_node(gm, lq), specs[0], k, sites_node(gm, lk),
+                                                                              specs[1], v, program_node, tensors))
+                kind = "pooled-query window attention"
             else:
                 new = gm.graph.call_function(runtime.sample_attention, (q, sites_node(gm, lq), k, sites_node(gm, lk), v, program_node, term_nodes, tensors))
                 kind = "per-sample attention" if lq.grid == lk.grid else "reduced-key attention"

@@ -24,13 +24,23 @@ from .base import GreenPass, context_of, layout_of, sites_node
 from .layout_analysis import to_networkx
 
 
+def _covers(digits, size: int) -> bool:
+    """The digits of one spatial kind number every position of a grid side once (a complete mixed radix)."""
+    place = 1
+    for a in sorted(digits, key=lambda a: a.inner):
+        if a.inner != place:
+            return False
+        place *= a.size
+    return place == size
+
+
 def token_like(lay: Layout) -> bool:
-    """Spatial digits are whole rows and columns (any axis grouping), channels one digit, no roll."""
+    """One value per grid position: the spatial digits cover the grid in any order and grouping (rows and
+    columns, or Hiera's unrolled order), channels one digit, no roll."""
     atoms = [a for ax in lay.axes for a in ax]
     spatial = [a for a in atoms if a.kind in "hw"]
     chans = [a for a in atoms if a.kind == "c"]
-    full = {a.kind: a for a in spatial if a.inner == 1 and a.size == lay.grid["hw".index(a.kind)]}
-    grid_ok = len(spatial) == len(full) == sum(g > 1 for g in lay.grid) and bool(spatial)
+    grid_ok = bool(spatial) and all(_covers([a for a in spatial if a.kind == k], n) for k, n in zip("hw", lay.grid))
     return grid_ok and len(chans) <= 1 and all(a.inner == 1 for a in chans) and lay.offset == (0, 0) and not lay.is_pair()
 
 
