@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.attention_dispatch import requested_backend
+from .kernels.windows import digit_sum
 from .sites import Sites
 
 Digit = Tuple[str, int, int, int]  # (kind h|w, size, inner, stride in the term)
@@ -58,16 +59,6 @@ class AttentionProgram:
     backend: str = "auto"
 
 
-def _digits(coords: torch.Tensor, grid, offset, digits: Sequence[Digit]) -> torch.Tensor:
-    """Sum of ``digit * stride`` of every token for the given digits (dense index with the roll offset)."""
-    out = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device)
-    for kind, size, inner, stride in digits:
-        i = "hw".index(kind)
-        dense = torch.remainder(coords[:, i] - offset[i], grid[i])
-        out += (torch.div(dense, inner, rounding_mode="floor") % size) * stride
-    return out
-
-
 def term_offsets(plan: TermPlan, head_sizes: Sequence[int], coords: torch.Tensor, grid, offset, key_coords=None,
                  key_grid=None, key_offset=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Offsets of a term's elements: per head ``(heads,)``, per query token and per key token."""
@@ -75,8 +66,8 @@ def term_offsets(plan: TermPlan, head_sizes: Sequence[int], coords: torch.Tensor
     for s in head_sizes:
         heads *= s
     key_coords = coords if key_coords is None else key_coords
-    q = _digits(coords, grid, offset, plan.query)
-    k = _digits(key_coords, key_grid or grid, offset if key_offset is None else key_offset, plan.key)
+    q = digit_sum(coords, grid, offset, plan.query)
+    k = digit_sum(key_coords, key_grid or grid, offset if key_offset is None else key_offset, plan.key)
     return _head_offsets(plan, heads, head_sizes, coords.device), q, k
 
 
@@ -273,8 +264,10 @@ def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Seq
 
 
 def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: Sites, v: torch.Tensor,
-                     program: AttentionProgram, terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Every visible query of a sample attends to the visible keys of that sample (padded per sample)."""
+                     program: AttentionProgram, terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor],
+                     rolls: Tuple[Tuple[int, int], Tuple[int, int]] = ((0, 0), (0, 0))) -> torch.Tensor:
+    """Every visible query of a sample attends to the visible keys of that sample (padded per sample);
+    ``rolls`` are the query and key layouts' rolls, which the terms' digits are read after."""
     if requested_backend(program.backend) == "triton":
         raise RuntimeError("attention_backend='triton': the fused kernel runs window attention; per-sample attention "
                            "(keys of a whole sample or a reduced grid) runs on the PyTorch path (use 'auto' or 'torch')")
@@ -290,7 +283,7 @@ def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: 
     logits = qh @ kh.transpose(-1, -2)
     values = []
     for flat, plan in zip(terms, program.terms):
-        index = _padded_term_index(plan, program.head_sizes, q_sites, k_sites)
+        index = _padded_term_index(plan, program.head_sizes, q_sites, k_sites, rolls)
         values.append(flat.reshape(-1).index_select(0, index.reshape(-1)).view(b, heads, nq, nk))
     logits = _run_steps(logits, program.steps, values, list(scalars))
     logits = logits.masked_fill(~kvalid[:, None, None, :], torch.finfo(logits.dtype).min)
@@ -299,9 +292,9 @@ def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: 
     return q_sites.unpad(out)
 
 
-def _padded_term_index(plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites) -> torch.Tensor:
+def _padded_term_index(plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites, rolls) -> torch.Tensor:
     """``(B, heads, Nq, Nk)`` term offsets of padded per-sample attention."""
-    h, q, k = term_offsets(plan, head_sizes, q_sites.coords, q_sites.grid, (0, 0), k_sites.coords, k_sites.grid, (0, 0))
+    h, q, k = term_offsets(plan, head_sizes, q_sites.coords, q_sites.grid, rolls[0], k_sites.coords, k_sites.grid, rolls[1])
     qpad, _ = q_sites.pad(q[:, None])
     kpad, _ = k_sites.pad(k[:, None])
     return h[None, :, None, None] + qpad[:, None, :, :] + kpad[:, None, None, :, 0]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .kernels.grouping import plan_buckets
 from .kernels.sparse_conv import build_neighbor_map, sparse_conv2d
 from .attention import term_offsets
-from .kernels.windows import DigitWindows, WindowSpec, digit_segments, window_segments
+from .kernels.windows import DigitWindows, WindowSpec, digit_segments, digit_sum, window_segments
 from .gather import RowMap
 from .sites import Sites
 from .tokens import GreenOutput, VisibleTokens
@@ -364,11 +364,7 @@ def gather_constant(const: torch.Tensor, sites: Sites, spatial, roll: Tuple[int,
     ``spatial`` lists ``(kind, size, inner, stride)`` digits of the dense index (rows ``h``, columns
     ``w``, after the layout's ``roll``) and where each sits in the constant.
     """
-    offset = torch.zeros(sites.num_tokens, dtype=torch.long, device=sites.device)
-    for kind, size, inner, stride in spatial:
-        axis = "hw".index(kind)
-        dense = torch.remainder(sites.coords[:, axis] - roll[axis], sites.grid[axis])
-        offset += (torch.div(dense, inner, rounding_mode="floor") % size) * stride
+    offset = digit_sum(sites.coords, sites.grid, roll, spatial)
     index = offset[:, None] + channel_offsets.to(sites.device)[None, :]
     return const.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
 

@@ -10,7 +10,7 @@ tokens that wrapped around (``r < s``) and those that did not, which is the same
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -59,6 +59,22 @@ def window_segments(
     return segment, position, batch_size * nr * nc
 
 
+def digit_sum(coords: torch.Tensor, grid: Tuple[int, int], offset: Tuple[int, int],
+              digits: Sequence[Tuple[str, int, int, int]]) -> torch.Tensor:
+    """``sum(digit * stride)`` at every coordinate, for layout digits ``(kind, size, inner, stride)``.
+
+    A digit of kind ``h`` (rows) or ``w`` (columns) is ``(p // inner) % size`` of the dense position
+    ``p = (coord - offset) mod grid`` (``offset`` is a layout's roll). Every index the runtime reads
+    from layout digits (window ids, in-window positions, term and position-table offsets) is one.
+    """
+    out = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device)
+    for kind, size, inner, stride in digits:
+        axis = "hw".index(kind)
+        dense = torch.remainder(coords[:, axis] - offset[axis], grid[axis])
+        out += (torch.div(dense, inner, rounding_mode="floor") % size) * stride
+    return out
+
+
 @dataclass(frozen=True)
 class DigitWindows:
     """Windows described by layout digits: the digits shared by a query and its keys index the window,
@@ -87,11 +103,11 @@ class DigitWindows:
 
     def digits(self, coords: torch.Tensor, digits: Tuple[Tuple[str, int, int], ...]) -> torch.Tensor:
         """Mixed-radix value of ``digits`` (major first) at every coordinate."""
-        dense = [torch.remainder(coords[:, i] - self.offset[i], self.grid[i]) for i in range(2)]
-        value = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device)
-        for kind, size, inner in digits:
-            value = value * size + torch.div(dense["hw".index(kind)], inner, rounding_mode="floor") % size
-        return value
+        weighted, place = [], 1
+        for kind, size, inner in reversed(digits):
+            weighted.append((kind, size, inner, place))
+            place *= size
+        return digit_sum(coords, self.grid, self.offset, weighted)
 
 
 def digit_segments(

@@ -390,7 +390,8 @@ class AttentionPass(GreenPass):
                                                                               specs[1], v, program_node, tensors))
                 kind = "pooled-query window attention"
             else:
-                new = gm.graph.call_function(runtime.sample_attention, (q, sites_node(gm, lq), k, sites_node(gm, lk), v, program_node, term_nodes, tensors))
+                new = gm.graph.call_function(runtime.sample_attention, (q, sites_node(gm, lq), k, sites_node(gm, lk), v, program_node,
+                                                                        term_nodes, tensors, (lq.offset, lk.offset)))
                 kind = "per-sample attention" if lq.grid == lk.grid else "reduced-key attention"
         new.meta["layout"] = at.meta["layout"]
         at.replace_all_uses_with(new)

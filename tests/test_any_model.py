@@ -399,3 +399,41 @@ def test_key_mask_for_combines_with_bool_and_float_masks():
         assert rel_err(unmasked.last.feats, a.last.feats) > 1e-3
         outs.append(a.last.feats)
     assert rel_err(outs[1], outs[0]) <= 1e-14 and rel_err(outs[2], outs[0]) <= 1e-14
+
+
+class RolledGlobalAttention(nn.Module):
+    """Global attention over a rolled map with a learned ``(heads, N, N)`` bias: per-sample attention whose
+    term is read after the layout's roll."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, grid: int = 8, shift=(3, 5)):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.bias = nn.Parameter(torch.randn(heads, grid * grid, grid * grid))
+        self.heads, self.shift = heads, shift
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images).permute(0, 2, 3, 1)
+        x = torch.roll(x, self.shift, (1, 2))
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(x.reshape(b, h * w, c)).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        y = y.transpose(1, 2).reshape(b, h, w, c)
+        return torch.roll(y, (-self.shift[0], -self.shift[1]), (1, 2)).permute(0, 3, 1, 2)
+
+
+def test_rolled_per_sample_attention_reads_its_bias_after_the_roll(seed):
+    torch.manual_seed(seed)
+    model = RolledGlobalAttention().double().eval()
+    green = gmc.convert(model, img_size=32, stages=[], mask_unit=4)
+    shift = model.shift
+
+    def keys(args, visible):  # keys in the rolled raster order of the attention call
+        vis = torch.roll(visibility_map(visible, (8, 8)), shift, (1, 2))
+        return vis.reshape(vis.shape[0], 1, 1, -1)
+
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64)
+    visible = masks_with_unequal_counts(3, green.mask_grid, 0.6, gen)
+    check_against_reference(model, green, images, visible, gen=gen, stages=[],
+                            key_mask_for=lambda m: keys if m is model else None)
