@@ -2,8 +2,11 @@
 
 Both run forward + backward of a simple loss, alternating step by step so that machine drift hits
 both alike. Reported per model: wall time (median and spread), bytes of activations saved for
-backward (deduplicated by storage, parameters excluded), peak CUDA memory, FLOPs, and for the
-converted model the grouping time and padding overhead of every window grouping of its graph.
+backward (deduplicated by storage, parameters excluded), peak CUDA memory, FLOPs (counted with
+:func:`greenmim_convert.flops.flop_counter`, which counts grouped-convolution gradients and CPU
+fused attention correctly), the converted model's FLOPs against a visible-only ideal derived from
+the dense model alone (:func:`greenmim_convert.flops.visible_only_ideal`), and for the converted
+model the grouping time and padding overhead of every window grouping of its graph.
 """
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import attention, ops
+from .flops import attention_pair_fraction, count_flops, visible_fraction, visible_only_ideal
 from .capture import is_timm_model
 from .convert import GreenModel, input_channels
 from .kernels.windows import DigitWindows
@@ -128,6 +131,8 @@ class BenchResult:
     flops_ratio: float
     flops_ideal: int = 0
     flops_vs_ideal: float = 0.0
+    visible_fraction: float = 0.0
+    pair_fraction: float = 0.0
     grouping: List[StageGrouping] = field(default_factory=list)
 
     def to_dict(self) -> Dict:
@@ -225,7 +230,15 @@ def run_bench(
     seed: int = 0,
     progress: Optional[Callable[[str], None]] = None,
 ) -> BenchResult:
-    """Measure dense (SimMIM) and converted forward+backward on the same images, alternating."""
+    """Measure dense (SimMIM) and converted forward+backward on the same images, alternating.
+
+    ``flops_ideal`` comes from the dense model alone: its FLOPs per op, token-wise work scaled by the visible
+    fraction of positions and attention products by the fraction of (visible query, visible key) pairs of its
+    windows, read from one forward under the oracle's hooks (:func:`greenmim_convert.flops.visible_only_ideal`).
+    For Swin this equals what the converted graph's own census gives (its token-wise FLOPs plus its attention
+    FLOPs times needed / computed logits, :func:`exact_attention_fraction`) up to the FLOPs of the dense
+    model's mask-token-free patch embedding, which both count the same way.
+    """
     p = next(green.parameters())
     device, dtype = p.device, p.dtype
     gen = torch.Generator().manual_seed(seed)
@@ -253,10 +266,8 @@ def run_bench(
             loss = fn()
         loss.backward()
         zero()
-        with FlopCounterMode(display=False) as fc:
-            _step(fn)
-        attn = sum(v for k, v in fc.get_flop_counts().get("Global", {}).items() if "bmm" in str(k) or "scaled_dot_product" in str(k))
-        stats[name] = {"saved": counter.bytes, "flops": int(fc.get_total_flops()), "attn": int(attn), "times": [], "peak": None}
+        counts = count_flops(lambda: _step(fn))
+        stats[name] = {"saved": counter.bytes, "flops": sum(counts.values()), "counts": counts, "times": [], "peak": None}
         tick(f"{name}: counted activations and FLOPs")
     for i in range(warmup + steps):
         for name, fn in (("dense", dense_loss), ("green", green_loss)):
@@ -275,13 +286,16 @@ def run_bench(
         t = s["times"]
         result[name] = ModelStats(statistics.median(t), (max(t) - min(t)) if len(t) > 1 else 0.0, s["saved"], s["flops"], s["peak"])
     d, g = result["dense"], result["green"]
-    ideal = g.flops - stats["green"]["attn"] * (1.0 - exact_attention_fraction(green, visible, images))
+    rho = visible_fraction(visible)
+    forward = (lambda: model.forward_features(images)) if is_timm_model(model) else (lambda: model(images))
+    pairs = attention_pair_fraction(model, images, visible, forward, tuple(green.img_size))
+    ideal = visible_only_ideal(stats["dense"]["counts"], rho, pairs)
     return BenchResult(
         model=green.config.model_name, batch_size=batch_size, img_size=list(green.img_size), mask_ratio=mask_ratio,
         device=str(device), dtype=str(dtype).replace("torch.", ""), steps=steps, dense=d, green=g,
         speedup=d.time_median_s / g.time_median_s,
         saved_bytes_reduction=1.0 - g.saved_bytes / d.saved_bytes if d.saved_bytes else 0.0,
         flops_ratio=d.flops / g.flops if g.flops else float("inf"),
-        flops_ideal=int(ideal), flops_vs_ideal=g.flops / ideal if ideal else 0.0,
+        flops_ideal=int(ideal), flops_vs_ideal=g.flops / ideal if ideal else 0.0, visible_fraction=rho, pair_fraction=pairs,
         grouping=measure_grouping(green, visible),
     )
