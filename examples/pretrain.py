@@ -15,23 +15,44 @@ Several processes (DistributedDataParallel; gloo on CPU, nccl on CUDA)::
 
 Without ``--data`` the model trains on random crops of the photographs that ship inside
 scikit-image (nothing is downloaded). A run can be split into jobs with ``--stop-after`` and
-continued with ``--resume``; the continued run is bit-identical to an uninterrupted one.
+continued with ``--resume``; the continued run is bit-identical to an uninterrupted one. The newest
+``--keep-ckpts`` checkpoints are kept.
+
+The SimMIM-style baseline, for comparison (``--dense``): the same decoder and loss, the unconverted
+encoder on the full image with a learned mask token at hidden units::
+
+    python examples/pretrain.py --dense --steps 300 --out runs/dense
+
+Throughput of whole training steps (encoder, decoder, loss, backward, optimiser) of the converted
+model and the dense baseline, alternating step by step on batches already in memory::
+
+    python examples/pretrain.py --batch-size 16 --bench-steps 5
+
+On Linux with glibc the script keeps freed memory in the process (``mallopt``: no ``mmap`` for
+large blocks, no trimming of the heap), so that a step does not page-fault the memory the previous
+step freed; ``--no-malloc-tuning`` leaves glibc's defaults. The same can be had without the flag
+through the environment: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` (or
+``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``). The log records
+the minor page faults of every step.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import inspect
 import json
 import math
 import os
+import re
+import statistics
 import sys
 import time
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -41,6 +62,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import greenmim_convert as gmc
 from greenmim_convert import model_args
+from greenmim_convert.bench import SimMIMDense
+from greenmim_convert.convert import default_img_size
+from greenmim_convert.reference import dense_to_tokens, feature_layout
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--decoder-depth", type=int, default=2, help="decoder transformer layers")
     m.add_argument("--decoder-heads", type=int, default=8, help="decoder attention heads")
     m.add_argument("--no-norm-pix", action="store_true", help="predict raw (not per-unit normalised) pixels")
+    m.add_argument("--dense", action="store_true",
+                   help="SimMIM-style baseline: the unconverted encoder on the full image, a learned mask token at hidden "
+                   "units after the patch embedding, the same decoder and loss")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="ImageFolder root; default: built-in scikit-image demo photographs")
     d.add_argument("--demo-size", type=int, default=1024, help="random crops per epoch of the demo set")
@@ -117,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/pretrain", help="directory for checkpoints, log.jsonl and loss.png")
     r.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N optimiser steps (0: only at the end)")
+    r.add_argument("--keep-ckpts", type=int, default=3,
+                   help="keep the newest K checkpoints (0: all); the one last.pt copies is never deleted")
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from a checkpoint (no value: OUT/last.pt if it exists, else start afresh)")
     r.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step; the schedule stays that of --steps")
@@ -125,7 +154,51 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-every", type=int, default=10, help="plain-text log line every N steps when no progress bar is shown")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    r.add_argument("--bench-steps", type=int, default=None, metavar="N",
+                   help="instead of training: time N training steps (after one warm-up) of the converted model and the "
+                   "dense baseline, alternating, on batches loaded beforehand; print images/s and page faults per step")
+    r.add_argument("--no-malloc-tuning", action="store_true",
+                   help="keep glibc's malloc defaults (it then returns freed memory every step and page-faults it back)")
     return p
+
+
+# --------------------------------------------------------------------------------------- memory
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+INT_MAX = 2**31 - 1
+
+
+def tune_malloc() -> Optional[str]:
+    """Keep freed memory in the process on Linux glibc; returns what was set, or None where it does not apply.
+
+    glibc serves blocks above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh ``mmap``s and
+    returns them on free, and trims the heap top above 128 KiB: a training step frees its activations and the
+    next step page-faults them back (~25k minor faults a step for Swin-T). With no ``mmap``-served blocks and no
+    trimming, freed blocks stay on the heap's free lists and are reused. The price: the process keeps its peak
+    heap, as a caching allocator does.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        version = libc.gnu_get_libc_version
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    version.restype = ctypes.c_char_p
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, INT_MAX)):
+        return None
+    return f"glibc {version().decode()}: mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD={INT_MAX}"
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # ----------------------------------------------------------------------------------- distribution
@@ -362,10 +435,36 @@ class MIMDecoder(nn.Module):
         return self.pred(self.norm(self.blocks(x)))
 
 
-class MIMPretrainer(nn.Module):
-    """The whole pre-training module (wrap this in DDP): converted encoder + decoder + masked pixel loss."""
+class DenseEncoder(SimMIMDense):
+    """The SimMIM-style baseline encoder: the unconverted model on the full image, a learned mask token in place
+    of the patch embedding's output at hidden units; its last feature map is read at the visible positions.
 
-    def __init__(self, encoder: gmc.GreenModel, enc_dim: int, dim: int, depth: int, heads: int, norm_pix: bool = True):
+    It returns what a converted model returns (``out.last``: the visible tokens of the final grid, in canonical
+    order), so the decoder and the loss are the same for both. The timm model's keys are under ``model.``.
+    """
+
+    def __init__(self, model: nn.Module, img_size: Tuple[int, int], mask_unit: int):
+        super().__init__(model, mask_unit)
+        self.img_size = tuple(img_size)
+        self.mask_grid = (self.img_size[0] // mask_unit, self.img_size[1] // mask_unit)
+        self.fmt = getattr(model, "output_fmt", "NCHW")
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> gmc.GreenOutput:
+        """Dense forward with mask tokens; the final map's visible tokens as ``out.last`` (no stages)."""
+        dense = super().forward(images, visible)
+        layout, stride = feature_layout(dense, self.img_size, self.fmt)
+        return gmc.GreenOutput(dense_to_tokens(dense, visible, stride, layout, self.img_size), [])
+
+
+Encoder = Union[gmc.GreenModel, DenseEncoder]
+
+
+class MIMPretrainer(nn.Module):
+    """The whole pre-training module (wrap this in DDP): encoder (converted, or the dense baseline) + decoder +
+    masked pixel loss."""
+
+    def __init__(self, encoder: Encoder, enc_dim: int, dim: int, depth: int, heads: int, norm_pix: bool = True):
         super().__init__()
         self.encoder = encoder
         self.unit = encoder.mask_unit
@@ -404,8 +503,21 @@ class MIMPretrainer(nn.Module):
         return (per_unit * hidden).sum() / hidden.sum().clamp_min(1.0)
 
 
-def build_model(args: argparse.Namespace) -> Tuple[MIMPretrainer, Dict[str, Any]]:
-    """Seeded timm model (no classifier) -> converted encoder -> pre-training module; also the config to rebuild it."""
+def dense_encoder(net: nn.Module, img_size: Optional[int], mask_unit: Optional[int]) -> DenseEncoder:
+    """The SimMIM baseline with the defaults ``convert`` takes: the model's image size, its total stride as mask unit."""
+    size = (img_size, img_size) if img_size is not None else default_img_size(net)
+    if size is None:
+        raise SystemExit(f"error: {type(net).__name__} does not state its image size: pass --img-size")
+    unit = mask_unit if mask_unit is not None else int(net.feature_info[-1]["reduction"])
+    if size[0] % unit or size[1] % unit:
+        raise SystemExit(f"error: image size {size} is not divisible by the mask unit {unit}px")
+    return DenseEncoder(net, size, unit)
+
+
+def build_model(args: argparse.Namespace, dense: Optional[bool] = None) -> Tuple[MIMPretrainer, Dict[str, Any]]:
+    """Seeded timm model (no classifier) -> converted encoder (``--dense``: the SimMIM baseline) -> pre-training
+    module; also the config to rebuild it. ``dense`` overrides ``args.dense``."""
+    dense = bool(getattr(args, "dense", False)) if dense is None else dense
     kwargs = parse_model_args(args.model_arg)
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
@@ -421,18 +533,23 @@ def build_model(args: argparse.Namespace) -> Tuple[MIMPretrainer, Dict[str, Any]
             net = timm.create_model(args.model, pretrained=False, **{**kwargs, "num_classes": 0})
     except (RuntimeError, TypeError) as exc:
         raise SystemExit(f"error: timm.create_model({args.model!r}, **{kwargs}) failed: {exc}") from None
-    try:
-        green = gmc.convert(net, img_size=args.img_size, mask_unit=args.mask_unit)
-    except gmc.GreenMIMError as exc:
-        raise SystemExit(f"error: {args.model} cannot be converted: {type(exc).__name__}: {exc}") from None
+    encoder: Encoder
+    if dense:
+        encoder = dense_encoder(net, args.img_size, args.mask_unit)
+    else:
+        try:
+            encoder = gmc.convert(net, img_size=args.img_size, mask_unit=args.mask_unit)
+        except gmc.GreenMIMError as exc:
+            raise SystemExit(f"error: {args.model} cannot be converted: {type(exc).__name__}: {exc}") from None
     enc_dim = int(getattr(net, "num_features"))
-    model = MIMPretrainer(green, enc_dim, args.decoder_dim, args.decoder_depth, args.decoder_heads, not args.no_norm_pix)
+    model = MIMPretrainer(encoder, enc_dim, args.decoder_dim, args.decoder_depth, args.decoder_heads, not args.no_norm_pix)
     config = {
         "model_name": args.model,
         "model_kwargs": kwargs,
-        "img_size": list(green.img_size),
-        "mask_unit": green.mask_unit,
-        "encoder_prefix": "encoder.",
+        "img_size": list(encoder.img_size),
+        "mask_unit": encoder.mask_unit,
+        "dense": dense,
+        "encoder_prefix": "encoder.model." if dense else "encoder.",
     }
     return model, config
 
@@ -499,6 +616,21 @@ def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
         tmp_last = last.with_suffix(".tmp")
         torch.save(payload, tmp_last)
         os.replace(tmp_last, last)
+
+
+CKPT_NAME = re.compile(r"ckpt-(\d{7})\.pt")
+
+
+def prune_checkpoints(out_dir: Path, keep: int, current: Path) -> List[Path]:
+    """Delete all but the ``keep`` newest (by step) ``ckpt-NNNNNNN.pt`` of ``out_dir``; ``current`` (the one
+    ``last.pt`` copies) is always kept. ``keep`` 0 keeps everything. Returns the deleted paths."""
+    if keep <= 0:
+        return []
+    found = sorted((int(m.group(1)), f) for f in out_dir.iterdir() if (m := CKPT_NAME.fullmatch(f.name)))
+    doomed = [f for _, f in found[:-keep] if f.name != current.name]
+    for f in doomed:
+        f.unlink(missing_ok=True)
+    return doomed
 
 
 def resolve_resume(resume: Optional[str], out_dir: Path, d: Dist) -> Optional[str]:
@@ -647,6 +779,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         ckpt = load_checkpoint(resume_path)
         if ckpt["world_size"] != d.world:
             raise SystemExit(f"error: checkpoint written by {ckpt['world_size']} processes, this run has {d.world}")
+        if bool(ckpt["config"].get("dense", False)) != bool(args.dense):
+            kind = "the dense baseline (--dense)" if ckpt["config"].get("dense") else "a converted encoder"
+            raise SystemExit(f"error: {resume_path} trains {kind}: resume it with the same --dense setting")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -691,10 +826,12 @@ def train(args: argparse.Namespace) -> TrainResult:
                 "format": CHECKPOINT_FORMAT, "step": at, "world_size": d.world, "config": config, "args": vars(args),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
             })
+            prune_checkpoints(out_dir, args.keep_ckpts, path)
         return path
 
     losses: List[float] = []
     step_ips: List[float] = []
+    step_faults: List[int] = []
     last_ckpt: Optional[Path] = None
     stream = batches()
     t_start = time.perf_counter()
@@ -702,7 +839,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     try:
         with (log_path.open("a") if d.main else nullcontext()) as log:
             while step < end:
-                t0 = time.perf_counter()
+                t0, faults0 = time.perf_counter(), minor_faults()
                 total = torch.zeros((), device=d.device)
                 for k in range(args.accum_steps):
                     images = next(stream).to(d.device, non_blocking=True)
@@ -722,13 +859,15 @@ def train(args: argparse.Namespace) -> TrainResult:
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"loss became {mean_loss} at step {step}")
                 dt = time.perf_counter() - t0
+                faults = minor_faults() - faults0
                 done_images += images_per_step
                 ips = images_per_step / dt
                 losses.append(mean_loss)
                 step_ips.append(ips)
+                step_faults.append(faults)
                 if d.main:
                     log.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                                          "images_per_s": ips, "time": time.time()}) + "\n")
+                                          "images_per_s": ips, "minor_faults": faults, "time": time.time()}) + "\n")
                     log.flush()
                     progress.update(step, mean_loss, ips)
                 if (args.ckpt_every and step % args.ckpt_every == 0) or step == end:
@@ -741,8 +880,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         if losses:
             median = sorted(step_ips)[len(step_ips) // 2]
             print(f"steps {step - len(losses) + 1}..{step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
-                  f"{throughput:.1f} images/s overall, {median:.1f} images/s median step "
-                  f"({d.world} process{'es' if d.world > 1 else ''})")
+                  f"{throughput:.1f} images/s overall, {median:.1f} images/s median step, "
+                  f"{statistics.median(step_faults):.0f} minor page faults median step "
+                  f"({d.world} process{'es' if d.world > 1 else ''}{', dense baseline' if args.dense else ''})")
         if not args.no_plot:
             title = (f"{args.model}, {d.world}x{args.batch_size}x{args.accum_steps} images/step, "
                      f"mask ratio {args.mask_ratio:g}")
@@ -752,13 +892,98 @@ def train(args: argparse.Namespace) -> TrainResult:
     return TrainResult(model, losses, step, out_dir, throughput, last_ckpt)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
-    """Parse the command line and train; leaves the process group when it created one."""
+# ----------------------------------------------------------------------------------------- throughput
+
+
+@dataclass
+class Throughput:
+    """One side of ``--bench-steps``: wall time and minor page faults of every timed step."""
+
+    name: str
+    batch_size: int
+    step_s: List[float]
+    faults: List[int]
+
+    @property
+    def images_per_s(self) -> float:
+        """Images per second of the median step."""
+        return self.batch_size / statistics.median(self.step_s)
+
+    @property
+    def faults_per_step(self) -> float:
+        """Median minor page faults of a step."""
+        return float(statistics.median(self.faults))
+
+
+def benchmark(args: argparse.Namespace, malloc_note: Optional[str] = None) -> Dict[str, Throughput]:
+    """Time whole training steps (forward, loss, backward, clipping, AdamW) of the converted model and the dense
+    baseline, one micro-batch a step, alternating step by step (the first of each pair alternates too) on the same
+    preloaded batches and masks, after one warm-up step each; print images/s and page faults per step."""
+    d = setup_distributed(args.device)
+    if d.enabled:
+        raise SystemExit("error: --bench-steps runs in one process")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sides: Dict[str, Tuple[MIMPretrainer, torch.optim.Optimizer]] = {}
+    for name, dense in (("converted", False), ("dense", True)):
+        model = build_model(args, dense)[0].to(d.device).train()
+        sides[name] = (model, torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), foreach=True))
+    model = sides["converted"][0]
+    dataset = build_dataset(args, tuple(model.encoder.img_size))
+    sampler = ResumableSampler(dataset, d, args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=args.workers)
+    pool: List[torch.Tensor] = []
+    for batch in loader:
+        pool.append(batch.to(d.device))
+        if len(pool) == min(4, args.bench_steps + 1):
+            break
+    if not pool:
+        raise SystemExit(f"error: {sampler.num_samples} samples make no batch of {args.batch_size}")
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    masks = [gmc.random_mask(args.batch_size, model.encoder.mask_grid, args.mask_ratio, generator=gen).to(d.device)
+             for _ in range(args.bench_steps + 1)]
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    results = {name: Throughput(name, args.batch_size, [], []) for name in sides}
+    for i in range(args.bench_steps + 1):
+        order = list(sides) if i % 2 == 0 else list(sides)[::-1]
+        for name in order:
+            model, optimizer = sides[name]
+            t0, faults0 = time.perf_counter(), minor_faults()
+            with autocast:
+                loss = model(pool[i % len(pool)], masks[i])
+            loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            if i > 0:
+                results[name].step_s.append(time.perf_counter() - t0)
+                results[name].faults.append(minor_faults() - faults0)
+    conv, dense = results["converted"], results["dense"]
+    print(f"{args.model}, batch {args.batch_size}, mask ratio {args.mask_ratio:g}, {d.device.type} "
+          f"{'bf16 autocast' if args.bf16 else 'float32'}, {torch.get_num_threads()} threads, {args.bench_steps} timed steps "
+          f"each (whole training step, data in memory); malloc: {malloc_note or 'glibc defaults'}")
+    for r in (conv, dense):
+        print(f"  {r.name:9s} {r.images_per_s:8.2f} images/s  ({1e3 * statistics.median(r.step_s):.0f} ms/step, "
+              f"min {1e3 * min(r.step_s):.0f}, max {1e3 * max(r.step_s):.0f})  {r.faults_per_step:.0f} minor page faults/step")
+    print(f"  converted / dense: {conv.images_per_s / dense.images_per_s:.2f}x images/s")
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Union[TrainResult, Dict[str, Throughput]]:
+    """Parse the command line, tune malloc, and train (or benchmark); leaves the process group when it created one."""
     args = build_parser().parse_args(argv)
     if args.accum_steps < 1 or args.batch_size < 1 or args.steps < 1:
         raise SystemExit("error: --batch-size, --accum-steps and --steps must be positive")
+    if args.bench_steps is not None and args.bench_steps < 1:
+        raise SystemExit("error: --bench-steps must be positive")
+    if args.keep_ckpts < 0:
+        raise SystemExit("error: --keep-ckpts must be 0 (keep all) or positive")
+    malloc_note = None if args.no_malloc_tuning else tune_malloc()
     try:
-        return train(args)
+        return benchmark(args, malloc_note) if args.bench_steps is not None else train(args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

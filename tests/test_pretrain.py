@@ -27,6 +27,7 @@ TINY = [
     "--model-arg", "num_heads=[1,2,4,8]", "--model-arg", "window_size=4", "--img-size", "128",
     "--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "2",
     "--batch-size", "8", "--demo-size", "64", "--workers", "0", "--no-progress", "--threads", "2",
+    "--no-malloc-tuning",  # leave the test process's allocator alone (a subprocess test checks the tuning)
 ]
 
 
@@ -64,6 +65,103 @@ def test_loss_goes_down_on_demo_photos(tmp_path):
     assert log_losses(tmp_path) == losses
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert (tmp_path / "last.pt").exists()
+
+
+def test_dense_baseline_learns_and_exports(tmp_path):
+    """--dense: the unconverted encoder with a SimMIM mask token, the same decoder and loss, learns like the converted
+    one; its checkpoint exports timm weights and does not resume a converted run."""
+    result = run(tmp_path, "--dense", "--steps", "30", "--ckpt-every", "0", "--lr", "1e-3", "--seed", "1")
+    losses = result.losses
+    assert isinstance(result.model.encoder, pretrain.DenseEncoder)
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.95 * first, (first, last)
+    assert result.model.encoder.mask_token.grad is None and result.model.encoder.mask_token.abs().sum() > 0
+    report = load_into_timm.export_encoder(str(tmp_path / "last.pt"), str(tmp_path / "encoder.safetensors"))
+    assert report["keys_ok"] and report["missing_backbone_keys"] == [] and report["unexpected_keys"] == []
+    with pytest.raises(SystemExit, match="same --dense"):
+        run(tmp_path, "--steps", "31", "--ckpt-every", "0", "--seed", "1", "--resume")
+
+
+def test_dense_encoder_reads_the_units_the_converted_one_reads():
+    """All units visible and the same weights: the dense baseline's unit features equal the converted encoder's."""
+    args = pretrain.build_parser().parse_args(TINY)
+    converted, _ = pretrain.build_model(args, dense=False)
+    dense, _ = pretrain.build_model(args, dense=True)
+    dense.load_state_dict(converted.state_dict(), strict=False)
+    dense.encoder.model.load_state_dict(converted.encoder.state_dict())
+    converted.eval(), dense.eval()
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    visible = torch.ones(2, 4, 4, dtype=torch.bool)
+    visible[0, 1, 2] = False  # a hidden unit: the mask token changes the dense features, not which units are read
+    with torch.no_grad():
+        fc, ic = converted.unit_tokens(converted.encoder(x, torch.ones_like(visible)).last)
+        fd, idx = dense.unit_tokens(dense.encoder(x, torch.ones_like(visible)).last)
+        _, masked_idx = dense.unit_tokens(dense.encoder(x, visible).last)
+    assert torch.equal(ic, idx) and float((fc - fd).abs().max() / fd.abs().max()) <= 1e-5
+    assert masked_idx.tolist() == [i for i in range(32) if i != 6]
+
+
+def test_keep_ckpts_keeps_the_newest(tmp_path):
+    run(tmp_path, "--steps", "4", "--ckpt-every", "1", "--keep-ckpts", "2")
+    assert sorted(f.name for f in tmp_path.glob("ckpt-*.pt")) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_prune_never_deletes_the_checkpoint_last_points_to(tmp_path):
+    """Resumed from an early checkpoint into a directory that still holds later ones: the newest K by step stay,
+    and so does the one just written (the one last.pt copies)."""
+    for step in range(1, 6):
+        (tmp_path / f"ckpt-{step:07d}.pt").write_bytes(b"x")
+    (tmp_path / "notes.pt").write_bytes(b"x")
+    assert pretrain.prune_checkpoints(tmp_path, 0, tmp_path / "ckpt-0000002.pt") == []
+    deleted = pretrain.prune_checkpoints(tmp_path, 2, tmp_path / "ckpt-0000002.pt")
+    assert sorted(f.name for f in deleted) == ["ckpt-0000001.pt", "ckpt-0000003.pt"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ckpt-0000002.pt", "ckpt-0000004.pt", "ckpt-0000005.pt", "notes.pt"]
+
+
+def test_bench_steps_times_both_encoders(tmp_path, capsys):
+    results = pretrain.main(TINY + ["--out", str(tmp_path), "--bench-steps", "1", "--batch-size", "4"])
+    assert set(results) == {"converted", "dense"}
+    for r in results.values():
+        assert len(r.step_s) == 1 and r.images_per_s > 0 and r.faults_per_step >= 0
+    assert "converted / dense" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.pt"))
+
+
+MALLOC_PROBE = """
+import sys, torch
+sys.path.insert(0, {examples!r})
+import pretrain
+note = pretrain.tune_malloc() if sys.argv[1] == "tuned" else None
+faults = []
+for i in range(6):
+    before = pretrain.minor_faults()
+    x = torch.empty(16 * 2**20)  # 64 MiB, above glibc's largest mmap threshold
+    x.fill_(1.0)
+    del x
+    faults.append(pretrain.minor_faults() - before)
+print(note, min(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_malloc_tuning_stops_page_faults_of_freed_memory(tmp_path):
+    """A freed 64 MiB block is faulted in again on every allocation with glibc's defaults, not once tuned."""
+    import subprocess
+
+    script = tmp_path / "probe.py"
+    script.write_text(MALLOC_PROBE.format(examples=str(EXAMPLES)))
+    out = {}
+    for mode in ("default", "tuned"):
+        proc = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        note, faults = proc.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+        out[mode] = (note, int(faults))
+    if out["tuned"][0] == "None":
+        pytest.skip("not glibc")
+    assert "M_MMAP_MAX=0" in out["tuned"][0]
+    assert out["default"][1] > 10000 and out["tuned"][1] < 100, out
 
 
 OTHER_FAMILIES = {
