@@ -30,7 +30,8 @@ err_console = Console(stderr=True)
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MODEL_HELP = "timm model name, or torchvision:NAME for a torchvision classifier"
-IMG_SIZE_HELP = "image size (default: the model's; 224 for torchvision models, which do not state theirs)"
+IMG_SIZE_HELP = ("image size (default: the model's; for torchvision models, which do not state theirs, the crop size of "
+                 "torchvision's default weights: 224, 256 for Swin V2)")
 MODEL_ARG_HELP = ("extra model argument key=value (repeatable), for timm.create_model or torchvision's builder; "
                   "architecture keys a torchvision builder fixes (depths, embed_dim, ...) go to its model class")
 GROUPING_HELP = "window packing: dp (ours) | max (GreenMIM) | window (one window per group)"

@@ -101,13 +101,25 @@ def build(name: str, model_kwargs: Optional[Dict[str, Any]] = None, img_size: Op
         except TypeError as exc:
             raise InvalidInputError(f"timm.create_model({name!r}, **{kwargs}) failed: {exc}") from None
         return BuiltModel(name, model, kwargs, img_size)
-    size = img_size or TORCHVISION_IMG_SIZE
     bare = name[len(PREFIX):]
+    size = img_size or torchvision_img_size(bare)
     cls = _model_class(bare)
     if cls is not None and "input_size" in inspect.signature(cls.__init__).parameters:
         kwargs.setdefault("input_size", (size, size))
     model = _build_torchvision(bare, cls, kwargs)
     return BuiltModel(name, model, kwargs, size)
+
+
+def torchvision_img_size(bare: str) -> int:
+    """The image size torchvision's default weights were evaluated at (their crop size: 256 for Swin V2),
+    else ``TORCHVISION_IMG_SIZE``; read from the weights' metadata, nothing is downloaded."""
+    import torchvision
+
+    try:
+        crop = torchvision.models.get_model_weights(bare).DEFAULT.transforms().crop_size
+    except (ValueError, AttributeError, KeyError):  # a builder without registered weights
+        return TORCHVISION_IMG_SIZE
+    return int(crop[0])
 
 
 def _model_class(bare: str) -> Optional[type]:

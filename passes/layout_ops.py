@@ -4,7 +4,8 @@ The layout rule follows each op symbolically (see ``greenmim_convert.layout``); 
 that read layouts have run, ``LayoutOpsPass`` removes the ops, since packed data never moves.
 Ops rewritten: ``view``, ``reshape``, ``_unsafe_view``, ``permute``, ``transpose``, ``flatten``,
 ``unflatten``, ``unsqueeze``, ``squeeze``, ``contiguous``, ``clone``, ``alias``, ``detach``,
-``roll``, ``pad`` (zero amounts, or zeros read only by convolutions, which absorb them), ``slice`` (full), ``expand`` (of size-one axes, feeding
+``roll``, ``pad`` (zero amounts, or zeros read only by convolutions and -inf read only by max pooling,
+which absorb them), ``slice`` (full), ``expand`` (of size-one axes, feeding
 elementwise ops), ``_to_copy`` within one dtype.
 """
 from __future__ import annotations
@@ -73,15 +74,18 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
 
 
 def conv_pad(node: fx.Node):
-    """``(top, bottom, left, right)`` of a zero pad of H and W read only by convolutions (TensorFlow-style SAME
-    padding, as timm's ``Conv2dSame``), which then take it as their own padding; None for any other pad."""
+    """``(top, bottom, left, right)`` of a pad of H and W that only feeds windowed ops which take it as their
+    own padding (TensorFlow-style SAME, timm's ``Conv2dSame`` and ``MaxPool2dSame``): zeros read only by
+    convolutions, or ``-inf`` read only by max pooling; None for any other pad."""
     a = args_of(node)
     pads = list(a["pad"])
     if is_op(node, aten.pad) and (a.get("mode", "constant") != "constant"):
         return None
-    if a.get("value") not in (None, 0, 0.0) or len(pads) != 4 or min(pads) < 0 or not node.users:
+    if len(pads) != 4 or min(pads) < 0 or not node.users:
         return None
-    if not all(is_op(u, aten.conv2d) and u.args[0] is node and node not in u.args[1:] for u in node.users):
+    value = a.get("value") or 0.0
+    reader = aten.conv2d if value == 0.0 else aten.max_pool2d if value == float("-inf") else None
+    if reader is None or not all(is_op(u, reader) and u.args[0] is node and node not in u.args[1:] for u in node.users):
         return None
     node.meta["conv_pad"] = (pads[2], pads[3], pads[0], pads[1])
     return node.meta["conv_pad"]

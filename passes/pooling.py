@@ -115,6 +115,9 @@ def _max_pool_layout(node: fx.Node, lay: Layout) -> Layout:
     k = _pair(a["kernel_size"])
     s = _pair(a["stride"] or k)
     p, d = _pair(a["padding"]), _pair(a["dilation"])
+    extra = node.args[0].meta.get("conv_pad")  # a -inf pad before the pool (MaxPool2dSame) joins its padding
+    if extra is not None:
+        p = (p[0] + extra[0], p[0] + extra[1], p[1] + extra[2], p[1] + extra[3])
     if not is_nchw(lay):
         raise LayoutError(f"max pooling input is not an NCHW feature map (layout {lay.shape})")
     if a["ceil_mode"] or s[0] != s[1]:

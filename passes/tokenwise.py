@@ -36,7 +36,7 @@ BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, at
 IN_PLACE = (aten.add_, aten.sub_, aten.mul_, aten.div_, aten.bernoulli_, aten.clamp_, aten.relu_, aten.fill_)
 ELEMENTWISE = UNARY + BINARY + IN_PLACE
 CREATION = (aten.empty, aten.zeros, aten.ones, aten.full, aten.rand, aten.randn)
-CHANNEL_REDUCTIONS = (aten.linalg_vector_norm, aten.sum, aten.mean, aten.amax, aten.amin)
+CHANNEL_REDUCTIONS = (aten.linalg_vector_norm, aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std)
 FACTORIES = (aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full)
 
 

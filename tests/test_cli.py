@@ -110,13 +110,14 @@ def test_torchvision_verify_ok():
     assert "OK" in res.output and "stage3" in res.output
 
 
-def test_torchvision_image_size_defaults_to_224():
+def test_torchvision_image_size_defaults_to_its_weights_crop():
     from greenmim_convert import models
 
     built = models.build(TV_SWIN)
     assert built.img_size == 224 == models.TORCHVISION_IMG_SIZE and built.kwargs == {}
+    assert models.torchvision_img_size("swin_v2_t") == 256  # Swin V2's weights are evaluated at 256 px
     assert models.build(TV_SWIN, img_size=96).img_size == 96
-    assert "224 for torchvision" in flat(runner.invoke(app, ["convert", "--help"]).output)
+    assert "crop size of torchvision" in flat(runner.invoke(app, ["convert", "--help"]).output)
 
 
 def test_torchvision_builder_arguments():

@@ -62,6 +62,8 @@ CASES: Dict[str, Case] = {
                                train_zero_grads=("pre_norm.bias", "stem.conv1.bias")),
     # attention inside nested blocks; block aggregation by conv, LayerNorm and max pooling over visible positions
     "nest_tiny": Case(_create_nest, "nest_tiny", dict(embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 2))),
+    # the jx models pad TensorFlow-style: zeros before Conv2dSame, -inf before MaxPool2dSame
+    "nest_tiny_jx": Case(_create_nest, "nest_tiny_jx", dict(embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 1))),
     # mask-unit attention with queries max-pooled to a coarser grid, global attention, unrolled token order;
     # checked against Hiera's own masked (MAE-style) forward
     "hiera_tiny_224": Case(timm.create_model, "hiera_tiny_224", dict(embed_dim=32, num_heads=1, stages=(1, 1, 2, 1))),
