@@ -235,9 +235,9 @@ def run_bench(
     ``flops_ideal`` comes from the dense model alone: its FLOPs per op, token-wise work scaled by the visible
     fraction of positions and attention products by the fraction of (visible query, visible key) pairs of its
     windows, read from one forward under the oracle's hooks (:func:`greenmim_convert.flops.visible_only_ideal`).
-    For Swin this equals what the converted graph's own census gives (its token-wise FLOPs plus its attention
-    FLOPs times needed / computed logits, :func:`exact_attention_fraction`) up to the FLOPs of the dense
-    model's mask-token-free patch embedding, which both count the same way.
+    For Swin this is the value the converted graph's own census gave before (its token-wise FLOPs plus its
+    attention FLOPs times needed / computed logits, :func:`exact_attention_fraction`): two independent routes
+    that agree exactly (tests/test_flops.py).
     """
     p = next(green.parameters())
     device, dtype = p.device, p.dtype

@@ -15,6 +15,7 @@ visible-only implementation, so that the converted model's count can be compared
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from math import prod
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -184,11 +185,12 @@ class _PairProbe(TorchDispatchMode):
             new = frozenset({("bmm", index)})
         elif packet in (aten._softmax, aten._safe_softmax):
             logits, dim = args[0], args[1]
-            if dim % logits.dim() != logits.dim() - 1 or not self._is_attention(logits):
+            pairs = self._pairs(logits) if dim % logits.dim() == logits.dim() - 1 and self._is_attention(logits) else None
+            if pairs is None:
                 new = inputs
             else:
                 sid = len(self.softmax_pairs)
-                self.softmax_pairs.append(self._pairs(logits))
+                self.softmax_pairs.append(pairs)
                 for tag in inputs:
                     if tag[0] == "bmm":
                         self.bmm_softmax[tag[1]] = sid
@@ -211,7 +213,7 @@ class _PairProbe(TorchDispatchMode):
         """A softmax over keys some of which the oracle masked."""
         return logits.is_floating_point() and bool((logits <= self._threshold(logits.dtype)).any())
 
-    def _pairs(self, logits: torch.Tensor) -> Tuple[float, int]:
+    def _pairs(self, logits: torch.Tensor) -> Optional[Tuple[float, int]]:
         """(visible query x visible key pairs, all pairs) of one attention softmax.
 
         Keys: not masked in the row, and not more than 50 below the row's largest unmasked logit (a constant
@@ -219,7 +221,8 @@ class _PairProbe(TorchDispatchMode):
         keys of another window). Queries: with as many queries as keys (self-attention in windows or over a
         sample) row ``i`` and key ``i`` are one position, so the diagonal says which rows are visible; otherwise
         (keys on a reduced grid) the rows are the positions of a sample, the batch outermost, and a sample's
-        visible fraction of rows is its fraction of visible positions.
+        visible fraction of rows is its fraction of visible positions. None (with a warning: the attention then
+        counts as token-wise work) when neither holds.
         """
         live = logits > self._threshold(logits.dtype)
         top = torch.where(live, logits, torch.full((), float("-inf"), dtype=logits.dtype)).amax(-1, keepdim=True)
@@ -230,7 +233,9 @@ class _PairProbe(TorchDispatchMode):
         elif logits.shape[0] == self.batch:
             needed = float((keys.reshape(self.batch, -1).sum(1) * self.sample_fraction).sum())
         else:
-            raise ValueError(f"cannot tell the queries of attention logits {tuple(logits.shape)} apart by sample")
+            warnings.warn(f"cannot tell the queries of attention logits {tuple(logits.shape)} apart by sample: "
+                          "their products count as token-wise work in the visible-only ideal", stacklevel=2)
+            return None
         return needed, logits.numel()
 
     def pair_fraction(self, rho: float) -> float:

@@ -103,9 +103,9 @@ def test_dense_encoder_reads_the_units_the_converted_one_reads():
 
 
 def test_keep_ckpts_keeps_the_newest(tmp_path):
-    run(tmp_path, "--steps", "4", "--ckpt-every", "1", "--keep-ckpts", "2")
-    assert sorted(f.name for f in tmp_path.glob("ckpt-*.pt")) == ["ckpt-0000003.pt", "ckpt-0000004.pt"]
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 4
+    run(tmp_path, "--steps", "3", "--ckpt-every", "1", "--keep-ckpts", "2")
+    assert sorted(f.name for f in tmp_path.glob("ckpt-*.pt")) == ["ckpt-0000002.pt", "ckpt-0000003.pt"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
 
 
 def test_prune_never_deletes_the_checkpoint_last_points_to(tmp_path):
