@@ -1,7 +1,6 @@
 """The command line: convert, verify, exit codes, help, suggestions, timm and torchvision model names."""
 from __future__ import annotations
 
-import json
 
 import pytest
 from typer.testing import CliRunner

@@ -1,7 +1,6 @@
 """Converted Swin == timm (all visible) and == the dense masked reference (masked), outputs and gradients."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 import greenmim_convert as gmc
