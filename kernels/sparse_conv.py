@@ -23,11 +23,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from greenmim_convert.sites import Sites
 
@@ -308,20 +307,6 @@ def sparse_conv2d_tiles(
     units aligned with tiles), where it beats the per-offset gather by reading each input once and
     running the library's dense (channels-last) convolution.
     """
-    return _regathered(_tiles_forward, feats, plan, weight, bias, groups)
-
-
-def _regathered(fn: Callable[..., torch.Tensor], feats: torch.Tensor, plan: Any, weight: torch.Tensor,
-                bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
-    """``fn(feats, plan, weight, bias, groups)`` keeping only its inputs for backward, which runs its gathers
-    again: the gathered taps or halo patches would keep several times (up to K times) the input's bytes."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias)):
-        return checkpoint(fn, feats, plan, weight, bias, groups, use_reentrant=False)
-    return fn(feats, plan, weight, bias, groups)
-
-
-def _tiles_forward(feats: torch.Tensor, plan: TilePlan, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   groups: int) -> torch.Tensor:
     c_in = feats.shape[1]
     c_out = weight.shape[0]
     (ph, pw), (th, tw) = plan.patch, plan.tile
@@ -500,4 +485,4 @@ def sparse_conv2d(
         from greenmim_convert.kernels.triton_depthwise_conv import depthwise_conv_triton
 
         return depthwise_conv_triton(feats, neighbor_map, weight, bias)
-    return _regathered(sparse_conv2d_reference, feats, neighbor_map, weight, bias, groups)
+    return sparse_conv2d_reference(feats, neighbor_map, weight, bias, groups)
