@@ -271,25 +271,31 @@ def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: 
     if requested_backend(program.backend) == "triton":
         raise RuntimeError("attention_backend='triton': the fused kernel runs window attention; per-sample attention "
                            "(keys of a whole sample or a reduced grid) runs on the PyTorch path (use 'auto' or 'torch')")
-    heads = program.heads
-    qp, qvalid = q_sites.pad(q)
+    qp, _ = q_sites.pad(q)
     kp, kvalid = k_sites.pad(k)
     vp, _ = k_sites.pad(v)
-    b, nq, nk = qp.shape[0], qp.shape[1], kp.shape[1]
-    dq, dv = q.shape[1] // heads, v.shape[1] // heads
-    qh = qp.view(b, nq, heads, dq).transpose(1, 2)
-    kh = kp.view(b, nk, heads, dq).transpose(1, 2)
-    vh = vp.view(b, nk, heads, dv).transpose(1, 2)
-    logits = qh @ kh.transpose(-1, -2)
+    shape = (qp.shape[0], program.heads, qp.shape[1], kp.shape[1])
     values = []
     for flat, plan in zip(terms, program.terms):
         index = _padded_term_index(plan, program.head_sizes, q_sites, k_sites, rolls)
-        values.append(flat.reshape(-1).index_select(0, index.reshape(-1)).view(b, heads, nq, nk))
-    logits = _run_steps(logits, program.steps, values, list(scalars))
+        values.append(flat.reshape(-1).index_select(0, index.reshape(-1)).view(shape))
+    return q_sites.unpad(_padded_attention(qp, kp, vp, kvalid, program, values, scalars))
+
+
+def _padded_attention(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, kvalid: torch.Tensor, program: AttentionProgram,
+                      values: List[torch.Tensor], scalars: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The program on padded sets ``(S, N, heads * d)`` of queries, keys and values (S samples or windows):
+    padding keys (``kvalid`` False) get the lowest logit; returns ``(S, Nq, heads * dv)``."""
+    heads = program.heads
+    s, nq, nk = qp.shape[0], qp.shape[1], kp.shape[1]
+    dq, dv = qp.shape[2] // heads, vp.shape[2] // heads
+    qh = qp.view(s, nq, heads, dq).transpose(1, 2)
+    kh = kp.view(s, nk, heads, dq).transpose(1, 2)
+    vh = vp.view(s, nk, heads, dv).transpose(1, 2)
+    logits = _run_steps(qh @ kh.transpose(-1, -2), program.steps, values, list(scalars))
     logits = logits.masked_fill(~kvalid[:, None, None, :], torch.finfo(logits.dtype).min)
     probs = _run_post(logits.softmax(dim=-1), program.post)
-    out = (probs @ vh).transpose(1, 2).reshape(b, nq, heads * dv)
-    return q_sites.unpad(out)
+    return (probs @ vh).transpose(1, 2).reshape(s, nq, heads * dv)
 
 
 def _padded_term_index(plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites, rolls) -> torch.Tensor:
@@ -329,17 +335,8 @@ def cross_window_attention(q: torch.Tensor, q_sites: Sites, q_windows, k: torch.
     lookup[used] = torch.arange(used.shape[0], device=k.device)
     k_seg = lookup[k_win]
     keep = (k_seg >= 0).nonzero().squeeze(1)
-    heads = program.heads
+    k_seg = k_seg.index_select(0, keep)
     qp, _, q_rank = _segment_pad(q, q_seg, used.shape[0])
-    kp, kvalid, _ = _segment_pad(k.index_select(0, keep), k_seg.index_select(0, keep), used.shape[0])
-    vp, _, _ = _segment_pad(v.index_select(0, keep), k_seg.index_select(0, keep), used.shape[0])
-    w, nq, nk = qp.shape[0], qp.shape[1], kp.shape[1]
-    dq, dv = q.shape[1] // heads, v.shape[1] // heads
-    qh = qp.view(w, nq, heads, dq).transpose(1, 2)
-    kh = kp.view(w, nk, heads, dq).transpose(1, 2)
-    vh = vp.view(w, nk, heads, dv).transpose(1, 2)
-    logits = _run_steps(qh @ kh.transpose(-1, -2), program.steps, [], list(scalars))
-    logits = logits.masked_fill(~kvalid[:, None, None, :], torch.finfo(logits.dtype).min)
-    probs = _run_post(logits.softmax(dim=-1), program.post)
-    out = (probs @ vh).transpose(1, 2).reshape(w, nq, heads * dv)
-    return out[q_seg, q_rank]
+    kp, kvalid, _ = _segment_pad(k.index_select(0, keep), k_seg, used.shape[0])
+    vp, _, _ = _segment_pad(v.index_select(0, keep), k_seg, used.shape[0])
+    return _padded_attention(qp, kp, vp, kvalid, program, [], scalars)[q_seg, q_rank]

@@ -189,13 +189,18 @@ def _nest_block_keys(module: nn.Module) -> Callable:
     return keys
 
 
-def _max_pool_pre(state: _HookState) -> Callable:
-    """Max pooling over visible positions only: masked inputs become -inf, as the pool's own padding."""
-    def hook(pool: nn.Module, args):
-        x = args[0]
-        vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
-        return (torch.where(vis, x, torch.tensor(float("-inf"), dtype=x.dtype)),) + tuple(args[1:])
-    return hook
+def _masked_inputs_pre(fill: float) -> Callable[[_HookState], Callable]:
+    """A pre-hook giving masked input positions the value ``fill``: 0 for convolutions (masked-dense), -inf for
+    max pooling (the maximum over visible positions, as the pool's own padding); off inside per-sample modules."""
+    def factory(state: _HookState) -> Callable:
+        def hook(module: nn.Module, args):
+            if state.per_sample:
+                return None
+            x = args[0]
+            vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
+            return (torch.where(vis, x, torch.tensor(fill, dtype=x.dtype)),) + tuple(args[1:])
+        return hook
+    return factory
 
 
 def _max_pool_post(state: _HookState) -> Callable:
@@ -406,16 +411,6 @@ def _swin_attention_pre(state: _HookState) -> Callable:
     return hook
 
 
-def _conv_pre(state: _HookState) -> Callable:
-    def hook(conv: nn.Module, args):
-        if state.per_sample:
-            return None
-        x = args[0]
-        vis = visibility_map(state.visible, x.shape[-2:])
-        return (torch.where(vis[:, None], x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])
-    return hook
-
-
 def _mean_pool_post(state: _HookState) -> Callable:
     """Adaptive average pooling that averages the visible positions only."""
     def hook(pool: nn.Module, args, out):
@@ -435,7 +430,7 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (swinv2.WindowAttention, _swin_attention_pre, True),
     (swinv2cr.SwinTransformerV2CrBlock, _swin_block_pre, False),
     (swinv2cr.WindowMultiHeadAttention, _swin_attention_pre, True),
-    (nn.Conv2d, _conv_pre, False),
+    (nn.Conv2d, _masked_inputs_pre(0.0), False),
     (pvt_v2.Attention, _attention_pre(lambda m: _global_keys), False),
     (twins.GlobalSubSampleAttn, _attention_pre(lambda m: _global_keys), False),
     (twins.LocallyGroupedAttn, _attention_pre(_twins_window_keys), False),
@@ -444,7 +439,7 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (maxxvit.PartitionAttention2d, _partition_keys_pre, False),
     (SEModule, _squeeze_excite_pre, False),
     (nest.Attention, _attention_pre(_nest_block_keys), False),
-    (nn.MaxPool2d, _max_pool_pre, False),
+    (nn.MaxPool2d, _masked_inputs_pre(float("-inf")), False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _attention_post),

@@ -87,6 +87,14 @@ def padding_sides(padding: Union[int, Tuple[int, ...]]) -> Tuple[int, int, int, 
     return (ph, ph, pw, pw)
 
 
+def is_asymmetric(padding: Padding) -> bool:
+    """Four numeric sides that differ top/bottom or left/right (a TensorFlow SAME pad)."""
+    if isinstance(padding, (int, str)):
+        return False
+    t, b, l, r = padding_sides(padding)
+    return t != b or l != r
+
+
 def conv_output_grid(
     grid: Tuple[int, int], kernel_size: IntPair, stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1
 ) -> Tuple[int, int]:
@@ -354,10 +362,8 @@ def _spconv_problem(feats: torch.Tensor, groups: int, stride: Tuple[int, int], d
     """Why the spconv backend cannot run this call, or None when it can."""
     from greenmim_convert.kernels.spconv_backend import spconv_available
 
-    if not isinstance(padding, (int, str)):
-        t, b, l, r = padding_sides(padding)
-        if t != b or l != r:
-            return f"spconv cannot express the asymmetric padding {tuple(padding)}"
+    if is_asymmetric(padding):
+        return f"spconv cannot express the asymmetric padding {tuple(padding)}"
     if groups != 1:
         return f"the spconv backend implements groups == 1 only, got groups={groups}"
     if not spconv_available():

@@ -26,7 +26,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from greenmim_convert.kernels.sparse_conv import BackendUnavailableError, IntPair, Padding, as_pair, resolve_padding
+from greenmim_convert.kernels.sparse_conv import (BackendUnavailableError, IntPair, Padding, as_pair, is_asymmetric,
+                                                  resolve_padding)
 from greenmim_convert.sites import Sites
 
 _SPCONV: Optional[Any] = None
@@ -110,7 +111,7 @@ def spconv_conv2d(
     kernel = (int(kh), int(kw))
     s, d = as_pair(stride, "stride"), as_pair(dilation, "dilation")
     pad = resolve_padding(padding, kernel, s, d)
-    if not isinstance(padding, (int, str)) and len(padding) == 4 and (padding[0] != padding[1] or padding[2] != padding[3]):
+    if is_asymmetric(padding):
         raise BackendUnavailableError(f"spconv cannot express the asymmetric padding {tuple(padding)}")
     if padding == "same" and any(2 * p != di * (k - 1) for p, k, di in zip(pad, kernel, d)):
         raise BackendUnavailableError("spconv cannot express the asymmetric padding of 'same' with an even extent")

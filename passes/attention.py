@@ -118,7 +118,7 @@ def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:
     n = max(len(p.axes), len(v.axes))
     p, v = p.padded_to(n), v.padded_to(n)
     key = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in v.axes[-2] if a.kind in KEY)
-    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or not (p.axes[:-2] == v.axes[:-2] or same_batch(p, v)):
+    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or not same_batch(p, v):
         raise LayoutError("probabilities @ v does not contract the key axis with the value tokens")
     node.meta["attention_pv"] = True
     out = Layout(p.axes[:-1] + (v.axes[-1],), p.grid, p.stride, p.offset)

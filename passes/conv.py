@@ -18,6 +18,7 @@ from greenmim_convert.kernels.sparse_conv import conv_output_grid
 from greenmim_convert.layout import Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, replace_with_call, shape_of, sites_node
+from .layout_ops import with_absorbed_pad
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -27,15 +28,15 @@ def _pair(v) -> Tuple[int, int]:
 
 def conv_args(node: fx.Node) -> dict:
     """kernel, stride, padding, dilation and groups of an ``aten.conv2d`` node; a zero pad feeding it
-    (``conv_pad``) joins its padding as ``(top, bottom, left, right)``."""
+    (``absorbed_pad``) joins its padding as ``(top, bottom, left, right)``."""
     a = args_of(node)
     shape = shape_of(a["weight"])
-    pad = a["padding"] if isinstance(a["padding"], str) else _pair(a["padding"])
-    extra = a["input"].meta.get("conv_pad") if isinstance(a["input"], fx.Node) else None
-    if extra is not None:
-        if isinstance(pad, str):
+    pad = a["padding"]
+    if isinstance(pad, str):
+        if isinstance(a["input"], fx.Node) and "absorbed_pad" in a["input"].meta:
             raise LayoutError(f"a zero pad before a convolution with padding={pad!r}")
-        pad = (pad[0] + extra[0], pad[0] + extra[1], pad[1] + extra[2], pad[1] + extra[3])
+    else:
+        pad = with_absorbed_pad(a["input"], _pair(pad))
     return dict(out_channels=shape[0], kernel=(shape[2], shape[3]), stride=_pair(a["stride"]), padding=pad,
                 dilation=_pair(a["dilation"]), groups=int(a["groups"]), weight=a["weight"], bias=a["bias"])
 

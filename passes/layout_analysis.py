@@ -59,7 +59,7 @@ def image_passthrough(node: fx.Node) -> bool:
     if not (isinstance(src, fx.Node) and src.meta.get("image")):
         return False
     if is_op(node, aten.pad, aten.constant_pad_nd):
-        return not any(node.args[1]) or layout_ops.conv_pad(node) is not None
+        return not any(node.args[1]) or layout_ops.absorbed_pad(node) is not None
     if is_op(node, aten.contiguous, aten.clone, aten.alias, aten.detach):
         return True
     return is_op(node, aten.view, aten.reshape, aten._to_copy) and shape_of(node) == shape_of(src)

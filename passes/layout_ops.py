@@ -10,7 +10,7 @@ elementwise ops), ``_to_copy`` within one dtype.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch.fx as fx
 
@@ -63,7 +63,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
             a = args_of(node)
             return lay.roll(list(a["shifts"]), list(a["dims"]))
         if is_op(node, aten.pad, aten.constant_pad_nd):
-            return lay if not any(node.args[1]) or conv_pad(node) is not None else None
+            return lay if not any(node.args[1]) or absorbed_pad(node) is not None else None
         if is_op(node, aten.slice) and _full_slice(node, lay):
             return lay
         if is_op(node, aten.expand, aten.expand_as):
@@ -73,7 +73,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     return None
 
 
-def conv_pad(node: fx.Node):
+def absorbed_pad(node: fx.Node):
     """``(top, bottom, left, right)`` of a pad of H and W that only feeds windowed ops which take it as their
     own padding (TensorFlow-style SAME, timm's ``Conv2dSame`` and ``MaxPool2dSame``): zeros read only by
     convolutions, or ``-inf`` read only by max pooling; None for any other pad."""
@@ -87,8 +87,17 @@ def conv_pad(node: fx.Node):
     reader = aten.conv2d if value == 0.0 else aten.max_pool2d if value == float("-inf") else None
     if reader is None or not all(is_op(u, reader) and u.args[0] is node and node not in u.args[1:] for u in node.users):
         return None
-    node.meta["conv_pad"] = (pads[2], pads[3], pads[0], pads[1])
-    return node.meta["conv_pad"]
+    node.meta["absorbed_pad"] = (pads[2], pads[3], pads[0], pads[1])
+    return node.meta["absorbed_pad"]
+
+
+def with_absorbed_pad(src, padding: Tuple[int, int]) -> Tuple[int, ...]:
+    """The ``(h, w)`` padding of a conv or max pool reading ``src``, plus the pad ``src`` absorbed
+    (``absorbed_pad``), as ``(top, bottom, left, right)``; unchanged when ``src`` is no such pad."""
+    extra = src.meta.get("absorbed_pad") if isinstance(src, fx.Node) else None
+    if extra is None:
+        return padding
+    return (padding[0] + extra[0], padding[0] + extra[1], padding[1] + extra[2], padding[1] + extra[3])
 
 
 def expand_layout(node: fx.Node, lay: Layout) -> Layout:

@@ -22,6 +22,7 @@ from greenmim_convert.kernels.sparse_conv import conv_output_grid
 
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, shape_of, sites_node
 from .conv import is_nchw
+from .layout_ops import with_absorbed_pad
 
 SPATIAL_REDUCTIONS = (aten.mean, aten.sum, aten.linalg_vector_norm, aten.amax, aten.amin)
 
@@ -114,10 +115,7 @@ def _max_pool_layout(node: fx.Node, lay: Layout) -> Layout:
     a = args_of(node)
     k = _pair(a["kernel_size"])
     s = _pair(a["stride"] or k)
-    p, d = _pair(a["padding"]), _pair(a["dilation"])
-    extra = node.args[0].meta.get("conv_pad")  # a -inf pad before the pool (MaxPool2dSame) joins its padding
-    if extra is not None:
-        p = (p[0] + extra[0], p[0] + extra[1], p[1] + extra[2], p[1] + extra[3])
+    p, d = with_absorbed_pad(node.args[0], _pair(a["padding"])), _pair(a["dilation"])  # MaxPool2dSame's -inf pad
     if not is_nchw(lay):
         raise LayoutError(f"max pooling input is not an NCHW feature map (layout {lay.shape})")
     if a["ceil_mode"] or s[0] != s[1]:

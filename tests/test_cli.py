@@ -76,14 +76,19 @@ def test_suggest_prefers_prefix():
     assert suggest("swin_tiny", ["resnet50", "swin_tiny_patch4_window7_224", "swinv2_tiny"])[0] == "swin_tiny_patch4_window7_224"
 
 
-def test_list_reports_status_and_reason(monkeypatch, tmp_path):
+def run_list(monkeypatch, tmp_path, names, *flags):
+    """``greenmim-convert list FLAGS --markdown FILE`` over ``names`` only: the result and the markdown written."""
     import greenmim_convert.coverage as cov
 
-    monkeypatch.setattr(cov, "family_models", lambda fams: ["pvt_v2_b0", "gcvit_xxtiny"])
+    monkeypatch.setattr(cov, "family_models", lambda fams: list(names))
     md = tmp_path / "cov.md"
-    res = runner.invoke(app, ["list", "--verify", "--markdown", str(md)])
+    res = runner.invoke(app, ["list", *flags, "--markdown", str(md)])
+    return res, md.read_text() if md.exists() else ""
+
+
+def test_list_reports_status_and_reason(monkeypatch, tmp_path):
+    res, text = run_list(monkeypatch, tmp_path, ["pvt_v2_b0", "gcvit_xxtiny"], "--verify")
     assert res.exit_code == 0, res.output
-    text = md.read_text()
     assert "| `pvt_v2_b0` | pvt_v2 | converts | ✓ |" in text
     assert "| `gcvit_xxtiny` | gcvit | unsupported | not run |" in text and "repeat_interleave" in text
     assert runner.invoke(app, ["list", "--family", "resnet"]).exit_code == 2
@@ -172,11 +177,8 @@ def test_list_torchvision_family(monkeypatch, tmp_path):
 def test_list_verifies_smallest_of_each_family_and_fails_on_mismatch(monkeypatch, tmp_path):
     import greenmim_convert.coverage as cov
 
-    monkeypatch.setattr(cov, "family_models", lambda fams: ["pvt_v2_b1", "pvt_v2_b0"])
-    md = tmp_path / "cov.md"
-    res = runner.invoke(app, ["list", "--verify-smallest", "--markdown", str(md)])
+    res, text = run_list(monkeypatch, tmp_path, ["pvt_v2_b1", "pvt_v2_b0"], "--verify-smallest")
     assert res.exit_code == 0, res.output
-    text = md.read_text()
     assert "| `pvt_v2_b0` | pvt_v2 | converts | ✓ |" in text and "| `pvt_v2_b1` | pvt_v2 | converts | not run |" in text
 
     real = cov.verify
@@ -187,5 +189,5 @@ def test_list_verifies_smallest_of_each_family_and_fails_on_mismatch(monkeypatch
         return report
 
     monkeypatch.setattr(cov, "verify", wrong)
-    res = runner.invoke(app, ["list", "--verify-smallest", "--markdown", str(md)])
-    assert res.exit_code == 1 and "| `pvt_v2_b0` | pvt_v2 | converts | ✗ |" in md.read_text()
+    res, text = run_list(monkeypatch, tmp_path, ["pvt_v2_b1", "pvt_v2_b0"], "--verify-smallest")
+    assert res.exit_code == 1 and "| `pvt_v2_b0` | pvt_v2 | converts | ✗ |" in text
