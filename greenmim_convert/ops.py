@@ -358,6 +358,33 @@ def max_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, str
     return rows.view(*nmap.shape, feats.shape[1]).amax(0)
 
 
+def avg_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, stride, padding, count_include_pad: bool,
+             divisor_override: Optional[int]) -> torch.Tensor:
+    """Average pooling at the visible output sites: the sum over the visible positions of each window divided by
+    their count (plus the window's padding positions when ``count_include_pad``, or ``divisor_override``)."""
+    nmap = build_neighbor_map(in_sites, out_sites, kernel, stride, padding)
+    zero = feats.new_zeros((1, feats.shape[1]))
+    rows = torch.cat([feats, zero]).index_select(0, torch.where(nmap >= 0, nmap, feats.shape[0]).reshape(-1))
+    summed = rows.view(*nmap.shape, feats.shape[1]).sum(0)
+    if divisor_override:
+        return summed / divisor_override
+    count = (nmap >= 0).sum(0)
+    if count_include_pad:
+        count = count + _padding_positions(out_sites, in_sites.grid, kernel, stride, padding)
+    return summed / count.clamp_min(1).to(feats.dtype)[:, None]
+
+
+def _padding_positions(out_sites: Sites, grid: Tuple[int, int], kernel, stride, padding) -> torch.Tensor:
+    """``(T_out,)`` number of positions of each output site's window that fall on the padding, outside the grid."""
+    k, s, p = (kernel[0], kernel[1]), (stride[0], stride[1]), (padding[0], padding[1])
+    inside = []
+    for axis in range(2):
+        first = out_sites.coords[:, axis] * s[axis] - p[axis]
+        lo, hi = first.clamp_min(0), (first + k[axis]).clamp_max(grid[axis])
+        inside.append((hi - lo).clamp_min(0))
+    return k[0] * k[1] - inside[0] * inside[1]
+
+
 def gather_constant(const: torch.Tensor, sites: Sites, spatial, roll: Tuple[int, int], channel_offsets: torch.Tensor) -> torch.Tensor:
     """A constant varying over positions (a position embedding), read at every visible token: ``(T, C)``.
 

@@ -24,7 +24,9 @@ from timm.models import davit, focalnet, hiera, maxxvit, nest, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
+from torchvision.models import maxvit as tv_maxvit
 from torchvision.models import swin_transformer as tv_swin
+from torchvision.ops import SqueezeExcitation as TvSqueezeExcitation
 
 from .errors import InvalidInputError
 from .sites import Sites
@@ -292,6 +294,36 @@ def _given_keys_pre(state: "_HookState", keys: KeyMaskFn) -> Callable:
     return hook
 
 
+class _SoftmaxKeys(_GivenKeys):
+    """Key visibility added to the logits by the patched ``F.softmax`` (attentions that do not call SDPA)."""
+
+
+def _tv_partition_keys_pre(state: _HookState) -> Callable:
+    """torchvision MaxViT's window or grid attention: key visibility partitioned and swapped by the layer's own ops."""
+    def hook(layer: nn.Module, args):
+        x = args[0]
+        vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None].to(x.dtype)
+        parts = layer.partition_swap(layer.partition_op(vis, layer.p))  # (B, G, P, 1)
+        state.key_masks.append(_SoftmaxKeys(parts.permute(0, 1, 3, 2)[:, :, None] > 0.5))  # (B, G, 1, 1, P)
+    return hook
+
+
+def _masked_softmax(state: "_HookState", softmax: Callable) -> Callable:
+    """``F.softmax`` over attention logits that, inside an attention the oracle knows, removes the masked keys."""
+    def run(input, dim=None, *args, **kwargs):
+        top = state.key_masks[-1] if state.key_masks else None
+        if isinstance(top, _SoftmaxKeys):
+            input = input + top.added_to(None, input.dtype)
+        return softmax(input, dim, *args, **kwargs)
+    return run
+
+
+def _per_sample_post(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args, out):
+        state.per_sample -= 1
+    return hook
+
+
 def _masked_batch_norm(state: "_HookState", batch_norm: Callable) -> Callable:
     """``F.batch_norm`` whose training-mode statistics are taken over the visible positions of the batch only
     (the sparse BatchNorm of SparK and FCMAE), running statistics updated from them; eval mode is unchanged.
@@ -422,6 +454,30 @@ def _mean_pool_post(state: _HookState) -> Callable:
     return hook
 
 
+def _avg_pool_post(state: _HookState) -> Callable:
+    """``nn.AvgPool2d`` recomputed as window sums over the visible positions divided by their number (plus the
+    pool's own padding positions when it counts them); outputs in masked units are zero."""
+    def hook(pool: nn.Module, args, out):
+        if state.per_sample:
+            return None
+        x = args[0]
+        vis = visibility_map(state.visible, x.shape[-2:])[:, None].to(x.dtype)
+        k, s, p = pool.kernel_size, pool.stride, pool.padding
+        def window_sum(t: torch.Tensor) -> torch.Tensor:
+            return F.avg_pool2d(t, k, s, p, pool.ceil_mode, True, divisor_override=1)
+        summed = window_sum(torch.where(vis > 0, x, torch.zeros((), dtype=x.dtype)))
+        if pool.divisor_override:
+            count = torch.full_like(summed[:, :1], float(pool.divisor_override))
+        else:
+            count = window_sum(vis)
+            if pool.count_include_pad:  # its zero padding counts: the window's area minus its cells on the grid
+                area = math.prod(nn.modules.utils._pair(k))
+                count = count + area - window_sum(torch.ones_like(vis[:1]))
+        shown = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
+        return torch.where(shown, summed / count.clamp_min(1), torch.zeros((), dtype=x.dtype))
+    return hook
+
+
 # module type -> (hook factory, with kwargs): the per-family knowledge of the oracle
 PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (swin.SwinTransformerBlock, _swin_block_pre, False),
@@ -440,6 +496,9 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (SEModule, _squeeze_excite_pre, False),
     (nest.Attention, _attention_pre(_nest_block_keys), False),
     (nn.MaxPool2d, _masked_inputs_pre(float("-inf")), False),
+    (nn.AvgPool2d, _masked_inputs_pre(0.0), False),
+    (tv_maxvit.PartitionAttentionLayer, _tv_partition_keys_pre, False),
+    (TvSqueezeExcitation, _squeeze_excite_pre, False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _attention_post),
@@ -456,6 +515,9 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (SEModule, _squeeze_excite_post),
     (nest.Attention, _attention_post),
     (nn.MaxPool2d, _max_pool_post),
+    (nn.AvgPool2d, _avg_pool_post),
+    (tv_maxvit.PartitionAttentionLayer, _attention_post),
+    (TvSqueezeExcitation, _per_sample_post),
 ]
 
 
@@ -478,6 +540,7 @@ def masked_dense_hooks(
     sdpa = F.scaled_dot_product_attention
     batch_norm = F.batch_norm
     tv_attention = tv_swin.shifted_window_attention
+    softmax = F.softmax
     fused = {mod: mod.fused_attn for mod in model.modules() if isinstance(mod, SDPA_MASKED) and hasattr(mod, "fused_attn")}
     try:
         for mod in fused:
@@ -496,11 +559,13 @@ def masked_dense_hooks(
         F.scaled_dot_product_attention = _masked_sdpa(state, sdpa)
         F.batch_norm = _masked_batch_norm(state, batch_norm)
         tv_swin.shifted_window_attention = _tv_shifted_window_attention(state)
+        F.softmax = _masked_softmax(state, softmax)
         yield
     finally:
         F.scaled_dot_product_attention = sdpa
         F.batch_norm = batch_norm
         tv_swin.shifted_window_attention = tv_attention
+        F.softmax = softmax
         for mod, flag in fused.items():
             mod.fused_attn = flag
         for h in handles:

@@ -2,7 +2,7 @@
 
 The layout rule follows each op symbolically (see ``greenmim_convert.layout``); once the passes
 that read layouts have run, ``LayoutOpsPass`` removes the ops, since packed data never moves.
-Ops rewritten: ``view``, ``reshape``, ``_unsafe_view``, ``permute``, ``transpose``, ``flatten``,
+Ops rewritten: ``view``, ``reshape``, ``_unsafe_view``, ``permute``, ``transpose`` (``swapaxes``), ``flatten``,
 ``unflatten``, ``unsqueeze``, ``squeeze``, ``contiguous``, ``clone``, ``alias``, ``detach``,
 ``roll``, ``pad`` (zero amounts, or zeros read only by convolutions and -inf read only by max pooling,
 which absorb them), ``slice`` (full), ``expand`` (of size-one axes, feeding
@@ -41,7 +41,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
             return lay.view(shape_of(node))
         if is_op(node, aten.permute):
             return lay.permute(node.args[1])
-        if is_op(node, aten.transpose):
+        if is_op(node, aten.transpose, aten.swapaxes, aten.swapdims):
             return lay.transpose(node.args[1], node.args[2])
         if is_op(node, aten.t):
             return lay.transpose(0, 1)

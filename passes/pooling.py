@@ -1,7 +1,8 @@
 """Average pooling and spatial means -> means over the visible positions.
 
 Masked-dense semantics for average pooling: a pooled cell averages the visible positions it covers;
-a cell with none is not a site of the pooled grid (so it is absent from attention keys). Adaptive
+a cell with none is not a site of the pooled grid (so it is absent from attention keys). A sliding-window
+average pool divides by its visible positions, plus its own padding when ``count_include_pad``. Adaptive
 pooling whose output size divides the grid, and ``avg_pool2d`` with kernel == stride, are
 kernel == stride poolings. A reduction over every spatial axis (a global context, squeeze-excite,
 GRN's norm) is one value per sample over its visible tokens, broadcast back to the sample's tokens
@@ -35,11 +36,9 @@ def _pool_factor(node: fx.Node, lay: Layout) -> Optional[int]:
             raise LayoutError(f"adaptive pooling from {lay.grid} to {out} is not a square kernel == stride pooling")
         return lay.grid[0] // out[0]
     if is_op(node, aten.avg_pool2d):
-        k = list(a["kernel_size"])
-        s = list(a["stride"] or k)
-        k, s = k * (2 // len(k)), s * (2 // len(s))
+        k, s = _pair(a["kernel_size"]), _pair(a["stride"] or a["kernel_size"])
         if k != s or k[0] != k[1] or any(a["padding"]) or a["ceil_mode"] or lay.grid[0] % k[0] or lay.grid[1] % k[1]:
-            raise LayoutError(f"avg_pool2d with kernel {k}, stride {s}: only kernel == stride pooling that tiles the grid")
+            return None  # a sliding-window average pool
         return k[0]
     return None
 
@@ -71,8 +70,8 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         keep = bool(args_of(node)["keepdim"])
         node.meta["spatial_reduction"] = True
         return Layout(tuple(() if i in reduced else ax for i, ax in enumerate(lay.axes) if keep or i not in reduced), lay.grid, lay.stride)
-    if is_op(node, aten.max_pool2d):
-        return _max_pool_layout(node, lay)
+    if is_op(node, aten.max_pool2d, aten.avg_pool2d):
+        return _window_pool_layout(node, lay)
     return None
 
 
@@ -111,19 +110,27 @@ def _cell_reduction(node: fx.Node, lay: Layout, reduced: set) -> Optional[Layout
     return out
 
 
-def _max_pool_layout(node: fx.Node, lay: Layout) -> Layout:
+def _window_pool_layout(node: fx.Node, lay: Layout) -> Layout:
+    """A sliding-window max or average pool: its output grid, checked to stay aligned with the mask units."""
     a = args_of(node)
+    kind = "max" if is_op(node, aten.max_pool2d) else "avg"
     k = _pair(a["kernel_size"])
     s = _pair(a["stride"] or k)
-    p, d = with_absorbed_pad(node.args[0], _pair(a["padding"])), _pair(a["dilation"])  # MaxPool2dSame's -inf pad
+    if kind == "max":
+        p, d = with_absorbed_pad(node.args[0], _pair(a["padding"])), _pair(a["dilation"])  # MaxPool2dSame's -inf pad
+    else:
+        p, d = _pair(a["padding"]), (1, 1)
     if not is_nchw(lay):
-        raise LayoutError(f"max pooling input is not an NCHW feature map (layout {lay.shape})")
+        raise LayoutError(f"{kind} pooling input is not an NCHW feature map (layout {lay.shape})")
     if a["ceil_mode"] or s[0] != s[1]:
-        raise LayoutError("max pooling with ceil_mode or an anisotropic stride")
+        raise LayoutError(f"{kind} pooling with ceil_mode or an anisotropic stride")
     grid = conv_output_grid(lay.grid, k, s, p, d)
     if s[0] > 1 and (lay.grid[0] != grid[0] * s[0] or lay.grid[1] != grid[1] * s[1]):
-        raise LayoutError(f"max pooling from grid {lay.grid} to {grid} does not keep the grid aligned")
-    node.meta["max_pool"] = (k, s, p, d)
+        raise LayoutError(f"{kind} pooling from grid {lay.grid} to {grid} does not keep the grid aligned")
+    if kind == "max":
+        node.meta["max_pool"] = (k, s, p, d)
+    else:
+        node.meta["avg_pool"] = (k, s, p, bool(a["count_include_pad"]), a["divisor_override"])
     return Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, grid, lay.channels, lay.stride * s[0])
 
 
@@ -159,6 +166,11 @@ class PoolingPass(GreenPass):
                 args = (src, sites_node(gm, layout_of(src)), sites_node(gm, node.meta["layout"]), k, st, p, d)
                 replace_with_call(gm, node, ops.max_pool, args)
                 self.report[f"max pool {k[0]}x{k[1]}/{st[0]} over visible positions"] += 1
+            elif node.meta.get("avg_pool"):
+                k, st, p, with_pad, divisor = node.meta["avg_pool"]
+                args = (src, sites_node(gm, layout_of(src)), sites_node(gm, node.meta["layout"]), k, st, p, with_pad, divisor)
+                replace_with_call(gm, node, ops.avg_pool, args)
+                self.report[f"average pool {k[0]}x{k[1]}/{st[0]} over visible positions"] += 1
             elif is_op(node, aten.adaptive_avg_pool2d, aten.avg_pool2d):
                 fine, coarse = layout_of(src), node.meta["layout"]
                 factor = fine.grid[0] // coarse.grid[0]

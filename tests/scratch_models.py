@@ -89,12 +89,29 @@ class ConvMerge(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+class PoolMerge(nn.Module):
+    """Halve the grid as an MBConv shortcut does: a 3x3/2 average pool counting its padding and a 1x1 conv, plus a
+    3x3/2 conv smoothed by a 3x3/1 average pool that does not count its padding; then LayerNorm."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, 2, padding=1)
+        self.proj = nn.Conv2d(width, 2 * width, kernel_size=1)
+        self.conv = nn.Conv2d(width, 2 * width, kernel_size=3, stride=2, padding=1)
+        self.smooth = nn.AvgPool2d(3, 1, padding=1, count_include_pad=False)
+        self.norm = nn.LayerNorm(2 * width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)
+        return self.norm((self.proj(self.pool(x)) + self.smooth(self.conv(x))).permute(0, 2, 3, 1))
+
+
 class Stage(nn.Module):
     """Optional merge, then blocks whose tiles alternate between unshifted and shifted by window // 2."""
 
-    def __init__(self, width: int, depth: int, heads: int, window: int, merge: bool):
+    def __init__(self, width: int, depth: int, heads: int, window: int, merge: Optional[type]):
         super().__init__()
-        self.merge = ConvMerge(width // 2) if merge else nn.Identity()
+        self.merge = merge(width // 2) if merge is not None else nn.Identity()
         self.blocks = nn.ModuleList(Block(width, heads, window, (i % 2) * (window // 2)) for i in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,14 +130,14 @@ class ScratchViT(nn.Module):
 
     def __init__(
         self, embed: int = 24, depths: Sequence[int] = (2, 2, 2), heads: Sequence[int] = (1, 2, 4), window: int = 4,
-        img_size: int = 128,
+        img_size: int = 128, merge: type = ConvMerge,
     ):
         super().__init__()
         self.img_size = img_size
         self.patchify = nn.Conv2d(3, embed, kernel_size=4, stride=4)
         self.patch_norm = nn.LayerNorm(embed)
         self.stages = nn.ModuleList(
-            Stage(embed * 2 ** i, d, h, window, merge=i > 0) for i, (d, h) in enumerate(zip(depths, heads))
+            Stage(embed * 2 ** i, d, h, window, merge if i > 0 else None) for i, (d, h) in enumerate(zip(depths, heads))
         )
         self.final_norm = nn.LayerNorm(embed * 2 ** (len(depths) - 1))
         self.stage_names = [f"stages.{i}" for i in range(len(depths))]

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from torchvision.models import maxvit as tv_maxvit
 from torchvision.models import swin_transformer as tv_swin
 
 import greenmim_convert as gmc
@@ -24,10 +25,11 @@ from greenmim_convert.reference import dense_masked_reference, dense_to_tokens, 
 from greenmim_convert.tokens import GreenOutput
 
 from conftest import check_against_reference, masks_with_unequal_counts, rel_err
-from scratch_models import Block, ConvMerge, ScratchViT, scratch_key_mask_for, scratch_masked_reference
+from scratch_models import Block, ConvMerge, PoolMerge, ScratchViT, scratch_key_mask_for, scratch_masked_reference
 
 UNIT = 32  # mask unit in pixels for every model here (the scratch model's own total stride is 16)
 TV_STAGES = ["features.1", "features.3", "features.5", "features.7"]
+TV_MAXVIT_STAGES = ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
 
 
 @dataclass
@@ -76,14 +78,24 @@ def _tv_small(v2: bool, window: int = 7) -> nn.Module:
     return _randomise(model)
 
 
+def _tv_maxvit_small() -> nn.Module:
+    """A small torchvision MaxViT: MBConv (BatchNorm, squeeze-excite, an average-pool shortcut), window and grid attention."""
+    torch.manual_seed(14)
+    model = tv_maxvit.MaxVit(
+        input_size=(224, 224), stem_channels=16, partition_size=7, block_channels=[16, 32, 48, 64],
+        block_layers=[1, 1, 1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10,
+    )
+    return _randomise(model)
+
+
 def _tv_full(name: str) -> nn.Module:
     torch.manual_seed(12)
     return _randomise(getattr(torchvision.models, name)(weights=None))
 
 
-def _scratch() -> nn.Module:
+def _scratch(merge: type = ConvMerge) -> nn.Module:
     torch.manual_seed(13)
-    return _randomise(ScratchViT())
+    return _randomise(ScratchViT(merge=merge))
 
 
 CASES: Dict[str, Case] = {
@@ -93,10 +105,16 @@ CASES: Dict[str, Case] = {
         _scratch, 128, ScratchViT().stage_names, None,
         oracle=lambda m: {"key_mask_for": scratch_key_mask_for}, blocks=(Block, ConvMerge),
     ),
+    # merging by average pools with padding, counted and not counted, as torchvision MaxViT's MBConv shortcut
+    "scratch_pool": Case(
+        lambda: _scratch(PoolMerge), 128, ScratchViT().stage_names, None,
+        oracle=lambda m: {"key_mask_for": scratch_key_mask_for}, blocks=(Block, PoolMerge),
+    ),
+    "tv_maxvit_small": Case(_tv_maxvit_small, 224, TV_MAXVIT_STAGES, "blocks.3", blocks=(tv_maxvit.MaxVitLayer,)),
     "tv_swin_t": Case(lambda: _tv_full("swin_t"), 224, TV_STAGES, "permute"),
     "tv_swin_v2_t": Case(lambda: _tv_full("swin_v2_t"), 256, TV_STAGES, "permute"),
 }
-SMALL = ["tv_swin_t_small", "tv_swin_v2_t_small", "scratch"]
+SMALL = ["tv_swin_t_small", "tv_swin_v2_t_small", "tv_maxvit_small", "scratch", "scratch_pool"]
 FULL = ["tv_swin_t", "tv_swin_v2_t"]
 # oracle-only: window 8 at 224 makes torchvision pad the 28- and 14-grids (and drop the shift on 7)
 ORACLE_ONLY: Dict[str, Case] = {

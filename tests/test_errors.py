@@ -115,3 +115,43 @@ def test_save_load_round_trip(tmp_path, seed):
     a, b = green(images, visible), back(images, visible)
     assert torch.equal(a.last.feats, b.last.feats)
     assert back.config.mask_unit == 32 and back.config.img_size == (128, 128)
+
+
+class _GlobalQueryViT(nn.Module):
+    """A patch embedding and one window attention whose queries are a per-sample map made from the whole grid
+    (``pool``), repeated over the windows; ``also_per_position`` adds that map's pooled grid to the output."""
+
+    def __init__(self, pool: nn.Module, also_per_position: bool = False):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 8, 8)
+        self.pool = pool
+        self.kv = nn.Linear(16, 32)
+        self.also = also_per_position
+
+    def forward(self, x):
+        x = self.embed(x)  # (B, 16, 8, 8)
+        b = x.shape[0]
+        q = self.pool(x).permute(0, 2, 3, 1)  # (B, 4, 4, 16)
+        t = x.permute(0, 2, 3, 1).reshape(b, 2, 4, 2, 4, 16).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, 16, 16)
+        k, v = self.kv(t).chunk(2, dim=-1)
+        q = q.repeat_interleave(4, dim=0).reshape(b * 4, 16, 16)
+        y = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).reshape(b, 2, 2, 4, 4, 16).permute(0, 1, 3, 2, 4, 5)
+        y = y.reshape(b, 8, 8, 16).permute(0, 3, 1, 2)
+        return y + self.pool(x).repeat_interleave(2, 2).repeat_interleave(2, 3) if self.also else y
+
+
+class _Flip(nn.Module):
+    def forward(self, x):
+        return torch.flip(nn.functional.max_pool2d(x, 2), dims=(2,))
+
+
+def test_global_queries_convert_and_island_failures_name_the_node():
+    torch.manual_seed(0)
+    model = _GlobalQueryViT(nn.MaxPool2d(3, 2, 1))
+    green = gmc.convert(model, img_size=64)
+    assert green.report.passes[3].counts == {"map broadcast over windows -> per-token rows": 1, "token map -> dense map": 1}
+    with pytest.raises(gmc.UnsupportedOperationError) as exc:
+        gmc.convert(_GlobalQueryViT(_Flip()), img_size=64)
+    assert "flip" in str(exc.value) and "'pool' (_Flip)" in str(exc.value)
+    with pytest.raises(gmc.UnsupportedOperationError, match="also used per position"):
+        gmc.convert(_GlobalQueryViT(nn.MaxPool2d(3, 2, 1), also_per_position=True), img_size=64)
