@@ -1,6 +1,6 @@
-"""``einsum`` -> the permutes, views and ``bmm`` it stands for, so the layout rules see plain matmuls.
+"""``einsum`` of two image values -> the permutes, views and ``bmm`` it stands for, so the layout rules see plain matmuls.
 
-An einsum on values computed from the images (``"bghid,bghjd->bghij"`` for the logits of an attention,
+An einsum between values computed from the images (``"bghid,bghjd->bghij"`` for the logits of an attention,
 ``"bghij,bghjd->bghid"`` for its output) is replaced by ATen's own decomposition of that equation, traced
 at the node's concrete operand shapes. The attention and token-wise rules then recognise the result as
 they recognise a hand-written ``q @ k.transpose(-2, -1)``. Ops rewritten: ``einsum``.
@@ -34,6 +34,8 @@ class EinsumPass(GreenPass):
             if not is_op(node, aten.einsum) or node.name not in reach:
                 continue
             equation, operands = node.args[0], list(node.args[1])
+            if sum(o.name in reach for o in operands) < 2:
+                continue  # a product with a constant (a relative-position table) is left to the term rules
             sub = _decomposition(equation, [o.meta["val"] for o in operands])
             env: Dict[fx.Node, fx.Node] = {}
             inputs = iter(operands)
