@@ -113,6 +113,7 @@ def build_pipeline() -> List[P.GreenPass]:
         P.EinsumPass(),
         P.LayoutAnalysisPass(),
         P.OutputsPass(),
+        P.DenseIslandPass(),
         P.ConvPass(),
         P.PoolingPass(),
         P.AttentionPass(),

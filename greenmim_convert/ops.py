@@ -401,6 +401,23 @@ def sample_to_tokens(per_sample: torch.Tensor, sites: Sites) -> torch.Tensor:
     return per_sample.index_select(0, sites.batch)
 
 
+def scatter_dense(feats: torch.Tensor, sites: Sites, perm: Tuple[int, ...]) -> torch.Tensor:
+    """Packed tokens ``(T, C)`` -> the dense map whose axes hold (sample, row, column, channel) in the order
+    ``perm`` (indices into b, h, w, c), zeros at masked positions: the input of a dense island."""
+    h, w = sites.grid
+    dense = feats.new_zeros(sites.batch_size, h, w, feats.shape[1])
+    dense = dense.index_put((sites.batch, sites.coords[:, 0], sites.coords[:, 1]), feats)
+    return dense.permute(*perm)
+
+
+def gather_window_map(dense: torch.Tensor, sites: Sites, order: Tuple[int, ...]) -> torch.Tensor:
+    """A per-sample window-sized map (axes brought to (b, h, w, c) by ``order``) read by every visible token
+    at its in-window position: ``(T, C)`` rows ``map[sample, row % mh, col % mw]``."""
+    m = dense.permute(*order)
+    mh, mw = m.shape[1], m.shape[2]
+    return m[sites.batch, sites.coords[:, 0] % mh, sites.coords[:, 1] % mw]
+
+
 def pointwise_conv(feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """A 1x1 convolution (stride 1, groups 1) is a Linear over the channels of every token."""
     return F.linear(feats, weight.flatten(1), bias)

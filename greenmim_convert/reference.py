@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.squeeze_excite import SEModule
-from timm.models import davit, focalnet, hiera, maxxvit, nest, pvt_v2, twins
+from timm.layers.pos_embed_rel import RelPosBias
+from timm.models import davit, focalnet, gcvit, hiera, maxxvit, nest, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
@@ -55,6 +56,7 @@ class _HookState:
         self.block_vis: Dict[nn.Module, Tuple[torch.Tensor, nn.Module]] = {}
         self.key_masks: List[Any] = []  # innermost attention module's key visibility: a function, or _GivenKeys
         self.per_sample = 0  # > 0 inside a module whose inner convs act on one value per sample (squeeze-excite)
+        self.dense = 0  # > 0 inside a module computed densely at every position (GC ViT's global-query generator)
 
     def grid_of(self, tokens: int) -> Tuple[int, int]:
         """The feature grid with ``tokens`` cells and the image's aspect ratio."""
@@ -196,7 +198,7 @@ def _masked_inputs_pre(fill: float) -> Callable[[_HookState], Callable]:
     max pooling (the maximum over visible positions, as the pool's own padding); off inside per-sample modules."""
     def factory(state: _HookState) -> Callable:
         def hook(module: nn.Module, args):
-            if state.per_sample:
+            if state.per_sample or state.dense:
                 return None
             x = args[0]
             vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
@@ -208,6 +210,8 @@ def _masked_inputs_pre(fill: float) -> Callable[[_HookState], Callable]:
 def _max_pool_post(state: _HookState) -> Callable:
     """Outputs in masked units are not computed: zero, not the -inf of an all-masked window."""
     def hook(pool: nn.Module, args, out):
+        if state.dense:
+            return None
         vis = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
         return torch.where(vis, out, torch.zeros((), dtype=out.dtype))
     return hook
@@ -215,7 +219,8 @@ def _max_pool_post(state: _HookState) -> Callable:
 
 def _squeeze_excite_pre(state: _HookState) -> Callable:
     def hook(module: nn.Module, args):
-        state.per_sample += 1
+        if not state.dense:
+            state.per_sample += 1
     return hook
 
 
@@ -223,6 +228,8 @@ def _squeeze_excite_post(state: _HookState) -> Callable:
     """timm's ``SEModule`` recomputed from its definition with the squeeze (mean, and max when ``add_maxpool``)
     over visible positions only; its 1x1 convs act on one value per sample."""
     def hook(module: nn.Module, args, out):
+        if state.dense:
+            return None
         state.per_sample -= 1
         x = args[0]
         vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
@@ -320,7 +327,8 @@ def _masked_softmax(state: "_HookState", softmax: Callable) -> Callable:
 
 def _per_sample_post(state: _HookState) -> Callable:
     def hook(module: nn.Module, args, out):
-        state.per_sample -= 1
+        if not state.dense:
+            state.per_sample -= 1
     return hook
 
 
@@ -332,7 +340,7 @@ def _masked_batch_norm(state: "_HookState", batch_norm: Callable) -> Callable:
     the running mean and the unbiased variance are blended in with ``momentum``.
     """
     def run(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
-        if not training or input.dim() != 4 or state.per_sample:
+        if not training or input.dim() != 4 or state.per_sample or state.dense:
             return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         vis = visibility_map(state.visible, tuple(input.shape[-2:]))[:, None].to(input.dtype)
         n = vis.sum()
@@ -458,7 +466,7 @@ def _avg_pool_post(state: _HookState) -> Callable:
     """``nn.AvgPool2d`` recomputed as window sums over the visible positions divided by their number (plus the
     pool's own padding positions when it counts them); outputs in masked units are zero."""
     def hook(pool: nn.Module, args, out):
-        if state.per_sample:
+        if state.per_sample or state.dense:
             return None
         x = args[0]
         vis = visibility_map(state.visible, x.shape[-2:])[:, None].to(x.dtype)
@@ -475,6 +483,41 @@ def _avg_pool_post(state: _HookState) -> Callable:
                 count = count + area - window_sum(torch.ones_like(vis[:1]))
         shown = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
         return torch.where(shown, summed / count.clamp_min(1), torch.zeros((), dtype=x.dtype))
+def _dense_generator_pre(state: _HookState) -> Callable:
+    """GC ViT's global-query generator runs densely at every position of its input, which reads zeros at masked
+    positions; inside it no other hook changes anything."""
+    def hook(module: nn.Module, args):
+        x = args[0]
+        vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
+        state.dense += 1
+        return (torch.where(vis, x, torch.zeros((), dtype=x.dtype)),) + tuple(args[1:])
+    return hook
+
+
+def _dense_generator_post(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args, out):
+        state.dense -= 1
+    return hook
+
+
+def _gcvit_block_pre(state: _HookState) -> Callable:
+    """GC ViT block: the key mask of its window attention (local or global queries) from timm's own
+    ``window_partition`` of the (B, H, W) visibility, added to the logits after the position bias."""
+    def hook(block: nn.Module, args):
+        x = args[0]
+        vis = visibility_map(state.visible, tuple(x.shape[1:3]))[..., None].to(x.dtype)
+        wins = gcvit.window_partition(vis, block.window_size)
+        keys = wins.reshape(wins.shape[0], 1, 1, -1) > 0.5
+        zero = torch.zeros((), dtype=x.dtype)
+        state.block_vis[block.attn.rel_pos] = (torch.where(keys, zero, torch.tensor(_neg(x.dtype), dtype=x.dtype)), block)
+    return hook
+
+
+def _gcvit_logits_post(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args, out):
+        if module not in state.block_vis:
+            return None
+        return out + state.block_vis.pop(module)[0]
     return hook
 
 
@@ -499,6 +542,8 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (nn.AvgPool2d, _masked_inputs_pre(0.0), False),
     (tv_maxvit.PartitionAttentionLayer, _tv_partition_keys_pre, False),
     (TvSqueezeExcitation, _squeeze_excite_pre, False),
+    (gcvit.FeatureBlock, _dense_generator_pre, False),
+    (gcvit.GlobalContextVitBlock, _gcvit_block_pre, False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _attention_post),
@@ -518,6 +563,8 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (nn.AvgPool2d, _avg_pool_post),
     (tv_maxvit.PartitionAttentionLayer, _attention_post),
     (TvSqueezeExcitation, _per_sample_post),
+    (gcvit.FeatureBlock, _dense_generator_post),
+    (RelPosBias, _gcvit_logits_post),
 ]
 
 

@@ -4,6 +4,7 @@ from .base import ConvertContext, GreenPass
 from .channel_split import ChannelSplitPass
 from .check import CheckPass
 from .conv import ConvPass
+from .dense_island import DenseIslandPass
 from .einsum import EinsumPass
 from .functionalize import FunctionalizePass
 from .layout_analysis import LAYOUT_RULES, LayoutAnalysisPass, to_networkx
@@ -15,7 +16,8 @@ from .sample_matmul import SampleMatmulPass
 from .tokenwise import TokenwisePass
 
 __all__ = [
-    "AttentionPass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "EinsumPass", "FunctionalizePass",
+    "AttentionPass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "DenseIslandPass", "EinsumPass",
+    "FunctionalizePass",
     "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass", "SampleMatmulPass", "TokenwisePass",
     "LAYOUT_RULES", "to_networkx",
 ]

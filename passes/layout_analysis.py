@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from greenmim_convert.layout import Layout, LayoutError
 
-from . import attention, channel_split, conv, layout_ops, patch_merging, pooling, tokenwise
+from . import attention, channel_split, conv, dense_island, layout_ops, patch_merging, pooling, tokenwise
 from .base import GreenPass, aten, context_of, is_op, layout_of, shape_of
 
 LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
@@ -39,6 +39,7 @@ LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
     ("attention", attention.layout_rule),
     ("channel-split", channel_split.layout_rule),
     ("cat", _cat),
+    ("dense-island", dense_island.layout_rule),
     ("token-wise", tokenwise.layout_rule),
 ]
 
@@ -108,6 +109,7 @@ class LayoutAnalysisPass(GreenPass):
         ctx = context_of(gm)
         reach = image_values(gm, ctx.images)
         ctx.images.meta["image"] = True
+        captured = {node: set(node.meta) for node in gm.graph.nodes}
         failed: dict = {}
         for node in gm.graph.nodes:
             created = tokenwise.per_sample_creation(node, ctx.trace_batch) if node.name not in reach else None
@@ -145,6 +147,9 @@ class LayoutAnalysisPass(GreenPass):
             if name == "layout-ops" or name == "strided-pick":
                 node.meta["layout_op"] = True
             self.report[name] += 1
+        for node in gm.graph.nodes:
+            node.meta["analysis_keys"] = set(node.meta) - captured[node]
+        failed.update(dense_island.settle(gm))
         ctx.failures = failed
 
     @staticmethod

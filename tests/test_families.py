@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from timm.models.focalnet import _create_focalnet
+from timm.models.gcvit import _create_gcvit
 from timm.models.nest import _create_nest
 
 import greenmim_convert as gmc
@@ -33,6 +34,7 @@ SMALL_TWINS = dict(embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8))
 SMALL_SWINV2 = dict(depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8))
 SMALL_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
 SMALL_MAXVIT = dict(depths=(1, 1, 1, 1), embed_dim=(32, 64, 128, 256))
+GCVIT_IMG = 96  # windows of 3 positions at the two finest grids; two dense-island levels each
 CONVNEXT_IMG = 64  # float64 depthwise 7x7 convolutions take PyTorch's slow per-group path on the CPU
 
 CASES: Dict[str, Case] = {
@@ -67,6 +69,10 @@ CASES: Dict[str, Case] = {
     # mask-unit attention with queries max-pooled to a coarser grid, global attention, unrolled token order;
     # checked against Hiera's own masked (MAE-style) forward
     "hiera_tiny_224": Case(timm.create_model, "hiera_tiny_224", dict(embed_dim=32, num_heads=1, stages=(1, 1, 2, 1))),
+    # global queries: a per-sample map made densely from the whole stage map (MbConv blocks, max pools) and read by
+    # every window at its in-window positions; 3x3 windows at stride 4 and 8 straddle the 32-pixel mask units
+    "gcvit_xxtiny": Case(_create_gcvit, "gcvit_xxtiny",
+                         dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), img_size=GCVIT_IMG), GCVIT_IMG, 0.6),
     "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
     "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
     "pvt_v2_b2_li": Case(timm.create_model, "pvt_v2_b2_li", dict(depths=(1, 1, 1, 1))),
