@@ -87,7 +87,9 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     mh, mw = src.grid
     repeats = args_of(node)["repeats"]
     if grid[0] % mh or grid[1] % mw or repeats != (grid[0] // mh) * (grid[1] // mw):
-        raise LayoutError(f"a {mh}x{mw} map repeated {repeats} times does not tile the {grid[0]}x{grid[1]} grid in windows")
+        raise LayoutError(f"a {mh}x{mw} map repeated {repeats} times over samples does not tile in windows the "
+                          f"{grid[0]}x{grid[1]} grid of {', '.join(b.name for b in boundary)}, the values outside "
+                          "the ops that make only this map")
     node.meta["dense_island"] = (island, boundary, whole_axes(src))
     windows = (Atom("b", src.axes[0][0].size), Atom("h", grid[0] // mh, mh), Atom("w", grid[1] // mw, mw))
     return Layout((windows,) + src.axes[1:], grid, stride)

@@ -9,7 +9,7 @@ import greenmim_convert as gmc
 from greenmim_convert.io import load, save
 from greenmim_convert.masking import random_mask
 
-from conftest import TINY_SWIN, make_swin
+from conftest import TINY_SWIN, make_swin, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -119,25 +119,26 @@ def test_save_load_round_trip(tmp_path, seed):
 
 class _GlobalQueryViT(nn.Module):
     """A patch embedding and one window attention whose queries are a per-sample map made from the whole grid
-    (``pool``), repeated over the windows; ``also_per_position`` adds that map's pooled grid to the output."""
+    (``pool``), repeated over the windows; ``also_elsewhere`` adds that map's mean to the output too."""
 
-    def __init__(self, pool: nn.Module, also_per_position: bool = False):
+    def __init__(self, pool: nn.Module, also_elsewhere: bool = False):
         super().__init__()
         self.embed = nn.Conv2d(3, 16, 8, 8)
         self.pool = pool
         self.kv = nn.Linear(16, 32)
-        self.also = also_per_position
+        self.also = also_elsewhere
 
     def forward(self, x):
         x = self.embed(x)  # (B, 16, 8, 8)
         b = x.shape[0]
-        q = self.pool(x).permute(0, 2, 3, 1)  # (B, 4, 4, 16)
+        m = self.pool(x)
+        q = m.permute(0, 2, 3, 1)  # (B, 4, 4, 16)
         t = x.permute(0, 2, 3, 1).reshape(b, 2, 4, 2, 4, 16).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, 16, 16)
         k, v = self.kv(t).chunk(2, dim=-1)
         q = q.repeat_interleave(4, dim=0).reshape(b * 4, 16, 16)
         y = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).reshape(b, 2, 2, 4, 4, 16).permute(0, 1, 3, 2, 4, 5)
         y = y.reshape(b, 8, 8, 16).permute(0, 3, 1, 2)
-        return y + self.pool(x).repeat_interleave(2, 2).repeat_interleave(2, 3) if self.also else y
+        return y + m.mean((2, 3), keepdim=True) if self.also else y
 
 
 class _Flip(nn.Module):
@@ -149,9 +150,14 @@ def test_global_queries_convert_and_island_failures_name_the_node():
     torch.manual_seed(0)
     model = _GlobalQueryViT(nn.MaxPool2d(3, 2, 1))
     green = gmc.convert(model, img_size=64)
-    assert green.report.passes[3].counts == {"map broadcast over windows -> per-token rows": 1, "token map -> dense map": 1}
+    island = next(p for p in green.report.passes if p.name == "dense-island")
+    assert island.counts == {"map broadcast over windows -> per-token rows": 1, "token map -> dense map": 1}
+    images, visible = torch.randn(2, 3, 64, 64), random_mask(2, green.mask_grid, 0.5)
+    with torch.no_grad():
+        assert rel_err(green(images, torch.ones_like(visible)).last.to_dense(), model(images)) < 1e-5
     with pytest.raises(gmc.UnsupportedOperationError) as exc:
         gmc.convert(_GlobalQueryViT(_Flip()), img_size=64)
     assert "flip" in str(exc.value) and "'pool' (_Flip)" in str(exc.value)
-    with pytest.raises(gmc.UnsupportedOperationError, match="also used per position"):
-        gmc.convert(_GlobalQueryViT(nn.MaxPool2d(3, 2, 1), also_per_position=True), img_size=64)
+    with pytest.raises(gmc.UnsupportedOperationError, match="does not tile in windows the 4x4 grid of max_pool2d") as exc:
+        gmc.convert(_GlobalQueryViT(nn.MaxPool2d(3, 2, 1), also_elsewhere=True), img_size=64)
+    assert "node 'repeat_interleave'" in str(exc.value)
