@@ -483,6 +483,9 @@ def _avg_pool_post(state: _HookState) -> Callable:
                 count = count + area - window_sum(torch.ones_like(vis[:1]))
         shown = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
         return torch.where(shown, summed / count.clamp_min(1), torch.zeros((), dtype=x.dtype))
+    return hook
+
+
 def _dense_generator_pre(state: _HookState) -> Callable:
     """GC ViT's global-query generator runs densely at every position of its input, which reads zeros at masked
     positions; inside it no other hook changes anything."""
