@@ -114,6 +114,7 @@ def build_pipeline() -> List[P.GreenPass]:
         P.OutputsPass(),
         P.ConvPass(),
         P.PoolingPass(),
+        P.PositionEinsumPass(),
         P.AttentionPass(),
         P.SampleMatmulPass(),
         P.PatchMergingPass(),

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.squeeze_excite import SEModule
-from timm.models import davit, focalnet, hiera, maxxvit, nest, pvt_v2, twins
+from timm.models import davit, focalnet, hiera, maxxvit, mvitv2, nest, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
@@ -28,7 +28,7 @@ from torchvision.models import swin_transformer as tv_swin
 
 from .errors import InvalidInputError
 from .sites import Sites
-from .capture import timm_stages as feature_stages
+from .capture import module_tensor, timm_stages as feature_stages
 from .tokens import GreenOutput, VisibleTokens
 
 
@@ -53,6 +53,7 @@ class _HookState:
         self.block_vis: Dict[nn.Module, Tuple[torch.Tensor, nn.Module]] = {}
         self.key_masks: List[Any] = []  # innermost attention module's key visibility: a function, or _GivenKeys
         self.per_sample = 0  # > 0 inside a module whose inner convs act on one value per sample (squeeze-excite)
+        self.masked_rel_pos: List[bool] = []  # per MViTv2 attention being run: its keys were masked
 
     def grid_of(self, tokens: int) -> Tuple[int, int]:
         """The feature grid with ``tokens`` cells and the image's aspect ratio."""
@@ -198,6 +199,7 @@ def _masked_inputs_pre(fill: float) -> Callable[[_HookState], Callable]:
                 return None
             x = args[0]
             vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
+            vis = vis.repeat_interleave(x.shape[0] // vis.shape[0], 0)  # heads folded into the batch, samples major
             return (torch.where(vis, x, torch.tensor(fill, dtype=x.dtype)),) + tuple(args[1:])
         return hook
     return factory
@@ -208,6 +210,34 @@ def _max_pool_post(state: _HookState) -> Callable:
     def hook(pool: nn.Module, args, out):
         vis = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
         return torch.where(vis, out, torch.zeros((), dtype=out.dtype))
+    return hook
+
+
+def _mvit_rel_pos(state: _HookState, rel_pos: Callable) -> Callable:
+    """MViTv2's relative-position step, then the key mask: the logits (B, heads, Nq, Nk) leave it for the softmax,
+    the keys are the class token (always visible) and the ``k_size`` grid of pooled keys."""
+    def run(attn, q, has_cls_token, q_size, k_size, rel_pos_h, rel_pos_w):
+        attn = rel_pos(attn, q, has_cls_token, q_size, k_size, rel_pos_h, rel_pos_w)
+        vis = visibility_map(state.visible, tuple(k_size)).reshape(attn.shape[0], -1)
+        if has_cls_token:
+            vis = torch.cat([torch.ones_like(vis[:, :1]), vis], 1)
+        state.masked_rel_pos[-1] = True
+        neg = torch.tensor(_neg(attn.dtype), dtype=attn.dtype)
+        return attn + torch.where(vis, torch.zeros((), dtype=attn.dtype), neg)[:, None, None, :]
+    return run
+
+
+def _mvit_attention_pre(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args):
+        state.masked_rel_pos.append(False)
+    return hook
+
+
+def _mvit_attention_post(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args, out):
+        if not state.masked_rel_pos.pop():
+            raise InvalidInputError(f"{type(module).__name__} with rel_pos_type={module.rel_pos_type!r}: the oracle masks "
+                                    "MViTv2's keys where it adds its spatial relative positions")
     return hook
 
 
@@ -440,6 +470,8 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (SEModule, _squeeze_excite_pre, False),
     (nest.Attention, _attention_pre(_nest_block_keys), False),
     (nn.MaxPool2d, _masked_inputs_pre(float("-inf")), False),
+    (mvitv2.MultiScaleAttention, _mvit_attention_pre, False),
+    (mvitv2.MultiScaleAttentionPoolFirst, _mvit_attention_pre, False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _attention_post),
@@ -456,6 +488,8 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (SEModule, _squeeze_excite_post),
     (nest.Attention, _attention_post),
     (nn.MaxPool2d, _max_pool_post),
+    (mvitv2.MultiScaleAttention, _mvit_attention_post),
+    (mvitv2.MultiScaleAttentionPoolFirst, _mvit_attention_post),
 ]
 
 
@@ -478,6 +512,7 @@ def masked_dense_hooks(
     sdpa = F.scaled_dot_product_attention
     batch_norm = F.batch_norm
     tv_attention = tv_swin.shifted_window_attention
+    mvit_rel_pos = mvitv2.cal_rel_pos_type
     fused = {mod: mod.fused_attn for mod in model.modules() if isinstance(mod, SDPA_MASKED) and hasattr(mod, "fused_attn")}
     try:
         for mod in fused:
@@ -496,11 +531,13 @@ def masked_dense_hooks(
         F.scaled_dot_product_attention = _masked_sdpa(state, sdpa)
         F.batch_norm = _masked_batch_norm(state, batch_norm)
         tv_swin.shifted_window_attention = _tv_shifted_window_attention(state)
+        mvitv2.cal_rel_pos_type = _mvit_rel_pos(state, mvit_rel_pos)
         yield
     finally:
         F.scaled_dot_product_attention = sdpa
         F.batch_norm = batch_norm
         tv_swin.shifted_window_attention = tv_attention
+        mvitv2.cal_rel_pos_type = mvit_rel_pos
         for mod, flag in fused.items():
             mod.fused_attn = flag
         for h in handles:
@@ -590,7 +627,7 @@ def dense_masked_reference(
     captured: Dict[str, torch.Tensor] = {}
     hooked = names + ([last] if last is not None and last not in names else [])
     handles = [
-        _called_module(modules[n]).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out))
+        _called_module(modules[n]).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, module_tensor(out)))
         for n in hooked
     ]
     try:
