@@ -35,7 +35,7 @@ class TermPlan:
 
 @dataclass(frozen=True)
 class Step:
-    """One op on the logits: ``kind`` is scalar, scalar-tensor, term, unary, dropout or cast."""
+    """One op on the logits: ``kind`` is scalar, scalar-tensor, term, qterm (a query term), unary, dropout or cast."""
 
     kind: str
     op: Any
