@@ -35,7 +35,7 @@ class TermPlan:
 
 @dataclass(frozen=True)
 class Step:
-    """One op on the logits: ``kind`` is scalar, scalar-tensor, term, unary, dropout or cast."""
+    """One op on the logits: ``kind`` is scalar, scalar-tensor, term, qterm (a query term), unary, dropout or cast."""
 
     kind: str
     op: Any
@@ -57,6 +57,7 @@ class AttentionProgram:
     post: Tuple[Step, ...]
     terms: Tuple[TermPlan, ...]
     backend: str = "auto"
+    qterms: Tuple[TermPlan, ...] = ()  # query terms: packed per-query columns read per (head, key), see sample_attention
 
 
 def term_offsets(plan: TermPlan, head_sizes: Sequence[int], coords: torch.Tensor, grid, offset, key_coords=None,
@@ -90,10 +91,13 @@ def _apply(step: Step, x: torch.Tensor, other: Any) -> torch.Tensor:
     return step.op(other, x) if step.swap else step.op(x, other)
 
 
-def _run_steps(logits: torch.Tensor, steps: Sequence[Step], term_values: List[torch.Tensor], scalars: List[torch.Tensor]) -> torch.Tensor:
+def _run_steps(logits: torch.Tensor, steps: Sequence[Step], term_values: List[torch.Tensor], scalars: List[torch.Tensor],
+               query_values: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """Apply the program's steps to the logits, in graph order."""
     for step in steps:
-        if step.kind == "scalar":
+        if step.kind == "qterm":
+            logits = _apply(step, logits, query_values[step.value])
+        elif step.kind == "scalar":
             logits = _apply(step, logits, step.value)
         elif step.kind == "scalar-tensor":
             logits = _apply(step, logits, scalars[step.value].reshape(()))
@@ -265,9 +269,11 @@ def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Seq
 
 def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: Sites, v: torch.Tensor,
                      program: AttentionProgram, terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor],
-                     rolls: Tuple[Tuple[int, int], Tuple[int, int]] = ((0, 0), (0, 0))) -> torch.Tensor:
+                     rolls: Tuple[Tuple[int, int], Tuple[int, int]] = ((0, 0), (0, 0)),
+                     qterms: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """Every visible query of a sample attends to the visible keys of that sample (padded per sample);
-    ``rolls`` are the query and key layouts' rolls, which the terms' digits are read after."""
+    ``rolls`` are the query and key layouts' rolls, which the terms' digits are read after. ``qterms`` are
+    query terms: ``(Tq, columns)`` packed per query, element (head, key) at the offsets ``program.qterms`` give."""
     if requested_backend(program.backend) == "triton":
         raise RuntimeError("attention_backend='triton': the fused kernel runs window attention; per-sample attention "
                            "(keys of a whole sample or a reduced grid) runs on the PyTorch path (use 'auto' or 'torch')")
@@ -279,11 +285,24 @@ def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: 
     for flat, plan in zip(terms, program.terms):
         index = _padded_term_index(plan, program.head_sizes, q_sites, k_sites, rolls)
         values.append(flat.reshape(-1).index_select(0, index.reshape(-1)).view(shape))
-    return q_sites.unpad(_padded_attention(qp, kp, vp, kvalid, program, values, scalars))
+    query_values = [_query_term(x, plan, program.head_sizes, q_sites, k_sites, rolls) for x, plan in zip(qterms, program.qterms)]
+    return q_sites.unpad(_padded_attention(qp, kp, vp, kvalid, program, values, scalars, query_values))
+
+
+def _query_term(x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites, rolls) -> torch.Tensor:
+    """``(B, heads, Nq, Nk)`` values of a query term: each padded query's row read at (head, key) column offsets."""
+    h, _, k = term_offsets(plan, head_sizes, q_sites.coords, q_sites.grid, rolls[0], k_sites.coords, k_sites.grid, rolls[1])
+    xp, _ = q_sites.pad(x)
+    kpad, _ = k_sites.pad(k[:, None])
+    b, nq, cols = xp.shape
+    index = h[None, :, None, None] + kpad[:, None, None, :, 0]
+    shape = (b, h.shape[0], nq, index.shape[-1])
+    return torch.gather(xp[:, None].expand(b, h.shape[0], nq, cols), 3, index.expand(shape))
 
 
 def _padded_attention(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, kvalid: torch.Tensor, program: AttentionProgram,
-                      values: List[torch.Tensor], scalars: Sequence[torch.Tensor]) -> torch.Tensor:
+                      values: List[torch.Tensor], scalars: Sequence[torch.Tensor],
+                      query_values: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """The program on padded sets ``(S, N, heads * d)`` of queries, keys and values (S samples or windows):
     padding keys (``kvalid`` False) get the lowest logit; returns ``(S, Nq, heads * dv)``."""
     heads = program.heads
@@ -292,7 +311,7 @@ def _padded_attention(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, kval
     qh = qp.view(s, nq, heads, dq).transpose(1, 2)
     kh = kp.view(s, nk, heads, dq).transpose(1, 2)
     vh = vp.view(s, nk, heads, dv).transpose(1, 2)
-    logits = _run_steps(qh @ kh.transpose(-1, -2), program.steps, values, list(scalars))
+    logits = _run_steps(qh @ kh.transpose(-1, -2), program.steps, values, list(scalars), query_values)
     logits = logits.masked_fill(~kvalid[:, None, None, :], torch.finfo(logits.dtype).min)
     probs = _run_post(logits.softmax(dim=-1), program.post)
     return (probs @ vh).transpose(1, 2).reshape(s, nq, heads * dv)

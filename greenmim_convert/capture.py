@@ -42,7 +42,7 @@ class _Features(nn.Module):
         stash: List[Optional[torch.Tensor]] = [None] * len(self.stages)
         handles = [
             _called_module(self.m.get_submodule(name)).register_forward_hook(
-                lambda mod, args, out, i=i: stash.__setitem__(i, out))
+                lambda mod, args, out, i=i: stash.__setitem__(i, module_tensor(out)))
             for i, name in enumerate(self.stages)
         ]
         try:
@@ -58,6 +58,14 @@ class _Features(nn.Module):
         return (out, *stash)
 
 
+def module_tensor(out):
+    """A module's output tensor: the output itself, or the first element of a ``(tensor, ...)`` tuple
+    (MViTv2's stages return their features with their grid size)."""
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
 def _called_module(module: nn.Module) -> nn.Module:
     """The module whose output is a stage's output: a container's last child when it is never called."""
     while isinstance(module, (nn.ModuleList, nn.ModuleDict)):
@@ -68,21 +76,34 @@ def _called_module(module: nn.Module) -> nn.Module:
 def timm_stages(model: nn.Module) -> Tuple[List[str], List[int]]:
     """Stage module paths and strides from timm's ``feature_info``.
 
-    A few timm models name a module that does not exist (Twins says ``block.0`` for ``blocks.0``);
-    such a path resolves to the one existing module path that differs from it by one character.
+    A few timm models name a module that does not exist. Twins says ``block.0`` for ``blocks.0``: such a
+    path resolves to the one existing module path that differs from it by one character. MViTv2 says
+    ``block.i`` for its i-th stage: a path ending in the entry's index resolves to child ``i`` of the one
+    top-level container with exactly one child per ``feature_info`` entry (``stages``).
     """
     info = getattr(model, "feature_info", None) or []
     names = {n for n, _ in model.named_modules()}
     paths = []
-    for f in info:
+    for i, f in enumerate(info):
         path = f["module"]
         if path not in names:
             close = [n for n in names if len(n) == len(path) + 1 and difflib.SequenceMatcher(None, n, path).ratio() > 0.9]
+            if len(close) != 1:
+                close = _indexed_stage(model, path, i, len(info))
             if len(close) != 1:
                 raise MissingStageError(f"feature_info names module '{path}', which {type(model).__name__} does not have")
             path = close[0]
         paths.append(path)
     return paths, [int(f["reduction"]) for f in info]
+
+
+def _indexed_stage(model: nn.Module, path: str, index: int, count: int) -> List[str]:
+    """``['NAME.index']`` for a path ending in ``.index`` when NAME is the one top-level container of ``count``
+    children; else ``[]``."""
+    if not path.endswith(f".{index}"):
+        return []
+    lists = [n for n, m in model.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == count]
+    return [f"{lists[0]}.{index}"] if len(lists) == 1 else []
 
 
 class MissingStageError(TraceError):

@@ -116,6 +116,7 @@ def build_pipeline() -> List[P.GreenPass]:
         P.DenseIslandPass(),
         P.ConvPass(),
         P.PoolingPass(),
+        P.PositionEinsumPass(),
         P.AttentionPass(),
         P.SampleMatmulPass(),
         P.PatchMergingPass(),

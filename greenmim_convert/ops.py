@@ -95,6 +95,16 @@ def sparse_conv(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, weight: 
     return sparse_conv2d(feats, in_sites, out_sites, weight, bias, stride, padding, dilation, groups)
 
 
+def folded_depthwise_conv(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          channel_index: Tuple[int, ...], stride, padding, dilation) -> torch.Tensor:
+    """A depthwise Conv2d applied densely to heads folded into the batch: packed column ``j`` is filtered by
+    channel ``channel_index[j]`` of the conv."""
+    index = torch.tensor(channel_index, dtype=torch.long, device=feats.device)
+    w = weight.index_select(0, index)
+    b = bias.index_select(0, index) if bias is not None else None
+    return sparse_conv(feats, in_sites, out_sites, w, b, stride, padding, dilation, len(channel_index))
+
+
 def image_sparse_conv(images: torch.Tensor, pixels: Sites, out_sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       stride, padding, dilation, groups: int) -> torch.Tensor:
     """A Conv2d on the image that is not a patchify conv: the visible pixels are its input sites."""
@@ -110,6 +120,15 @@ def mean_pool(feats: torch.Tensor, fine: Sites, coarse: Sites, factor: int) -> t
     valid = nbr >= 0
     summed = _rows_or_zero(feats, nbr).sum(1)
     return summed / valid.sum(1, keepdim=True).clamp_min(1).to(feats.dtype)
+
+
+def position_einsum(feats: torch.Tensor, sites: Sites, table: torch.Tensor, spec) -> torch.Tensor:
+    """``einsum`` of packed tokens with a table whose leading axes are read at each token's coordinates
+    (``spec.spatial``: 0 row, 1 column); ``spec`` names the packed channel digits (``EinsumSpec``)."""
+    x = feats.reshape(feats.shape[0], *spec.sizes)
+    if spec.spatial:
+        table = table[tuple(sites.coords[:, axis] for _, axis in spec.spatial)]
+    return torch.einsum(spec.equation, x, table).reshape(feats.shape[0], -1)
 
 
 def channel_slice(feats: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.squeeze_excite import SEModule
 from timm.layers.pos_embed_rel import RelPosBias
-from timm.models import davit, focalnet, gcvit, hiera, maxxvit, nest, pvt_v2, twins
+from timm.models import davit, focalnet, gcvit, hiera, maxxvit, mvitv2, nest, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
@@ -31,7 +31,7 @@ from torchvision.ops import SqueezeExcitation as TvSqueezeExcitation
 
 from .errors import InvalidInputError
 from .sites import Sites
-from .capture import timm_stages as feature_stages
+from .capture import module_tensor, timm_stages as feature_stages
 from .tokens import GreenOutput, VisibleTokens
 
 
@@ -57,6 +57,7 @@ class _HookState:
         self.key_masks: List[Any] = []  # innermost attention module's key visibility: a function, or _GivenKeys
         self.per_sample = 0  # > 0 inside a module whose inner convs act on one value per sample (squeeze-excite)
         self.dense = 0  # > 0 inside a module computed densely at every position (GC ViT's global-query generator)
+        self.masked_rel_pos: List[bool] = []  # per MViTv2 attention being run: its keys were masked
 
     def grid_of(self, tokens: int) -> Tuple[int, int]:
         """The feature grid with ``tokens`` cells and the image's aspect ratio."""
@@ -202,6 +203,7 @@ def _masked_inputs_pre(fill: float) -> Callable[[_HookState], Callable]:
                 return None
             x = args[0]
             vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
+            vis = vis.repeat_interleave(x.shape[0] // vis.shape[0], 0)  # heads folded into the batch, samples major
             return (torch.where(vis, x, torch.tensor(fill, dtype=x.dtype)),) + tuple(args[1:])
         return hook
     return factory
@@ -214,6 +216,34 @@ def _max_pool_post(state: _HookState) -> Callable:
             return None
         vis = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
         return torch.where(vis, out, torch.zeros((), dtype=out.dtype))
+    return hook
+
+
+def _mvit_rel_pos(state: _HookState, rel_pos: Callable) -> Callable:
+    """MViTv2's relative-position step, then the key mask: the logits (B, heads, Nq, Nk) leave it for the softmax,
+    the keys are the class token (always visible) and the ``k_size`` grid of pooled keys."""
+    def run(attn, q, has_cls_token, q_size, k_size, rel_pos_h, rel_pos_w):
+        attn = rel_pos(attn, q, has_cls_token, q_size, k_size, rel_pos_h, rel_pos_w)
+        vis = visibility_map(state.visible, tuple(k_size)).reshape(attn.shape[0], -1)
+        if has_cls_token:
+            vis = torch.cat([torch.ones_like(vis[:, :1]), vis], 1)
+        state.masked_rel_pos[-1] = True
+        neg = torch.tensor(_neg(attn.dtype), dtype=attn.dtype)
+        return attn + torch.where(vis, torch.zeros((), dtype=attn.dtype), neg)[:, None, None, :]
+    return run
+
+
+def _mvit_attention_pre(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args):
+        state.masked_rel_pos.append(False)
+    return hook
+
+
+def _mvit_attention_post(state: _HookState) -> Callable:
+    def hook(module: nn.Module, args, out):
+        if not state.masked_rel_pos.pop():
+            raise InvalidInputError(f"{type(module).__name__} with rel_pos_type={module.rel_pos_type!r}: the oracle masks "
+                                    "MViTv2's keys where it adds its spatial relative positions")
     return hook
 
 
@@ -547,6 +577,8 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (TvSqueezeExcitation, _squeeze_excite_pre, False),
     (gcvit.FeatureBlock, _dense_generator_pre, False),
     (gcvit.GlobalContextVitBlock, _gcvit_block_pre, False),
+    (mvitv2.MultiScaleAttention, _mvit_attention_pre, False),
+    (mvitv2.MultiScaleAttentionPoolFirst, _mvit_attention_pre, False),
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _attention_post),
@@ -568,6 +600,8 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (TvSqueezeExcitation, _per_sample_post),
     (gcvit.FeatureBlock, _dense_generator_post),
     (RelPosBias, _gcvit_logits_post),
+    (mvitv2.MultiScaleAttention, _mvit_attention_post),
+    (mvitv2.MultiScaleAttentionPoolFirst, _mvit_attention_post),
 ]
 
 
@@ -591,6 +625,7 @@ def masked_dense_hooks(
     batch_norm = F.batch_norm
     tv_attention = tv_swin.shifted_window_attention
     softmax = F.softmax
+    mvit_rel_pos = mvitv2.cal_rel_pos_type
     fused = {mod: mod.fused_attn for mod in model.modules() if isinstance(mod, SDPA_MASKED) and hasattr(mod, "fused_attn")}
     try:
         for mod in fused:
@@ -610,12 +645,14 @@ def masked_dense_hooks(
         F.batch_norm = _masked_batch_norm(state, batch_norm)
         tv_swin.shifted_window_attention = _tv_shifted_window_attention(state)
         F.softmax = _masked_softmax(state, softmax)
+        mvitv2.cal_rel_pos_type = _mvit_rel_pos(state, mvit_rel_pos)
         yield
     finally:
         F.scaled_dot_product_attention = sdpa
         F.batch_norm = batch_norm
         tv_swin.shifted_window_attention = tv_attention
         F.softmax = softmax
+        mvitv2.cal_rel_pos_type = mvit_rel_pos
         for mod, flag in fused.items():
             mod.fused_attn = flag
         for h in handles:
@@ -705,7 +742,7 @@ def dense_masked_reference(
     captured: Dict[str, torch.Tensor] = {}
     hooked = names + ([last] if last is not None and last not in names else [])
     handles = [
-        _called_module(modules[n]).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out))
+        _called_module(modules[n]).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, module_tensor(out)))
         for n in hooked
     ]
     try:

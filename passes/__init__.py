@@ -12,12 +12,13 @@ from .layout_ops import LayoutOpsPass
 from .outputs import OutputsPass
 from .patch_merging import PatchMergingPass
 from .pooling import PoolingPass
+from .position_einsum import PositionEinsumPass
 from .sample_matmul import SampleMatmulPass
 from .tokenwise import TokenwisePass
 
 __all__ = [
     "AttentionPass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "DenseIslandPass", "EinsumPass",
-    "FunctionalizePass",
-    "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass", "SampleMatmulPass", "TokenwisePass",
+    "FunctionalizePass", "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass",
+    "PositionEinsumPass", "SampleMatmulPass", "TokenwisePass",
     "LAYOUT_RULES", "to_networkx",
 ]

@@ -31,6 +31,7 @@ from .block_masks import evaluate_constant, region_labels
 from .tokenwise import UNARY, BINARY
 
 KEY = {"h": "kh", "w": "kw"}
+KEY_KINDS = ("kh", "kw")
 MATMULS = (aten.matmul, aten.bmm)
 SOFTMAX = (aten.softmax, aten._softmax)
 
@@ -142,7 +143,40 @@ def _sdpa_rule(node: fx.Node) -> Optional[Layout]:
     return out
 
 
+def _query_term_rule(node: fx.Node) -> Optional[Layout]:
+    """Logits plus (or minus) a token-valued tensor whose channel digits stand where the logits hold key digits:
+    a query-dependent term (MViTv2's ``q · R[qh, kh]``), read per (query, key) through those digits."""
+    image = [a for a in node.args[:2] if layout_of(a) is not None]
+    if len(image) != 2 or len(node.all_input_nodes) != 2:
+        return None
+    pairs = [layout_of(a).is_pair() for a in image]
+    if pairs.count(True) != 1:
+        return None
+    pair, other = (layout_of(a) for a in (image if pairs[0] else image[::-1]))
+    n = max(len(pair.axes), len(other.axes))
+    pair, other = pair.padded_to(n), other.padded_to(n)
+    if (pair.grid, pair.stride, pair.offset) != (other.grid, other.stride, other.offset):
+        raise LayoutError("a term computed from the queries on another grid than the logits")
+    keys = []
+    for pa, oa in zip(pair.axes, other.axes):
+        if not oa or oa == pa:
+            continue
+        aligned = len(pa) == len(oa) and all(a.kind == "c" and b.kind in KEY_KINDS and a.size == b.size for a, b in zip(oa, pa))
+        if not aligned:
+            raise LayoutError(f"a term computed from the queries of layout {other.shape} that does not broadcast against "
+                              f"the logits {pair.shape}")
+        keys.extend((a, Atom(b.kind[1], b.size, b.inner)) for a, b in zip(oa, pa))
+    if not keys:
+        raise LayoutError("logits combined with image features that hold no key digits")
+    node.meta["query_term"] = (image[1] if pairs[0] else image[0], tuple(keys), not pairs[0])
+    return pair
+
+
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
+    if is_op(node, aten.add, aten.sub):
+        found = _query_term_rule(node)
+        if found is not None:
+            return found
     if is_op(node, *MATMULS):
         return _qk_rule(node)
     if is_op(node, aten.scaled_dot_product_attention):
@@ -235,6 +269,24 @@ def term_plan(term: fx.Node, at: Layout, heads: List[Atom]) -> TermPlan:
     return TermPlan(tuple(head), tuple(query), tuple(key))
 
 
+def query_term_plan(lay: Layout, keys, heads: List[Atom]) -> TermPlan:
+    """How to read a query term's packed columns for one (head, key): its channel digits are heads or stand for
+    the key digits ``keys`` (channel atom, key atom on the key grid)."""
+    atoms = lay.channel_atoms()
+    by_atom = dict(keys)
+    head, key, stride = [], [], 1
+    for a in reversed(atoms):
+        if a in by_atom:
+            k = by_atom[a]
+            key.append((k.kind, k.size, k.inner, stride))
+        elif a in heads:
+            head.append((heads.index(a), a.size, stride))
+        else:
+            raise LayoutError("a term computed from the queries holds channels that are neither heads nor key positions")
+        stride *= a.size
+    return TermPlan(tuple(head), (), tuple(key))
+
+
 class AttentionPass(GreenPass):
     name = "attention"
     description = "q @ kᵀ / softmax / @ v regions and SDPA -> attention over packed groups of visible tokens"
@@ -259,7 +311,7 @@ class AttentionPass(GreenPass):
         if len(qk.users) != 1:
             self.fail(qk, "attention logits used outside one softmax chain")
         q, kt = qk.meta["attention_qk"]
-        steps, terms, post = [], [], []
+        steps, terms, post, qterms = [], [], [], []
         seen_softmax = False
         for n in reversed(chain):
             lay = layout_of(n)
@@ -270,18 +322,23 @@ class AttentionPass(GreenPass):
                     self.fail(n, "two softmaxes in one attention")
                 seen_softmax = True
                 continue
-            step = self._step(gm, n, lay, qk, q, terms)
+            step = self._step(gm, n, lay, qk, q, terms, qterms)
             (post if seen_softmax else steps).append(step)
         if not seen_softmax:
             self.fail(pv, "attention without a softmax over the keys")
         if any(s.kind not in ("dropout", "cast") for s in post):
             self.fail(pv, "ops other than dropout between softmax and @ v")
-        self._emit(gm, pv, q, kt, pv.args[1], layout_of(qk), steps, post, terms, key_transposed=True)
+        self._emit(gm, pv, q, kt, pv.args[1], layout_of(qk), steps, post, terms, key_transposed=True, qterms=qterms)
         for n in chain + [qk]:  # random ops (dropout) are not removed as dead code
             if not n.users:
                 gm.graph.erase_node(n)
 
-    def _step(self, gm, n: fx.Node, lay: Layout, qk: fx.Node, q: fx.Node, terms: List) -> Step:
+    def _step(self, gm, n: fx.Node, lay: Layout, qk: fx.Node, q: fx.Node, terms: List, qterms: List) -> Step:
+        if "query_term" in n.meta:
+            operand, keys, swap = n.meta["query_term"]
+            heads = _heads(layout_of(qk), layout_of(q))[1]
+            qterms.append((operand, query_term_plan(layout_of(operand), keys, heads)))
+            return Step("qterm", n.target, len(qterms) - 1, swap=swap)
         other = [a for a in list(n.args[1:]) if not (isinstance(a, fx.Node) and layout_of(a) is not None)]
         if is_op(n, aten.dropout):
             p, train = args_of(n)["p"], args_of(n)["train"]
@@ -349,7 +406,7 @@ class AttentionPass(GreenPass):
             return q.args[0], [Step("scalar", aten.mul.Tensor, q.args[1])] + list(steps)
         return q, steps
 
-    def _emit(self, gm, at: fx.Node, q, k, v, pair: Layout, steps, post, terms, key_transposed: bool) -> None:
+    def _emit(self, gm, at: fx.Node, q, k, v, pair: Layout, steps, post, terms, key_transposed: bool, qterms=()) -> None:
         ctx = context_of(gm)
         lq, lk = layout_of(q), layout_of(k)
         if key_transposed:
@@ -365,7 +422,7 @@ class AttentionPass(GreenPass):
         if windows is not None:
             steps, terms, labels = self._split_block_masks(gm, steps, terms, program_heads=tuple(a.size for a in head_atoms), windows=windows)
         program = AttentionProgram(heads, tuple(a.size for a in head_atoms), tuple(steps), tuple(post),
-                                   tuple(p for _, p in terms), ctx.attention_backend)
+                                   tuple(p for _, p in terms), ctx.attention_backend, tuple(p for _, p in qterms))
         term_nodes = [t for t, _ in terms]
         program_node = constant(gm, program, at, "attention_program")
         if windows is not None:
@@ -378,6 +435,8 @@ class AttentionPass(GreenPass):
                     ctx.grouping_nodes[key] = gm.graph.call_function(ops.digit_grouping, (sites, spec, label_node, ctx.grouping))
                 self.report["groupings"] += 1
         cross = _cross_windows(pair, lq, lk) if windows is None else None
+        if qterms and (windows is not None or cross is not None):
+            self.fail(at, "a term computed from the queries in window attention (supported: attention over a whole sample)")
         if cross is not None and terms:
             self.fail(at, "attention terms in windows whose queries live on a coarser grid than their keys")
         with gm.graph.inserting_before(at):
@@ -390,8 +449,10 @@ class AttentionPass(GreenPass):
                                                                               specs[1], v, program_node, tensors))
                 kind = "pooled-query window attention"
             else:
-                new = gm.graph.call_function(runtime.sample_attention, (q, sites_node(gm, lq), k, sites_node(gm, lk), v, program_node,
-                                                                        term_nodes, tensors, (lq.offset, lk.offset)))
+                args = (q, sites_node(gm, lq), k, sites_node(gm, lk), v, program_node, term_nodes, tensors, (lq.offset, lk.offset))
+                if qterms:
+                    args += ([t for t, _ in qterms],)
+                new = gm.graph.call_function(runtime.sample_attention, args)
                 kind = "per-sample attention" if lq.grid == lk.grid else "reduced-key attention"
         new.meta["layout"] = at.meta["layout"]
         at.replace_all_uses_with(new)

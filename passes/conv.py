@@ -5,17 +5,19 @@ grid. On the image, a kernel == stride conv (patch embedding) reads only visible
 image conv (an overlapping stem) reads the visible pixels as sites. On features, a 1x1 conv is a
 Linear on every token; a kernel == stride conv never straddles a mask unit and becomes a per-unit
 gather + GEMM; every other geometry (depthwise, overlapping, strided, dilated) runs
-``kernels.sparse_conv``. The original weight and bias Parameters are read by the new ops.
+``kernels.sparse_conv``; a depthwise conv whose batch axis holds heads (channel digits folded into the
+batch) is one depthwise conv over every packed column, its filters repeated per head. The original weight and bias Parameters are read by the new ops.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 import torch.fx as fx
 
 from greenmim_convert import ops
 from greenmim_convert.kernels.sparse_conv import conv_output_grid
-from greenmim_convert.layout import Layout, LayoutError
+from greenmim_convert.layout import Atom, Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, replace_with_call, shape_of, sites_node
 from .layout_ops import with_absorbed_pad
@@ -58,6 +60,30 @@ def is_nchw(lay: Layout) -> bool:
     ) and lay.shape[2:] == lay.grid
 
 
+def folded_heads(lay: Layout) -> Optional[Tuple[Atom, ...]]:
+    """Channel digits folded into the batch axis of an otherwise NCHW map (MViTv2 pools q, k and v with heads
+    folded into the batch), or None when the layout is not such a map."""
+    first = lay.axes[0] if lay.axes else ()
+    if len(first) < 2 or first[0].kind != "b" or any(a.kind != "c" for a in first[1:]) or len(lay.axes) != 4:
+        return None
+    rest = lay.axes[1:]
+    if [[a.kind for a in ax] for ax in rest] != [["c"], ["h"], ["w"]] or lay.offset != (0, 0):
+        return None
+    if any(a.inner != 1 for ax in rest[1:] for a in ax) or lay.shape[2:] != lay.grid:
+        return None
+    return first[1:]
+
+
+def folded_channel_index(lay: Layout) -> Tuple[int, ...]:
+    """For every packed column of a map with heads folded into its batch, the conv channel it holds."""
+    conv_atom = lay.axes[1][0]
+    index = torch.zeros(1, dtype=torch.long)
+    for a in lay.channel_atoms():
+        digit = torch.arange(a.size) * (1 if a == conv_atom else 0)
+        index = (index[:, None] * (a.size if a == conv_atom else 1) + digit).reshape(-1)
+    return tuple(index.tolist())
+
+
 def image_layout(gm: fx.GraphModule) -> Layout:
     ctx = context_of(gm)
     return Layout.nchw(ctx.trace_batch, ctx.img_size, ctx.channels, 1)
@@ -93,9 +119,21 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         return None
     if is_pointwise(c) and lay.channel_axis() == 1 and len(lay.axes) == 4:
         return lay.with_channels(c["out_channels"])
+    if folded_heads(lay) is not None:
+        return _folded_output_layout(c, lay)
     if not is_nchw(lay):
         raise LayoutError(f"convolution input is not an NCHW feature map (layout {lay.shape})")
     return _output_layout(c, lay)
+
+
+def _folded_output_layout(c: dict, lay: Layout) -> Layout:
+    """A depthwise conv on a map whose batch axis holds heads: the same conv on every head's channels."""
+    chans = lay.axes[1][0].size
+    if not (c["groups"] == chans == c["out_channels"]):
+        raise LayoutError("a convolution over a batch axis holding channels that is not depthwise (one filter per channel)")
+    out = _output_layout(c, Layout.nchw(1, lay.grid, chans, lay.stride))
+    h, w = out.grid
+    return Layout((lay.axes[0], lay.axes[1], (Atom("h", h),), (Atom("w", w),)), out.grid, out.stride)
 
 
 class ConvPass(GreenPass):
@@ -121,6 +159,10 @@ class ConvPass(GreenPass):
                 args, fn, kind = (src, w, b), ops.pointwise_conv, "pointwise linear"
             elif is_patchify(c):
                 args, fn, kind = (src, sites_node(gm, layout_of(src)), out_sites, w, b), ops.conv_per_unit, "per-unit linear"
+            elif folded_heads(layout_of(src)) is not None:
+                index = folded_channel_index(layout_of(src))
+                args = (src, sites_node(gm, layout_of(src)), out_sites, w, b, index, c["stride"], c["padding"], c["dilation"])
+                fn, kind = ops.folded_depthwise_conv, "sparse conv, heads in the batch"
             else:
                 in_sites = sites_node(gm, layout_of(src))
                 args = (src, in_sites, out_sites, w, b, c["stride"], c["padding"], c["dilation"], c["groups"])

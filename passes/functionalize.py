@@ -3,7 +3,7 @@
 Export's training IR keeps in-place ops; on packed tokens a view is the same tensor, so mutation
 would leak through layout ops that no longer copy. Each in-place op on a value computed from the
 images becomes its functional form and later readers of the mutated value read the new node
-instead. In-place ops on constants (masks filled slice by slice) stay: they run as written.
+instead; a ``copy_`` over a whole tensor of the same shape and dtype becomes its source. In-place ops on constants (masks filled slice by slice) stay: they run as written.
 """
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def _functional(target):
     if overload == "float" and name == "bernoulli_":
         return torch.ops.aten.bernoulli.p
     return getattr(base, overload, None) or getattr(base, "default", None)
+
+
+def _same_tensor_type(a, b) -> bool:
+    """Both values are tensors of the same shape and dtype (copying one over the other changes nothing else)."""
+    va, vb = (x.meta.get("val") if isinstance(x, fx.Node) else None for x in (a, b))
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
 
 
 class FunctionalizePass(GreenPass):
@@ -52,3 +58,7 @@ class FunctionalizePass(GreenPass):
                 if user is not node and order.get(user, -1) > order[node]:
                     user.replace_input_with(mutated, node)
             self.report[f"{functional.__name__}"] += 1
+            if functional is torch.ops.aten.copy.default and _same_tensor_type(node.args[1], node):
+                node.replace_all_uses_with(node.args[1])  # a whole-tensor copy_ is its source
+                gm.graph.erase_node(node)
+                self.report["whole-tensor copy -> its source"] += 1

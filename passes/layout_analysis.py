@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from greenmim_convert.layout import Layout, LayoutError
 
-from . import attention, channel_split, conv, dense_island, layout_ops, patch_merging, pooling, tokenwise
+from . import attention, channel_split, conv, dense_island, layout_ops, patch_merging, pooling, position_einsum, tokenwise
 from .base import GreenPass, aten, context_of, is_op, layout_of, shape_of
 
 LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
@@ -37,6 +37,7 @@ LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
     ("conv", conv.layout_rule),
     ("pooling", pooling.layout_rule),
     ("attention", attention.layout_rule),
+    ("position-einsum", position_einsum.layout_rule),
     ("channel-split", channel_split.layout_rule),
     ("cat", _cat),
     ("dense-island", dense_island.layout_rule),

@@ -1,6 +1,6 @@
 """Token-wise ops run unchanged on packed ``(rows, C)`` tensors: one generic rule for every model.
 
-``linear`` and ``layer_norm`` over the channels, ``batch_norm`` (in training mode its statistics
+``linear`` and ``layer_norm`` over the channels (or over the minor channel digits of every head), ``batch_norm`` (in training mode its statistics
 are taken over the visible tokens of the batch, and update the running statistics: the sparse
 BatchNorm of SparK and FCMAE), elementwise ops (activations, residual adds,
 per-channel scales, dropout, dtype casts), and reductions or softmax over channel digits act on
@@ -38,6 +38,16 @@ ELEMENTWISE = UNARY + BINARY + IN_PLACE
 CREATION = (aten.empty, aten.zeros, aten.ones, aten.full, aten.rand, aten.randn)
 CHANNEL_REDUCTIONS = (aten.linalg_vector_norm, aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std)
 FACTORIES = (aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full)
+
+
+def _minor_channel_axis(lay: Layout) -> Optional[int]:
+    """Size of the last axis when it holds the least significant channel digits, in packed order (a per-head
+    head_dim axis with the heads on another axis); else None."""
+    last = list(lay.axes[-1]) if lay.axes else []
+    chans = lay.channel_atoms()
+    if not last or any(a.kind != "c" for a in last) or chans[len(chans) - len(last):] != last:
+        return None
+    return prod(a.size for a in last)
 
 
 def _with_channels(lay: Layout, channels: int) -> Layout:
@@ -154,7 +164,12 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
             raise LayoutError(f"batch_norm over axis 1 of layout {lay.shape}, which does not hold exactly the channels")
         return lay
     if is_op(node, aten.layer_norm):
-        lay = channel_input(node, layout_of(src))
+        lay = layout_of(src)
+        minor = _minor_channel_axis(lay)
+        if minor is not None and tuple(args_of(node)["normalized_shape"]) == (minor,) and minor != lay.channels:
+            node.meta["minor_norm"] = minor  # per head: the norm of the minor channel digits of every head
+            return lay
+        lay = channel_input(node, lay)
         if tuple(args_of(node)["normalized_shape"]) != (lay.channels,):
             raise LayoutError(f"layer_norm over {tuple(args_of(node)['normalized_shape'])} is not over the channels")
         return lay
@@ -266,6 +281,8 @@ class TokenwisePass(GreenPass):
                 self._elementwise(gm, node)
             elif node.meta.get("channel_reduction"):
                 self._channel_op(gm, node)
+            elif "minor_norm" in node.meta:
+                self._minor_norm(gm, node)
             elif is_op(node, aten.linear, aten.layer_norm, aten.batch_norm):
                 if "channel_permute" in node.meta:
                     with gm.graph.inserting_before(node):
@@ -273,6 +290,18 @@ class TokenwisePass(GreenPass):
                     node.replace_input_with(node.args[0], reordered)
                     self.report["channels reordered"] += 1
                 self.report[f"{node.target.__name__.split('.')[0]} unchanged"] += 1
+
+    def _minor_norm(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        """``layer_norm`` over the minor channel digits: packed rows viewed as ``(rows * groups, minor)``."""
+        channels = node.meta["layout"].channels
+        with gm.graph.inserting_before(node):
+            rows = gm.graph.call_function(aten.reshape.default, (node.args[0], [-1, node.meta["minor_norm"]]))
+        node.replace_input_with(node.args[0], rows)
+        with gm.graph.inserting_after(node):
+            flat = gm.graph.call_function(aten.reshape.default, (node, [-1, channels]))
+        node.replace_all_uses_with(flat, delete_user_cb=lambda u: u is not flat)
+        flat.meta["layout"] = node.meta["layout"]
+        self.report["layer_norm over the minor channel digits (per head)"] += 1
 
     def _per_sample_factory(self, gm: fx.GraphModule, node: fx.Node) -> None:
         sites = sites_node(gm, node.meta["layout"])

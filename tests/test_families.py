@@ -1,11 +1,14 @@
 """One equivalence harness for every family: all visible == timm at every stage, masked == oracle (float64, gradients)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import pytest
 import timm
 import torch
+from timm.models import mvitv2
+from timm.models._builder import build_model_with_cfg
 from timm.models.focalnet import _create_focalnet
 from timm.models.gcvit import _create_gcvit
 from timm.models.nest import _create_nest
@@ -36,6 +39,16 @@ SMALL_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
 SMALL_MAXVIT = dict(depths=(1, 1, 1, 1), embed_dim=(32, 64, 128, 256))
 GCVIT_IMG = 96  # windows of 3 positions at the two finest grids; two dense-island levels each
 CONVNEXT_IMG = 64  # float64 depthwise 7x7 convolutions take PyTorch's slow per-group path on the CPU
+
+SMALL_MVIT = dict(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1)
+MVIT_IMG = 96  # grids 24, 12, 6, 3: keys pooled to 6x6 in the first stage
+
+
+def _mvitv2(name: str, pretrained: bool = False, img_size: int = MVIT_IMG, **cfg) -> torch.nn.Module:
+    """timm's MViTv2 ``name`` with fields of its configuration dataclass replaced (its builder takes no ``depths=``)."""
+    return build_model_with_cfg(mvitv2.MultiScaleVit, name, pretrained, model_cfg=replace(mvitv2.model_cfgs[name], **cfg),
+                                img_size=img_size)
+
 
 CASES: Dict[str, Case] = {
     "swin": Case(timm.create_model, "swin_tiny_patch4_window7_224", TINY_SWIN),
@@ -73,6 +86,11 @@ CASES: Dict[str, Case] = {
     # every window at its in-window positions; 3x3 windows at stride 4 and 8 straddle the 32-pixel mask units
     "gcvit_xxtiny": Case(_create_gcvit, "gcvit_xxtiny",
                          dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), img_size=GCVIT_IMG), GCVIT_IMG, 0.6),
+    # pooling attention: q, k, v pooled by depthwise convs with heads folded into the batch, keys on coarser
+    # grids, decomposed relative positions that depend on the query, residual pooling, max-pooled shortcuts;
+    # norm_k's bias adds q·b to every logit of a query (softmax cancels it). large: dims change in the MLP
+    "mvitv2_tiny": Case(_mvitv2, "mvitv2_tiny", SMALL_MVIT, MVIT_IMG, zero_grads=("norm_k.bias",)),
+    "mvitv2_large": Case(_mvitv2, "mvitv2_large", dict(SMALL_MVIT, embed_dim=12), MVIT_IMG, zero_grads=("norm_k.bias",)),
     "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
     "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
     "pvt_v2_b2_li": Case(timm.create_model, "pvt_v2_b2_li", dict(depths=(1, 1, 1, 1))),
@@ -89,7 +107,7 @@ def build(case: str, seed: int, dtype: torch.dtype = torch.float64):
     model = c.builder(c.name, pretrained=False, **c.kwargs)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "relative_position_bias_table" in n:
+            if "relative_position_bias_table" in n or n.endswith(("rel_pos_h", "rel_pos_w")):
                 p.normal_(0.0, 0.5)
             elif p.dim() == 1 and n.endswith("bias"):
                 p.normal_(0.0, 0.1)  # larger biases would dominate q and k: near-uniform attention, ill-conditioned grads

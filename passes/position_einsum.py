@@ -1,0 +1,124 @@
+"""``einsum`` of image features with a table read at each token's position -> a per-token product.
+
+MViTv2's decomposed relative positions compute ``einsum("byhwc,hkc->byhwk", q, R)``: the query's
+channels contract with a constant table ``R`` (gathered from a parameter by constant indices) that is
+indexed by the query's row (``h``) and has a free axis ``k``. Every output element depends on one
+token, so on packed tokens it is a token-wise op: gather the table's slice at the token's row or
+column, contract the channels. The free table axes become new channel digits of the result (above
+the ones kept), which the attention pass may later align with key positions (a query-dependent term).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch.fx as fx
+
+from greenmim_convert import ops
+from greenmim_convert.layout import Atom, Layout, LayoutError
+
+from .base import GreenPass, aten, constant, is_op, layout_of, replace_with_call, shape_of, sites_node
+
+
+@dataclass(frozen=True)
+class EinsumSpec:
+    """A packed per-token einsum: letters of the input's packed channel digits, of the table (spatial letters
+    first, each with the coordinate it reads: 0 row, 1 column) and of the output's packed channel digits."""
+
+    inputs: str
+    sizes: Tuple[int, ...]
+    spatial: Tuple[Tuple[str, int], ...]
+    table: str
+    output: str
+
+    @property
+    def equation(self) -> str:
+        rest = "".join(ch for ch in self.table if ch not in dict(self.spatial))
+        return f"t{self.inputs},{'t' if self.spatial else ''}{rest}->t{self.output}"
+
+
+def _operands(node: fx.Node) -> Optional[Tuple[str, str, str, fx.Node, fx.Node, bool]]:
+    """(image letters, table letters, output letters, image node, table node, image first), or None."""
+    equation, operands = node.args[0], list(node.args[1])
+    if len(operands) != 2 or "..." in equation or "->" not in equation:
+        return None
+    ins, out = equation.replace(" ", "").split("->")
+    parts = ins.split(",")
+    with_layout = [layout_of(x) is not None for x in operands]
+    if with_layout.count(True) != 1:
+        return None
+    i = with_layout.index(True)
+    return parts[i], parts[1 - i], out, operands[i], operands[1 - i], i == 0
+
+
+def plan(node: fx.Node) -> Tuple[Layout, EinsumSpec]:
+    """The output layout and the packed spec of an einsum of image features with a position-indexed table."""
+    found = _operands(node)
+    if found is None:
+        raise LayoutError("einsum that is not one image operand with one constant table")
+    img, tab, out, x, _, _ = found
+    lay = layout_of(x)
+    if len(img) != len(lay.axes) or len(set(img)) != len(img) or len(set(tab)) != len(tab):
+        raise LayoutError(f"einsum {img},{tab}->{out} with repeated letters or axes it does not name")
+    letter_of: Dict[Atom, str] = {}
+    spatial, kept = [], []
+    for letter, ax in zip(img, lay.axes):
+        kinds = {a.kind for a in ax}
+        if letter not in out:
+            if letter not in tab or kinds - {"c"}:
+                raise LayoutError(f"einsum sums axis {letter!r} of image features that is not a channel axis of both")
+        elif letter in tab:
+            if len(ax) != 1 or ax[0].kind not in "hw" or ax[0].inner != 1 or lay.offset != (0, 0) \
+                    or ax[0].size != lay.grid["hw".index(ax[0].kind)]:
+                raise LayoutError(f"einsum table indexed by axis {letter!r}, which is not one whole grid side")
+            spatial.append((letter, "hw".index(ax[0].kind)))
+        if kinds & {"c"}:
+            if len(ax) != 1:
+                raise LayoutError(f"einsum over axis {letter!r} holding several channel digits")
+            letter_of[ax[0]] = letter
+            if letter in out:
+                kept.append(ax[0])
+    new_letters = [ch for ch in out if ch not in img]
+    if any(ch not in tab for ch in new_letters) or any(ch not in img and ch not in out for ch in tab):
+        raise LayoutError(f"einsum {img},{tab}->{out} sums over table axes")
+    top = max((a.inner * a.size for a in kept), default=1)
+    table_shape = shape_of(_operands(node)[4])
+    new_atoms: Dict[str, Atom] = {}
+    for ch in reversed(new_letters):
+        size = table_shape[tab.index(ch)]
+        new_atoms[ch] = Atom("c", size, top)
+        top *= size
+    axes = tuple(lay.axes[img.index(ch)] if ch in img else (new_atoms[ch],) for ch in out)
+    result = Layout(axes, lay.grid, lay.stride, lay.offset)
+    result.check_packed()
+    letter_of.update({a: ch for ch, a in new_atoms.items()})
+    inputs = "".join(letter_of[a] for a in lay.channel_atoms())
+    output = "".join(letter_of[a] for a in result.channel_atoms())
+    order = "".join(ch for ch, _ in spatial) + "".join(ch for ch in tab if ch not in dict(spatial))
+    sizes = tuple(a.size for a in lay.channel_atoms())
+    return result, EinsumSpec(inputs, sizes, tuple(spatial), order, output)
+
+
+def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
+    if not is_op(node, aten.einsum):
+        return None
+    return plan(node)[0]
+
+
+class PositionEinsumPass(GreenPass):
+    name = "position-einsum"
+    description = "einsum of tokens with a table read at each token's row or column -> per-token product"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        for node in list(gm.graph.nodes):
+            if not is_op(node, aten.einsum) or "layout" not in node.meta:
+                continue
+            lay, spec = plan(node)
+            _, tab, _, x, table, _ = _operands(node)
+            perm = [tab.index(ch) for ch in spec.table]
+            with gm.graph.inserting_before(node):
+                if perm != list(range(len(perm))):
+                    table = gm.graph.call_function(aten.permute.default, (table, perm))
+            spec_node = constant(gm, spec, node, "einsum_spec")
+            replace_with_call(gm, node, ops.position_einsum, (x, sites_node(gm, layout_of(x)), table, spec_node))
+            self.report["einsum with a position-indexed table"] += 1
