@@ -3,15 +3,15 @@
 The final value is the captured features when they still hold visible tokens (a timm
 ``forward_features``, a backbone's ``forward``); for a classifier it is the last value before its
 global reduction (the input of its global pool). Stage values are the captured stage modules'
-outputs; for a model without ``stages=`` or timm's ``feature_info`` they are the last value
-computed at each feature grid.
+outputs; for a model without ``stages=`` or timm's ``feature_info`` they are, at each feature grid, the last
+output of the least deeply nested module computing on it.
 
 Every op the model's output depends on must be understood, the head past the final value
 included: a classifier whose head has an op no rule knows fails rather than being cut short.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import networkx as nx
 import torch.fx as fx
@@ -44,15 +44,27 @@ def token_like(lay: Layout) -> bool:
     return grid_ok and len(chans) <= 1 and all(a.inner == 1 for a in chans) and lay.offset == (0, 0) and not lay.is_pair()
 
 
-def owning_module(gm: fx.GraphModule, node: fx.Node) -> str:
+def _module_paths(node: fx.Node) -> List[str]:
+    return [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def module_ends(gm: fx.GraphModule) -> Dict[str, int]:
+    """Graph position of the last op of every source module."""
+    ends: Dict[str, int] = {}
+    for i, n in enumerate(gm.graph.nodes):
+        if n.op == "call_function":
+            for path in _module_paths(n):
+                ends[path] = i
+    return ends
+
+
+def owning_module(gm: fx.GraphModule, node: fx.Node, ends: Optional[Dict[str, int]] = None) -> str:
     """The outermost source module whose output is ``node`` (no later node belongs to it); '' if none."""
-    stack = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for path in stack:
-        later = [n for n in gm.graph.nodes if order[n] > order[node] and n.op == "call_function"
-                 and any(v[0] == path for v in (n.meta.get("nn_module_stack") or {}).values())]
+    ends = module_ends(gm) if ends is None else ends
+    at = next(i for i, n in enumerate(gm.graph.nodes) if n is node)
+    for path in _module_paths(node):
         name = path[2:] if path.startswith("m.") else ""
-        if not later and name:
+        if name and ends.get(path, -1) <= at:
             return name
     return ""
 
@@ -79,9 +91,10 @@ class OutputsPass(GreenPass):
         for s in stages:
             if layout_of(s) is None or not token_like(layout_of(s)):
                 self.fail(s, f"stage output is not a per-position feature map (layout {getattr(layout_of(s), 'shape', None)})")
-        ctx.stage_paths = [owning_module(gm, s) for s in stages]
+        ends = module_ends(gm)
+        ctx.stage_paths = [owning_module(gm, s, ends) for s in stages]
         ctx.stage_strides = [layout_of(s).stride for s in stages]
-        ctx.last_path = owning_module(gm, last) if last is not values[0] else None
+        ctx.last_path = owning_module(gm, last, ends) if last is not values[0] else None
 
         def wrap(node: fx.Node) -> fx.Node:
             with gm.graph.inserting_before(out):
@@ -109,11 +122,20 @@ class OutputsPass(GreenPass):
         return found
 
     def _default_stages(self, gm: fx.GraphModule, graph: nx.DiGraph, last: fx.Node) -> List[fx.Node]:
-        """The last value computed at each feature grid, finest first."""
+        """At each feature grid, finest first: the last value that is the output of a module nested least deep
+        (a stage, not the first layer of the next stage's block that still runs on this grid); the last value
+        computed at the grid when no module outputs one."""
         ancestors = nx.ancestors(graph, last.name) | {last.name}
-        by_grid = {}
-        for node in gm.graph.nodes:
+        ends = module_ends(gm)
+        by_grid: Dict[tuple, Tuple[tuple, fx.Node]] = {}
+        for i, node in enumerate(gm.graph.nodes):
             lay = layout_of(node)
-            if node.name in ancestors and lay is not None and token_like(lay) and not node.meta.get("layout_op"):
-                by_grid[(lay.stride, lay.grid)] = node
-        return [by_grid[k] for k in sorted(by_grid) if k[0] > 1]
+            if node.name in ancestors and lay is not None and token_like(lay):
+                owner = next((p for p in _module_paths(node) if p.startswith("m.") and ends.get(p, -1) <= i), None)
+                if owner is None and node.meta.get("layout_op"):
+                    continue
+                rank = (0, -owner.count(".")) if owner else (-1, 0)  # module outputs first, shallowest first
+                key = (lay.stride, lay.grid)
+                if key not in by_grid or rank >= by_grid[key][0]:
+                    by_grid[key] = (rank, node)
+        return [by_grid[k][1] for k in sorted(by_grid) if k[0] > 1]
