@@ -91,6 +91,9 @@ CASES: Dict[str, Case] = {
     # norm_k's bias adds q·b to every logit of a query (softmax cancels it). large: dims change in the MLP
     "mvitv2_tiny": Case(_mvitv2, "mvitv2_tiny", SMALL_MVIT, MVIT_IMG, zero_grads=("norm_k.bias",)),
     "mvitv2_large": Case(_mvitv2, "mvitv2_large", dict(SMALL_MVIT, embed_dim=12), MVIT_IMG, zero_grads=("norm_k.bias",)),
+    # a class token: always visible, a query and a key of every attention, kept out of the pooling convs, the
+    # relative positions and the max-pooled shortcut; the stage outputs leave it out
+    "mvitv2_small_cls": Case(_mvitv2, "mvitv2_small_cls", SMALL_MVIT, MVIT_IMG, zero_grads=("norm_k.bias",)),
     "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
     "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
     "pvt_v2_b2_li": Case(timm.create_model, "pvt_v2_b2_li", dict(depths=(1, 1, 1, 1))),
