@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -42,9 +42,10 @@ class Step:
     value: Any
     swap: bool = False  # the logits are the second operand (``bias - logits``)
     tensor: Any = None  # the graph node of a one-element tensor operand (at compile time only)
+    block: bool = False  # acts on the grid part of the logits only: queries and keys past their prefix tokens
 
     def __reduce__(self):
-        return (Step, (self.kind, self.op, self.value, self.swap, None))
+        return (Step, (self.kind, self.op, self.value, self.swap, None, self.block))
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,15 @@ def _apply(step: Step, x: torch.Tensor, other: Any) -> torch.Tensor:
 
 
 def _run_steps(logits: torch.Tensor, steps: Sequence[Step], term_values: List[torch.Tensor], scalars: List[torch.Tensor],
-               query_values: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """Apply the program's steps to the logits, in graph order."""
+               query_values: Sequence[torch.Tensor] = (), prefix: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Apply the program's steps to the logits, in graph order; a ``block`` step acts on the logits of grid
+    queries and grid keys, past the ``prefix`` (query, key) tokens."""
     for step in steps:
-        if step.kind == "qterm":
+        if step.block and any(prefix):
+            pq, pk = prefix
+            grid = _run_steps(logits[..., pq:, pk:], [replace(step, block=False)], term_values, scalars, query_values)
+            logits = torch.cat([logits[..., :pq, :], torch.cat([logits[..., pq:, :pk], grid], -1)], -2)
+        elif step.kind == "qterm":
             logits = _apply(step, logits, query_values[step.value])
         elif step.kind == "scalar":
             logits = _apply(step, logits, step.value)
@@ -277,6 +283,9 @@ def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: 
     if requested_backend(program.backend) == "triton":
         raise RuntimeError("attention_backend='triton': the fused kernel runs window attention; per-sample attention "
                            "(keys of a whole sample or a reduced grid) runs on the PyTorch path (use 'auto' or 'torch')")
+    prefix = (getattr(q_sites, "prefix", 0), getattr(k_sites, "prefix", 0))
+    if any(prefix):
+        return _prefixed_sample_attention(q, q_sites, k, k_sites, v, program, terms, scalars, rolls, qterms, prefix)
     qp, _ = q_sites.pad(q)
     kp, kvalid = k_sites.pad(k)
     vp, _ = k_sites.pad(v)
@@ -287,6 +296,36 @@ def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: 
         values.append(flat.reshape(-1).index_select(0, index.reshape(-1)).view(shape))
     query_values = [_query_term(x, plan, program.head_sizes, q_sites, k_sites, rolls) for x, plan in zip(qterms, program.qterms)]
     return q_sites.unpad(_padded_attention(qp, kp, vp, kvalid, program, values, scalars, query_values))
+
+
+def _pad_prefixed(x: torch.Tensor, sites, prefix: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample padded rows with the sample's prefix tokens first: ``(B, prefix + Nmax, C)`` and validity."""
+    if not prefix:
+        return sites.pad(x)
+    b = sites.batch_size
+    grid, valid = sites.sites.pad(x[: x.shape[0] - b * prefix])
+    own = x[x.shape[0] - b * prefix:].view(b, prefix, x.shape[1])
+    return torch.cat([own, grid], 1), torch.cat([valid.new_ones(b, prefix), valid], 1)
+
+
+def _prefixed_sample_attention(q, q_sites, k, k_sites, v, program: AttentionProgram, terms, scalars, rolls, qterms,
+                               prefix: Tuple[int, int]) -> torch.Tensor:
+    """``sample_attention`` whose queries or keys hold prefix tokens (a class token, always visible) before
+    the grid tokens: every query attends to its sample's prefix keys and visible grid keys; terms and query
+    terms are read on the grid part (``block`` steps)."""
+    if terms:
+        raise RuntimeError("attention terms over prefix tokens are not supported")
+    grid_q = q_sites.sites if prefix[0] else q_sites
+    grid_k = k_sites.sites if prefix[1] else k_sites
+    qp, _ = _pad_prefixed(q, q_sites, prefix[0])
+    kp, kvalid = _pad_prefixed(k, k_sites, prefix[1])
+    vp, _ = _pad_prefixed(v, k_sites, prefix[1])
+    grid_rows = q.shape[0] - q_sites.batch_size * prefix[0]
+    query_values = [_query_term(x[:grid_rows], plan, program.head_sizes, grid_q, grid_k, rolls)
+                    for x, plan in zip(qterms, program.qterms)]
+    out = _padded_attention(qp, kp, vp, kvalid, program, [], scalars, query_values, prefix)
+    rows = grid_q.unpad(out[:, prefix[0]:])
+    return torch.cat([rows, out[:, :prefix[0]].reshape(-1, out.shape[-1])]) if prefix[0] else rows
 
 
 def _query_term(x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites, rolls) -> torch.Tensor:
@@ -302,16 +341,17 @@ def _query_term(x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], q_si
 
 def _padded_attention(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, kvalid: torch.Tensor, program: AttentionProgram,
                       values: List[torch.Tensor], scalars: Sequence[torch.Tensor],
-                      query_values: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+                      query_values: Sequence[torch.Tensor] = (), prefix: Tuple[int, int] = (0, 0)) -> torch.Tensor:
     """The program on padded sets ``(S, N, heads * d)`` of queries, keys and values (S samples or windows):
-    padding keys (``kvalid`` False) get the lowest logit; returns ``(S, Nq, heads * dv)``."""
+    padding keys (``kvalid`` False) get the lowest logit; returns ``(S, Nq, heads * dv)``. ``prefix``: the
+    (query, key) prefix tokens standing before the grid tokens, which ``block`` steps skip."""
     heads = program.heads
     s, nq, nk = qp.shape[0], qp.shape[1], kp.shape[1]
     dq, dv = qp.shape[2] // heads, vp.shape[2] // heads
     qh = qp.view(s, nq, heads, dq).transpose(1, 2)
     kh = kp.view(s, nk, heads, dq).transpose(1, 2)
     vh = vp.view(s, nk, heads, dv).transpose(1, 2)
-    logits = _run_steps(qh @ kh.transpose(-1, -2), program.steps, values, list(scalars), query_values)
+    logits = _run_steps(qh @ kh.transpose(-1, -2), program.steps, values, list(scalars), query_values, prefix)
     logits = logits.masked_fill(~kvalid[:, None, None, :], torch.finfo(logits.dtype).min)
     probs = _run_post(logits.softmax(dim=-1), program.post)
     return (probs @ vh).transpose(1, 2).reshape(s, nq, heads * dv)

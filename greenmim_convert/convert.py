@@ -121,6 +121,7 @@ def build_pipeline() -> List[P.GreenPass]:
         P.SampleMatmulPass(),
         P.PatchMergingPass(),
         P.ChannelSplitPass(),
+        P.PrefixTokensPass(),
         P.TokenwisePass(),
         P.LayoutOpsPass(),
         P.CheckPass(),

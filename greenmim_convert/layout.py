@@ -9,7 +9,8 @@ An *atom* is one mixed-radix digit of a logical dimension: kind ``b`` (sample), 
 ``w`` (column) or ``c`` (channel), its ``size`` and its ``inner`` place value, so that the logical
 coordinate is the sum of ``digit * inner`` over the atoms of that kind. A tensor axis is a tuple of
 atoms, major first. ``offset`` records cyclic rolls: dense row index ``p`` holds grid row
-``(p + offset_h) mod H``.
+``(p + offset_h) mod H``. ``prefix`` counts tokens that stand before the grid on the axis holding the
+row and column digits (a class token), ``key_prefix`` the same on the key axis of a pair layout.
 """
 from __future__ import annotations
 
@@ -62,9 +63,23 @@ class Layout:
     grid: Tuple[int, int]
     stride: int
     offset: Tuple[int, int] = (0, 0)
+    prefix: int = 0
+    key_prefix: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "axes", tuple(_canonical_axis(ax) for ax in self.axes))
+        for count, kinds in ((self.prefix, SPATIAL), (self.key_prefix, KEY_SPATIAL)):
+            holding = [i for i, ax in enumerate(self.axes) if any(a.kind in kinds for a in ax)]
+            if count and (len(holding) != 1 or any(a.kind not in kinds for a in self.axes[holding[0]])):
+                raise LayoutError("prefix tokens on an axis that does not hold exactly the token digits")
+
+    def prefixed_axes(self) -> Dict[int, int]:
+        """``{axis: count}`` of the axes holding prefix tokens before their grid tokens."""
+        out: Dict[int, int] = {}
+        for count, kinds in ((self.prefix, SPATIAL), (self.key_prefix, KEY_SPATIAL)):
+            if count:
+                out[next(i for i, ax in enumerate(self.axes) if any(a.kind in kinds for a in ax))] = count
+        return out
 
     @staticmethod
     def nhwc(batch: int, grid: Tuple[int, int], channels: int, stride: int) -> "Layout":
@@ -83,7 +98,8 @@ class Layout:
 
     @property
     def shape(self) -> Tuple[int, ...]:
-        return tuple(prod(a.size for a in ax) for ax in self.axes)
+        extra = self.prefixed_axes()
+        return tuple(prod(a.size for a in ax) + extra.get(i, 0) for i, ax in enumerate(self.axes))
 
     def atoms(self, axis: int) -> Axis:
         return self.axes[axis]
@@ -101,6 +117,8 @@ class Layout:
             shape[shape.index(-1)] = total // known
         if prod(shape) != total:
             raise LayoutError(f"cannot view {self.shape} as {tuple(shape)}")
+        if self.prefixed_axes():
+            return self._view_around_prefix(shape)
         pending = [a for ax in self.axes for a in ax]
         axes: List[Axis] = []
         for size in shape:
@@ -123,6 +141,30 @@ class Layout:
             axes.append(tuple(taken))
         return replace(self, axes=tuple(axes))
 
+    def _view_around_prefix(self, shape: List[int]) -> "Layout":
+        """A view that keeps every axis holding prefix tokens whole and regroups the axes between them."""
+        old = self.shape
+        axes: List[Axis] = []
+        prev_old = prev_new = 0
+        for i in sorted(self.prefixed_axes()):
+            before = prod(old[:i])
+            j = next((j for j in range(prev_new, len(shape)) if prod(shape[:j]) == before and shape[j] == old[i]), None)
+            if j is None:
+                raise LayoutError(f"view {tuple(shape)} splits or merges an axis of {old} holding prefix tokens")
+            axes += Layout(self.axes[prev_old:i], self.grid, self.stride).view(shape[prev_new:j]).axes
+            axes.append(self.axes[i])
+            prev_old, prev_new = i + 1, j + 1
+        axes += Layout(self.axes[prev_old:], self.grid, self.stride).view(shape[prev_new:]).axes
+        return replace(self, axes=tuple(axes))
+
+    def without_prefix(self, axis: int) -> "Layout":
+        """The grid tokens of an axis holding prefix tokens (``x[:, prefix:]``)."""
+        count = self.prefixed_axes().get(axis % len(self.axes))
+        if count is None:
+            raise LayoutError(f"axis {axis} holds no prefix tokens")
+        key = any(a.kind in KEY_SPATIAL for a in self.axes[axis])
+        return replace(self, key_prefix=0) if key else replace(self, prefix=0)
+
     def permute(self, dims: Sequence[int]) -> "Layout":
         n = len(self.axes)
         dims = [d % n for d in dims]
@@ -139,6 +181,8 @@ class Layout:
     def flatten(self, start: int = 0, end: int = -1) -> "Layout":
         n = len(self.axes)
         start, end = start % n, end % n
+        if any(start <= i <= end for i in self.prefixed_axes()) and sum(bool(ax) for ax in self.axes[start:end + 1]) > 1:
+            raise LayoutError("flatten merges an axis holding prefix tokens with another axis")
         merged = tuple(a for ax in self.axes[start:end + 1] for a in ax)
         return replace(self, axes=self.axes[:start] + (merged,) + self.axes[end + 1:])
 
@@ -149,6 +193,8 @@ class Layout:
 
     def roll(self, shifts: Sequence[int], dims: Sequence[int]) -> "Layout":
         """Cyclic shift of whole spatial axes; the shift becomes a coordinate offset."""
+        if self.prefixed_axes():
+            raise LayoutError("roll of tokens that hold prefix tokens")
         offset = list(self.offset)
         for s, d in zip(shifts, dims):
             ax = self.axes[d % len(self.axes)]
@@ -225,7 +271,8 @@ class Layout:
         n = max(len(self.axes), len(other.axes))
         self, other = self.padded_to(n), other.padded_to(n)
         sample = self.is_per_sample() or other.is_per_sample()
-        if not sample and ((self.grid, self.stride, self.offset) != (other.grid, other.stride, other.offset)):
+        if not sample and ((self.grid, self.stride, self.offset, self.prefix, self.key_prefix)
+                           != (other.grid, other.stride, other.offset, other.prefix, other.key_prefix)):
             raise LayoutError(f"elementwise op on tensors of different layouts {self.shape} and {other.shape}")
         axes = []
         for a, b in zip(self.axes, other.axes):
@@ -238,7 +285,7 @@ class Layout:
     def is_canonical_tokens(self) -> bool:
         """Batch, then rows, then columns (raster), then channels; no roll offset."""
         kinds = [a.kind for ax in self.axes for a in ax]
-        return kinds == ["b", "h", "w", "c"] and self.offset == (0, 0) and self.channel_last() and all(
+        return kinds == ["b", "h", "w", "c"] and self.offset == (0, 0) and not self.prefix and self.channel_last() and all(
             a.inner == 1 for ax in self.axes for a in ax
         )
 
@@ -265,6 +312,8 @@ def space_to_depth_plan(layout: Layout) -> Tuple[Layout, Tuple[int, int], List[T
         raise LayoutError("nothing to gather")
     if layout.offset != (0, 0):
         raise LayoutError("space-to-depth on rolled coordinates")
+    if layout.prefixed_axes():
+        raise LayoutError("space-to-depth of tokens that hold prefix tokens")
     fh, fw = factors
     last = layout.axes[-1]
     for a in last:

@@ -17,7 +17,7 @@ from .kernels.sparse_conv import build_neighbor_map, sparse_conv2d
 from .attention import term_offsets
 from .kernels.windows import DigitWindows, WindowSpec, digit_segments, digit_sum, window_segments
 from .gather import RowMap
-from .sites import Sites
+from .sites import PrefixedSites, Sites
 from .tokens import GreenOutput, VisibleTokens
 
 
@@ -482,3 +482,30 @@ def from_padded_dense(x: torch.Tensor, sites: Sites, spec: Tuple[Tuple, ...], si
         channels *= s
     x = x.permute(*perm).reshape(*x.shape[:0], *[x.shape[order.index(k)] for k in lead], channels)
     return sites.unpad(x) if tokens else x
+
+
+def prefixed_sites(sites: Sites, prefix: int) -> PrefixedSites:
+    """The sites of a grid followed by ``prefix`` tokens per sample (rows of a layout holding a class token)."""
+    return PrefixedSites(sites, prefix)
+
+
+def grid_rows(x: torch.Tensor, visible: torch.Tensor, prefix: int) -> torch.Tensor:
+    """``x[:, prefix:]`` on packed rows: the grid tokens, which come first."""
+    return x[: x.shape[0] - visible.shape[0] * prefix]
+
+
+def prefix_rows(x: torch.Tensor, visible: torch.Tensor, prefix: int) -> torch.Tensor:
+    """``x[:, :prefix]`` on packed rows: every sample's prefix tokens, ``(B * prefix, C)``, which come last."""
+    return x[x.shape[0] - visible.shape[0] * prefix:]
+
+
+def join_prefix(grid: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """``cat((prefix, grid), token axis)`` on packed rows: grid tokens first, then the prefix rows."""
+    return torch.cat([grid, prefix.to(grid.dtype)])
+
+
+def constant_prefix_rows(const: torch.Tensor, visible: torch.Tensor, batch_axis: int, channel_axis: int) -> torch.Tensor:
+    """A constant prefix token (``cls_token.expand(B, -1, -1)``'s source) as ``(B, C)`` packed rows, one per sample."""
+    order = [batch_axis] + [d for d in range(const.dim()) if d not in (batch_axis, channel_axis)] + [channel_axis]
+    rows = const.permute(order).reshape(const.shape[batch_axis], const.shape[channel_axis])
+    return rows.expand(visible.shape[0], rows.shape[1])

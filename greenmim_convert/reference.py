@@ -760,7 +760,11 @@ def dense_masked_reference(
     if last is not None:
         final = captured[last]
 
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)  # timm: class tokens before the grid tokens
+
     def read(dense: torch.Tensor, stride: Optional[int]) -> VisibleTokens:
+        if dense.dim() == 3 and prefix:
+            dense = dense[:, prefix:]  # the class token is no grid position: left out, as forward_intermediates does
         if stride is not None:  # timm's feature_info: its stride and the model's output_fmt, as always
             return dense_to_tokens(dense, visible, stride, fmt, size)
         layout, stride = feature_layout(dense, size, fmt)

@@ -83,3 +83,27 @@ class Sites:
 
     def __repr__(self) -> str:
         return f"Sites(tokens={self.num_tokens}, grid={self.grid}, batch_size={self.batch_size}, stride={self.stride})"
+
+
+class PrefixedSites:
+    """Visible grid sites followed by ``prefix`` always-visible tokens per sample (a class token).
+
+    Packed rows of such a layout are the grid tokens in canonical order, then every sample's prefix
+    tokens, sample-major: ``(T + B * prefix, C)``.
+    """
+
+    def __init__(self, sites: Sites, prefix: int):
+        self.sites = sites
+        self.prefix = int(prefix)
+        self.batch_size = sites.batch_size
+        self.grid = sites.grid
+        self.stride = sites.stride
+        own = torch.arange(sites.batch_size, device=sites.device).repeat_interleave(self.prefix)
+        self.batch = torch.cat([sites.batch, own])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.batch.shape[0])
+
+    def __repr__(self) -> str:
+        return f"PrefixedSites({self.sites!r}, prefix={self.prefix})"

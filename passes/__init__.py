@@ -13,12 +13,13 @@ from .outputs import OutputsPass
 from .patch_merging import PatchMergingPass
 from .pooling import PoolingPass
 from .position_einsum import PositionEinsumPass
+from .prefix_tokens import PrefixTokensPass
 from .sample_matmul import SampleMatmulPass
 from .tokenwise import TokenwisePass
 
 __all__ = [
     "AttentionPass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "DenseIslandPass", "EinsumPass",
     "FunctionalizePass", "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass",
-    "PositionEinsumPass", "SampleMatmulPass", "TokenwisePass",
+    "PositionEinsumPass", "PrefixTokensPass", "SampleMatmulPass", "TokenwisePass",
     "LAYOUT_RULES", "to_networkx",
 ]

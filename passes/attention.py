@@ -54,7 +54,7 @@ def _pair_layout(q: Layout, k: Layout, kt: bool) -> Layout:
     if q.is_pair() or k.is_pair():
         raise LayoutError("attention of attention")
     key_axis = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in k_tok)
-    return Layout(q.axes[:-2] + (q.axes[-2], key_axis), q.grid, q.stride, q.offset)
+    return Layout(q.axes[:-2] + (q.axes[-2], key_axis), q.grid, q.stride, q.offset, q.prefix, k.prefix)
 
 
 def _absolute(lay: Layout, axes) -> tuple:
@@ -119,10 +119,10 @@ def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:
     n = max(len(p.axes), len(v.axes))
     p, v = p.padded_to(n), v.padded_to(n)
     key = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in v.axes[-2] if a.kind in KEY)
-    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or not same_batch(p, v):
+    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or not same_batch(p, v) or p.key_prefix != v.prefix:
         raise LayoutError("probabilities @ v does not contract the key axis with the value tokens")
     node.meta["attention_pv"] = True
-    out = Layout(p.axes[:-1] + (v.axes[-1],), p.grid, p.stride, p.offset)
+    out = Layout(p.axes[:-1] + (v.axes[-1],), p.grid, p.stride, p.offset, p.prefix)
     out.check_packed()
     return out
 
@@ -137,7 +137,9 @@ def _sdpa_rule(node: fx.Node) -> Optional[Layout]:
     if layout_of(a["attn_mask"]) is not None:
         raise LayoutError("attention mask computed from the images")
     pair = _pair_layout(lq, lk, False)
-    out = Layout(pair.axes[:-1] + (lv.padded_to(len(pair.axes)).axes[-1],), lq.grid, lq.stride, lq.offset)
+    if pair.key_prefix != lv.prefix:
+        raise LayoutError("keys and values hold different prefix tokens")
+    out = Layout(pair.axes[:-1] + (lv.padded_to(len(pair.axes)).axes[-1],), lq.grid, lq.stride, lq.offset, lq.prefix)
     node.meta["attention_sdpa"] = pair
     out.check_packed()
     return out
@@ -300,21 +302,37 @@ class AttentionPass(GreenPass):
         gm.graph.eliminate_dead_code()
 
     def _compile_matmul(self, gm: fx.GraphModule, pv: fx.Node) -> None:
-        chain, node = [], pv.args[0]
+        chain, node, blocks, allowed = [], pv.args[0], {}, set()
         while "attention_qk" not in node.meta:
+            if len(set(node.users) - allowed) != 1:
+                self.fail(node, "attention logits used or combined outside one softmax chain")
+            if "block_scatter" in node.meta:
+                base, inner, region = self._grid_block(node)
+                blocks[node] = inner
+                allowed = region - {node}
+                chain.append(node)
+                node = base
+                continue
             pair_inputs = [a for a in node.all_input_nodes if layout_of(a) is not None and layout_of(a).is_pair()]
-            if len(pair_inputs) != 1 or len(node.users) != 1:
+            if len(pair_inputs) != 1:
                 self.fail(node, "attention logits used or combined outside one softmax chain")
             chain.append(node)
+            allowed = set()
             node = pair_inputs[0]
         qk = node
-        if len(qk.users) != 1:
+        if len(set(qk.users) - allowed) != 1:
             self.fail(qk, "attention logits used outside one softmax chain")
         q, kt = qk.meta["attention_qk"]
         steps, terms, post, qterms = [], [], [], []
         seen_softmax = False
         for n in reversed(chain):
             lay = layout_of(n)
+            if n in blocks:
+                for inner in blocks[n]:
+                    if is_op(inner, *SOFTMAX):
+                        self.fail(inner, "softmax over the grid part of attention logits")
+                    steps.append(replace(self._step(gm, inner, layout_of(inner), qk, q, terms, qterms), block=True))
+                continue
             if n.meta.get("layout_op"):
                 continue
             if is_op(n, *SOFTMAX):
@@ -332,6 +350,41 @@ class AttentionPass(GreenPass):
         for n in chain + [qk]:  # random ops (dropout) are not removed as dead code
             if not n.users:
                 gm.graph.erase_node(n)
+
+    def _grid_block(self, scatter: fx.Node) -> Tuple[fx.Node, List[fx.Node], set]:
+        """``slice_scatter`` of ``f(logits[..., Pq:, Pk:])`` back into the logits (functionalized
+        ``attn[:, :, 1:, 1:] = ...``): the logits, the ops of ``f`` after the slices (graph order) that act on
+        the grid block only, and every node of the region (users of the logits it may have)."""
+        base, value = scatter.args[0], scatter.args[1]
+        dims = [scatter.meta["block_scatter"]]
+        region = {scatter}
+        if "block_scatter" in value.meta and is_op(value.args[0], aten.slice) and value.args[0].args[0] is base:
+            region |= {value, value.args[0]}
+            dims.append(value.meta["block_scatter"])
+            value = value.args[1]
+        lay = layout_of(base)
+        if sorted(dims) != sorted(lay.prefixed_axes()):
+            self.fail(scatter, "an update of attention logits that is not exactly their grid part")
+        inner, node = [], value
+        while True:
+            if is_op(node, aten.slice) and node.meta.get("prefix_slice"):
+                views, src = [], node
+                while is_op(src, aten.slice) and src is not base:
+                    views.append(src)
+                    src = src.args[0]
+                if src is base:
+                    sliced = sorted(args_of(v)["dim"] % len(lay.axes) for v in views)
+                    if sliced != sorted(dims):
+                        self.fail(node, "an update of attention logits read from another part of them")
+                    region |= set(views)
+                    break
+            pair_inputs = [a for a in node.all_input_nodes if layout_of(a) is not None and layout_of(a).is_pair()]
+            if len(pair_inputs) != 1 or len(node.users) != 1:
+                self.fail(node, "attention logits used or combined outside one softmax chain")
+            inner.append(node)
+            region.add(node)
+            node = pair_inputs[0]
+        return base, [n for n in reversed(inner) if not n.meta.get("layout_op")], region
 
     def _step(self, gm, n: fx.Node, lay: Layout, qk: fx.Node, q: fx.Node, terms: List, qterms: List) -> Step:
         if "query_term" in n.meta:
@@ -435,6 +488,10 @@ class AttentionPass(GreenPass):
                     ctx.grouping_nodes[key] = gm.graph.call_function(ops.digit_grouping, (sites, spec, label_node, ctx.grouping))
                 self.report["groupings"] += 1
         cross = _cross_windows(pair, lq, lk) if windows is None else None
+        if (pair.prefix or pair.key_prefix) and (windows is not None or cross is not None):
+            self.fail(at, "prefix tokens (a class token) in window attention (supported: attention over a whole sample)")
+        if (pair.prefix or pair.key_prefix) and any(s.kind == "term" and not s.block for s in steps):
+            self.fail(at, "an attention term over the prefix tokens' logits (supported: terms on the grid part)")
         if qterms and (windows is not None or cross is not None):
             self.fail(at, "a term computed from the queries in window attention (supported: attention over a whole sample)")
         if cross is not None and terms:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -77,8 +77,15 @@ def shape_of(node: Any) -> Optional[Tuple[int, ...]]:
 
 
 def sites_node(gm: fx.GraphModule, layout: Layout) -> fx.Node:
-    """The (shared) node computing the visible sites of ``layout``'s grid."""
+    """The (shared) node computing the visible sites of ``layout``'s grid (and its prefix tokens, when it has some)."""
     ctx = context_of(gm)
+    if layout.prefix:
+        key = (layout.grid, layout.stride, "prefix", layout.prefix)
+        if key not in ctx.site_nodes:
+            grid = sites_node(gm, replace(layout, prefix=0, key_prefix=0))
+            with gm.graph.inserting_after(grid):
+                ctx.site_nodes[key] = gm.graph.call_function(ops.prefixed_sites, (grid, layout.prefix))
+        return ctx.site_nodes[key]
     key = (layout.grid, layout.stride)
     if key not in ctx.site_nodes:
         with gm.graph.inserting_after(ctx.visible):

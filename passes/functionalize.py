@@ -3,14 +3,16 @@
 Export's training IR keeps in-place ops; on packed tokens a view is the same tensor, so mutation
 would leak through layout ops that no longer copy. Each in-place op on a value computed from the
 images becomes its functional form and later readers of the mutated value read the new node
-instead; a ``copy_`` over a whole tensor of the same shape and dtype becomes its source. In-place ops on constants (masks filled slice by slice) stay: they run as written.
+instead; a ``copy_`` over a whole tensor of the same shape and dtype becomes its source, and a
+``copy_`` into ``slice`` views of a tensor (``attn[:, :, 1:, 1:] = ...``) becomes nested
+``slice_scatter`` ops whose result later readers of the tensor read. In-place ops on constants (masks filled slice by slice) stay: they run as written.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from .base import GreenPass, args_of
+from .base import GreenPass, args_of, aten, is_op
 from .layout_analysis import image_values
 
 
@@ -34,6 +36,29 @@ def _same_tensor_type(a, b) -> bool:
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
 
 
+def _scatter_into_slices(gm: fx.GraphModule, node: fx.Node, order: dict) -> bool:
+    """``copy_(base[slices], value)`` -> ``slice_scatter`` of ``value`` into ``base`` through every slice;
+    readers of ``base`` after the copy read the result. False (nothing changed) when ``base`` is no tensor."""
+    views, base = [], node.args[0]
+    while is_op(base, aten.slice):
+        views.append(base)
+        base = base.args[0]
+    if not isinstance(base.meta.get("val"), torch.Tensor) or not _same_tensor_type(node.args[0], node.args[1]):
+        return False
+    value = node.args[1]
+    with gm.graph.inserting_before(node):
+        for view in views:
+            a = args_of(view)
+            value = gm.graph.call_function(aten.slice_scatter.default, (view.args[0], value, a["dim"], a["start"], a["end"], a["step"]))
+            value.meta["val"] = view.args[0].meta["val"]
+            value.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
+    for user in list(base.users):
+        if order.get(user, -1) > order[node]:
+            user.replace_input_with(base, value)
+    gm.graph.erase_node(node)
+    return True
+
+
 class FunctionalizePass(GreenPass):
     name = "functionalize"
     description = "in-place ops -> out-of-place ops"
@@ -45,6 +70,9 @@ class FunctionalizePass(GreenPass):
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or not hasattr(node.target, "_schema") or node.name not in reach:
                 continue  # constants (a seam mask filled slice by slice) keep their in-place ops, run as written
+            if is_op(node, aten.copy_) and is_op(node.args[0], aten.slice) and _scatter_into_slices(gm, node, order):
+                self.report["copy_ into slices -> slice_scatter"] += 1
+                continue
             functional = _functional(node.target)
             if functional is None:
                 continue

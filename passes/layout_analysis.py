@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from greenmim_convert.layout import Layout, LayoutError
 
-from . import attention, channel_split, conv, dense_island, layout_ops, patch_merging, pooling, position_einsum, tokenwise
+from . import attention, channel_split, conv, dense_island, layout_ops, patch_merging, pooling, position_einsum, prefix_tokens, tokenwise
 from .base import GreenPass, aten, context_of, is_op, layout_of, shape_of
 
 LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
@@ -32,6 +32,7 @@ def _cat(gm, node):
 
 # (name, rule): the first rule returning a layout wins
 LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
+    ("prefix-tokens", prefix_tokens.layout_rule),
     ("strided-pick", _pick),
     ("layout-ops", layout_ops.layout_rule),
     ("conv", conv.layout_rule),

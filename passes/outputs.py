@@ -6,11 +6,13 @@ global reduction (the input of its global pool). Stage values are the captured s
 outputs; for a model without ``stages=`` or timm's ``feature_info`` they are, at each feature grid, the last
 output of the least deeply nested module computing on it.
 
-Every op the model's output depends on must be understood, the head past the final value
+Prefix tokens (a class token) are left out of every output, as timm's ``forward_intermediates`` leaves
+them out of its feature maps. Every op the model's output depends on must be understood, the head past the final value
 included: a classifier whose head has an op no rule knows fails rather than being cut short.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 import networkx as nx
@@ -97,9 +99,14 @@ class OutputsPass(GreenPass):
         ctx.last_path = owning_module(gm, last, ends) if last is not values[0] else None
 
         def wrap(node: fx.Node) -> fx.Node:
+            lay = layout_of(node)
             with gm.graph.inserting_before(out):
                 self.report["VisibleTokens"] += 1
-                return gm.graph.call_function(ops.tokens, (node, sites_node(gm, layout_of(node))))
+                if lay.prefix:  # features of the grid positions: prefix tokens (a class token) are left out
+                    node = gm.graph.call_function(ops.grid_rows, (node, ctx.visible, lay.prefix))
+                    lay = replace(lay, prefix=0)
+                    self.report["prefix tokens left out of the features"] += 1
+                return gm.graph.call_function(ops.tokens, (node, sites_node(gm, lay)))
 
         with gm.graph.inserting_before(out):
             result = gm.graph.call_function(ops.green_output, (wrap(last), [wrap(s) for s in stages]))

@@ -62,6 +62,8 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         reduced = {d % len(lay.axes) for d in ([dims] if isinstance(dims, int) else dims or [])}
         if not any(a.kind in "hw" for i in reduced for a in lay.axes[i]):
             return None
+        if lay.prefixed_axes():
+            raise LayoutError("reduction over the grid of tokens that hold prefix tokens: slice the prefix tokens off first")
         cell = _cell_reduction(node, lay, reduced)
         if cell is not None:
             return cell

@@ -14,6 +14,7 @@ value per sample.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from math import prod
 from typing import List, Optional, Sequence
 
@@ -51,7 +52,7 @@ def _minor_channel_axis(lay: Layout) -> Optional[int]:
 
 
 def _with_channels(lay: Layout, channels: int) -> Layout:
-    return Layout(lay.axes[:-1] + ((Atom("c", channels),),), lay.grid, lay.stride, lay.offset)
+    return replace(lay, axes=lay.axes[:-1] + ((Atom("c", channels),),))
 
 
 def channel_input(node: fx.Node, lay: Layout) -> Layout:
@@ -68,7 +69,7 @@ def channel_input(node: fx.Node, lay: Layout) -> Layout:
         columns = torch.arange(lay.channels).view([a.size for a in signature])
         order = columns.permute([signature.index(a) for a in last]).reshape(-1).tolist()
         node.meta["channel_permute"] = tuple(order)  # heads moved behind head_dim: columns in the axis' order
-        return Layout(lay.axes[:-1] + ((Atom("c", lay.channels),),), lay.grid, lay.stride, lay.offset)
+        return replace(lay, axes=lay.axes[:-1] + ((Atom("c", lay.channels),),))
     raise LayoutError(f"op over the last axis of layout {lay.shape}, which does not hold exactly the channels")
 
 
@@ -118,7 +119,7 @@ def channel_reduction_layout(node: fx.Node, lay: Layout) -> Optional[Layout]:
         return None
     keep = bool(args_of(node).get("keepdim"))
     out = tuple(() if i in axes else ax for i, ax in enumerate(lay.axes) if keep or i not in axes)
-    return Layout(out, lay.grid, lay.stride, lay.offset)
+    return replace(lay, axes=out)
 
 
 def _softmax_channel_layout(node: fx.Node, lay: Layout) -> Layout:

@@ -132,8 +132,10 @@ def check_against_reference(
 
 
 def _timm_dense_nchw(model, x: torch.Tensor, grid) -> torch.Tensor:
-    """A timm feature map as NCHW: it may be NCHW, NHWC (the model's ``output_fmt``) or (B, N, C) tokens."""
+    """A timm feature map as NCHW: it may be NCHW, NHWC (the model's ``output_fmt``) or (B, N, C) tokens, whose
+    ``num_prefix_tokens`` leading tokens (a class token) are no grid position."""
     if x.dim() == 3:
+        x = x[:, getattr(model, "num_prefix_tokens", 0):]
         return x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
     return x.permute(0, 3, 1, 2) if getattr(model, "output_fmt", "NCHW") == "NHWC" else x
 

@@ -44,10 +44,10 @@ SMALL_MVIT = dict(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1)
 MVIT_IMG = 96  # grids 24, 12, 6, 3: keys pooled to 6x6 in the first stage
 
 
-def _mvitv2(name: str, pretrained: bool = False, img_size: int = MVIT_IMG, **cfg) -> torch.nn.Module:
+def _mvitv2(name: str, pretrained: bool = False, img_size: int = MVIT_IMG, drop_path_rate: float = 0.0, **cfg) -> torch.nn.Module:
     """timm's MViTv2 ``name`` with fields of its configuration dataclass replaced (its builder takes no ``depths=``)."""
     return build_model_with_cfg(mvitv2.MultiScaleVit, name, pretrained, model_cfg=replace(mvitv2.model_cfgs[name], **cfg),
-                                img_size=img_size)
+                                img_size=img_size, drop_path_rate=drop_path_rate)
 
 
 CASES: Dict[str, Case] = {
@@ -91,6 +91,10 @@ CASES: Dict[str, Case] = {
     # norm_k's bias adds q·b to every logit of a query (softmax cancels it). large: dims change in the MLP
     "mvitv2_tiny": Case(_mvitv2, "mvitv2_tiny", SMALL_MVIT, MVIT_IMG, zero_grads=("norm_k.bias",)),
     "mvitv2_large": Case(_mvitv2, "mvitv2_large", dict(SMALL_MVIT, embed_dim=12), MVIT_IMG, zero_grads=("norm_k.bias",)),
+    # a class token: always visible, a query and a key of every attention, kept out of the pooling convs, the
+    # relative positions and the max-pooled shortcut; the stage outputs leave it out; drop-path scales it per sample
+    "mvitv2_small_cls": Case(_mvitv2, "mvitv2_small_cls", dict(SMALL_MVIT, drop_path_rate=0.3), MVIT_IMG,
+                             zero_grads=("norm_k.bias",)),
     "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
     "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
     "pvt_v2_b2_li": Case(timm.create_model, "pvt_v2_b2_li", dict(depths=(1, 1, 1, 1))),

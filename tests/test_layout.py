@@ -79,3 +79,17 @@ def test_nchw_to_tokens():
 def test_layout_errors(bad):
     with pytest.raises(LayoutError):
         bad(Layout.nhwc(2, (8, 8), 5, 4))
+
+
+def test_prefix_tokens_stay_on_their_axis():
+    """A class token before the grid tokens: views keep that axis whole, the grid part drops the prefix."""
+    tokens = Layout.nhwc(2, (4, 4), 12, 4).view((2, 16, 12))
+    lay = Layout(tokens.axes, tokens.grid, tokens.stride, prefix=1)
+    assert lay.shape == (2, 17, 12)
+    heads = lay.view((2, 17, 3, 4)).permute((0, 2, 1, 3))
+    assert heads.shape == (2, 3, 17, 4) and heads.prefixed_axes() == {2: 1}
+    assert heads.transpose(1, 2).view((2, 17, 12)) == lay
+    assert heads.without_prefix(2).shape == (2, 3, 16, 4)
+    for bad in (lambda: lay.view((2, 17 * 12)), lambda: lay.view((34, 12)), lambda: lay.flatten(0, 1)):
+        with pytest.raises(LayoutError):
+            bad()

@@ -1,0 +1,144 @@
+"""Prefix tokens (a class token) in front of the grid tokens: ``cat``, ``slice`` and ``slice_scatter`` of them.
+
+``cat((token, grid), dim)`` along a token axis, where ``token`` is one value per sample (an image
+value) or a constant with one value for every sample (``cls_token.expand(B, -1, -1)``), gives a
+layout whose token axis holds one prefix token before the grid tokens. Packed, such a value is its
+grid rows in canonical order followed by one row per sample: token-wise ops run on it unchanged.
+``x[:, 1:]`` (the grid tokens) and ``x[:, :1]`` (the prefix token, one value per sample) select rows;
+``slice_scatter`` of the grid part of attention logits back into them (timm's
+``attn[:, :, 1:, 1:] = ...`` after functionalization) is read by the attention pass.
+Ops rewritten: ``cat``, ``slice`` (of the prefix or the grid part of a token axis).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch.fx as fx
+
+from greenmim_convert import ops
+from greenmim_convert.layout import Layout, LayoutError
+
+from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, replace_with_call, shape_of
+
+
+def _bounds(node: fx.Node, size: int):
+    a = args_of(node)
+    return slice(a["start"], a["end"], a["step"]).indices(size)
+
+
+def _slice_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
+    dim = args_of(node)["dim"] % len(lay.axes)
+    count = lay.prefixed_axes().get(dim)
+    if count is None:
+        return None
+    size = lay.shape[dim]
+    start, stop, step = _bounds(node, size)
+    if (start, stop, step) == (0, size, 1):
+        return None  # a full slice: a layout op
+    if (start, stop, step) == (count, size, 1):
+        node.meta["prefix_slice"] = ("grid", count)
+        return lay.without_prefix(dim)
+    if (start, stop, step) == (0, count, 1):
+        if lay.is_pair():
+            raise LayoutError("the prefix-token part of attention logits")
+        if count != 1:
+            raise LayoutError(f"{count} prefix tokens (one, a class token, is supported)")
+        node.meta["prefix_slice"] = ("prefix", count)
+        axes = list(lay.axes)
+        axes[dim] = ()
+        return replace(lay, axes=tuple(axes), prefix=0)
+    raise LayoutError(f"slice {start}:{stop}:{step} of a token axis holding {count} prefix token(s) and the grid tokens")
+
+
+def _constant_token(node: fx.Node, grid: Layout) -> tuple:
+    """The source of a constant prefix token equal for every sample, with its batch and channel axes checked."""
+    src = node.args[0] if is_op(node, aten.expand) else node
+    shape = shape_of(src)
+    batch_axis = next((i for i, ax in enumerate(grid.axes) if any(a.kind == "b" for a in ax)), None)
+    channel_axis = grid.channel_axis()
+    if shape is None or len(shape) != len(grid.axes) or batch_axis is None or channel_axis is None:
+        raise LayoutError("concatenation of image tokens with a constant that is not one token per sample")
+    for i, size in enumerate(shape):
+        want = grid.shape[i] if i == channel_axis else 1
+        if size != want:
+            raise LayoutError(f"concatenation of image tokens with a constant of shape {shape_of(node)} that is not one "
+                              "token, equal for every sample")
+    return src, batch_axis, channel_axis
+
+
+def _cat_rule(node: fx.Node) -> Optional[Layout]:
+    tensors, dim = node.args[0], args_of(node)["dim"]
+    if len(tensors) != 2 or layout_of(tensors[1]) is None:
+        return None
+    grid = layout_of(tensors[1])
+    dim %= len(grid.axes)
+    if grid.is_pair() or grid.prefixed_axes() or not grid.axes[dim] or any(a.kind not in "hw" for a in grid.axes[dim]):
+        return None
+    token = layout_of(tensors[0])
+    if token is None:
+        node.meta["prefix_constant"] = _constant_token(tensors[0], grid)
+    else:
+        expected = list(grid.axes)
+        expected[dim] = ()
+        if not token.is_per_sample() or token.padded_to(len(grid.axes)).axes != tuple(expected):
+            raise LayoutError(f"concatenation of grid tokens {grid.shape} with tokens {token.shape} that are not one per sample")
+    node.meta["prefix_cat"] = True
+    return replace(grid, prefix=1)
+
+
+def _scatter_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
+    """``slice_scatter`` of a value into the grid part of a token axis holding prefix tokens."""
+    dim = args_of(node)["dim"] % len(lay.axes)
+    if dim not in lay.prefixed_axes():
+        return None
+    size = lay.shape[dim]
+    if _bounds(node, size) != (lay.prefixed_axes()[dim], size, 1):
+        raise LayoutError("slice_scatter into a token axis that is not its grid part")
+    if layout_of(node.args[1]) != lay.without_prefix(dim):
+        raise LayoutError("slice_scatter of a value whose layout is not the grid part of the target")
+    node.meta["block_scatter"] = dim
+    return lay
+
+
+def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
+    """Layout of a ``cat`` that puts a per-sample token before the grid tokens, or of a ``slice``/``slice_scatter``
+    of a token axis holding prefix tokens; None for every other node."""
+    if node.op != "call_function":
+        return None
+    if is_op(node, aten.cat):
+        return _cat_rule(node)
+    lay = layout_of(node.args[0]) if node.args else None
+    if lay is None or not lay.prefixed_axes():
+        return None
+    if is_op(node, aten.slice):
+        return _slice_rule(node, lay)
+    if is_op(node, aten.slice_scatter):
+        return _scatter_rule(node, lay)
+    return None
+
+
+class PrefixTokensPass(GreenPass):
+    name = "prefix-tokens"
+    description = "class tokens: cat in front of the grid tokens and slices of them -> rows of the packed tokens"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        visible = context_of(gm).visible
+        for node in list(gm.graph.nodes):
+            lay = node.meta.get("layout")
+            if lay is None or lay.is_pair():
+                continue
+            if "prefix_slice" in node.meta:
+                part, count = node.meta["prefix_slice"]
+                fn = ops.grid_rows if part == "grid" else ops.prefix_rows
+                replace_with_call(gm, node, fn, (node.args[0], visible, count))
+                self.report[f"slice -> {part} rows"] += 1
+            elif node.meta.get("prefix_cat"):
+                token, grid = node.args[0]
+                if layout_of(token) is None:
+                    src, batch_axis, channel_axis = node.meta["prefix_constant"]
+                    with gm.graph.inserting_before(node):
+                        token = gm.graph.call_function(ops.constant_prefix_rows, (src, visible, batch_axis, channel_axis))
+                    self.report["constant class token -> one row per sample"] += 1
+                replace_with_call(gm, node, ops.join_prefix, (grid, token))
+                self.report["cat -> class token rows after the grid rows"] += 1
