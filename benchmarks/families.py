@@ -1,0 +1,69 @@
+"""The smallest model of every family, dense vs converted: speed-up, activation cut and FLOP ratio, one table.
+
+Each row is one ``run_bench`` (the same measurement as ``greenmim-convert bench MODEL``): the dense
+SimMIM-style step and the converted step alternate in this process. Prints a markdown table and writes
+every number to JSON.
+
+    python benchmarks/families.py --batch-size 8 --mask-ratio 0.75 --steps 3 --out benchmarks/families.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import List
+
+import torch
+
+import greenmim_convert as gmc
+from greenmim_convert.bench import run_bench
+from greenmim_convert.models import build
+
+SMALLEST = [
+    "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224", "twins_pcpvt_small",
+    "twins_svt_small", "pvt_v2_b2", "pvt_v2_b2_li", "davit_tiny", "focalnet_tiny_srf", "convnext_atto",
+    "convnextv2_atto", "maxvit_rmlp_pico_rw_256", "maxvit_tiny_tf_224", "nest_tiny", "hiera_tiny_224",
+    "gcvit_xxtiny", "mvitv2_tiny", "torchvision:maxvit_t",
+]
+HEADER = ("| model | dense step | converted step | speed-up | FLOP ratio | speed-up / FLOP ratio "
+          "| activations saved for backward | FLOPs / ideal |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def row(name: str, batch: int, ratio: float, steps: int) -> dict:
+    """Build, convert and measure one model."""
+    torch.manual_seed(0)
+    built = build(name)
+    green = gmc.convert(built.model.train(), img_size=built.img_size)
+    res = run_bench(built.model, green, batch, ratio, steps)
+    d, g = res.dense, res.green
+    return dict(model=name, dense_ms=1e3 * d.time_median_s, green_ms=1e3 * g.time_median_s, speedup=res.speedup,
+                flops_ratio=res.flops_ratio, dense_mib=d.saved_bytes / 2**20, green_mib=g.saved_bytes / 2**20,
+                saved_bytes_reduction=res.saved_bytes_reduction, flops_vs_ideal=res.flops_vs_ideal)
+
+
+def markdown(r: dict) -> str:
+    return (f"| `{r['model']}` | {r['dense_ms']:.0f} ms | {r['green_ms']:.0f} ms | {r['speedup']:.2f}x "
+            f"| {r['flops_ratio']:.2f}x | {r['speedup'] / r['flops_ratio']:.2f} "
+            f"| {r['dense_mib']:.0f} -> {r['green_mib']:.0f} MiB ({100 * r['saved_bytes_reduction']:.0f}% less) "
+            f"| {r['flops_vs_ideal']:.3f} |")
+
+
+def main(argv: List[str] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="*", default=SMALLEST, help="model names (torchvision:NAME for torchvision's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--steps", type=int, default=3, help="timed steps of each model after one warm-up step")
+    p.add_argument("--out", default=None, help="JSON file for every number")
+    args = p.parse_args(argv)
+    rows = []
+    print(HEADER, flush=True)
+    for name in args.models:
+        rows.append(row(name, args.batch_size, args.mask_ratio, args.steps))
+        print(markdown(rows[-1]), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
