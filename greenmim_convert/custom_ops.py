@@ -91,11 +91,13 @@ class Call:
     kwargs: Dict[str, Any]
     program: "CompileProgram"
     plan_inputs: Tuple[int, ...] = ()
-    out_sizes: Optional[Tuple[Union[int, InputRef], ...]] = None
+    out_sizes: Optional[Tuple[Union[int, InputRef, str], ...]] = None
     like: int = -1
 
 
 _CALLS: List[Call] = []
+# An output size that changes with the mask but is no input's first size (a per-sample maximum): unbacked.
+DATA_DEPENDENT = "data-dependent"
 
 
 def _fill(template: Any, inputs: Sequence[torch.Tensor], call: Call) -> Any:
@@ -145,9 +147,13 @@ def _invoke(call: Call, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.library.custom_op(f"{NAMESPACE}::call", mutates_args=())
 def call_op(site: int, inputs: List[torch.Tensor]) -> torch.Tensor:
     """Run runtime call ``site`` of a converted graph on its tensors (plan objects rebuilt from theirs)."""
-    out = _invoke(_CALLS[site], inputs)
-    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs if t.numel()):
-        out = out.clone()  # a custom op must not return a view of its input
+    return _own(_invoke(_CALLS[site], inputs), inputs)
+
+
+def _own(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``out`` contiguous and in memory of its own: a custom op must not return a view of an input."""
+    if out.numel() and any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs if t.numel()):
+        out = out.clone()
     return out.contiguous()
 
 
@@ -155,7 +161,8 @@ def call_op(site: int, inputs: List[torch.Tensor]) -> torch.Tensor:
 def _call_fake(site: int, inputs: List[torch.Tensor]) -> torch.Tensor:
     call = _CALLS[site]
     like = inputs[call.like]
-    sizes = [inputs[s.index].shape[0] if isinstance(s, InputRef) else s for s in call.out_sizes]
+    sizes = [inputs[s.index].shape[0] if isinstance(s, InputRef) else
+             torch.library.get_ctx().new_dynamic_size() if s is DATA_DEPENDENT else s for s in call.out_sizes]
     return like.new_empty(sizes)
 
 
@@ -178,7 +185,10 @@ def call_backward_op(site: int, inputs: List[torch.Tensor], grad: torch.Tensor, 
         out = _invoke(_CALLS[site], leaves)
         chosen = [t for t, w in zip(leaves, wanted) if w]
         grads = torch.autograd.grad(out, chosen, grad, allow_unused=True) if out.requires_grad else [None] * len(chosen)
-    return [torch.zeros_like(t) if g is None else g.contiguous() for t, g in zip(chosen, grads)]
+    out: List[torch.Tensor] = []
+    for t, g in zip(chosen, grads):
+        out.append(torch.zeros_like(t) if g is None else _own(g, [*inputs, grad, *out]))
+    return out
 
 
 @call_backward_op.register_fake
@@ -360,33 +370,42 @@ class CompileProgram:
         return node
 
     def _infer_sizes(self, images: torch.Tensor, visible: torch.Tensor) -> None:
-        """Run the compute graph eagerly on two masks with different visible counts; every output size of a
-        runtime call that changes between them must be the first size of one of the call's inputs."""
+        """Run the compute graph eagerly on two masks with different visible counts: an output size of a runtime
+        call that changes between them is the first size of one of its inputs, or else data-dependent."""
         gen = torch.Generator().manual_seed(0)
-        shapes: List[Dict[fx.Node, Tuple[Tuple[int, ...], List[Tuple[int, ...]]]]] = []
+        shapes: List[Dict[fx.Node, Any]] = []
         units = visible[0].numel()
-        for hidden in (units // 4, units // 2 + 1):
-            mask = random_mask(visible.shape[0], tuple(visible.shape[1:]), hidden / units, generator=gen).to(visible.device)
-            shapes.append(self._probe(images, mask))
+        buffers = {name: b.clone() for name, b in self.gm.named_buffers()}  # batch statistics: leave them as they were
+        devices = [images.device] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for hidden in (units // 4, units // 2 + 1):
+                mask = random_mask(visible.shape[0], tuple(visible.shape[1:]), hidden / units, generator=gen).to(visible.device)
+                shapes.append(self._probe(images, mask, differentiable=not shapes))
+        with torch.no_grad():
+            for name, b in self.gm.named_buffers():
+                b.copy_(buffers[name])
         for node, call in self._call_nodes.items():
-            (out_a, in_a, dtype), (out_b, in_b, _) = shapes[0][node], shapes[1][node]
-            sizes: List[Union[int, InputRef]] = []
+            (out_a, in_a, dtype, differentiable), (out_b, in_b, _, _) = shapes[0][node], shapes[1][node]
+            if not differentiable:  # a factory (``new_empty`` of per-sample rows): no gradient may flow through it
+                with self.module.graph.inserting_before(node):
+                    node.args = (node.args[0], [self.module.graph.call_function(torch.ops.aten.detach.default, (a,))
+                                                if d.is_floating_point else a for a, d in zip(node.args[1], dtype[1])])
+            sizes: List[Union[int, InputRef, str]] = []
             for a, b in zip(out_a, out_b):
                 if a == b:
                     sizes.append(a)
                     continue
                 match = [i for i, (x, y) in enumerate(zip(in_a, in_b)) if x and y and x[0] == a and y[0] == b]
-                if not match:
-                    raise UnsupportedOperationError(f"{call.name}: an output size changes with the mask and is no input's "
-                                                    "token count; it cannot run under torch.compile")
-                sizes.append(InputRef(match[0]))
+                sizes.append(InputRef(match[0]) if match else DATA_DEPENDENT)
             call.out_sizes = tuple(sizes)
             like = [i for i, d in enumerate(dtype[1]) if d == dtype[0]]
             if not like:
                 raise UnsupportedOperationError(f"{call.name}: no input has the output's dtype {dtype[0]}")
             call.like = like[0]
+        self.module.recompile()
 
-    def _probe(self, images: torch.Tensor, visible: torch.Tensor) -> Dict[fx.Node, Any]:
+    def _probe(self, images: torch.Tensor, visible: torch.Tensor, differentiable: bool) -> Dict[fx.Node, Any]:
+        """Output and input shapes and dtypes of every runtime call, and whether its output has a gradient."""
         record: Dict[fx.Node, Any] = {}
         calls = self._call_nodes
 
@@ -395,8 +414,13 @@ class CompileProgram:
                 out = super().run_node(n)
                 if n in calls:
                     tensors = [self.env[a] for a in n.args[1]]
+                    grad = False
+                    if differentiable:
+                        with torch.enable_grad():
+                            leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
+                            grad = _invoke(calls[n], leaves).requires_grad
                     record[n] = (tuple(out.shape), [tuple(t.shape) for t in tensors],
-                                 (out.dtype, [t.dtype for t in tensors]))
+                                 (out.dtype, [t.dtype for t in tensors]), grad)
                 return out
 
         with torch.no_grad():
