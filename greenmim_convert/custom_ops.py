@@ -182,13 +182,13 @@ def call_backward_op(site: int, inputs: List[torch.Tensor], grad: torch.Tensor, 
     """Gradients of call ``site`` for the ``wanted`` inputs, by running it again under autograd."""
     with _autograd_recording():
         leaves = [t.detach().requires_grad_(w) if w else t for t, w in zip(inputs, wanted)]
-        out = _invoke(_CALLS[site], leaves)
+        value = _invoke(_CALLS[site], leaves)
         chosen = [t for t, w in zip(leaves, wanted) if w]
-        grads = torch.autograd.grad(out, chosen, grad, allow_unused=True) if out.requires_grad else [None] * len(chosen)
-    out: List[torch.Tensor] = []
+        grads = torch.autograd.grad(value, chosen, grad, allow_unused=True) if value.requires_grad else [None] * len(chosen)
+    result: List[torch.Tensor] = []
     for t, g in zip(chosen, grads):
-        out.append(torch.zeros_like(t) if g is None else _own(g, [*inputs, grad, *out]))
-    return out
+        result.append(torch.zeros_like(t) if g is None else _own(g, [*inputs, grad, *result]))
+    return result
 
 
 @call_backward_op.register_fake
@@ -258,8 +258,9 @@ class CompileProgram:
             bad = [a for a in n.all_input_nodes if a not in plan_set and a is not self._visible and a.op != "get_attr"]
             if bad:
                 raise UnsupportedOperationError(f"plan node {n.name} reads {bad[0].name}, which depends on the images")
-        objects, flat, self.specs = self._plan_objects(visible)
+        _, flat, self.specs = self._plan_objects(visible)
         self.num_plan = len(flat)
+        self._tables = {s.table for s in self.specs.values() if isinstance(s, GroupingSpec)}
         self.module = self._compute_graph()
         self._infer_sizes(images, visible)
 
@@ -286,17 +287,10 @@ class CompileProgram:
         """The plan tensors for ``visible``; mask-dependent first dimensions marked dynamic for dynamo."""
         env, flat, specs = self._plan_objects(visible)
         self.live = {id(flat[s.tensors()[0]]): (flat[s.tensors()[0]], env[n]) for n, s in specs.items()}
-        for t, spec in zip(flat, self._kinds()):
-            if spec != "table":
+        for i, t in enumerate(flat):
+            if i not in self._tables:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         return flat
-
-    def _kinds(self) -> List[str]:
-        kinds = ["rows"] * self.num_plan
-        for spec in self.specs.values():
-            if isinstance(spec, GroupingSpec):
-                kinds[spec.table] = "table"
-        return kinds
 
     def _compute_graph(self) -> fx.GraphModule:
         """The graph after the plan: inputs ``(images, visible, *plan tensors)``, output the stage features."""

@@ -76,16 +76,16 @@ def test_new_masks_do_not_recompile(compiled, seed):
     compiled_green(images, random_mask(2, green.mask_grid, 0.75, generator=gen))
     before = backend.graphs
     sizes = set()
-    for _ in range(5):
-        visible = random_mask(2, green.mask_grid, 0.75, generator=gen)
+    for ratio in (0.75, 0.5, 0.625, 0.8125, 0.6875):  # same-ratio masks change only slots; these change token counts too
+        visible = random_mask(2, green.mask_grid, ratio, generator=gen)
         compiled_green(images, visible)
         program = green.compile_programs[(green.training, 2, images.dtype, images.device)]
         sizes.add(tuple(t.shape[0] for t in program.plan(visible)))
-    assert len(sizes) > 1  # bucket slots (and with them the attention shapes) did change
+    assert len(sizes) == 5
     assert backend.graphs - before <= 1
 
 
-@pytest.mark.parametrize("case", ["swin", "pvt_v2_b0", "twins_pcpvt_small"])
+@pytest.mark.parametrize("case", ["swin", "pvt_v2_b0", pytest.param("twins_pcpvt_small", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("training", [False, True])
 def test_custom_op_path_matches_eager(case, training, seed):
     """The graph dynamo traces, run eagerly in float64: the custom ops and their recomputing backward are exact."""
