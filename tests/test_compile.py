@@ -115,3 +115,21 @@ def test_attention_dropout_is_refused():
     visible = random_mask(2, green.mask_grid, 0.75)
     with pytest.raises(UnsupportedOperationError, match="attention dropout"):
         compiled_forward(green, images, visible)
+
+
+@pytest.mark.slow
+def test_run_bench_compiled():
+    """``bench --compile``: compiled step times of both sides, compile time apart, ratios against eager."""
+    from greenmim_convert.bench import run_bench
+    from test_bench import TinyNet
+
+    torch.manual_seed(0)
+    model = TinyNet().train()
+    green = gmc.convert(model, img_size=32)
+    res = run_bench(model, green, batch_size=2, mask_ratio=0.5, steps=1, compile=True)
+    c = res.compiled
+    assert c is not None and c.dense_time_median_s > 0 and c.green_time_median_s > 0
+    assert c.dense_compile_s > 0 and c.green_compile_s > 0
+    assert c.speedup == pytest.approx(c.dense_time_median_s / c.green_time_median_s)
+    assert c.green_vs_eager == pytest.approx(res.green.time_median_s / c.green_time_median_s)
+    assert res.to_dict()["compiled"]["speedup"] == c.speedup
