@@ -116,6 +116,19 @@ class StageGrouping:
 
 
 @dataclass
+class CompiledStats:
+    """``torch.compile`` (inductor) of both sides: step times after warm-up, compile time apart (the first step)."""
+
+    dense_time_median_s: float
+    green_time_median_s: float
+    dense_compile_s: float
+    green_compile_s: float
+    speedup: float           # compiled dense / compiled converted
+    green_vs_eager: float    # eager converted / compiled converted
+    dense_vs_eager: float    # eager dense / compiled dense
+
+
+@dataclass
 class BenchResult:
     model: str
     batch_size: int
@@ -134,9 +147,54 @@ class BenchResult:
     visible_fraction: float = 0.0
     pair_fraction: float = 0.0
     grouping: List[StageGrouping] = field(default_factory=list)
+    compiled: Optional[CompiledStats] = None
 
     def to_dict(self) -> Dict:
         return asdict(self)
+
+
+class _CompiledDense(nn.Module):
+    """``SimMIMDense`` with its mask-token hook registered once (while benchmarking), so dynamo traces one graph."""
+
+    def __init__(self, dense: SimMIMDense):
+        super().__init__()
+        self.dense = dense
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        d = self.dense
+        d._visible = visible
+        return d.model.forward_features(images) if is_timm_model(d.model) else d.model(images)
+
+
+def compiled_stats(dense: SimMIMDense, green: GreenModel, images: torch.Tensor, visible: torch.Tensor, steps: int,
+                   warmup: int, eager: Dict[str, float], tick: Callable[[str], None]) -> CompiledStats:
+    """Step times of ``torch.compile`` d dense and converted models, alternating; the first step (which compiles)
+    is timed apart, then ``warmup`` untimed steps. ``eager`` holds the eager medians for the ratios."""
+    handle = dense.stem.register_forward_hook(dense._hook)
+    try:
+        fns = {"dense": torch.compile(_CompiledDense(dense)), "green": torch.compile(green)}
+        params = list(green.parameters()) + [dense.mask_token]
+        losses = {
+            "dense": lambda: fns["dense"](images, visible).float().pow(2).mean(),
+            "green": lambda: fns["green"](images, visible).last.feats.float().pow(2).mean(),
+        }
+        first: Dict[str, float] = {}
+        times: Dict[str, List[float]] = {"dense": [], "green": []}
+        for i in range(1 + warmup + steps):
+            for name, fn in losses.items():
+                for q in params:
+                    q.grad = None
+                (elapsed,) = wall_times(lambda: _step(fn), 1, images.device)
+                if i == 0:
+                    first[name] = elapsed
+                elif i > warmup:
+                    times[name].append(elapsed)
+                tick(f"compiled step {i + 1}/{1 + warmup + steps} {name}")
+    finally:
+        handle.remove()
+        dense._visible = None
+    d, g = statistics.median(times["dense"]), statistics.median(times["green"])
+    return CompiledStats(d, g, first["dense"], first["green"], d / g, eager["green"] / g, eager["dense"] / d)
 
 
 def _step(fn: Callable[[], torch.Tensor]) -> None:
@@ -229,6 +287,7 @@ def run_bench(
     warmup: int = 1,
     seed: int = 0,
     progress: Optional[Callable[[str], None]] = None,
+    compile: bool = False,
 ) -> BenchResult:
     """Measure dense (SimMIM) and converted forward+backward on the same images, alternating.
 
@@ -237,7 +296,8 @@ def run_bench(
     windows, read from one forward under the oracle's hooks (:func:`greenmim_convert.flops.visible_only_ideal`).
     For Swin this is the value the converted graph's own census gave before (its token-wise FLOPs plus its
     attention FLOPs times needed / computed logits, :func:`exact_attention_fraction`): two independent routes
-    that agree exactly (tests/test_flops.py).
+    that agree exactly (tests/test_flops.py). With ``compile``, both models are also timed under ``torch.compile``
+    (:func:`compiled_stats`).
     """
     p = next(green.parameters())
     device, dtype = p.device, p.dtype
@@ -290,6 +350,11 @@ def run_bench(
     forward = (lambda: model.forward_features(images)) if is_timm_model(model) else (lambda: model(images))
     pairs = attention_pair_fraction(model, images, visible, forward, tuple(green.img_size))
     ideal = visible_only_ideal(stats["dense"]["counts"], rho, pairs)
+    compiled = None
+    if compile:
+        eager = {"dense": result["dense"].time_median_s, "green": result["green"].time_median_s}
+        compiled = compiled_stats(dense, green, images, visible, steps, warmup, eager, tick)
+        zero()
     return BenchResult(
         model=green.config.model_name, batch_size=batch_size, img_size=list(green.img_size), mask_ratio=mask_ratio,
         device=str(device), dtype=str(dtype).replace("torch.", ""), steps=steps, dense=d, green=g,
@@ -297,5 +362,5 @@ def run_bench(
         saved_bytes_reduction=1.0 - g.saved_bytes / d.saved_bytes if d.saved_bytes else 0.0,
         flops_ratio=d.flops / g.flops if g.flops else float("inf"),
         flops_ideal=int(ideal), flops_vs_ideal=g.flops / ideal if ideal else 0.0, visible_fraction=rho, pair_fraction=pairs,
-        grouping=measure_grouping(green, visible),
+        grouping=measure_grouping(green, visible), compiled=compiled,
     )

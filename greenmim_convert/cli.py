@@ -171,6 +171,7 @@ def bench_cmd(
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the numbers to this JSON file"),
     seed: int = typer.Option(0, help="seed of weights, images and masks"),
     model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP),
+    compile_: bool = typer.Option(False, "--compile", help="also time both models under torch.compile (inductor)"),
 ) -> None:
     """Time forward+backward of the converted model against the dense SimMIM-style model.
 
@@ -199,9 +200,9 @@ def bench_cmd(
         f"forward+backward, {steps} timed steps"
     )
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("benchmarking", total=2 + 2 * (steps + 1))
+        task = bar.add_task("benchmarking", total=2 + 2 * (steps + 1) + (2 * (steps + 2) if compile_ else 0))
         res = run_bench(net, green, batch_size, mask_ratio, steps, seed=seed,
-                        progress=lambda msg: bar.update(task, advance=1, description=msg))
+                        progress=lambda msg: bar.update(task, advance=1, description=msg), compile=compile_)
     table = Table(title="per training step (forward + backward)", title_justify="left")
     for col in ("", "dense", "converted", "dense / converted"):
         table.add_column(col, justify="right")
@@ -216,6 +217,8 @@ def bench_cmd(
         table.add_row("peak CUDA memory", f"{d.peak_cuda_bytes / 2**20:.0f} MiB", f"{g.peak_cuda_bytes / 2**20:.0f} MiB",
                       f"{d.peak_cuda_bytes / max(g.peak_cuda_bytes, 1):.2f}x")
     console.print(table)
+    if res.compiled is not None:
+        _print_compiled(res.compiled, d.time_median_s, g.time_median_s)
     gt = Table(title=f"window groupings: strategy {grouping}", title_justify="left")
     for col in ("grid", "window", "shift", "tokens", "groups x size", "logits / lower bound", "time"):
         gt.add_column(col, justify="right")
@@ -227,6 +230,20 @@ def bench_cmd(
         with open(json_out, "w") as f:
             json.dump(res.to_dict(), f, indent=2)
         console.print(f"wrote {json_out}")
+
+
+def _print_compiled(c, dense_eager: float, green_eager: float) -> None:
+    """The ``bench --compile`` table: compiled step times next to the eager ones, compile time apart."""
+    table = Table(title="torch.compile (inductor), per training step after warm-up", title_justify="left")
+    for col in ("", "dense", "converted", "dense / converted"):
+        table.add_column(col, justify="right")
+    table.add_row("eager wall time (median)", f"{dense_eager * 1e3:.0f} ms", f"{green_eager * 1e3:.0f} ms",
+                  f"{dense_eager / green_eager:.2f}x")
+    table.add_row("compiled wall time (median)", f"{c.dense_time_median_s * 1e3:.0f} ms",
+                  f"{c.green_time_median_s * 1e3:.0f} ms", f"{c.speedup:.2f}x")
+    table.add_row("eager / compiled", f"{c.dense_vs_eager:.2f}x", f"{c.green_vs_eager:.2f}x", "")
+    table.add_row("first step (compiles)", f"{c.dense_compile_s:.1f} s", f"{c.green_compile_s:.1f} s", "")
+    console.print(table)
 
 
 @app.command("list")

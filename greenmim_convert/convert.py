@@ -313,6 +313,10 @@ class GreenModel(nn.Module):
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
         self.check_inputs(images, visible)
+        if torch.compiler.is_compiling():
+            from .custom_ops import compiled_forward
+
+            return compiled_forward(self, images, visible)
         return self.graph_module(images, visible)
 
     def forward_head(self, out: GreenOutput) -> torch.Tensor:
