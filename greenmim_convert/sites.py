@@ -1,7 +1,7 @@
 """The set of visible positions of one grid, in canonical order (sample-major, raster inside a sample)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,7 @@ class Sites:
         self._index_grid: Optional[torch.Tensor] = None
         self._counts: Optional[torch.Tensor] = None
         self._rank: Optional[torch.Tensor] = None
+        self._memo: Dict[Hashable, Any] = {}
 
     @classmethod
     def from_mask(cls, visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> "Sites":
@@ -80,6 +81,13 @@ class Sites:
             flat[lin] = torch.arange(self.num_tokens, device=self.device)
             self._index_grid = flat.view(self.batch_size, h, w)
         return self._index_grid
+
+    def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per ``key`` for these sites: index tables that several ops on the same
+        sites share (neighbour maps of convolutions with one geometry), so they are built and stored once."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def __repr__(self) -> str:
         return f"Sites(tokens={self.num_tokens}, grid={self.grid}, batch_size={self.batch_size}, stride={self.stride})"
