@@ -120,6 +120,7 @@ def build_pipeline() -> List[P.GreenPass]:
         P.ChannelSplitPass(),
         P.TokenwisePass(),
         P.LayoutOpsPass(),
+        P.RecomputePass(),
         P.CheckPass(),
     ]
 

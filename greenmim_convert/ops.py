@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .kernels.grouping import plan_buckets
 from .kernels.sparse_conv import build_neighbor_map, sparse_conv2d
@@ -19,6 +20,14 @@ from .kernels.windows import DigitWindows, WindowSpec, digit_segments, digit_sum
 from .gather import RowMap
 from .sites import Sites
 from .tokens import GreenOutput, VisibleTokens
+
+
+def recompute(subgraph: torch.nn.Module, *inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``subgraph(*inputs)`` keeping only ``inputs`` for backward: when a gradient is needed, the subgraph runs
+    again in backward with the same random draws (``torch.utils.checkpoint``); without grad it just runs."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return checkpoint(subgraph, *inputs, use_reentrant=False)
+    return subgraph(*inputs)
 
 
 def visible_sites(visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> Sites:

@@ -10,11 +10,12 @@ from .layout_ops import LayoutOpsPass
 from .outputs import OutputsPass
 from .patch_merging import PatchMergingPass
 from .pooling import PoolingPass
+from .recompute import RecomputePass
 from .sample_matmul import SampleMatmulPass
 from .tokenwise import TokenwisePass
 
 __all__ = [
     "AttentionPass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "FunctionalizePass",
-    "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass", "SampleMatmulPass", "TokenwisePass",
+    "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass", "RecomputePass", "SampleMatmulPass", "TokenwisePass",
     "LAYOUT_RULES", "to_networkx",
 ]
