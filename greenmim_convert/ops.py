@@ -383,6 +383,36 @@ def sample_to_tokens(per_sample: torch.Tensor, sites: Sites) -> torch.Tensor:
     return per_sample.index_select(0, sites.batch)
 
 
+def mul_per_sample(feats: torch.Tensor, per_sample: torch.Tensor, sites: Sites) -> torch.Tensor:
+    """``feats * sample_to_tokens(per_sample, sites)`` keeping ``feats`` and the ``(B, C)`` factor for backward,
+    not the factor broadcast to every token (a squeeze-excite scale, GRN's normalised norm, a global context)."""
+    return _MulPerSample.apply(feats, per_sample, sites.batch)
+
+
+class _MulPerSample(torch.autograd.Function):
+    """Autograd of :func:`mul_per_sample`: the factor is broadcast again in backward, its gradient summed per sample."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, per_sample: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(feats, per_sample, batch)
+        return feats * per_sample.index_select(0, batch)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        feats, per_sample, batch = ctx.saved_tensors
+        dfeats = dfactor = None
+        if ctx.needs_input_grad[0]:
+            dfeats = grad * per_sample.index_select(0, batch)
+            if dfeats.shape != feats.shape:
+                dfeats = dfeats.sum_to_size(feats.shape)
+        if ctx.needs_input_grad[1]:
+            prod = grad * feats
+            dfactor = prod.new_zeros(per_sample.shape[0], *prod.shape[1:]).index_add_(0, batch, prod)
+            if dfactor.shape != per_sample.shape:
+                dfactor = dfactor.sum_to_size(per_sample.shape)
+        return dfeats, dfactor, None
+
+
 def pointwise_conv(feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """A 1x1 convolution (stride 1, groups 1) is a Linear over the channels of every token."""
     return F.linear(feats, weight.flatten(1), bias)

@@ -58,10 +58,22 @@ class Sites:
             self._rank = torch.arange(self.num_tokens, device=self.device) - starts[self.batch]
         return self._rank
 
+    def equal_counts(self) -> bool:
+        """Whether every sample has the same number of visible positions (packed rows then reshape per sample)."""
+        counts = self.counts()
+        return bool(counts.numel()) and int(counts.min().item()) == int(counts.max().item())
+
     def pad(self, feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(B, Nmax, C)`` zero-padded per-sample features and the ``(B, Nmax)`` validity mask."""
+        """``(B, Nmax, C)`` zero-padded per-sample features and the ``(B, Nmax)`` validity mask.
+
+        When every sample has the same count there is no padding and the result is a view of ``feats``
+        (no copy, nothing more kept for backward); do not modify it in place.
+        """
         counts = self.counts()
         nmax = int(counts.max().item()) if counts.numel() else 0
+        if self.equal_counts():
+            valid = torch.ones(self.batch_size, nmax, dtype=torch.bool, device=self.device)
+            return feats.view(self.batch_size, nmax, *feats.shape[1:]), valid
         out = feats.new_zeros(self.batch_size, nmax, feats.shape[1])
         out = out.index_put((self.batch, self.rank()), feats)
         valid = torch.zeros(self.batch_size, nmax, dtype=torch.bool, device=self.device)
@@ -69,7 +81,10 @@ class Sites:
         return out, valid
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``pad``: the ``(T, C)`` rows of the visible tokens, in canonical order."""
+        """Inverse of ``pad``: the ``(T, C)`` rows of the visible tokens, in canonical order (a reshape when every
+        sample has the same count)."""
+        if self.equal_counts():
+            return padded.reshape(self.num_tokens, *padded.shape[2:])
         return padded[self.batch, self.rank()]
 
     def index_grid(self) -> torch.Tensor:
