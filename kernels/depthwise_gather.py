@@ -8,7 +8,7 @@ gradient into a zero-filled scatter-add. Here:
 
 - forward: rows are processed in chunks; one gather per chunk fills ``(rows, K, C)``, one multiply and
   one reduction over the taps give the chunk's outputs, so the temporary stays in cache;
-- saved for backward: the input ``x`` and the two index tables of the :class:`DepthwisePlan` (shared by
+- saved for backward: the input ``x`` and the inverse index table of the :class:`DepthwisePlan` (shared by
   every conv on the same sites and geometry), nothing of size ``K x T``;
 - backward: for a fixed tap distinct output rows read distinct input rows, so the map has an inverse
   ``inv[k, i]``; one gather of ``dy`` through it per chunk of input rows gives both
@@ -17,7 +17,7 @@ gradient into a zero-filled scatter-add. Here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -57,9 +57,13 @@ def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(1, x.shape[1])])
 
 
-def _tap_sum(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum_k taps_weight[k] * src[rows[t, k]]``, chunk by chunk (``src`` ends with its zero row)."""
+@torch.library.custom_op("greenmim_kernels::depthwise_taps", mutates_args=())
+def depthwise_taps(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k taps_weight[k] * src[rows[t, k]]``, chunk by chunk (``src`` ends with its zero row).
+
+    A library op of its own so that FLOP counters see ``2 * T * K * C`` (:mod:`greenmim_convert.flops`)."""
     num, taps = rows.shape
+    out = src.new_empty(num, src.shape[1])
     step = _chunk_rows(taps, src.shape[1], src.element_size())
     for start in range(0, num, step):
         stop = min(num, start + step)
@@ -68,14 +72,58 @@ def _tap_sum(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor, o
     return out
 
 
+@depthwise_taps.register_fake
+def _(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
+    return src.new_empty(rows.shape[0], src.shape[1])
+
+
+@torch.library.custom_op("greenmim_kernels::depthwise_taps_backward", mutates_args=())
+def depthwise_taps_backward(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
+                            need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Input and tap-weight gradients ``(T_in, C)`` and ``(K, C)`` from one gather of ``grad_src`` (the output
+    gradient with its zero row) through ``inverse`` per chunk; a gradient not asked for comes back empty."""
+    num_in, taps = inverse.shape
+    chans = feats.shape[1]
+    dx = feats.new_empty(num_in if need_x else 0, chans)
+    dw = feats.new_zeros(taps if need_w else 0, chans)
+    step = _chunk_rows(taps, chans, feats.element_size())
+    for start in range(0, num_in if (need_x or need_w) else 0, step):
+        stop = min(num_in, start + step)
+        cols = grad_src.index_select(0, inverse[start:stop].reshape(-1)).view(stop - start, taps, chans)
+        if need_x:
+            torch.sum(cols * taps_weight, 1, out=dx[start:stop])
+        if need_w:
+            dw += cols.mul_(feats[start:stop, None, :]).sum(0)
+    return dx, dw
+
+
+@depthwise_taps_backward.register_fake
+def _(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
+      need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (feats.new_empty(inverse.shape[0] if need_x else 0, feats.shape[1]),
+            feats.new_empty(inverse.shape[1] if need_w else 0, feats.shape[1]))
+
+
+def depthwise_taps_flop(src: Tuple[int, ...], rows: Tuple[int, ...], taps_weight: Tuple[int, ...], *args: object,
+                        out_shape: object = None, **kwargs: object) -> int:
+    """A multiply-add per tap, output row and channel."""
+    return 2 * rows[0] * rows[1] * src[1]
+
+
+def depthwise_taps_backward_flop(grad_src: Tuple[int, ...], inverse: Tuple[int, ...], taps_weight: Tuple[int, ...],
+                                 feats: Tuple[int, ...], need_x: bool, need_w: bool, *args: object,
+                                 out_shape: object = None, **kwargs: object) -> int:
+    """A multiply-add per tap, input row and channel for each gradient asked for."""
+    return 2 * inverse[0] * inverse[1] * feats[1] * (int(need_x) + int(need_w))
+
+
 class _DepthwiseGather(torch.autograd.Function):
-    """Autograd of :func:`depthwise_conv_gather`: saves ``x`` and the plan's tables only."""
+    """Autograd of :func:`depthwise_conv_gather`: saves ``x`` and the plan's inverse table only."""
 
     @staticmethod
     def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor,
                 inverse: torch.Tensor) -> torch.Tensor:
-        taps_weight = weight.reshape(weight.shape[0], -1).t()
-        out = _tap_sum(_with_zero_row(feats), rows, taps_weight, feats.new_empty(rows.shape[0], feats.shape[1]))
+        out = depthwise_taps(_with_zero_row(feats), rows, weight.reshape(weight.shape[0], -1).t())
         if bias is not None:
             out.add_(bias)
         ctx.save_for_backward(feats, weight, inverse)
@@ -87,23 +135,10 @@ class _DepthwiseGather(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         feats, weight, inverse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        num_in, taps = inverse.shape
-        chans = feats.shape[1]
-        taps_weight = weight.reshape(chans, -1).t()
-        src = _with_zero_row(grad.contiguous())
-        dx = feats.new_empty(num_in, chans) if need_x else None
-        dw = feats.new_zeros(taps, chans) if need_w else None
-        step = _chunk_rows(taps, chans, feats.element_size())
-        for start in range(0, num_in if (need_x or need_w) else 0, step):
-            stop = min(num_in, start + step)
-            cols = src.index_select(0, inverse[start:stop].reshape(-1)).view(stop - start, taps, chans)
-            if need_x:
-                torch.sum(cols * taps_weight, 1, out=dx[start:stop])
-            if need_w:
-                dw += cols.mul_(feats[start:stop, None, :]).sum(0)
-        dweight = dw.t().reshape(weight.shape) if need_w else None
+        taps_weight = weight.reshape(weight.shape[0], -1).t()
+        dx, dw = depthwise_taps_backward(_with_zero_row(grad.contiguous()), inverse, taps_weight, feats, need_x, need_w)
         dbias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None
+        return (dx if need_x else None), (dw.t().reshape(weight.shape) if need_w else None), dbias, None, None
 
 
 def depthwise_conv_gather(feats: torch.Tensor, plan: DepthwisePlan, weight: torch.Tensor,
