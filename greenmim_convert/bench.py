@@ -14,7 +14,7 @@ import statistics
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from operator import attrgetter
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -47,10 +47,59 @@ class SavedTensorCounter:
     def bytes(self) -> int:
         return sum(self._seen.values())
 
+    def census(self, root: torch.Tensor) -> Dict[str, int]:
+        """Bytes counted here per autograd node kind (``grad_fn`` name) that saved them, read from ``root``'s graph.
+
+        Call before ``root``'s backward frees the saved tensors. A storage saved by several nodes is charged to
+        the first of them in forward order (lowest sequence number); storages no reachable node holds fall under
+        ``"(unattributed)"``, so the values always sum to :attr:`bytes`.
+        """
+        owner: Dict[int, Tuple[int, str]] = {}
+        for node in _graph_nodes(root.grad_fn):
+            seq, kind = node._sequence_nr(), node.name()
+            for t in _saved_tensors(node):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in self._seen and (ptr not in owner or seq < owner[ptr][0]):
+                    owner[ptr] = (seq, kind)
+        out: Dict[str, int] = {}
+        for ptr, nbytes in self._seen.items():
+            kind = owner[ptr][1] if ptr in owner else "(unattributed)"
+            out[kind] = out.get(kind, 0) + nbytes
+        return out
+
     @contextmanager
     def __call__(self) -> Iterator["SavedTensorCounter"]:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield self
+
+
+def _graph_nodes(root: Optional[Any]) -> List[Any]:
+    """Every autograd node reachable from ``root`` (each once)."""
+    seen, stack, out = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        out.append(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return out
+
+
+def _saved_tensors(node: Any) -> List[torch.Tensor]:
+    """The tensors an autograd node holds for its backward: ``ctx.saved_tensors`` of a custom Function, else
+    the ``_saved_*`` attributes a built-in node exposes (tensors or lists of tensors)."""
+    if hasattr(node, "saved_tensors"):
+        return [t for t in node.saved_tensors if isinstance(t, torch.Tensor)]
+    out = []
+    for name in dir(node):
+        if not name.startswith("_saved_"):
+            continue
+        value = getattr(node, name)
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+    return out
 
 
 def stem_conv(model: nn.Module) -> nn.Conv2d:
@@ -129,6 +178,15 @@ class CompiledStats:
 
 
 @dataclass
+class ProfileRow:
+    """One op of a step's profile: self CPU time summed over its calls, and the number of calls."""
+
+    op: str
+    self_cpu_ms: float
+    calls: int
+
+
+@dataclass
 class BenchResult:
     model: str
     batch_size: int
@@ -148,6 +206,8 @@ class BenchResult:
     pair_fraction: float = 0.0
     grouping: List[StageGrouping] = field(default_factory=list)
     compiled: Optional[CompiledStats] = None
+    saved_by_node: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    profile: Dict[str, List[ProfileRow]] = field(default_factory=dict)
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -200,6 +260,28 @@ def compiled_stats(dense: SimMIMDense, green: GreenModel, images: torch.Tensor, 
 def _step(fn: Callable[[], torch.Tensor]) -> None:
     loss = fn()
     loss.backward()
+
+
+def profile_step(fn: Callable[[], torch.Tensor], top: int = 15) -> List[ProfileRow]:
+    """The ``top`` ops by self CPU time of one forward+backward of ``fn``, from ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _step(fn)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [ProfileRow(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:top]]
+
+
+def census_rows(saved_by_node: Dict[str, Dict[str, int]], top: int = 12) -> List[Tuple[str, int, int]]:
+    """``(node kind, dense bytes, converted bytes)``: the ``top`` kinds saving most on either side, largest
+    first, then one row summing the rest, so that each column still sums to that side's total."""
+    dense, green = saved_by_node.get("dense", {}), saved_by_node.get("green", {})
+    kinds = sorted(set(dense) | set(green), key=lambda k: (-max(dense.get(k, 0), green.get(k, 0)), k))
+    rows = [(k, dense.get(k, 0), green.get(k, 0)) for k in kinds[:top]]
+    rest = kinds[top:]
+    if rest:
+        rows.append((f"({len(rest)} other kinds)", sum(dense.get(k, 0) for k in rest), sum(green.get(k, 0) for k in rest)))
+    return rows
 
 
 def _constant(gm: fx.GraphModule, arg: Any) -> Any:
@@ -288,6 +370,7 @@ def run_bench(
     seed: int = 0,
     progress: Optional[Callable[[str], None]] = None,
     compile: bool = False,
+    profile: int = 0,
 ) -> BenchResult:
     """Measure dense (SimMIM) and converted forward+backward on the same images, alternating.
 
@@ -298,6 +381,10 @@ def run_bench(
     attention FLOPs times needed / computed logits, :func:`exact_attention_fraction`): two independent routes
     that agree exactly (tests/test_flops.py). With ``compile``, both models are also timed under ``torch.compile``
     (:func:`compiled_stats`).
+
+    ``saved_by_node`` splits each side's bytes saved for backward by the autograd node kind that saved them
+    (:meth:`SavedTensorCounter.census`); ``profile > 0`` adds the top ``profile`` ops by self CPU time of one
+    more step of each side, after the timed ones.
     """
     p = next(green.parameters())
     device, dtype = p.device, p.dtype
@@ -324,10 +411,11 @@ def run_bench(
         counter = SavedTensorCounter(exclude=params)
         with counter():
             loss = fn()
+        census = counter.census(loss)
         loss.backward()
         zero()
         counts = count_flops(lambda: _step(fn))
-        stats[name] = {"saved": counter.bytes, "flops": sum(counts.values()), "counts": counts, "times": [], "peak": None}
+        stats[name] = {"saved": counter.bytes, "census": census, "flops": sum(counts.values()), "counts": counts, "times": [], "peak": None}
         tick(f"{name}: counted activations and FLOPs")
     for i in range(warmup + steps):
         for name, fn in (("dense", dense_loss), ("green", green_loss)):
@@ -340,6 +428,12 @@ def run_bench(
                 if device.type == "cuda":
                     stats[name]["peak"] = torch.cuda.max_memory_allocated(device)
             tick(f"step {i + 1}/{warmup + steps} {name}")
+    profiles = {}
+    if profile > 0:
+        for name, fn in (("dense", dense_loss), ("green", green_loss)):
+            zero()
+            profiles[name] = profile_step(fn, profile)
+            tick(f"{name}: profiled")
     zero()
     result = {}
     for name, s in stats.items():
@@ -363,4 +457,5 @@ def run_bench(
         flops_ratio=d.flops / g.flops if g.flops else float("inf"),
         flops_ideal=int(ideal), flops_vs_ideal=g.flops / ideal if ideal else 0.0, visible_fraction=rho, pair_fraction=pairs,
         grouping=measure_grouping(green, visible), compiled=compiled,
+        saved_by_node={name: s["census"] for name, s in stats.items()}, profile=profiles,
     )

@@ -158,6 +158,33 @@ def verify_cmd(
     raise typer.Exit(EXIT_OK if rep.ok else EXIT_MISMATCH)
 
 
+PROFILE_TOP = 15  # ops listed per model by bench --profile
+
+
+def _print_census(res) -> None:
+    """Bytes saved for backward per autograd node kind, dense against converted."""
+    from .bench import census_rows
+
+    table = Table(title="activations saved for backward, by the autograd node that saved them", title_justify="left")
+    for col in ("node", "dense", "converted", "converted share"):
+        table.add_column(col, justify="right" if col != "node" else "left")
+    total = max(res.green.saved_bytes, 1)
+    for kind, d, g in census_rows(res.saved_by_node):
+        table.add_row(kind, f"{d / 2**20:.1f} MiB", f"{g / 2**20:.1f} MiB", f"{100 * g / total:.0f}%")
+    console.print(table)
+
+
+def _print_profile(res) -> None:
+    """Top ops by self CPU time of one step of each model (torch.profiler)."""
+    for name, title in (("dense", "dense"), ("green", "converted")):
+        table = Table(title=f"{title} step: top ops by self CPU time", title_justify="left")
+        for col in ("op", "self CPU", "calls"):
+            table.add_column(col, justify="right" if col != "op" else "left")
+        for row in res.profile.get(name, []):
+            table.add_row(row.op, f"{row.self_cpu_ms:.1f} ms", str(row.calls))
+        console.print(table)
+
+
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -172,6 +199,8 @@ def bench_cmd(
     seed: int = typer.Option(0, help="seed of weights, images and masks"),
     model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP),
     compile_: bool = typer.Option(False, "--compile", help="also time both models under torch.compile (inductor)"),
+    profile: bool = typer.Option(False, "--profile", help="also profile one more step of each model (torch.profiler) "
+                                 "and print the ops taking most self CPU time"),
 ) -> None:
     """Time forward+backward of the converted model against the dense SimMIM-style model.
 
@@ -200,9 +229,11 @@ def bench_cmd(
         f"forward+backward, {steps} timed steps"
     )
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("benchmarking", total=2 + 2 * (steps + 1) + (2 * (steps + 2) if compile_ else 0))
+        total = 2 + 2 * (steps + 1) + (2 * (steps + 2) if compile_ else 0) + 2 * profile
+        task = bar.add_task("benchmarking", total=total)
         res = run_bench(net, green, batch_size, mask_ratio, steps, seed=seed,
-                        progress=lambda msg: bar.update(task, advance=1, description=msg), compile=compile_)
+                        progress=lambda msg: bar.update(task, advance=1, description=msg), compile=compile_,
+                        profile=PROFILE_TOP * profile)
     table = Table(title="per training step (forward + backward)", title_justify="left")
     for col in ("", "dense", "converted", "dense / converted"):
         table.add_column(col, justify="right")
@@ -226,6 +257,9 @@ def bench_cmd(
         gt.add_row(f"{r.grid[0]}x{r.grid[1]}", f"{r.window[0]}x{r.window[1]}", f"{r.shift[0]},{r.shift[1]}", str(r.tokens),
                    r.groups, f"{r.padding_overhead:.2f}", f"{r.time_ms:.2f} ms")
     console.print(gt)
+    _print_census(res)
+    if profile:
+        _print_profile(res)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(res.to_dict(), f, indent=2)

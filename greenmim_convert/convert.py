@@ -124,6 +124,7 @@ def build_pipeline() -> List[P.GreenPass]:
         P.PrefixTokensPass(),
         P.TokenwisePass(),
         P.LayoutOpsPass(),
+        P.RecomputePass(),
         P.CheckPass(),
     ]
 

@@ -5,8 +5,8 @@
 a depthwise convolution's backward is overcounted C-fold (dense ConvNeXt-T forward+backward shows
 ~415 G in ``convolution_backward`` against 4.7 G in ``convolution``). It also has no formula for the
 CPU flash-attention kernel that ``F.scaled_dot_product_attention`` runs on the CPU, so fused
-attention counts zero, nor for ``addcmul``, the multiply-add of the converted model's sparse
-depthwise convolution. :func:`flop_counter` is a ``FlopCounterMode`` given correct formulas for
+attention counts zero, nor for ``addcmul`` (the multiply-add of the plain-autograd sparse depthwise
+convolution) and the depthwise gather's own ops (``greenmim_kernels::depthwise_taps`` and its backward). :func:`flop_counter` is a ``FlopCounterMode`` given correct formulas for
 these through its ``custom_mapping`` hook. Like torch, a multiply-add counts 2 FLOPs and bias,
 padding and element-wise work are not counted.
 
@@ -26,6 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
+
+from .kernels import depthwise_gather
 
 aten = torch.ops.aten
 Shape = Sequence[int]
@@ -110,6 +112,8 @@ FLOP_FORMULAS: Dict[Any, Callable[..., int]] = {
     aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flop,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_cpu_backward_flop,
     aten.addcmul: addcmul_flop,
+    torch.ops.greenmim_kernels.depthwise_taps: depthwise_gather.depthwise_taps_flop,
+    torch.ops.greenmim_kernels.depthwise_taps_backward: depthwise_gather.depthwise_taps_backward_flop,
 }
 
 # ops whose FLOPs are products of token pairs when they compute attention (else token contractions)

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .kernels.grouping import plan_buckets
 from .kernels.sparse_conv import build_neighbor_map, sparse_conv2d
@@ -19,6 +20,14 @@ from .kernels.windows import DigitWindows, WindowSpec, digit_segments, digit_sum
 from .gather import RowMap
 from .sites import PrefixedSites, Sites
 from .tokens import GreenOutput, VisibleTokens
+
+
+def recompute(subgraph: torch.nn.Module, *inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``subgraph(*inputs)`` keeping only ``inputs`` for backward: when a gradient is needed, the subgraph runs
+    again in backward with the same random draws (``torch.utils.checkpoint``); without grad it just runs."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return checkpoint(subgraph, *inputs, use_reentrant=False)
+    return subgraph(*inputs)
 
 
 def visible_sites(visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> Sites:
@@ -435,6 +444,36 @@ def gather_window_map(dense: torch.Tensor, sites: Sites, order: Tuple[int, ...])
     m = dense.permute(*order)
     mh, mw = m.shape[1], m.shape[2]
     return m[sites.batch, sites.coords[:, 0] % mh, sites.coords[:, 1] % mw]
+
+
+def mul_per_sample(feats: torch.Tensor, per_sample: torch.Tensor, sites: Sites) -> torch.Tensor:
+    """``feats * sample_to_tokens(per_sample, sites)`` keeping ``feats`` and the ``(B, C)`` factor for backward,
+    not the factor broadcast to every token (a squeeze-excite scale, GRN's normalised norm, a global context)."""
+    return _MulPerSample.apply(feats, per_sample, sites.batch)
+
+
+class _MulPerSample(torch.autograd.Function):
+    """Autograd of :func:`mul_per_sample`: the factor is broadcast again in backward, its gradient summed per sample."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, per_sample: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(feats, per_sample, batch)
+        return feats * per_sample.index_select(0, batch)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        feats, per_sample, batch = ctx.saved_tensors
+        dfeats = dfactor = None
+        if ctx.needs_input_grad[0]:
+            dfeats = grad * per_sample.index_select(0, batch)
+            if dfeats.shape != feats.shape:
+                dfeats = dfeats.sum_to_size(feats.shape)
+        if ctx.needs_input_grad[1]:
+            prod = grad * feats
+            dfactor = prod.new_zeros(per_sample.shape[0], *prod.shape[1:]).index_add_(0, batch, prod)
+            if dfactor.shape != per_sample.shape:
+                dfactor = dfactor.sum_to_size(per_sample.shape)
+        return dfeats, dfactor, None
 
 
 def pointwise_conv(feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

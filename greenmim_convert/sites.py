@@ -1,7 +1,7 @@
 """The set of visible positions of one grid, in canonical order (sample-major, raster inside a sample)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,7 @@ class Sites:
         self._index_grid: Optional[torch.Tensor] = None
         self._counts: Optional[torch.Tensor] = None
         self._rank: Optional[torch.Tensor] = None
+        self._memo: Dict[Hashable, Any] = {}
 
     @classmethod
     def from_mask(cls, visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> "Sites":
@@ -57,10 +58,22 @@ class Sites:
             self._rank = torch.arange(self.num_tokens, device=self.device) - starts[self.batch]
         return self._rank
 
+    def equal_counts(self) -> bool:
+        """Whether every sample has the same number of visible positions (packed rows then reshape per sample)."""
+        counts = self.counts()
+        return bool(counts.numel()) and int(counts.min().item()) == int(counts.max().item())
+
     def pad(self, feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(B, Nmax, C)`` zero-padded per-sample features and the ``(B, Nmax)`` validity mask."""
+        """``(B, Nmax, C)`` zero-padded per-sample features and the ``(B, Nmax)`` validity mask.
+
+        When every sample has the same count there is no padding and the result is a view of ``feats``
+        (no copy, nothing more kept for backward); do not modify it in place.
+        """
         counts = self.counts()
         nmax = int(counts.max().item()) if counts.numel() else 0
+        if self.equal_counts():
+            valid = torch.ones(self.batch_size, nmax, dtype=torch.bool, device=self.device)
+            return feats.view(self.batch_size, nmax, *feats.shape[1:]), valid
         out = feats.new_zeros(self.batch_size, nmax, feats.shape[1])
         out = out.index_put((self.batch, self.rank()), feats)
         valid = torch.zeros(self.batch_size, nmax, dtype=torch.bool, device=self.device)
@@ -68,7 +81,10 @@ class Sites:
         return out, valid
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``pad``: the ``(T, C)`` rows of the visible tokens, in canonical order."""
+        """Inverse of ``pad``: the ``(T, C)`` rows of the visible tokens, in canonical order (a reshape when every
+        sample has the same count)."""
+        if self.equal_counts():
+            return padded.reshape(self.num_tokens, *padded.shape[2:])
         return padded[self.batch, self.rank()]
 
     def index_grid(self) -> torch.Tensor:
@@ -80,6 +96,13 @@ class Sites:
             flat[lin] = torch.arange(self.num_tokens, device=self.device)
             self._index_grid = flat.view(self.batch_size, h, w)
         return self._index_grid
+
+    def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per ``key`` for these sites: index tables that several ops on the same
+        sites share (neighbour maps of convolutions with one geometry), so they are built and stored once."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def __repr__(self) -> str:
         return f"Sites(tokens={self.num_tokens}, grid={self.grid}, batch_size={self.batch_size}, stride={self.stride})"

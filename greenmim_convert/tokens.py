@@ -40,7 +40,8 @@ class VisibleTokens:
         return out.permute(0, 3, 1, 2)
 
     def to_padded(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(B, Nmax, C)`` features padded with zeros, and the ``(B, Nmax)`` bool validity mask."""
+        """``(B, Nmax, C)`` features padded with zeros, and the ``(B, Nmax)`` bool validity mask (a view of
+        ``feats`` when every sample has the same number of tokens)."""
         return self.sites.pad(self.feats)
 
     def as_batched(self) -> torch.Tensor:

@@ -10,12 +10,14 @@ raw pixels (``in_sites`` on the pixel grid).
 
 Backends:
 - ``"torch"``: the reference, a gather-GEMM over all kernel offsets (every device, plain autograd);
+- ``"gather"``: depthwise convs as chunked tap gathers that keep only their input for backward and
+  take the gradients by gathers through the inverse map (every device, :mod:`.depthwise_gather`);
 - ``"tiles"``: gathers a dense patch per output tile and runs ``F.conv2d`` on the patches (every
   device, plain autograd); fastest on the CPU when visible sites come in blocks (MIM mask units);
 - ``"triton"``: depthwise convs on CUDA (:mod:`.triton_depthwise_conv`);
 - ``"spconv"``: ``groups == 1`` convs on CUDA when spconv is installed (:mod:`.spconv_backend`).
 ``"auto"`` takes Triton / spconv where they apply, else tiles when the tiles are mostly visible,
-else the reference. Naming a backend that cannot run the call raises
+else the depthwise gather for depthwise convs, else the reference. Naming a backend that cannot run the call raises
 :class:`BackendUnavailableError` rather than falling back silently.
 """
 from __future__ import annotations
@@ -27,13 +29,14 @@ from typing import Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from greenmim_convert.sites import Sites
 
 IntPair = Union[int, Tuple[int, int]]
 Padding = Union[int, Tuple[int, int], Tuple[int, int, int, int], str]  # 4 values: (top, bottom, left, right)
-Backend = Literal["auto", "torch", "tiles", "triton", "spconv"]
-BACKENDS: Tuple[str, ...] = ("auto", "torch", "tiles", "triton", "spconv")
+Backend = Literal["auto", "torch", "gather", "tiles", "triton", "spconv"]
+BACKENDS: Tuple[str, ...] = ("auto", "torch", "gather", "tiles", "triton", "spconv")
 # Candidate tile edges of the "tiles" backend, and the fraction of computed output cells that must
 # be output sites for "auto" to prefer it over the gather path.
 TILE_SIZES: Tuple[int, ...] = (2, 4, 8, 16, 32)
@@ -156,6 +159,21 @@ def build_neighbor_map(
     lin = (out_sites.batch.view(1, 1, -1) * h + iy.clamp(0, h - 1)) * w + ix.clamp(0, w - 1)
     found = in_sites.index_grid().reshape(-1)[lin]
     return torch.where(inside, found, torch.full_like(found, -1)).reshape(k[0] * k[1], out_sites.num_tokens)
+
+
+def _padding_key(padding: Padding) -> Union[str, Tuple[int, ...]]:
+    return padding if isinstance(padding, str) else padding_sides(padding)
+
+
+def cached_neighbor_map(
+    in_sites: Sites, out_sites: Sites, kernel_size: IntPair, stride: IntPair = 1, padding: Padding = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """:func:`build_neighbor_map`, built once per pair of sites and geometry (kept on ``in_sites``), so that the
+    convolutions of a stage share one map (and one stored copy of it)."""
+    k, s, d = as_pair(kernel_size, "kernel_size"), as_pair(stride, "stride"), as_pair(dilation, "dilation")
+    key = ("neighbor map", id(out_sites), k, s, _padding_key(padding), d)
+    return in_sites.memo(key, lambda: (out_sites, build_neighbor_map(in_sites, out_sites, k, s, padding, d)))[1]
 
 
 def _padded_indices(feats: torch.Tensor, neighbor_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -313,15 +331,55 @@ def sparse_conv2d_tiles(
     Exact under masked-dense semantics (patch cells that are masked or outside the grid are zero).
     It computes every cell of a used tile, so it pays off when the tiles are mostly visible (mask
     units aligned with tiles), where it beats the per-offset gather by reading each input once and
-    running the library's dense (channels-last) convolution.
+    running the library's dense (channels-last) convolution. Only ``feats`` is kept for backward: the
+    patches (a halo's worth larger) are gathered again there.
     """
-    c_in = feats.shape[1]
-    c_out = weight.shape[0]
-    (ph, pw), (th, tw) = plan.patch, plan.tile
+    return _TiledConv.apply(feats, weight, bias, plan, groups)
+
+
+def _gather_patches(feats: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """``(num_tiles, C, ph, pw)`` channels-last patches of ``feats``, zero at masked or outside cells."""
+    (ph, pw), c_in = plan.patch, feats.shape[1]
     padded = torch.cat([feats, feats.new_zeros(1, c_in)], dim=0)
-    patches = padded.index_select(0, plan.patch_index).view(plan.num_tiles, ph, pw, c_in).permute(0, 3, 1, 2)
-    out = F.conv2d(patches, weight, bias, stride=plan.stride, dilation=plan.dilation, groups=groups)
-    return out.permute(0, 2, 3, 1).reshape(plan.num_tiles * th * tw, c_out).index_select(0, plan.out_rows)
+    return padded.index_select(0, plan.patch_index).view(plan.num_tiles, ph, pw, c_in).permute(0, 3, 1, 2)
+
+
+class _TiledConv(torch.autograd.Function):
+    """Autograd of :func:`sparse_conv2d_tiles`: saves the packed input, re-gathers the patches in backward."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: TilePlan,
+                groups: int) -> torch.Tensor:
+        patches = _gather_patches(feats, plan)
+        out = F.conv2d(patches, weight, bias, stride=plan.stride, dilation=plan.dilation, groups=groups)
+        th, tw = plan.tile
+        ctx.save_for_backward(feats, weight, plan.patch_index, plan.out_rows)
+        ctx.geometry = (plan, groups, bias is not None)
+        return out.permute(0, 2, 3, 1).reshape(plan.num_tiles * th * tw, weight.shape[0]).index_select(0, plan.out_rows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        feats, weight, patch_index, out_rows = ctx.saved_tensors
+        plan, groups, has_bias = ctx.geometry
+        (th, tw), c_out = plan.tile, weight.shape[0]
+        cells = plan.num_tiles * th * tw
+        cell_rows = torch.full((cells,), grad.shape[0], dtype=torch.long, device=grad.device)
+        cell_rows[out_rows] = torch.arange(grad.shape[0], device=grad.device)
+        grad_rows = torch.cat([grad, grad.new_zeros(1, c_out)]).index_select(0, cell_rows)
+        grad_tiles = grad_rows.view(plan.num_tiles, th, tw, c_out).permute(0, 3, 1, 2)
+        patches = _gather_patches(feats, plan)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        dpatch, dweight, dbias = torch.ops.aten.convolution_backward(
+            grad_tiles, patches, weight, [c_out] if has_bias else None, list(plan.stride), [0, 0],
+            list(plan.dilation), False, [0, 0], groups, mask)
+        dfeats = None
+        if mask[0]:
+            c_in = feats.shape[1]
+            rows = dpatch.permute(0, 2, 3, 1).reshape(-1, c_in)
+            index = patch_index.view(-1, 1).expand(-1, c_in)
+            dfeats = feats.new_zeros(feats.shape[0] + 1, c_in).scatter_add_(0, index, rows)[:-1]
+        return dfeats, dweight if mask[1] else None, dbias if mask[2] else None, None, None
 
 
 def _interpret_enabled() -> bool:
@@ -341,6 +399,16 @@ def triton_available() -> bool:
 def _is_depthwise(feats: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """groups == C_in == C_out: the case the Triton kernel implements."""
     return groups == feats.shape[1] == weight.shape[0] and weight.shape[1] == 1
+
+
+def _gather_problem(feats: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[str]:
+    """Why the depthwise gather cannot run this call, or None when it can."""
+    if not _is_depthwise(feats, weight, groups):
+        return (
+            "the gather backend implements depthwise convolutions only (groups == C_in == C_out); "
+            f"got C_in={feats.shape[1]}, C_out={weight.shape[0]}, groups={groups}"
+        )
+    return None
 
 
 def _triton_problem(feats: torch.Tensor, weight: torch.Tensor, groups: int) -> Optional[str]:
@@ -402,7 +470,8 @@ def select_backend(
     ``"auto"``: Triton for depthwise convs on CUDA; spconv for ``groups == 1`` convs with more than
     one tap on CUDA when installed (a 1x1 conv is one GEMM either way); otherwise ``"tiles"`` when
     ``tile_plan`` is given and at least :data:`MIN_TILE_OCCUPANCY` full, else the gather reference
-    ``"torch"``. On the CPU no kernel backend is chosen: the Triton interpreter is a testing tool.
+    ``"gather"`` for depthwise convs, else the reference ``"torch"``. On the CPU no kernel backend is chosen:
+    the Triton interpreter is a testing tool.
     An explicit name that cannot run the call raises :class:`BackendUnavailableError`.
     """
     if backend not in BACKENDS:
@@ -410,6 +479,11 @@ def select_backend(
     s, d = as_pair(stride, "stride"), as_pair(dilation, "dilation")
     if backend in ("torch", "tiles"):
         return backend
+    if backend == "gather":
+        problem = _gather_problem(feats, weight, groups)
+        if problem is not None:
+            raise BackendUnavailableError(problem)
+        return "gather"
     if backend == "triton":
         problem = _triton_problem(feats, weight, groups)
         if problem is not None:
@@ -425,7 +499,7 @@ def select_backend(
         return kernel
     if tile_plan is not None and tile_plan.occupancy >= MIN_TILE_OCCUPANCY:
         return "tiles"
-    return "torch"
+    return "gather" if _gather_problem(feats, weight, groups) is None else "torch"
 
 
 def sparse_conv2d(
@@ -463,7 +537,8 @@ def sparse_conv2d(
     s, d = as_pair(stride, "stride"), as_pair(dilation, "dilation")
     wants_plan = backend == "tiles" or (backend == "auto" and _auto_kernel(feats, weight, groups, s, d, padding) is None)
     if wants_plan and tile_plan is None:
-        tile_plan = build_tile_plan(in_sites, out_sites, (kh, kw), s, padding, d)
+        key = ("tile plan", id(out_sites), (kh, kw), s, _padding_key(padding), d)
+        tile_plan = in_sites.memo(key, lambda: (out_sites, build_tile_plan(in_sites, out_sites, (kh, kw), s, padding, d)))[1]
     chosen = select_backend(feats, weight, groups, s, d, backend, tile_plan, padding)
     if chosen == "spconv":
         from greenmim_convert.kernels.spconv_backend import spconv_conv2d
@@ -482,7 +557,7 @@ def sparse_conv2d(
             raise ValueError(f"tile_plan covers {tile_plan.out_rows.shape[0]} output sites, expected {out_sites.num_tokens}")
         return sparse_conv2d_tiles(feats, tile_plan, weight, bias, groups)
     if neighbor_map is None:
-        neighbor_map = build_neighbor_map(in_sites, out_sites, (kh, kw), s, padding, d)
+        neighbor_map = cached_neighbor_map(in_sites, out_sites, (kh, kw), s, padding, d)
     elif neighbor_map.shape != (kh * kw, out_sites.num_tokens):
         raise ValueError(
             f"neighbor_map has shape {tuple(neighbor_map.shape)}, expected {(kh * kw, out_sites.num_tokens)}"
@@ -491,4 +566,11 @@ def sparse_conv2d(
         from greenmim_convert.kernels.triton_depthwise_conv import depthwise_conv_triton
 
         return depthwise_conv_triton(feats, neighbor_map, weight, bias)
+    if chosen == "gather":
+        from greenmim_convert.kernels.depthwise_gather import DepthwisePlan, depthwise_conv_gather
+
+        key = ("depthwise plan", id(out_sites), (kh, kw), s, _padding_key(padding), d, id(neighbor_map))
+        plan = in_sites.memo(key, lambda: (out_sites, neighbor_map,
+                                           DepthwisePlan.from_neighbor_map(neighbor_map, in_sites.num_tokens)))[2]
+        return depthwise_conv_gather(feats, plan, weight, bias)
     return sparse_conv2d_reference(feats, neighbor_map, weight, bias, groups)

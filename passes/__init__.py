@@ -14,12 +14,13 @@ from .patch_merging import PatchMergingPass
 from .pooling import PoolingPass
 from .position_einsum import PositionEinsumPass
 from .prefix_tokens import PrefixTokensPass
+from .recompute import RecomputePass
 from .sample_matmul import SampleMatmulPass
 from .tokenwise import TokenwisePass
 
 __all__ = [
     "AttentionPass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "DenseIslandPass", "EinsumPass",
     "FunctionalizePass", "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass",
-    "PositionEinsumPass", "PrefixTokensPass", "SampleMatmulPass", "TokenwisePass",
+    "PositionEinsumPass", "PrefixTokensPass", "RecomputePass", "SampleMatmulPass", "TokenwisePass",
     "LAYOUT_RULES", "to_networkx",
 ]

@@ -24,7 +24,8 @@ import torch.fx as fx
 from greenmim_convert import ops
 from greenmim_convert.layout import Atom, Layout, LayoutError, space_to_depth_plan
 
-from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
+from .base import (GreenPass, args_of, aten, constant, context_of, is_op, layout_of, replace_with_call, shape_of,
+                   sites_node)
 
 UNARY = (
     aten.gelu, aten.relu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish, aten.hardsigmoid, aten.mish,
@@ -326,6 +327,8 @@ class TokenwisePass(GreenPass):
             node.replace_input_with(arg, _pack_constant(gm, node, arg, out, split))
             positional = any(a.kind in "hw" for a in _constant_atoms(arg, out))
             self.report["position constant gathered at visible tokens" if positional else "per-channel constant packed"] += 1
+        if self._mul_per_sample(gm, node, packed, constants, split):
+            return
         for arg in packed:
             lay, new = layout_of(arg), arg
             if lay.is_per_sample() and not out.is_per_sample():
@@ -343,6 +346,19 @@ class TokenwisePass(GreenPass):
             node.replace_all_uses_with(flat, delete_user_cb=lambda u: u is not flat)
             flat.meta["layout"] = out
         self.report[f"{str(node.target).split('.')[1]} unchanged"] += 1
+
+    def _mul_per_sample(self, gm: fx.GraphModule, node: fx.Node, packed: list, constants: list, split: bool) -> bool:
+        """``aten.mul`` of tokens by a per-sample value -> ``ops.mul_per_sample`` (keeps the ``(B, C)`` factor for
+        backward instead of its copy at every token); False when ``node`` is not such a product."""
+        if not is_op(node, aten.mul) or split or constants or len(node.args) != 2 or node.kwargs or len(packed) != 2:
+            return False
+        per_sample = [a for a in node.args if layout_of(a).is_per_sample()]
+        if node.meta["layout"].is_per_sample() or len(per_sample) != 1 or node.args[0] is node.args[1]:
+            return False
+        tokens = node.args[1] if per_sample[0] is node.args[0] else node.args[0]
+        replace_with_call(gm, node, ops.mul_per_sample, (tokens, per_sample[0], sites_node(gm, node.meta["layout"])))
+        self.report["token x per-sample value"] += 1
+        return True
 
     def _channel_op(self, gm: fx.GraphModule, node: fx.Node) -> None:
         src = node.args[0]

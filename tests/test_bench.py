@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import greenmim_convert as gmc
 from greenmim_convert import models
 from greenmim_convert.bench import (
-    SavedTensorCounter, SimMIMDense, exact_attention_fraction, measure_grouping, run_bench,
+    SavedTensorCounter, SimMIMDense, census_rows, exact_attention_fraction, measure_grouping, run_bench,
 )
 from greenmim_convert.cli import app
 from greenmim_convert.masking import random_mask
@@ -56,12 +56,79 @@ def test_saved_tensor_counter_known_answer():
     assert counter.bytes == 800
 
 
+def test_saved_tensor_census_known_answer():
+    """Bytes per autograd node kind: a storage saved by two nodes is charged to the earlier one, a custom
+    Function's saved tensors count under its own node, and the kinds sum to the counter's total."""
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 2 * x * grad
+
+    a = torch.randn(100, requires_grad=True)
+    w = torch.randn(100, requires_grad=True)
+    counter = SavedTensorCounter(exclude=[w])
+    with counter():
+        b = a.exp()            # ExpBackward0 saves b (400 bytes)
+        c = b.sin()            # SinBackward0 saves b too: charged to the earlier ExpBackward0
+        d = Square.apply(c)    # SquareBackward saves c (400 bytes)
+        e = (d * w).sum()      # MulBackward0 saves d (400 bytes) and w (excluded)
+    census = counter.census(e)
+    assert census == {"ExpBackward0": 400, "SquareBackward": 400, "MulBackward0": 400}
+    assert sum(census.values()) == counter.bytes == 1200
+    partial = counter.census(c)  # the nodes after c (Square, Mul) are out of reach from c's graph
+    assert partial == {"ExpBackward0": 400, "(unattributed)": 800}
+    e.backward()
+
+
+def test_census_rows_keep_the_totals():
+    saved = {"dense": {"A": 50, "B": 30, "C": 5, "D": 1}, "green": {"A": 10, "E": 40, "D": 2}}
+    rows = census_rows(saved, top=2)
+    assert rows[:2] == [("A", 50, 10), ("E", 0, 40)]
+    assert rows[2] == ("(3 other kinds)", 36, 2)
+    for i, side in ((1, "dense"), (2, "green")):
+        assert sum(r[i] for r in rows) == sum(saved[side].values())
+
+
+def test_bench_census_sums_to_the_total_and_profile_lists_ops(tiny_swin):
+    """On a real model: each side's census sums to its bytes saved for backward, the converted side is saved by
+    the converted graph's own ops (no convolution: the patch embedding is a per-patch linear), and
+    ``profile`` lists the top ops of each side by self CPU time."""
+    model, green = tiny_swin
+    res = run_bench(model, green, batch_size=2, mask_ratio=0.75, steps=1, warmup=0, profile=4)
+    for side, stats in (("dense", res.dense), ("green", res.green)):
+        census = res.saved_by_node[side]
+        assert sum(census.values()) == stats.saved_bytes and "(unattributed)" not in census
+        rows = res.profile[side]
+        assert len(rows) == 4 and all(r.op.startswith("aten::") or r.op for r in rows)
+        assert [r.self_cpu_ms for r in rows] == sorted((r.self_cpu_ms for r in rows), reverse=True)
+        assert rows[0].self_cpu_ms > 0 and all(r.calls >= 1 for r in rows)
+    assert res.saved_by_node["dense"].get("ConvolutionBackward0", 0) > 0
+    assert "ConvolutionBackward0" not in res.saved_by_node["green"]
+    assert run_bench(model, green, batch_size=2, steps=1, warmup=0).profile == {}
+
+
 def test_bench_cli_smoke(tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", SWIN, *TINY, "--batch-size", "2", "--steps", "1", "--json", str(out)])
     assert res.exit_code == 0, res.output
     check_bench_json(json.loads(out.read_text()))
     assert "dense / converted" in res.output and "forward_features" in res.output
+    assert "by the autograd node that saved them" in res.output and "self CPU" not in res.output
+
+
+def test_bench_cli_profile():
+    res = CliRunner().invoke(app, ["bench", SWIN, *TINY, "--batch-size", "2", "--steps", "1", "--profile"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "dense step: top ops by self CPU time" in text and "converted step: top ops by self CPU time" in text
+    assert "aten::" in text
 
 
 def test_bench_cli_torchvision(tmp_path):

@@ -14,6 +14,7 @@ from timm.models.gcvit import _create_gcvit
 from timm.models.nest import _create_nest
 
 import greenmim_convert as gmc
+from greenmim_convert.masking import random_mask
 
 from conftest import TINY_SWIN, check_against_reference, check_all_visible, masks_with_unequal_counts
 
@@ -157,6 +158,18 @@ def test_masked_matches_reference(family):
     assert len(set(visible.flatten(1).sum(1).tolist())) > 1
     zero = [n for n, _ in model.named_parameters() if n.endswith(CASES[case].zero_grads)]
     assert bool(zero) == bool(CASES[case].zero_grads)
+    check_against_reference(model, green, images, visible, gen=gen, zero_grads=zero)
+
+
+def test_masked_equal_counts_matches_reference(family):
+    """Every sample with the same number of visible units (as ``random_mask`` draws them): per-sample padding
+    is then a reshape of the packed tokens, not a copy."""
+    case, seed, model, green = family
+    gen = torch.Generator().manual_seed(seed + 3)
+    images = torch.randn(2, 3, *green.img_size, generator=gen, dtype=torch.float64)
+    visible = random_mask(2, green.mask_grid, CASES[case].ratio, generator=gen)
+    assert len(set(visible.flatten(1).sum(1).tolist())) == 1
+    zero = [n for n, _ in model.named_parameters() if n.endswith(CASES[case].zero_grads)]
     check_against_reference(model, green, images, visible, gen=gen, zero_grads=zero)
 
 

@@ -1,4 +1,5 @@
-"""The FLOP counter against hand counts (grouped and depthwise convolutions, CPU attention, addcmul), and the
+"""The FLOP counter against hand counts (grouped and depthwise convolutions, CPU attention, addcmul, the sparse
+depthwise gather), and the
 visible-only ideal against hand counts of visible (query, key) pairs."""
 from __future__ import annotations
 
@@ -99,6 +100,25 @@ def test_addcmul_counts_its_gradients_at_the_forward():
         assert count_flops(lambda: torch.addcmul(a, x, w))[aten.addcmul] == 2 * 30
     i = torch.arange(6)
     assert count_flops(lambda: torch.addcmul(i, i, i)).get(aten.addcmul, 0) == 0  # index arithmetic
+
+
+def test_depthwise_gather_counts_a_multiply_add_per_tap_and_gradient():
+    """The sparse depthwise conv's gather path: 2 FLOPs per tap, output row and channel forward, the same per input
+    row for each gradient asked for (the reference's addcmul count: input and weight gradients)."""
+    from greenmim_convert.kernels.sparse_conv import sparse_conv2d
+    from greenmim_convert.sites import Sites
+
+    sites = Sites.from_mask(random_mask(2, (3, 3), 0.5, generator=torch.Generator().manual_seed(0)), (6, 6), 1)
+    t, c = sites.num_tokens, 4
+    x = torch.randn(t, c, requires_grad=True)
+    w = torch.randn(c, 1, 3, 3, requires_grad=True)
+    run = lambda backend: sparse_conv2d(x, sites, sites, w, None, 1, 1, 1, c, backend=backend)  # noqa: E731
+    ops = torch.ops.greenmim_kernels
+    counts = count_flops(lambda: run("gather").sum().backward())
+    assert counts[ops.depthwise_taps] == 2 * 9 * t * c and counts[ops.depthwise_taps_backward] == 2 * 2 * 9 * t * c
+    assert sum(counts.values()) == count_flops(lambda: run("torch").sum().backward())[aten.addcmul]
+    x.requires_grad_(False)
+    assert count_flops(lambda: run("gather").sum().backward())[ops.depthwise_taps_backward] == 2 * 9 * t * c
 
 
 def test_visible_only_ideal_scales_token_work_and_pairs():

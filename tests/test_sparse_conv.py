@@ -155,6 +155,8 @@ def test_matches_dense_masked_conv(case):
     check_backend("torch", *args)
     check_backend("tiles", *args, tile_plan=build_tile_plan(in_sites, out_sites, k, s, p, d, tile=case["tile"]))
     check_backend("auto", *args)
+    if case["groups"] == case["c_in"] == case["c_out"]:
+        check_backend("gather", *args)
 
 
 def brute_force_neighbor_map(in_sites: Sites, out_sites: Sites, k, s, p, d) -> torch.Tensor:
@@ -284,7 +286,10 @@ def test_backend_selection_and_errors(monkeypatch):
         sparse_conv2d(feats, sites, sites, depthwise, padding=1, groups=6, backend="spconv")
     with pytest.raises(BackendUnavailableError, match="spconv"):
         sparse_conv2d(feats, sites, sites, dense, padding=1, backend="spconv")
-    assert select_backend(feats, depthwise, 6) == "torch"
+    with pytest.raises(BackendUnavailableError, match="depthwise"):
+        sparse_conv2d(feats, sites, sites, dense, padding=1, backend="gather")
+    assert select_backend(feats, depthwise, 6) == "gather"
+    assert select_backend(feats, torch.randn(12, 1, 3, 3), 6) == "torch"  # channel multiplier: not depthwise
     assert select_backend(feats, dense, 1) == "torch"
     blocky = build_tile_plan(sites, sites, 3, 1, 1, 1, tile=4)
     assert blocky.occupancy == 1.0
@@ -294,7 +299,8 @@ def test_backend_selection_and_errors(monkeypatch):
     scattered = Sites.from_mask(scattered_mask, (16, 16), 1)
     sparse_plan = build_tile_plan(scattered, scattered, 3, 1, 1, 1)
     assert sparse_plan.occupancy < 0.5
-    assert select_backend(feats, depthwise, 6, tile_plan=sparse_plan) == "torch"
+    assert select_backend(feats, depthwise, 6, tile_plan=sparse_plan) == "gather"
+    assert select_backend(feats, dense, 1, tile_plan=sparse_plan) == "torch"
     assert select_backend(feats, depthwise, 6, backend="tiles") == "tiles"
 
 
@@ -394,7 +400,7 @@ def test_empty_sites():
     sites = Sites.from_mask(torch.zeros(2, 2, 2, dtype=torch.bool), (8, 8), 1)
     feats = torch.randn(0, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
-    for backend in ("torch", "tiles", "auto"):
+    for backend in ("torch", "gather", "tiles", "auto"):
         out = sparse_conv2d(feats, sites, sites, weight, None, 1, 1, 1, 4, backend=backend)
         assert out.shape == (0, 4)
         out.sum().backward()
@@ -479,5 +485,36 @@ def test_four_sided_padding(k, s, p, g):
     out_sites = Sites.from_mask(torch.rand(2, ho, wo, generator=gen) < 0.6, (ho, wo), 1)
     weight, bias = random_params(4, 4, g, k, True, gen)
     feats = torch.randn(in_sites.num_tokens, 4, generator=gen, dtype=torch.float64).requires_grad_()
-    for backend in ("torch", "tiles", "auto"):
+    for backend in ("torch", "tiles", "auto") + (("gather",) if g == 4 else ()):
         check_backend(backend, feats, in_sites, out_sites, weight, bias, s, p, (1, 1), g)
+
+
+def saved_float_bytes(fn) -> int:
+    """Bytes of floating-point tensors that ``fn()``'s autograd graph keeps for backward, once per storage."""
+    seen = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("backend", ["gather", "tiles"])
+def test_lean_backends_keep_only_their_input(backend):
+    """The gather and tiles paths keep the packed input (and the weight) for backward, not a gathered copy
+    per tap or per patch as the plain-autograd reference does, and their gradients still match the oracle."""
+    gen = torch.Generator().manual_seed(5)
+    visible = torch.rand(2, 4, 4, generator=gen) < 0.5
+    visible[:, 0, 0] = True
+    sites = Sites.from_mask(visible, (16, 16), 1)
+    weight, bias = random_params(8, 8, 8, (7, 7), True, gen)
+    feats = torch.randn(sites.num_tokens, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    run = lambda name: sparse_conv2d(feats, sites, sites, weight, bias, 1, 3, 1, 8, backend=name)  # noqa: E731
+    lean = saved_float_bytes(lambda: run(backend))
+    assert lean == feats.nbytes + weight.nbytes
+    assert saved_float_bytes(lambda: run("torch")) >= 49 * feats.nbytes
+    check_backend(backend, feats, sites, sites, weight, bias, 1, 3, 1, 8)

@@ -42,6 +42,28 @@ def test_as_batched_zero_copy_and_mean(seed):
         _tokens(visible).as_batched()
 
 
+def test_pad_is_a_view_when_counts_are_equal(seed):
+    """Equal counts: pad is a reshape of the packed rows (no copy) and unpad its inverse; both agree with the
+    padded copy built for unequal counts, gradients included."""
+    gen = torch.Generator().manual_seed(seed)
+    visible = random_mask(3, (4, 4), 0.5, generator=gen)
+    t = _tokens(visible, gen=gen)
+    feats = t.feats.clone().requires_grad_()
+    padded, valid = t.sites.pad(feats)
+    assert t.sites.equal_counts() and valid.all() and padded.data_ptr() == feats.data_ptr()
+    expected = torch.zeros(3, 32, 5, dtype=feats.dtype).index_put((t.sites.batch, t.sites.rank()), t.feats)
+    assert torch.equal(padded, expected)
+    back = t.sites.unpad(padded * 2)
+    assert torch.equal(back, 2 * t.feats)
+    back.sum().backward()
+    assert torch.equal(feats.grad, torch.full_like(feats, 2.0))
+    visible[0, 0, 0] = not visible[0, 0, 0]
+    uneven = _tokens(visible, gen=gen)
+    assert not uneven.sites.equal_counts()
+    padded, valid = uneven.sites.pad(uneven.feats)
+    assert padded.data_ptr() != uneven.feats.data_ptr() and torch.equal(uneven.sites.unpad(padded), uneven.feats)
+
+
 def test_random_mask_counts_and_determinism():
     m1 = random_mask(6, (7, 7), 0.75, generator=torch.Generator().manual_seed(3))
     m2 = random_mask(6, (7, 7), 0.75, generator=torch.Generator().manual_seed(3))

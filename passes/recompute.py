@@ -1,0 +1,121 @@
+"""Image-independent subgraphs whose intermediates outweigh their outputs -> recomputed in backward.
+
+Some models compute a term of every attention from parameters alone: Swin V2's continuous position
+bias runs a small MLP over every (query, key) offset pair of a window, MaxViT's relative MLP bias
+the same. Such a subgraph (``linear``, ``relu``, ``dropout``, ... on parameters and buffers only) does
+not shrink with the mask, so its saved intermediates (the MLP's hidden activations, ``pairs x
+hidden``) can be a large share of a converted model's activation memory. Each connected subgraph of
+ops that read no image-derived value is moved into its own ``torch.fx.GraphModule`` and called through
+:func:`greenmim_convert.ops.recompute`, which keeps only its inputs (parameters, buffers) for backward
+and runs it again when its gradient is needed, with the same random draws (dropout). Subgraphs whose
+intermediates are no larger than their outputs (a bias-table gather, a logit-scale ``exp``) stay.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Dict, List, Set
+
+import torch
+import torch.fx as fx
+
+from greenmim_convert import ops
+
+from .base import GreenPass, layout_of
+
+
+def _numel(node: fx.Node) -> int:
+    """Elements of the tensor(s) a node produced at capture (0 when unknown or not a tensor)."""
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    return sum(math.prod(v.shape) for v in vals if isinstance(v, torch.Tensor))
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Ops whose result shares its input's storage: they add no memory of their own."""
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.returns and schema.returns[0].alias_info is not None)
+
+
+def _position(gm: fx.GraphModule):
+    """Key giving a node's index in graph order."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return order.__getitem__
+
+
+def _constant_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
+    """call_function nodes computed from get_attr nodes only (parameters, buffers, stored constants)."""
+    const: Set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        runtime = getattr(node.target, "__module__", "") == ops.__name__
+        if node.op != "call_function" or layout_of(node) is not None or runtime:
+            continue
+        inputs = node.all_input_nodes
+        if inputs and all(n.op == "get_attr" or n in const for n in inputs):
+            const.add(node)
+    return const
+
+
+def _components(nodes: Set[fx.Node]) -> List[List[fx.Node]]:
+    """Connected components of ``nodes`` (edges between members only), each in graph order."""
+    parent: Dict[fx.Node, fx.Node] = {n: n for n in nodes}
+
+    def root(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in nodes:
+        for m in n.all_input_nodes:
+            if m in nodes:
+                parent[root(m)] = root(n)
+    groups: Dict[fx.Node, List[fx.Node]] = {}
+    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)} if nodes else {}
+    for n in sorted(nodes, key=lambda n: order[n]):
+        groups.setdefault(root(n), []).append(n)
+    return list(groups.values())
+
+
+class RecomputePass(GreenPass):
+    name = "recompute"
+    description = "image-independent subgraphs with large intermediates -> recomputed in backward"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        for comp in _components(_constant_nodes(gm)):
+            members = set(comp)
+            outputs = [n for n in comp if any(u not in members for u in n.users)]
+            inner = sum(_numel(n) for n in comp if n not in outputs and not _is_view(n))
+            if not outputs or inner <= sum(_numel(n) for n in outputs):
+                continue
+            self._outline(gm, comp, outputs)
+            self.report["subgraph recomputed in backward"] += 1
+
+    @staticmethod
+    def _outline(gm: fx.GraphModule, comp: List[fx.Node], outputs: List[fx.Node]) -> None:
+        """Move ``comp`` into a sub-GraphModule taking its get_attr inputs, called through ``ops.recompute``."""
+        members = set(comp)
+        inputs = [m for m in dict.fromkeys(i for n in comp for i in n.all_input_nodes) if m not in members]
+        sub = fx.Graph()
+        env: Dict[fx.Node, fx.Node] = {m: sub.placeholder(m.name) for m in inputs}
+        for n in comp:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+        sub.output(tuple(env[n] for n in outputs))
+        i = 0
+        while hasattr(gm, f"_recompute_{i}"):
+            i += 1
+        name = f"_recompute_{i}"
+        gm.add_submodule(name, fx.GraphModule(torch.nn.Module(), sub))
+        pos = _position(gm)
+        # where the first member ran (random draws keep their order) unless an input is defined later
+        at = comp[0] if all(pos(m) < pos(comp[0]) for m in inputs) else \
+            min((u for n in outputs for u in n.users if u not in members), key=pos)
+        with gm.graph.inserting_before(at):
+            module = gm.graph.get_attr(name)
+            call = gm.graph.call_function(ops.recompute, (module, *inputs))
+            results = [gm.graph.call_function(operator.getitem, (call, k)) for k in range(len(outputs))]
+        for out, res in zip(outputs, results):
+            res.meta.update(out.meta)
+            out.replace_all_uses_with(res)
+        for n in reversed(comp):
+            gm.graph.erase_node(n)

@@ -1,0 +1,51 @@
+"""Image-independent subgraphs with large intermediates are recomputed in backward, not saved."""
+from __future__ import annotations
+
+import timm
+import torch
+
+import greenmim_convert as gmc
+from greenmim_convert import ops
+from greenmim_convert.bench import SavedTensorCounter
+from greenmim_convert.masking import random_mask
+
+SMALL_SWINV2_CR = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 2, 2, 4), img_size=128, window_size=4)
+
+
+def _saved_census(green, images, visible):
+    counter = SavedTensorCounter(exclude=list(green.parameters()))
+    with counter():
+        loss = green(images, visible).last.feats.pow(2).sum()
+    census = counter.census(loss)
+    loss.backward()
+    return census
+
+
+def test_position_mlp_is_recomputed_and_keeps_its_gradients():
+    """Swin V2 CR's position MLP (pairs x hidden units, with dropout in training) reads parameters and a buffer only:
+    each block's MLP becomes one recomputed subgraph, its ReLU and dropout save nothing, and the gradients of its
+    weights equal those of the same graph with the subgraph inlined, dropout draws included."""
+    torch.manual_seed(0)
+    model = timm.create_model("swinv2_cr_tiny_224", pretrained=False, **SMALL_SWINV2_CR).train()
+    green = gmc.convert(model).train()
+    gm = green.graph_module
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.recompute]
+    counts = {r.name: r.counts for r in green.report.passes}
+    assert len(calls) == 4 and counts["recompute"] == {"subgraph recomputed in backward": 4}
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 128, 128, generator=gen)
+    visible = random_mask(2, green.mask_grid, 0.5, generator=gen)
+
+    torch.manual_seed(7)
+    census = _saved_census(green, images, visible)
+    assert "ReluBackward0" not in census
+    recomputed = {n: p.grad.clone() for n, p in model.named_parameters() if "meta_mlp" in n}
+    model.zero_grad()
+    for node in calls:  # inline: the same subgraph, run directly, its intermediates saved as usual
+        node.target = lambda sub, *args: sub(*args)
+    gm.recompile()
+    torch.manual_seed(7)
+    assert "ReluBackward0" in _saved_census(green, images, visible)
+    for name, p in model.named_parameters():
+        if "meta_mlp" in name:
+            assert p.grad is not None and torch.equal(p.grad, recomputed[name]), name
