@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from .grad_layout import like_param
+
 # bytes of the (rows, K, C) temporary of one chunk: small enough to stay in cache, large enough that the
 # per-chunk Python work is amortised
 CHUNK_BYTES = 4 << 20
@@ -138,7 +140,7 @@ class _DepthwiseGather(torch.autograd.Function):
         taps_weight = weight.reshape(weight.shape[0], -1).t()
         dx, dw = depthwise_taps_backward(_with_zero_row(grad.contiguous()), inverse, taps_weight, feats, need_x, need_w)
         dbias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (dx if need_x else None), (dw.t().reshape(weight.shape) if need_w else None), dbias, None, None
+        return (dx if need_x else None), (like_param(dw.t().reshape(weight.shape), weight) if need_w else None), dbias, None, None
 
 
 def depthwise_conv_gather(feats: torch.Tensor, plan: DepthwisePlan, weight: torch.Tensor,

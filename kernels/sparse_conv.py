@@ -33,6 +33,8 @@ from torch.autograd.function import once_differentiable
 
 from greenmim_convert.sites import Sites
 
+from .grad_layout import like_param
+
 IntPair = Union[int, Tuple[int, int]]
 Padding = Union[int, Tuple[int, int], Tuple[int, int, int, int], str]  # 4 values: (top, bottom, left, right)
 Backend = Literal["auto", "torch", "gather", "tiles", "triton", "spconv"]
@@ -379,7 +381,7 @@ class _TiledConv(torch.autograd.Function):
             rows = dpatch.permute(0, 2, 3, 1).reshape(-1, c_in)
             index = patch_index.view(-1, 1).expand(-1, c_in)
             dfeats = feats.new_zeros(feats.shape[0] + 1, c_in).scatter_add_(0, index, rows)[:-1]
-        return dfeats, dweight if mask[1] else None, dbias if mask[2] else None, None, None
+        return dfeats, like_param(dweight, weight) if mask[1] else None, dbias if mask[2] else None, None, None
 
 
 def _interpret_enabled() -> bool:

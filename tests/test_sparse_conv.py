@@ -518,3 +518,19 @@ def test_lean_backends_keep_only_their_input(backend):
     assert lean == feats.nbytes + weight.nbytes
     assert saved_float_bytes(lambda: run("torch")) >= 49 * feats.nbytes
     check_backend(backend, feats, sites, sites, weight, bias, 1, 3, 1, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tiles", "gather"])
+def test_weight_gradient_has_the_parameter_strides(backend):
+    """DDP compares every stride of a gradient with its bucket's (size-one axes included): a depthwise weight's
+    gradient keeps the ``(k*k, k*k, k, 1)`` strides of its ``(C, 1, k, k)`` parameter on every backend."""
+    gen = torch.Generator().manual_seed(5)
+    visible = torch.rand(2, 2, 2, generator=gen) < 0.6
+    visible[:, 0, 0] = True
+    sites = Sites.from_mask(visible, (8, 8), 1)
+    weight = torch.randn(6, 1, 3, 3, generator=gen, requires_grad=True)
+    feats = torch.randn(sites.num_tokens, 6, generator=gen)
+    extra = {"tile_plan": build_tile_plan(sites, sites, 3, 1, 1)} if backend == "tiles" else {}
+    out = sparse_conv2d(feats, sites, sites, weight, padding=1, groups=6, backend=backend, **extra)
+    (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    assert weight.grad.stride() == weight.stride()
