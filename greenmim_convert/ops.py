@@ -64,6 +64,13 @@ def _rows_or_zero(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.view(*index.shape, *feats.shape[1:])
 
 
+def _rows_or_fill(feats: torch.Tensor, index: torch.Tensor, fill: float) -> torch.Tensor:
+    """``feats[index]`` with ``fill`` rows where ``index`` is -1; entries may repeat (overlapping pooling windows)."""
+    padded = torch.cat([feats, feats.new_full((1, feats.shape[1]), fill)])
+    rows = padded.index_select(0, torch.where(index >= 0, index, feats.shape[0]).reshape(-1))
+    return rows.view(*index.shape, feats.shape[1])
+
+
 def _check_cell_offsets(factor: Tuple[int, int], offsets: Sequence[Tuple[int, int]]) -> None:
     """Offsets must be distinct cells of the ``factor`` cell: every fine token then feeds one output row."""
     inside = all(0 <= dh < factor[0] and 0 <= dw < factor[1] for dh, dw in offsets)
@@ -371,19 +378,14 @@ def cell_reduce(kind: str, feats: torch.Tensor, fine: Sites, coarse: Sites, fact
     if kind == "mean":
         return mean_pool(feats, fine, coarse, factor)
     nbr = neighbours(fine, coarse, (factor, factor), [(dh, dw) for dh in range(factor) for dw in range(factor)])
-    fill = float("-inf") if kind == "amax" else 0.0
-    pad = feats.new_full((1, feats.shape[1]), fill)
-    rows = torch.cat([feats, pad]).index_select(0, torch.where(nbr >= 0, nbr, feats.shape[0]).reshape(-1))
-    rows = rows.view(*nbr.shape, feats.shape[1])
+    rows = _rows_or_fill(feats, nbr, float("-inf") if kind == "amax" else 0.0)
     return rows.amax(1) if kind == "amax" else rows.sum(1)
 
 
 def max_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, stride, padding, dilation) -> torch.Tensor:
     """Max pooling at the visible output sites over the visible positions of each window."""
     nmap = build_neighbor_map(in_sites, out_sites, kernel, stride, padding, dilation)
-    low = feats.new_full((1, feats.shape[1]), float("-inf"))
-    rows = torch.cat([feats, low]).index_select(0, torch.where(nmap >= 0, nmap, feats.shape[0]).reshape(-1))
-    return rows.view(*nmap.shape, feats.shape[1]).amax(0)
+    return _rows_or_fill(feats, nmap, float("-inf")).amax(0)
 
 
 def avg_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, stride, padding, count_include_pad: bool,
@@ -391,9 +393,7 @@ def avg_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, str
     """Average pooling at the visible output sites: the sum over the visible positions of each window divided by
     their count (plus the window's padding positions when ``count_include_pad``, or ``divisor_override``)."""
     nmap = build_neighbor_map(in_sites, out_sites, kernel, stride, padding)
-    zero = feats.new_zeros((1, feats.shape[1]))
-    rows = torch.cat([feats, zero]).index_select(0, torch.where(nmap >= 0, nmap, feats.shape[0]).reshape(-1))
-    summed = rows.view(*nmap.shape, feats.shape[1]).sum(0)
+    summed = _rows_or_fill(feats, nmap, 0.0).sum(0)
     if divisor_override:
         return summed / divisor_override
     count = (nmap >= 0).sum(0)

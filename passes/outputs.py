@@ -60,15 +60,15 @@ def module_ends(gm: fx.GraphModule) -> Dict[str, int]:
     return ends
 
 
+def _owner_at(node: fx.Node, at: int, ends: Dict[str, int]) -> str:
+    """The outermost source module whose output is ``node``, the node at graph position ``at``; '' if none."""
+    return next((p[2:] for p in _module_paths(node) if p.startswith("m.") and ends.get(p, -1) <= at), "")
+
+
 def owning_module(gm: fx.GraphModule, node: fx.Node, ends: Optional[Dict[str, int]] = None) -> str:
     """The outermost source module whose output is ``node`` (no later node belongs to it); '' if none."""
     ends = module_ends(gm) if ends is None else ends
-    at = next(i for i, n in enumerate(gm.graph.nodes) if n is node)
-    for path in _module_paths(node):
-        name = path[2:] if path.startswith("m.") else ""
-        if name and ends.get(path, -1) <= at:
-            return name
-    return ""
+    return _owner_at(node, next(i for i, n in enumerate(gm.graph.nodes) if n is node), ends)
 
 
 class OutputsPass(GreenPass):
@@ -138,8 +138,8 @@ class OutputsPass(GreenPass):
         for i, node in enumerate(gm.graph.nodes):
             lay = layout_of(node)
             if node.name in ancestors and lay is not None and token_like(lay):
-                owner = next((p for p in _module_paths(node) if p.startswith("m.") and ends.get(p, -1) <= i), None)
-                if owner is None and node.meta.get("layout_op"):
+                owner = _owner_at(node, i, ends)
+                if not owner and node.meta.get("layout_op"):
                     continue
                 rank = (0, -owner.count(".")) if owner else (-1, 0)  # module outputs first, shallowest first
                 key = (lay.stride, lay.grid)
