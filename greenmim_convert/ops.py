@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .kernels.grouping import plan_buckets
-from .kernels.sparse_conv import build_neighbor_map, sparse_conv2d
+from .kernels.sparse_conv import cached_neighbor_map, sparse_conv2d
 from .attention import term_offsets
 from .kernels.windows import DigitWindows, WindowSpec, digit_segments, digit_sum, window_segments
 from .gather import RowMap
@@ -384,7 +384,7 @@ def cell_reduce(kind: str, feats: torch.Tensor, fine: Sites, coarse: Sites, fact
 
 def max_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, stride, padding, dilation) -> torch.Tensor:
     """Max pooling at the visible output sites over the visible positions of each window."""
-    nmap = build_neighbor_map(in_sites, out_sites, kernel, stride, padding, dilation)
+    nmap = cached_neighbor_map(in_sites, out_sites, kernel, stride, padding, dilation)
     return _rows_or_fill(feats, nmap, float("-inf")).amax(0)
 
 
@@ -392,7 +392,7 @@ def avg_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, str
              divisor_override: Optional[int]) -> torch.Tensor:
     """Average pooling at the visible output sites: the sum over the visible positions of each window divided by
     their count (plus the window's padding positions when ``count_include_pad``, or ``divisor_override``)."""
-    nmap = build_neighbor_map(in_sites, out_sites, kernel, stride, padding)
+    nmap = cached_neighbor_map(in_sites, out_sites, kernel, stride, padding)
     summed = _rows_or_fill(feats, nmap, 0.0).sum(0)
     if divisor_override:
         return summed / divisor_override
