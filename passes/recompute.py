@@ -7,8 +7,10 @@ not shrink with the mask, so its saved intermediates (the MLP's hidden activatio
 hidden``) can be a large share of a converted model's activation memory. Each connected subgraph of
 ops that read no image-derived value is moved into its own ``torch.fx.GraphModule`` and called through
 :func:`greenmim_convert.ops.recompute`, which keeps only its inputs (parameters, buffers) for backward
-and runs it again when its gradient is needed, with the same random draws (dropout). Subgraphs whose
-intermediates are no larger than their outputs (a bias-table gather, a logit-scale ``exp``) stay.
+and runs it again when its gradient is needed. A training-mode ``dropout`` inside is split: its keep mask is
+drawn once in the forward, outside the subgraph, exactly as ``aten.dropout`` draws it, and enters as one more
+(boolean) input, so the backward neither draws again nor pays the draw twice. Subgraphs whose intermediates are
+no larger than their outputs (a bias-table gather, a logit-scale ``exp``) stay.
 """
 from __future__ import annotations
 
@@ -77,6 +79,12 @@ def _components(nodes: Set[fx.Node]) -> List[List[fx.Node]]:
     return list(groups.values())
 
 
+def _is_training_dropout(node: fx.Node) -> bool:
+    """``aten.dropout(x, p, train=True)`` with ``p > 0``: the one random op whose draws move out of the subgraph."""
+    return (node.target is torch.ops.aten.dropout.default and len(node.args) == 3 and bool(node.args[2])
+            and float(node.args[1]) > 0 and isinstance(node.meta.get("val"), torch.Tensor))
+
+
 class RecomputePass(GreenPass):
     name = "recompute"
     description = "image-independent subgraphs with large intermediates -> recomputed in backward"
@@ -98,8 +106,13 @@ class RecomputePass(GreenPass):
         inputs = [m for m in dict.fromkeys(i for n in comp for i in n.all_input_nodes) if m not in members]
         sub = fx.Graph()
         env: Dict[fx.Node, fx.Node] = {m: sub.placeholder(m.name) for m in inputs}
+        keeps = [n for n in comp if _is_training_dropout(n)]
+        keep_at: Dict[fx.Node, fx.Node] = {n: sub.placeholder(f"{n.name}_keep") for n in keeps}
         for n in comp:
-            env[n] = sub.node_copy(n, lambda a: env[a])
+            if n in keep_at:
+                env[n] = sub.call_function(ops.apply_dropout_keep, (env[n.args[0]], keep_at[n], n.args[1]))
+            else:
+                env[n] = sub.node_copy(n, lambda a: env[a])
         sub.output(tuple(env[n] for n in outputs))
         i = 0
         while hasattr(gm, f"_recompute_{i}"):
@@ -112,7 +125,10 @@ class RecomputePass(GreenPass):
             min((u for n in outputs for u in n.users if u not in members), key=pos)
         with gm.graph.inserting_before(at):
             module = gm.graph.get_attr(name)
-            call = gm.graph.call_function(ops.recompute, (module, *inputs))
+            like = inputs[0]
+            masks = [gm.graph.call_function(ops.dropout_keep_mask, (like, tuple(n.meta["val"].shape), n.args[1]))
+                     for n in keeps]
+            call = gm.graph.call_function(ops.recompute, (module, *inputs, *masks))
             results = [gm.graph.call_function(operator.getitem, (call, k)) for k in range(len(outputs))]
         for out, res in zip(outputs, results):
             res.meta.update(out.meta)
