@@ -13,6 +13,9 @@ gradient into a zero-filled scatter-add. Here:
 - backward: for a fixed tap distinct output rows read distinct input rows, so the map has an inverse
   ``inv[k, i]``; one gather of ``dy`` through it per chunk of input rows gives both
   ``dx[i] = sum_k w_k dy[inv[k, i]]`` and ``dw_k = sum_i x[i] dy[inv[k, i]]`` (no scatter, no atomics).
+
+On the CPU both directions run the native loops of :mod:`.cpu_kernels` (no temporaries at all) where the
+system's C compiler could build them.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import cpu_kernels
 from .grad_layout import like_param
 
 # bytes of the (rows, K, C) temporary of one chunk: small enough to stay in cache, large enough that the
@@ -59,11 +63,8 @@ def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(1, x.shape[1])])
 
 
-@torch.library.custom_op("greenmim_kernels::depthwise_taps", mutates_args=())
-def depthwise_taps(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum_k taps_weight[k] * src[rows[t, k]]``, chunk by chunk (``src`` ends with its zero row).
-
-    A library op of its own so that FLOP counters see ``2 * T * K * C`` (:mod:`greenmim_convert.flops`)."""
+def _taps_torch(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
+    """The portable loop of :func:`depthwise_taps`: one gather, multiply and tap reduction per chunk of rows."""
     num, taps = rows.shape
     out = src.new_empty(num, src.shape[1])
     step = _chunk_rows(taps, src.shape[1], src.element_size())
@@ -74,16 +75,29 @@ def depthwise_taps(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Ten
     return out
 
 
+@torch.library.custom_op("greenmim_kernels::depthwise_taps", mutates_args=())
+def depthwise_taps(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k taps_weight[k] * src[rows[t, k]]`` (``src`` ends with its zero row).
+
+    A library op of its own so that FLOP counters see ``2 * T * K * C`` (:mod:`greenmim_convert.flops`);
+    on the CPU it runs the native loop of :mod:`.cpu_kernels` where that is built."""
+    return _taps_torch(src, rows, taps_weight)
+
+
+@depthwise_taps.register_kernel("cpu")
+def _(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
+    out = cpu_kernels.taps(src, rows, taps_weight)
+    return _taps_torch(src, rows, taps_weight) if out is None else out
+
+
 @depthwise_taps.register_fake
 def _(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
     return src.new_empty(rows.shape[0], src.shape[1])
 
 
-@torch.library.custom_op("greenmim_kernels::depthwise_taps_backward", mutates_args=())
-def depthwise_taps_backward(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
-                            need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Input and tap-weight gradients ``(T_in, C)`` and ``(K, C)`` from one gather of ``grad_src`` (the output
-    gradient with its zero row) through ``inverse`` per chunk; a gradient not asked for comes back empty."""
+def _taps_backward_torch(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
+                         need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The portable loop of :func:`depthwise_taps_backward`: one gather of ``grad_src`` per chunk of input rows."""
     num_in, taps = inverse.shape
     chans = feats.shape[1]
     dx = feats.new_empty(num_in if need_x else 0, chans)
@@ -96,6 +110,25 @@ def depthwise_taps_backward(grad_src: torch.Tensor, inverse: torch.Tensor, taps_
             torch.sum(cols * taps_weight, 1, out=dx[start:stop])
         if need_w:
             dw += cols.mul_(feats[start:stop, None, :]).sum(0)
+    return dx, dw
+
+
+@torch.library.custom_op("greenmim_kernels::depthwise_taps_backward", mutates_args=())
+def depthwise_taps_backward(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
+                            need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Input and tap-weight gradients ``(T_in, C)`` and ``(K, C)`` from ``grad_src`` (the output gradient with its
+    zero row) read through ``inverse``; a gradient not asked for comes back empty."""
+    return _taps_backward_torch(grad_src, inverse, taps_weight, feats, need_x, need_w)
+
+
+@depthwise_taps_backward.register_kernel("cpu")
+def _(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
+      need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    chans = feats.shape[1]
+    dx = cpu_kernels.taps(grad_src, inverse, taps_weight) if need_x else feats.new_empty(0, chans)
+    dw = cpu_kernels.taps_wgrad(feats, grad_src, inverse) if need_w else feats.new_zeros(0, chans)
+    if dx is None or dw is None:
+        return _taps_backward_torch(grad_src, inverse, taps_weight, feats, need_x, need_w)
     return dx, dw
 
 

@@ -16,7 +16,8 @@ Backends:
   device, plain autograd); fastest on the CPU when visible sites come in blocks (MIM mask units);
 - ``"triton"``: depthwise convs on CUDA (:mod:`.triton_depthwise_conv`);
 - ``"spconv"``: ``groups == 1`` convs on CUDA when spconv is installed (:mod:`.spconv_backend`).
-``"auto"`` takes Triton / spconv where they apply, else tiles when the tiles are mostly visible,
+``"auto"`` takes Triton / spconv where they apply, the depthwise gather for depthwise convs on the CPU
+when its native loops are built (:mod:`.cpu_kernels`), else tiles when the tiles are mostly visible,
 else the depthwise gather for depthwise convs, else the reference. Naming a backend that cannot run the call raises
 :class:`BackendUnavailableError` rather than falling back silently.
 """
@@ -445,10 +446,19 @@ def _spconv_problem(feats: torch.Tensor, groups: int, stride: Tuple[int, int], d
     return None
 
 
+def _native_cpu_ready(dtype: torch.dtype) -> bool:
+    """Whether the depthwise gather runs its native CPU loops for ``dtype`` (built on first ask)."""
+    from greenmim_convert.kernels.cpu_kernels import cpu_kernel_problem
+
+    return cpu_kernel_problem(dtype) is None
+
+
 def _auto_kernel(feats: torch.Tensor, weight: torch.Tensor, groups: int, stride: Tuple[int, int], dilation: Tuple[int, int],
                  padding: Padding = 0) -> Optional[str]:
     """The device kernel ``"auto"`` uses for this call, or None when it runs a PyTorch path."""
     if not feats.is_cuda:
+        if feats.device.type == "cpu" and _is_depthwise(feats, weight, groups) and _native_cpu_ready(feats.dtype):
+            return "gather"
         return None
     if _is_depthwise(feats, weight, groups) and _triton_problem(feats, weight, groups) is None:
         return "triton"
@@ -470,10 +480,10 @@ def select_backend(
     """Resolve ``backend`` for one call: the name of the implementation that will run it.
 
     ``"auto"``: Triton for depthwise convs on CUDA; spconv for ``groups == 1`` convs with more than
-    one tap on CUDA when installed (a 1x1 conv is one GEMM either way); otherwise ``"tiles"`` when
-    ``tile_plan`` is given and at least :data:`MIN_TILE_OCCUPANCY` full, else the gather reference
-    ``"gather"`` for depthwise convs, else the reference ``"torch"``. On the CPU no kernel backend is chosen:
-    the Triton interpreter is a testing tool.
+    one tap on CUDA when installed (a 1x1 conv is one GEMM either way); the depthwise gather
+    ``"gather"`` for depthwise convs on the CPU when its native loops are built; otherwise ``"tiles"`` when
+    ``tile_plan`` is given and at least :data:`MIN_TILE_OCCUPANCY` full, else ``"gather"`` for depthwise
+    convs, else the reference ``"torch"``. On the CPU Triton is never chosen: its interpreter is a testing tool.
     An explicit name that cannot run the call raises :class:`BackendUnavailableError`.
     """
     if backend not in BACKENDS:

@@ -293,6 +293,8 @@ def test_backend_selection_and_errors(monkeypatch):
     assert select_backend(feats, dense, 1) == "torch"
     blocky = build_tile_plan(sites, sites, 3, 1, 1, 1, tile=4)
     assert blocky.occupancy == 1.0
+    assert select_backend(feats, depthwise, 6, tile_plan=blocky) == "gather"  # the native CPU loops win
+    monkeypatch.setenv("GREENMIM_CPU_KERNELS", "0")
     assert select_backend(feats, depthwise, 6, tile_plan=blocky) == "tiles"
     scattered_mask = torch.zeros(1, 16, 16, dtype=torch.bool)
     scattered_mask[0, ::4, ::4] = True
