@@ -11,6 +11,10 @@ and runs it again when its gradient is needed. A training-mode ``dropout`` insid
 drawn once in the forward, outside the subgraph, exactly as ``aten.dropout`` draws it, and enters as one more
 (boolean) input, so the backward neither draws again nor pays the draw twice. Subgraphs whose intermediates are
 no larger than their outputs (a bias-table gather, a logit-scale ``exp``) stay.
+
+A dense island (:mod:`.dense_island`: GC ViT's global-query generator) computes every position of its
+maps from a scattered token map; outlined with its scatter, it keeps only the visible tokens it starts from,
+and its dense intermediates are made again in backward.
 """
 from __future__ import annotations
 
@@ -58,6 +62,13 @@ def _constant_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
     return const
 
 
+def _island_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
+    """The ops of dense islands (``meta["dense"]``) and the scatters that make their dense inputs."""
+    dense = {n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("dense")}
+    scatters = {n for n in gm.graph.nodes if n.target is ops.scatter_dense and n.users and set(n.users) <= dense}
+    return dense | scatters
+
+
 def _components(nodes: Set[fx.Node]) -> List[List[fx.Node]]:
     """Connected components of ``nodes`` (edges between members only), each in graph order."""
     parent: Dict[fx.Node, fx.Node] = {n: n for n in nodes}
@@ -98,6 +109,10 @@ class RecomputePass(GreenPass):
                 continue
             self._outline(gm, comp, outputs)
             self.report["subgraph recomputed in backward"] += 1
+        for comp in _components(_island_nodes(gm)):
+            members = set(comp)
+            self._outline(gm, comp, [n for n in comp if any(u not in members for u in n.users)])
+            self.report["dense island recomputed in backward"] += 1
 
     @staticmethod
     def _outline(gm: fx.GraphModule, comp: List[fx.Node], outputs: List[fx.Node]) -> None:
