@@ -425,14 +425,19 @@ class MIMDecoder(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, unit_feats: torch.Tensor, unit_index: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """``unit_feats (V, C)`` of the visible units at flat positions ``unit_index`` (b * N + u) -> ``(B, N, P)``."""
+    def forward(self, unit_feats: torch.Tensor, unit_index: torch.Tensor, batch_size: int,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``unit_feats (V, C)`` of the visible units at flat positions ``unit_index`` (b * N + u) -> ``(B, N, P)``;
+        with ``rows`` (flat positions), only those units' predictions ``(len(rows), P)``: the pixel head is per unit."""
         n = self.grid[0] * self.grid[1]
         emb = self.embed(unit_feats)
         tokens = self.mask_token.to(emb.dtype).expand(batch_size * n, -1)
         tokens = tokens.index_put((unit_index,), emb)
         x = tokens.view(batch_size, n, -1) + self.pos_embed.to(emb.dtype)
-        return self.pred(self.norm(self.blocks(x)))
+        x = self.blocks(x)
+        if rows is not None:
+            x = x.reshape(batch_size * n, -1).index_select(0, rows)
+        return self.pred(self.norm(x))
 
 
 class DenseEncoder(SimMIMDense):
@@ -492,15 +497,15 @@ class MIMPretrainer(nn.Module):
         """Mean squared error on the hidden units' (per-unit normalised) pixels."""
         out = self.encoder(images, visible)
         feats, flat = self.unit_tokens(out.last)
-        pred = self.decoder(feats, flat, images.shape[0]).float()
-        target = patchify(images.float(), self.unit)
+        hidden = (~visible).flatten().nonzero().squeeze(1)
+        if hidden.numel() == 0:  # nothing to predict: a zero loss that still reaches every decoder parameter
+            return 0.0 * self.decoder(feats, flat, images.shape[0]).float().sum()
+        pred = self.decoder(feats, flat, images.shape[0], hidden).float()
+        target = patchify(images.float(), self.unit).flatten(0, 1).index_select(0, hidden)
         if self.norm_pix:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, unbiased=False, keepdim=True)
+            var, mean = torch.var_mean(target, dim=-1, unbiased=False, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
-        hidden = (~visible).flatten(1).to(pred.dtype)
-        per_unit = (pred - target).pow(2).mean(dim=-1)
-        return (per_unit * hidden).sum() / hidden.sum().clamp_min(1.0)
+        return (pred - target).pow(2).mean()
 
 
 def dense_encoder(net: nn.Module, img_size: Optional[int], mask_unit: Optional[int]) -> DenseEncoder:
@@ -563,6 +568,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
         skip = p.ndim <= 1 or name.endswith(("mask_token", "relative_position_bias_table", "pos_embed", "absolute_pos_embed"))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`, fused (one pass over each tensor, about 3.5x faster than ``foreach`` for
+    Swin-T on the CPU) where PyTorch has the fused kernel for the parameters' device, else ``foreach``."""
+    device = next(model.parameters()).device.type
+    fused = device in ("cpu", "cuda")
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -768,7 +782,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     model.to(d.device)
     model.train()
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), foreach=True)
+    optimizer = make_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.steps, warmup, args.min_lr / args.lr))
 
     torch.manual_seed(args.seed + 1000 * d.rank + 1)
@@ -927,7 +941,7 @@ def benchmark(args: argparse.Namespace, malloc_note: Optional[str] = None) -> Di
     sides: Dict[str, Tuple[MIMPretrainer, torch.optim.Optimizer]] = {}
     for name, dense in (("converted", False), ("dense", True)):
         model = build_model(args, dense)[0].to(d.device).train()
-        sides[name] = (model, torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), foreach=True))
+        sides[name] = (model, make_optimizer(model, args))
     model = sides["converted"][0]
     dataset = build_dataset(args, tuple(model.encoder.img_size))
     sampler = ResumableSampler(dataset, d, args.seed)

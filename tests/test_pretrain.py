@@ -14,6 +14,8 @@ import timm
 import torch
 import torch.multiprocessing as mp
 
+import greenmim_convert as gmc
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -281,3 +283,28 @@ def test_exported_weights_load_into_dense_timm(straight, tmp_path):
     assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
     assert load_into_timm.main([str(straight.out_dir / "last.pt"), "-o", str(tmp_path / "encoder.pt")]) == 0
     assert torch.load(tmp_path / "encoder.pt", weights_only=True).keys() == state.keys()
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.0])
+def test_loss_is_masked_mse_on_normalised_pixels(ratio):
+    """The loss (pixel head on hidden units only) equals the mean squared error, over the hidden units, between the
+    full decoder output and each unit's normalised pixels; gradients agree too. No hidden unit: zero loss."""
+    args = pretrain.build_parser().parse_args(TINY + ["--out", "unused"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = pretrain.build_model(args)[0].eval()  # no drop-path: both passes see the same encoder
+        gen = torch.Generator().manual_seed(4)
+        images = torch.randn(3, 3, 128, 128, generator=gen)
+        visible = gmc.random_mask(3, model.encoder.mask_grid, ratio, generator=gen)
+        loss = model(images, visible)
+        got = torch.autograd.grad(loss, list(model.decoder.parameters()), allow_unused=True)
+        feats, flat = model.unit_tokens(model.encoder(images, visible).last)
+        pred = model.decoder(feats, flat, 3)
+        target = pretrain.patchify(images, model.unit)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+        hidden = (~visible).flatten(1)
+        want = (pred - target).pow(2).mean(-1)[hidden].mean() if hidden.any() else 0.0 * pred.sum()
+        want_grads = torch.autograd.grad(want, list(model.decoder.parameters()), allow_unused=True)
+    assert torch.allclose(loss, want, rtol=1e-5, atol=1e-7)
+    for g, w in zip(got, want_grads):
+        assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, rtol=1e-4, atol=1e-6))
