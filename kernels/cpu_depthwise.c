@@ -4,6 +4,7 @@
  *   taps:        out[t, c] = sum_k w[k, c] * src[index[t, k], c]
  *   taps_wgrad:  dw[k, c]  = sum_i x[i, c] * g[index[i, k], c]
  *
+ * An index equal to the number of source rows (`sources`) reads zero: the tap falls on a masked cell.
  * The input gradient is `taps` again, over the inverse table. Rows are split over OpenMP threads. Loaded
  * after PyTorch, the library binds to the OpenMP runtime PyTorch already loaded (same soname), so these
  * loops share PyTorch's thread pool instead of competing with it. The weight gradient sums one partial per
@@ -18,21 +19,22 @@
 #define REAL float
 #endif
 
-/* No more threads than blocks of 64 rows: below that a parallel region costs more than it saves. */
-static int clamp_threads(int threads, int64_t rows) {
-    while (threads > 1 && rows < 64 * (int64_t)threads) --threads;
+/* No thread with fewer than 16 rows or 64k multiply-adds: below that a parallel region costs more than it saves. */
+static int clamp_threads(int threads, int64_t rows, int64_t work) {
+    while (threads > 1 && (rows < 16 * (int64_t)threads || work < 65536 * (int64_t)threads)) --threads;
     return threads < 1 ? 1 : threads;
 }
 
-int taps(const REAL *src, const int64_t *index, const REAL *w, REAL *out, int64_t rows, int64_t taps,
-         int64_t channels, int threads) {
+int taps(const REAL *src, int64_t sources, const int64_t *index, const REAL *w, REAL *out, int64_t rows,
+         int64_t taps, int64_t channels, int threads) {
     const int64_t C = channels, K = taps;
-#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, rows))
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, rows, rows * K * C))
     for (int64_t t = 0; t < rows; ++t) {
         REAL *restrict o = out + t * C;
         const int64_t *idx = index + t * K;
         memset(o, 0, (size_t)C * sizeof(REAL));
         for (int64_t k = 0; k < K; ++k) {
+            if (idx[k] >= sources) continue;
             const REAL *restrict s = src + idx[k] * C;
             const REAL *restrict wk = w + k * C;
             for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * s[c];
@@ -41,10 +43,10 @@ int taps(const REAL *src, const int64_t *index, const REAL *w, REAL *out, int64_
     return 0;
 }
 
-int taps_wgrad(const REAL *x, const REAL *g, const int64_t *index, REAL *dw, int64_t rows, int64_t taps,
-               int64_t channels, int threads) {
+int taps_wgrad(const REAL *x, const REAL *g, int64_t sources, const int64_t *index, REAL *dw, int64_t rows,
+               int64_t taps, int64_t channels, int threads) {
     const int64_t C = channels, K = taps, size = taps * channels;
-    threads = clamp_threads(threads, rows);
+    threads = clamp_threads(threads, rows, rows * size);
     REAL *partial = (REAL *)calloc((size_t)threads * (size_t)size, sizeof(REAL));
     if (partial == NULL) return -1;
 #pragma omp parallel num_threads(threads)
@@ -55,6 +57,7 @@ int taps_wgrad(const REAL *x, const REAL *g, const int64_t *index, REAL *dw, int
             const REAL *restrict xi = x + i * C;
             const int64_t *idx = index + i * K;
             for (int64_t k = 0; k < K; ++k) {
+                if (idx[k] >= sources) continue;
                 const REAL *restrict gk = g + idx[k] * C;
                 REAL *restrict d = mine + k * C;
                 for (int64_t c = 0; c < C; ++c) d[c] += xi[c] * gk[c];

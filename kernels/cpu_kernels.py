@@ -68,10 +68,9 @@ def _build(real: str) -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for name in ("taps", "taps_wgrad"):
-        fn = getattr(lib, name)
-        fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-        fn.restype = ctypes.c_int
+    lib.taps.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.taps_wgrad.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.taps.restype = lib.taps_wgrad.restype = ctypes.c_int
     return lib
 
 
@@ -105,25 +104,27 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 
 
 def taps(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """``out[t] = sum_k weight[k] * src[index[t, k]]`` with the native loop, or None when it cannot run."""
+    """``out[t] = sum_k weight[k] * src[index[t, k]]`` with the native loop (an index ``len(src)`` reads zero), or
+    None when it cannot run."""
     lib = _library(src.dtype)
     if lib is None or weight.dtype != src.dtype:
         return None
     src, index, weight = src.contiguous(), index.contiguous(), weight.contiguous()
     out = src.new_empty(index.shape[0], src.shape[1])
-    lib.taps(_ptr(src), _ptr(index), _ptr(weight), _ptr(out), index.shape[0], index.shape[1], src.shape[1],
-             torch.get_num_threads())
+    lib.taps(_ptr(src), src.shape[0], _ptr(index), _ptr(weight), _ptr(out), index.shape[0], index.shape[1],
+             src.shape[1], torch.get_num_threads())
     return out
 
 
 def taps_wgrad(x: torch.Tensor, grad_src: torch.Tensor, index: torch.Tensor) -> Optional[torch.Tensor]:
-    """``dw[k] = sum_i x[i] * grad_src[index[i, k]]`` with the native loop, or None when it cannot run."""
+    """``dw[k] = sum_i x[i] * grad_src[index[i, k]]`` with the native loop (an index ``len(grad_src)`` reads zero),
+    or None when it cannot run."""
     lib = _library(x.dtype)
     if lib is None or grad_src.dtype != x.dtype:
         return None
     x, grad_src, index = x.contiguous(), grad_src.contiguous(), index.contiguous()
     dw = x.new_empty(index.shape[1], x.shape[1])
-    if lib.taps_wgrad(_ptr(x), _ptr(grad_src), _ptr(index), _ptr(dw), index.shape[0], index.shape[1], x.shape[1],
-                      torch.get_num_threads()) != 0:
+    if lib.taps_wgrad(_ptr(x), _ptr(grad_src), grad_src.shape[0], _ptr(index), _ptr(dw), index.shape[0],
+                      index.shape[1], x.shape[1], torch.get_num_threads()) != 0:
         raise MemoryError(f"taps_wgrad could not allocate {torch.get_num_threads()} partial sums of {tuple(dw.shape)}")
     return dw

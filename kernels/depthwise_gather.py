@@ -65,6 +65,7 @@ def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
 
 def _taps_torch(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
     """The portable loop of :func:`depthwise_taps`: one gather, multiply and tap reduction per chunk of rows."""
+    src = _with_zero_row(src)
     num, taps = rows.shape
     out = src.new_empty(num, src.shape[1])
     step = _chunk_rows(taps, src.shape[1], src.element_size())
@@ -77,7 +78,7 @@ def _taps_torch(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor
 
 @torch.library.custom_op("greenmim_kernels::depthwise_taps", mutates_args=())
 def depthwise_taps(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum_k taps_weight[k] * src[rows[t, k]]`` (``src`` ends with its zero row).
+    """``out[t] = sum_k taps_weight[k] * src[rows[t, k]]``; a row index ``len(src)`` reads zero (a masked cell).
 
     A library op of its own so that FLOP counters see ``2 * T * K * C`` (:mod:`greenmim_convert.flops`);
     on the CPU it runs the native loop of :mod:`.cpu_kernels` where that is built."""
@@ -98,6 +99,7 @@ def _(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch
 def _taps_backward_torch(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
                          need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The portable loop of :func:`depthwise_taps_backward`: one gather of ``grad_src`` per chunk of input rows."""
+    grad_src = _with_zero_row(grad_src)
     num_in, taps = inverse.shape
     chans = feats.shape[1]
     dx = feats.new_empty(num_in if need_x else 0, chans)
@@ -116,8 +118,8 @@ def _taps_backward_torch(grad_src: torch.Tensor, inverse: torch.Tensor, taps_wei
 @torch.library.custom_op("greenmim_kernels::depthwise_taps_backward", mutates_args=())
 def depthwise_taps_backward(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
                             need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Input and tap-weight gradients ``(T_in, C)`` and ``(K, C)`` from ``grad_src`` (the output gradient with its
-    zero row) read through ``inverse``; a gradient not asked for comes back empty."""
+    """Input and tap-weight gradients ``(T_in, C)`` and ``(K, C)`` from ``grad_src`` (the output gradient) read
+    through ``inverse`` (an index ``len(grad_src)`` reads zero); a gradient not asked for comes back empty."""
     return _taps_backward_torch(grad_src, inverse, taps_weight, feats, need_x, need_w)
 
 
@@ -158,7 +160,7 @@ class _DepthwiseGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor,
                 inverse: torch.Tensor) -> torch.Tensor:
-        out = depthwise_taps(_with_zero_row(feats), rows, weight.reshape(weight.shape[0], -1).t())
+        out = depthwise_taps(feats, rows, weight.reshape(weight.shape[0], -1).t())
         if bias is not None:
             out.add_(bias)
         ctx.save_for_backward(feats, weight, inverse)
@@ -171,7 +173,7 @@ class _DepthwiseGather(torch.autograd.Function):
         feats, weight, inverse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         taps_weight = weight.reshape(weight.shape[0], -1).t()
-        dx, dw = depthwise_taps_backward(_with_zero_row(grad.contiguous()), inverse, taps_weight, feats, need_x, need_w)
+        dx, dw = depthwise_taps_backward(grad.contiguous(), inverse, taps_weight, feats, need_x, need_w)
         dbias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (dx if need_x else None), (like_param(dw.t().reshape(weight.shape), weight) if need_w else None), dbias, None, None
 
