@@ -4,7 +4,8 @@ Default workload: depthwise 3x3 (padding 1) on a 56x56x128 map, batch 32, mask r
 units of 8x8 cells (a stage-1 feature map of a 224-pixel image at patch 4 with 32-pixel units). The
 dense baseline is ``F.conv2d`` on the full map (NCHW, as timm runs it, and channels-last), measured
 in the same process; the sparse conv runs on the visible tokens only, through the gather reference
-(``torch``) and the tiled path (``tiles``). Build times of the sites, the neighbour map and the tile
+(``torch``), the depthwise gather (``gather``: native CPU loops where they are built) and the tiled
+path (``tiles``). Build times of the sites, the neighbour map and the tile
 plan are reported too: a converted model pays them once per grid and mask, not per conv. Prints
 numbers, asserts nothing about time.
 """
@@ -49,7 +50,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--backends", default="torch,tiles", help="comma-separated sparse backends to time")
+    parser.add_argument("--backends", default="torch,gather,tiles", help="comma-separated sparse backends to time")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
