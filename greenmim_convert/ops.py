@@ -19,7 +19,7 @@ from .attention import term_offsets
 from .kernels.windows import DigitWindows, WindowSpec, digit_segments, digit_sum, window_segments
 from .gather import RowMap
 from .sites import PrefixedSites, Sites
-from .table_einsum import table_einsum
+from .table_einsum import PositionBuckets, table_einsum
 from .tokens import GreenOutput, VisibleTokens
 
 
@@ -159,8 +159,11 @@ def position_einsum(feats: torch.Tensor, sites: Sites, table: torch.Tensor, spec
     (``spec.spatial``: 0 row, 1 column); ``spec`` names the packed channel digits (``EinsumSpec``)."""
     x = feats.reshape(feats.shape[0], *spec.sizes)
     if spec.spatial:
-        index = tuple(sites.coords[:, axis] for _, axis in spec.spatial)
-        return table_einsum(spec.equation, x, table, index).reshape(feats.shape[0], -1)
+        axes = tuple(axis for _, axis in spec.spatial)
+        index = tuple(sites.coords[:, axis] for axis in axes)
+        lead = tuple(table.shape[:len(axes)])
+        buckets = sites.memo(("position buckets", axes, lead), lambda: PositionBuckets.from_index(index, lead))
+        return table_einsum(spec.equation, x, table, index, buckets).reshape(feats.shape[0], -1)
     return torch.einsum(spec.equation, x, table).reshape(feats.shape[0], -1)
 
 
