@@ -31,19 +31,16 @@ def recompute(subgraph: torch.nn.Module, *inputs: torch.Tensor) -> Tuple[torch.T
     return subgraph(*inputs)
 
 
-def dropout_keep_mask(like: torch.Tensor, shape: Sequence[int], p: float) -> torch.Tensor:
-    """Which elements a training-mode ``dropout(x, p)`` of ``shape`` keeps, as a bool tensor on ``like``'s device.
+def dropout_noise(like: torch.Tensor, shape: Sequence[int], p: float) -> torch.Tensor:
+    """The scaled keep mask a training-mode ``dropout(x, p)`` of ``shape`` multiplies ``x`` by, on ``like``'s device
+    and dtype: ``aten.dropout``'s own draw, so the random stream and the kept elements are the unconverted model's.
 
-    The draw is ``aten.dropout``'s own (on ones of ``like``'s dtype), so the random stream and the kept
-    elements are those the unconverted model draws; only the mask, one byte per element, is kept.
+    On the CPU that is ``empty.bernoulli_(1 - p).div_(1 - p)``, exactly what ATen's dropout computes; elsewhere it is
+    ``dropout`` of ones (the fused kernel's draw).
     """
-    ones = torch.ones(shape, dtype=like.dtype, device=like.device)
-    return torch.dropout(ones, p, True) != 0
-
-
-def apply_dropout_keep(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """``dropout(x, p)`` with its keep mask given: ``x`` times the mask scaled by ``1 / (1 - p)``, as ATen scales it."""
-    return x * keep.to(x.dtype).div_(1 - p)
+    if like.device.type == "cpu":
+        return torch.empty(shape, dtype=like.dtype).bernoulli_(1 - p).div_(1 - p)
+    return torch.dropout(torch.ones(shape, dtype=like.dtype, device=like.device), p, True)
 
 
 def visible_sites(visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> Sites:

@@ -7,9 +7,9 @@ not shrink with the mask, so its saved intermediates (the MLP's hidden activatio
 hidden``) can be a large share of a converted model's activation memory. Each connected subgraph of
 ops that read no image-derived value is moved into its own ``torch.fx.GraphModule`` and called through
 :func:`greenmim_convert.ops.recompute`, which keeps only its inputs (parameters, buffers) for backward
-and runs it again when its gradient is needed. A training-mode ``dropout`` inside is split: its keep mask is
+and runs it again when its gradient is needed. A training-mode ``dropout`` inside is split: its scaled keep mask is
 drawn once in the forward, outside the subgraph, exactly as ``aten.dropout`` draws it, and enters as one more
-(boolean) input, so the backward neither draws again nor pays the draw twice. Subgraphs whose intermediates are
+input that the subgraph multiplies by, so the backward neither draws again nor pays the draw twice. Subgraphs whose intermediates are
 no larger than their outputs (a bias-table gather, a logit-scale ``exp``) stay.
 
 A dense island (:mod:`.dense_island`: GC ViT's global-query generator) computes every position of its
@@ -91,9 +91,9 @@ def _components(nodes: Set[fx.Node]) -> List[List[fx.Node]]:
 
 
 def _is_training_dropout(node: fx.Node) -> bool:
-    """``aten.dropout(x, p, train=True)`` with ``p > 0``: the one random op whose draws move out of the subgraph."""
+    """``aten.dropout(x, p, train=True)`` with ``0 < p < 1``: the one random op whose draws move out of the subgraph."""
     return (node.target is torch.ops.aten.dropout.default and len(node.args) == 3 and bool(node.args[2])
-            and float(node.args[1]) > 0 and isinstance(node.meta.get("val"), torch.Tensor))
+            and 0 < float(node.args[1]) < 1 and isinstance(node.meta.get("val"), torch.Tensor))
 
 
 class RecomputePass(GreenPass):
@@ -121,11 +121,11 @@ class RecomputePass(GreenPass):
         inputs = [m for m in dict.fromkeys(i for n in comp for i in n.all_input_nodes) if m not in members]
         sub = fx.Graph()
         env: Dict[fx.Node, fx.Node] = {m: sub.placeholder(m.name) for m in inputs}
-        keeps = [n for n in comp if _is_training_dropout(n)]
-        keep_at: Dict[fx.Node, fx.Node] = {n: sub.placeholder(f"{n.name}_keep") for n in keeps}
+        drops = [n for n in comp if _is_training_dropout(n)]
+        noise_at: Dict[fx.Node, fx.Node] = {n: sub.placeholder(f"{n.name}_noise") for n in drops}
         for n in comp:
-            if n in keep_at:
-                env[n] = sub.call_function(ops.apply_dropout_keep, (env[n.args[0]], keep_at[n], n.args[1]))
+            if n in noise_at:
+                env[n] = sub.call_function(torch.ops.aten.mul.Tensor, (env[n.args[0]], noise_at[n]))
             else:
                 env[n] = sub.node_copy(n, lambda a: env[a])
         sub.output(tuple(env[n] for n in outputs))
@@ -141,9 +141,9 @@ class RecomputePass(GreenPass):
         with gm.graph.inserting_before(at):
             module = gm.graph.get_attr(name)
             like = inputs[0]
-            masks = [gm.graph.call_function(ops.dropout_keep_mask, (like, tuple(n.meta["val"].shape), n.args[1]))
-                     for n in keeps]
-            call = gm.graph.call_function(ops.recompute, (module, *inputs, *masks))
+            noises = [gm.graph.call_function(ops.dropout_noise, (like, tuple(n.meta["val"].shape), n.args[1]))
+                      for n in drops]
+            call = gm.graph.call_function(ops.recompute, (module, *inputs, *noises))
             results = [gm.graph.call_function(operator.getitem, (call, k)) for k in range(len(outputs))]
         for out, res in zip(outputs, results):
             res.meta.update(out.meta)
