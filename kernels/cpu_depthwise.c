@@ -4,7 +4,9 @@
  *   taps:        out[t, c] = sum_k w[k, c] * src[index[t, k], c]
  *   taps_wgrad:  dw[k, c]  = sum_i x[i, c] * g[index[i, k], c]
  *
- * An index equal to the number of source rows (`sources`) reads zero: the tap falls on a masked cell.
+ * An index equal to the number of source rows (`sources`) reads zero: the tap falls on a masked cell (any index
+ * outside [0, sources) reads zero, so a bad table cannot read out of bounds).
+ *
  * The input gradient is `taps` again, over the inverse table. Rows are split over OpenMP threads. Loaded
  * after PyTorch, the library binds to the OpenMP runtime PyTorch already loaded (same soname), so these
  * loops share PyTorch's thread pool instead of competing with it. The weight gradient sums one partial per
@@ -34,7 +36,7 @@ int taps(const REAL *src, int64_t sources, const int64_t *index, const REAL *w, 
         const int64_t *idx = index + t * K;
         memset(o, 0, (size_t)C * sizeof(REAL));
         for (int64_t k = 0; k < K; ++k) {
-            if (idx[k] >= sources) continue;
+            if ((uint64_t)idx[k] >= (uint64_t)sources) continue;
             const REAL *restrict s = src + idx[k] * C;
             const REAL *restrict wk = w + k * C;
             for (int64_t c = 0; c < C; ++c) o[c] += wk[c] * s[c];
@@ -57,7 +59,7 @@ int taps_wgrad(const REAL *x, const REAL *g, int64_t sources, const int64_t *ind
             const REAL *restrict xi = x + i * C;
             const int64_t *idx = index + i * K;
             for (int64_t k = 0; k < K; ++k) {
-                if (idx[k] >= sources) continue;
+                if ((uint64_t)idx[k] >= (uint64_t)sources) continue;
                 const REAL *restrict gk = g + idx[k] * C;
                 REAL *restrict d = mine + k * C;
                 for (int64_t c = 0; c < C; ++c) d[c] += xi[c] * gk[c];

@@ -60,3 +60,18 @@ def test_turned_off_and_unbuildable(monkeypatch, tmp_path):
         got = torch.ops.greenmim_kernels.depthwise_taps(src, rows, weight)
     assert torch.allclose(got, _taps_torch(src, rows, weight))
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_indices_outside_the_source_read_zero():
+    """Masked taps carry the index ``len(src)``; any index outside ``[0, len(src))`` reads zero, never memory."""
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randn(10, 6, generator=gen)
+    weight = torch.randn(3, 6, generator=gen)
+    rows, _ = _tables(10, 5, 3, gen)
+    bad = rows.clone()
+    bad[rows == 10] = -1
+    bad[0, 0], bad[1, 1] = 10**9, -(10**9)
+    want = rows.clone()
+    want[0, 0] = want[1, 1] = 10
+    assert torch.equal(cpu_kernels.taps(src, bad, weight), cpu_kernels.taps(src, want, weight))
+    assert torch.equal(cpu_kernels.taps_wgrad(src[:5], src, bad), cpu_kernels.taps_wgrad(src[:5], src, want))
