@@ -43,9 +43,9 @@ def _is_view(node: fx.Node) -> bool:
     return bool(schema and schema.returns and schema.returns[0].alias_info is not None)
 
 
-def _position(gm: fx.GraphModule):
+def _position(graph: fx.Graph):
     """Key giving a node's index in graph order."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = {n: i for i, n in enumerate(graph.nodes)}
     return order.__getitem__
 
 
@@ -84,8 +84,7 @@ def _components(nodes: Set[fx.Node]) -> List[List[fx.Node]]:
             if m in nodes:
                 parent[root(m)] = root(n)
     groups: Dict[fx.Node, List[fx.Node]] = {}
-    order = {n: i for i, n in enumerate(next(iter(nodes)).graph.nodes)} if nodes else {}
-    for n in sorted(nodes, key=lambda n: order[n]):
+    for n in sorted(nodes, key=_position(next(iter(nodes)).graph) if nodes else None):
         groups.setdefault(root(n), []).append(n)
     return list(groups.values())
 
@@ -94,6 +93,11 @@ def _is_training_dropout(node: fx.Node) -> bool:
     """``aten.dropout(x, p, train=True)`` with ``0 < p < 1``: the one random op whose draws move out of the subgraph."""
     return (node.target is torch.ops.aten.dropout.default and len(node.args) == 3 and bool(node.args[2])
             and 0 < float(node.args[1]) < 1 and isinstance(node.meta.get("val"), torch.Tensor))
+
+
+def _is_floating(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
 
 
 class RecomputePass(GreenPass):
@@ -116,12 +120,13 @@ class RecomputePass(GreenPass):
 
     @staticmethod
     def _outline(gm: fx.GraphModule, comp: List[fx.Node], outputs: List[fx.Node]) -> None:
-        """Move ``comp`` into a sub-GraphModule taking its get_attr inputs, called through ``ops.recompute``."""
+        """Move ``comp`` into a sub-GraphModule taking its inputs from outside it, called through ``ops.recompute``."""
         members = set(comp)
         inputs = [m for m in dict.fromkeys(i for n in comp for i in n.all_input_nodes) if m not in members]
         sub = fx.Graph()
         env: Dict[fx.Node, fx.Node] = {m: sub.placeholder(m.name) for m in inputs}
-        drops = [n for n in comp if _is_training_dropout(n)]
+        like = next((m for m in inputs if _is_floating(m)), None)  # the noise's dtype and device at run time
+        drops = [n for n in comp if _is_training_dropout(n)] if like is not None else []
         noise_at: Dict[fx.Node, fx.Node] = {n: sub.placeholder(f"{n.name}_noise") for n in drops}
         for n in comp:
             if n in noise_at:
@@ -134,13 +139,12 @@ class RecomputePass(GreenPass):
             i += 1
         name = f"_recompute_{i}"
         gm.add_submodule(name, fx.GraphModule(torch.nn.Module(), sub))
-        pos = _position(gm)
+        pos = _position(gm.graph)
         # where the first member ran (random draws keep their order) unless an input is defined later
         at = comp[0] if all(pos(m) < pos(comp[0]) for m in inputs) else \
             min((u for n in outputs for u in n.users if u not in members), key=pos)
         with gm.graph.inserting_before(at):
             module = gm.graph.get_attr(name)
-            like = inputs[0]
             noises = [gm.graph.call_function(ops.dropout_noise, (like, tuple(n.meta["val"].shape), n.args[1]))
                       for n in drops]
             call = gm.graph.call_function(ops.recompute, (module, *inputs, *noises))

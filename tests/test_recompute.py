@@ -77,3 +77,45 @@ def test_dense_island_is_recomputed_and_keeps_its_gradients():
     assert recomputed < 0.9 * inlined
     assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-5, atol=1e-6) for n, p in model.named_parameters()
                          if n in grads)
+
+
+class _IndexedMLP(torch.nn.Module):
+    """A position MLP whose subgraph's first input is an integer buffer (the index into a coordinate table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.index = torch.nn.Parameter(torch.randint(0, 5, (40,)), requires_grad=False)  # traced as get_attr
+        self.coords = torch.nn.Parameter(torch.randn(5, 2, dtype=torch.float64))
+        self.w1 = torch.nn.Parameter(torch.randn(64, 2, dtype=torch.float64))
+        self.w2 = torch.nn.Parameter(torch.randn(1, 64, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        aten = torch.ops.aten
+        rows = aten.remainder.Scalar(self.index, 5)
+        hidden = aten.relu.default(aten.linear.default(aten.index.Tensor(self.coords, [rows]), self.w1))
+        bias = aten.linear.default(aten.dropout.default(hidden, 0.25, True), self.w2)
+        return x + aten.view.default(bias, [40])
+
+
+def test_dropout_noise_takes_a_floating_input_as_its_dtype():
+    """The dropout's noise is drawn in the dtype of a floating input of the subgraph, not of whichever input comes
+    first (here an integer index buffer), and equals the inlined dropout's draw."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from greenmim_convert.passes import RecomputePass
+
+    module = _IndexedMLP()
+    x = torch.randn(40, dtype=torch.float64)
+    gm = torch.fx.symbolic_trace(module)
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x)
+    torch.manual_seed(5)
+    want = gm(x)
+    RecomputePass().call(gm)
+    gm.recompile()
+    call = next(n for n in gm.graph.nodes if n.target is ops.recompute)
+    assert call.args[1].target == "index"  # the subgraph's first input is the integer buffer
+    noise = next(n for n in gm.graph.nodes if n.target is ops.dropout_noise)
+    assert noise.args[0].target == "coords"
+    torch.manual_seed(5)
+    assert torch.equal(gm(x), want)
