@@ -39,6 +39,11 @@ class ConvertContext:
     stage_strides: list = field(default_factory=list)
 
 
+def graph_order(graph: fx.Graph) -> Dict[fx.Node, int]:
+    """Every node's index in ``graph``'s order (for sorting nodes and asking which runs first)."""
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
 def context_of(gm: fx.GraphModule) -> ConvertContext:
     return gm.meta["greenmim"]
 

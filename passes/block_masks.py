@@ -19,6 +19,8 @@ import torch.fx as fx
 from greenmim_convert.attention import TermPlan, term_offsets
 from greenmim_convert.kernels.windows import DigitWindows
 
+from .base import graph_order
+
 MASKED = -50.0
 
 
@@ -43,7 +45,7 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tenso
     Its ancestors, and every view or in-place op that writes into them before ``node`` (a mask
     filled slice by slice), are copied into a small graph and run once.
     """
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = graph_order(gm.graph)
     keep = set()
     todo = [node]
     while todo:

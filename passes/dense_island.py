@@ -21,7 +21,7 @@ import torch.fx as fx
 from greenmim_convert import ops
 from greenmim_convert.layout import Atom, Layout, LayoutError
 
-from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, sites_node
+from .base import GreenPass, args_of, aten, context_of, graph_order, is_op, layout_of, sites_node
 
 ORDER = {"b": 0, "h": 1, "w": 2, "c": 3}
 SIZE_ARGS = ("size", "shape")
@@ -58,7 +58,7 @@ def island_of(consumer: fx.Node) -> Tuple[Set[fx.Node], List[fx.Node]]:
             continue
         seen.add(n)
         todo.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(consumer.graph.nodes)}
+    order = graph_order(consumer.graph)
     island: Set[fx.Node] = set()
     reached = {consumer.args[0]}
     for n in sorted(seen, key=order.__getitem__, reverse=True):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .base import GreenPass, args_of, aten, is_op
+from .base import GreenPass, args_of, aten, graph_order, is_op
 from .layout_analysis import image_values
 
 
@@ -64,7 +64,7 @@ class FunctionalizePass(GreenPass):
     description = "in-place ops -> out-of-place ops"
 
     def run(self, gm: fx.GraphModule) -> None:
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        order = graph_order(gm.graph)
         images = next(n for n in gm.graph.nodes if n.op == "placeholder")
         reach = image_values(gm, images)
         for node in list(gm.graph.nodes):

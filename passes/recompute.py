@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from greenmim_convert import ops
 
-from .base import GreenPass, layout_of
+from .base import GreenPass, graph_order, layout_of
 
 
 def _numel(node: fx.Node) -> int:
@@ -41,12 +41,6 @@ def _is_view(node: fx.Node) -> bool:
     """Ops whose result shares its input's storage: they add no memory of their own."""
     schema = getattr(node.target, "_schema", None)
     return bool(schema and schema.returns and schema.returns[0].alias_info is not None)
-
-
-def _position(graph: fx.Graph):
-    """Key giving a node's index in graph order."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return order.__getitem__
 
 
 def _constant_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
@@ -84,7 +78,7 @@ def _components(nodes: Set[fx.Node]) -> List[List[fx.Node]]:
             if m in nodes:
                 parent[root(m)] = root(n)
     groups: Dict[fx.Node, List[fx.Node]] = {}
-    for n in sorted(nodes, key=_position(next(iter(nodes)).graph) if nodes else None):
+    for n in sorted(nodes, key=graph_order(next(iter(nodes)).graph).__getitem__ if nodes else None):
         groups.setdefault(root(n), []).append(n)
     return list(groups.values())
 
@@ -139,7 +133,7 @@ class RecomputePass(GreenPass):
             i += 1
         name = f"_recompute_{i}"
         gm.add_submodule(name, fx.GraphModule(torch.nn.Module(), sub))
-        pos = _position(gm.graph)
+        pos = graph_order(gm.graph).__getitem__
         # where the first member ran (random draws keep their order) unless an input is defined later
         at = comp[0] if all(pos(m) < pos(comp[0]) for m in inputs) else \
             min((u for n in outputs for u in n.users if u not in members), key=pos)
