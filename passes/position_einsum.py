@@ -3,8 +3,8 @@
 MViTv2's decomposed relative positions compute ``einsum("byhwc,hkc->byhwk", q, R)``: the query's
 channels contract with a constant table ``R`` (gathered from a parameter by constant indices) that is
 indexed by the query's row (``h``) and has a free axis ``k``. Every output element depends on one
-token, so on packed tokens it is a token-wise op: gather the table's slice at the token's row or
-column, contract the channels. The free table axes become new channel digits of the result (above
+token, so on packed tokens it is a token-wise op: each token contracts its channels with the table's
+slice at its row or column (:mod:`greenmim_convert.table_einsum` runs it bucketed by table entry). The free table axes become new channel digits of the result (above
 the ones kept), which the attention pass may later align with key positions (a query-dependent term).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def plan(node: fx.Node) -> Tuple[Layout, EinsumSpec]:
     found = _operands(node)
     if found is None:
         raise LayoutError("einsum that is not one image operand with one constant table")
-    img, tab, out, x, _, _ = found
+    img, tab, out, x, table, _ = found
     lay = layout_of(x)
     if len(img) != len(lay.axes) or len(set(img)) != len(img) or len(set(tab)) != len(tab):
         raise LayoutError(f"einsum {img},{tab}->{out} with repeated letters or axes it does not name")
@@ -82,7 +82,7 @@ def plan(node: fx.Node) -> Tuple[Layout, EinsumSpec]:
     if any(ch not in tab for ch in new_letters) or any(ch not in img and ch not in out for ch in tab):
         raise LayoutError(f"einsum {img},{tab}->{out} sums over table axes")
     top = max((a.inner * a.size for a in kept), default=1)
-    table_shape = shape_of(_operands(node)[4])
+    table_shape = shape_of(table)
     new_atoms: Dict[str, Atom] = {}
     for ch in reversed(new_letters):
         size = table_shape[tab.index(ch)]
