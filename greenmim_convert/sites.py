@@ -59,9 +59,13 @@ class Sites:
         return self._rank
 
     def equal_counts(self) -> bool:
-        """Whether every sample has the same number of visible positions (packed rows then reshape per sample)."""
-        counts = self.counts()
-        return bool(counts.numel()) and int(counts.min().item()) == int(counts.max().item())
+        """Whether every sample has the same number of visible positions (packed rows then reshape per sample);
+        read off the counts once per sites, not at every pad and unpad."""
+        def same() -> bool:
+            counts = self.counts()
+            return bool(counts.numel()) and int(counts.min().item()) == int(counts.max().item())
+
+        return self.memo("equal counts", same)
 
     def pad(self, feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(B, Nmax, C)`` zero-padded per-sample features and the ``(B, Nmax)`` validity mask.
