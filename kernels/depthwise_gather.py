@@ -37,8 +37,8 @@ CHUNK_BYTES = 4 << 20
 class DepthwisePlan:
     """Both directions of a neighbour map, row-major for chunked gathers.
 
-    ``rows`` ``(T_out, K)``: input row read by tap ``k`` of output ``t``, ``T_in`` (a zero row) for none;
-    ``inverse`` ``(T_in, K)``: output row that reads input ``i`` through tap ``k``, ``T_out`` for none.
+    ``rows`` ``(T_out, K)``: input row read by tap ``k`` of output ``t``, ``T_in`` (reads zero) for none;
+    ``inverse`` ``(T_in, K)``: output row that reads input ``i`` through tap ``k``, ``T_out`` (reads zero) for none.
     """
 
     rows: torch.Tensor

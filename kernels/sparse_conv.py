@@ -164,8 +164,12 @@ def build_neighbor_map(
     return torch.where(inside, found, torch.full_like(found, -1)).reshape(k[0] * k[1], out_sites.num_tokens)
 
 
-def _padding_key(padding: Padding) -> Union[str, Tuple[int, ...]]:
-    return padding if isinstance(padding, str) else padding_sides(padding)
+def _geometry_key(kind: str, out_sites: Sites, kernel: Tuple[int, int], stride: Tuple[int, int], padding: Padding,
+                  dilation: Tuple[int, int]) -> tuple:
+    """Memo key (on the input sites) of a table built for ``out_sites`` and one conv geometry. The memo keeps
+    ``out_sites`` alive beside the table, so its ``id`` is not reused while the key exists."""
+    pad = padding if isinstance(padding, str) else padding_sides(padding)
+    return (kind, id(out_sites), kernel, stride, pad, dilation)
 
 
 def cached_neighbor_map(
@@ -175,7 +179,7 @@ def cached_neighbor_map(
     """:func:`build_neighbor_map`, built once per pair of sites and geometry (kept on ``in_sites``), so that the
     convolutions of a stage share one map (and one stored copy of it)."""
     k, s, d = as_pair(kernel_size, "kernel_size"), as_pair(stride, "stride"), as_pair(dilation, "dilation")
-    key = ("neighbor map", id(out_sites), k, s, _padding_key(padding), d)
+    key = _geometry_key("neighbor map", out_sites, k, s, padding, d)
     return in_sites.memo(key, lambda: (out_sites, build_neighbor_map(in_sites, out_sites, k, s, padding, d)))[1]
 
 
@@ -549,7 +553,7 @@ def sparse_conv2d(
     s, d = as_pair(stride, "stride"), as_pair(dilation, "dilation")
     wants_plan = backend == "tiles" or (backend == "auto" and _auto_kernel(feats, weight, groups, s, d, padding) is None)
     if wants_plan and tile_plan is None:
-        key = ("tile plan", id(out_sites), (kh, kw), s, _padding_key(padding), d)
+        key = _geometry_key("tile plan", out_sites, (kh, kw), s, padding, d)
         tile_plan = in_sites.memo(key, lambda: (out_sites, build_tile_plan(in_sites, out_sites, (kh, kw), s, padding, d)))[1]
     chosen = select_backend(feats, weight, groups, s, d, backend, tile_plan, padding)
     if chosen == "spconv":
@@ -581,7 +585,7 @@ def sparse_conv2d(
     if chosen == "gather":
         from greenmim_convert.kernels.depthwise_gather import DepthwisePlan, depthwise_conv_gather
 
-        key = ("depthwise plan", id(out_sites), (kh, kw), s, _padding_key(padding), d, id(neighbor_map))
+        key = _geometry_key("depthwise plan", out_sites, (kh, kw), s, padding, d) + (id(neighbor_map),)
         plan = in_sites.memo(key, lambda: (out_sites, neighbor_map,
                                            DepthwisePlan.from_neighbor_map(neighbor_map, in_sites.num_tokens)))[2]
         return depthwise_conv_gather(feats, plan, weight, bias)
