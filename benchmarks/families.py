@@ -5,6 +5,7 @@ SimMIM-style step and the converted step alternate in this process. Prints a mar
 every number to JSON.
 
     python benchmarks/families.py --batch-size 8 --mask-ratio 0.75 --steps 3 --out benchmarks/families.json
+    python benchmarks/families.py --threads 1 --out benchmarks/families_1thread.json  # compute-bound, see README
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def row(name: str, batch: int, ratio: float, steps: int) -> dict:
     green = gmc.convert(built.model.train(), img_size=built.img_size)
     res = run_bench(built.model, green, batch, ratio, steps)
     d, g = res.dense, res.green
-    return dict(model=name, dense_ms=1e3 * d.time_median_s, green_ms=1e3 * g.time_median_s, speedup=res.speedup,
+    return dict(model=name, cpu_threads=res.cpu_threads, dense_ms=1e3 * d.time_median_s, green_ms=1e3 * g.time_median_s, speedup=res.speedup,
                 flops_ratio=res.flops_ratio, dense_mib=d.saved_bytes / 2**20, green_mib=g.saved_bytes / 2**20,
                 saved_bytes_reduction=res.saved_bytes_reduction, flops_vs_ideal=res.flops_vs_ideal)
 
@@ -54,7 +55,12 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--steps", type=int, default=3, help="timed steps of each model after one warm-up step")
     p.add_argument("--out", default=None, help="JSON file for every number")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     args = p.parse_args(argv)
+    if args.threads < 0:
+        p.error(f"--threads must be 0 or positive, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     print(HEADER, flush=True)
     for name in args.models:

@@ -208,6 +208,7 @@ class BenchResult:
     compiled: Optional[CompiledStats] = None
     saved_by_node: Dict[str, Dict[str, int]] = field(default_factory=dict)
     profile: Dict[str, List[ProfileRow]] = field(default_factory=dict)
+    cpu_threads: int = 0
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -458,4 +459,5 @@ def run_bench(
         flops_ideal=int(ideal), flops_vs_ideal=g.flops / ideal if ideal else 0.0, visible_fraction=rho, pair_fraction=pairs,
         grouping=measure_grouping(green, visible), compiled=compiled,
         saved_by_node={name: s["census"] for name, s in stats.items()}, profile=profiles,
+        cpu_threads=torch.get_num_threads(),
     )

@@ -201,6 +201,7 @@ def bench_cmd(
     compile_: bool = typer.Option(False, "--compile", help="also time both models under torch.compile (inductor)"),
     profile: bool = typer.Option(False, "--profile", help="also profile one more step of each model (torch.profiler) "
                                  "and print the ops taking most self CPU time"),
+    threads: int = typer.Option(0, help="torch CPU threads for both models (0: PyTorch's default)"),
 ) -> None:
     """Time forward+backward of the converted model against the dense SimMIM-style model.
 
@@ -218,6 +219,10 @@ def bench_cmd(
         _fail(f"--device must be cpu or cuda (and cuda needs a GPU), got {device!r}")
     if steps < 1 or batch_size < 1 or not 0.0 <= mask_ratio <= 1.0:
         _fail("--steps and --batch-size must be positive and --mask-ratio in [0, 1]")
+    if threads < 0:
+        _fail(f"--threads must be 0 (PyTorch's default) or positive, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     built = create(model, model_arg, img_size)
     net = built.model.to(device=device, dtype=DTYPES[dtype]).train()
@@ -226,7 +231,7 @@ def bench_cmd(
     console.print(
         f"[bold]{model}[/]: dense SimMIM-style {dense_fn} (mask token at hidden units) vs converted model on visible "
         f"units; batch {batch_size}, {green.img_size[0]}px, mask ratio {mask_ratio}, per-image masks, {device} {dtype}, "
-        f"forward+backward, {steps} timed steps"
+        f"forward+backward, {steps} timed steps, {torch.get_num_threads()} CPU threads"
     )
     with Progress(console=console, transient=True) as bar:
         total = 2 + 2 * (steps + 1) + (2 * (steps + 2) if compile_ else 0) + 2 * profile

@@ -1,13 +1,15 @@
 /* Depthwise convolution taps on packed tokens, for the CPU: the loops of depthwise_gather.py without its
  * (rows, taps, channels) temporaries.
  *
- *   taps:        out[t, c] = sum_k w[k, c] * src[index[t, k], c]
- *   taps_wgrad:  dw[k, c]  = sum_i x[i, c] * g[index[i, k], c]
+ *   taps:           out[t, c] = sum_k w[k, c] * src[index[t, k], c]
+ *   taps_backward:  dw[k, c]  = sum_i x[i, c] * g[index[i, k], c]
+ *                   dx[i, c]  = sum_k w[k, c] * g[index[i, k], c]   (when dx is not NULL)
  *
  * An index equal to the number of source rows (`sources`) reads zero: the tap falls on a masked cell (any index
  * outside [0, sources) reads zero, so a bad table cannot read out of bounds).
  *
- * The input gradient is `taps` again, over the inverse table. Rows are split over OpenMP threads. Loaded
+ * Over the inverse table, the backward reads each gathered gradient row once for both gradients (input and
+ * tap weight), so a conv's backward is one pass over its gradient. Rows are split over OpenMP threads. Loaded
  * after PyTorch, the library binds to the OpenMP runtime PyTorch already loaded (same soname), so these
  * loops share PyTorch's thread pool instead of competing with it. The weight gradient sums one partial per
  * thread, in thread order. Built twice, with REAL = float and REAL = double.
@@ -45,8 +47,8 @@ int taps(const REAL *src, int64_t sources, const int64_t *index, const REAL *w, 
     return 0;
 }
 
-int taps_wgrad(const REAL *x, const REAL *g, int64_t sources, const int64_t *index, REAL *dw, int64_t rows,
-               int64_t taps, int64_t channels, int threads) {
+int taps_backward(const REAL *x, const REAL *g, int64_t sources, const int64_t *index, const REAL *w, REAL *dx,
+                  REAL *dw, int64_t rows, int64_t taps, int64_t channels, int threads) {
     const int64_t C = channels, K = taps, size = taps * channels;
     threads = clamp_threads(threads, rows, rows * size);
     REAL *partial = (REAL *)calloc((size_t)threads * (size_t)size, sizeof(REAL));
@@ -58,11 +60,22 @@ int taps_wgrad(const REAL *x, const REAL *g, int64_t sources, const int64_t *ind
         for (int64_t i = rows * p / n; i < rows * (p + 1) / n; ++i) {
             const REAL *restrict xi = x + i * C;
             const int64_t *idx = index + i * K;
+            REAL *restrict o = dx == NULL ? NULL : dx + i * C;
+            if (o != NULL) memset(o, 0, (size_t)C * sizeof(REAL));
             for (int64_t k = 0; k < K; ++k) {
                 if ((uint64_t)idx[k] >= (uint64_t)sources) continue;
                 const REAL *restrict gk = g + idx[k] * C;
                 REAL *restrict d = mine + k * C;
-                for (int64_t c = 0; c < C; ++c) d[c] += xi[c] * gk[c];
+                if (o != NULL) {
+                    const REAL *restrict wk = w + k * C;
+                    for (int64_t c = 0; c < C; ++c) {
+                        const REAL v = gk[c];
+                        d[c] += xi[c] * v;
+                        o[c] += wk[c] * v;
+                    }
+                } else {
+                    for (int64_t c = 0; c < C; ++c) d[c] += xi[c] * gk[c];
+                }
             }
         }
     }

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -69,8 +69,8 @@ def _build(real: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.taps.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-    lib.taps_wgrad.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
-    lib.taps.restype = lib.taps_wgrad.restype = ctypes.c_int
+    lib.taps_backward.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.taps.restype = lib.taps_backward.restype = ctypes.c_int
     return lib
 
 
@@ -116,15 +116,19 @@ def taps(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Option
     return out
 
 
-def taps_wgrad(x: torch.Tensor, grad_src: torch.Tensor, index: torch.Tensor) -> Optional[torch.Tensor]:
-    """``dw[k] = sum_i x[i] * grad_src[index[i, k]]`` with the native loop (an index ``len(grad_src)`` reads zero),
-    or None when it cannot run."""
+def taps_backward(x: torch.Tensor, grad_src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+                  need_x: bool = True) -> Optional[Tuple[Optional[torch.Tensor], torch.Tensor]]:
+    """``(dx, dw)`` with ``dw[k] = sum_i x[i] * grad_src[index[i, k]]`` and ``dx[i] = sum_k weight[k] *
+    grad_src[index[i, k]]`` (None unless ``need_x``), both from one pass of the native loop over the gathered rows
+    (an index ``len(grad_src)`` reads zero); None when the loop cannot run."""
     lib = _library(x.dtype)
-    if lib is None or grad_src.dtype != x.dtype:
+    if lib is None or grad_src.dtype != x.dtype or weight.dtype != x.dtype:
         return None
-    x, grad_src, index = x.contiguous(), grad_src.contiguous(), index.contiguous()
+    x, grad_src, index, weight = x.contiguous(), grad_src.contiguous(), index.contiguous(), weight.contiguous()
     dw = x.new_empty(index.shape[1], x.shape[1])
-    if lib.taps_wgrad(_ptr(x), _ptr(grad_src), grad_src.shape[0], _ptr(index), _ptr(dw), index.shape[0],
-                      index.shape[1], x.shape[1], torch.get_num_threads()) != 0:
-        raise MemoryError(f"taps_wgrad could not allocate {torch.get_num_threads()} partial sums of {tuple(dw.shape)}")
-    return dw
+    dx = x.new_empty(index.shape[0], x.shape[1]) if need_x else None
+    if lib.taps_backward(_ptr(x), _ptr(grad_src), grad_src.shape[0], _ptr(index), _ptr(weight),
+                         _ptr(dx) if dx is not None else None, _ptr(dw), index.shape[0], index.shape[1], x.shape[1],
+                         torch.get_num_threads()) != 0:
+        raise MemoryError(f"taps_backward could not allocate {torch.get_num_threads()} partial sums of {tuple(dw.shape)}")
+    return dx, dw

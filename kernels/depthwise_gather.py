@@ -14,8 +14,8 @@ gradient into a zero-filled scatter-add. Here:
   ``inv[k, i]``; one gather of ``dy`` through it per chunk of input rows gives both
   ``dx[i] = sum_k w_k dy[inv[k, i]]`` and ``dw_k = sum_i x[i] dy[inv[k, i]]`` (no scatter, no atomics).
 
-On the CPU both directions run the native loops of :mod:`.cpu_kernels` (no temporaries at all) where the
-system's C compiler could build them.
+On the CPU both directions run the native loops of :mod:`.cpu_kernels` (no temporaries at all, and one pass over
+the gradient for both gradients) where the system's C compiler could build them.
 """
 from __future__ import annotations
 
@@ -127,11 +127,16 @@ def depthwise_taps_backward(grad_src: torch.Tensor, inverse: torch.Tensor, taps_
 def _(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
       need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     chans = feats.shape[1]
+    if need_w:
+        both = cpu_kernels.taps_backward(feats, grad_src, inverse, taps_weight, need_x)
+        if both is None:
+            return _taps_backward_torch(grad_src, inverse, taps_weight, feats, need_x, need_w)
+        dx, dw = both
+        return (dx if dx is not None else feats.new_empty(0, chans)), dw
     dx = cpu_kernels.taps(grad_src, inverse, taps_weight) if need_x else feats.new_empty(0, chans)
-    dw = cpu_kernels.taps_wgrad(feats, grad_src, inverse) if need_w else feats.new_zeros(0, chans)
-    if dx is None or dw is None:
+    if dx is None:
         return _taps_backward_torch(grad_src, inverse, taps_weight, feats, need_x, need_w)
-    return dx, dw
+    return dx, feats.new_zeros(0, chans)
 
 
 @depthwise_taps_backward.register_fake

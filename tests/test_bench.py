@@ -123,6 +123,21 @@ def test_bench_cli_smoke(tmp_path):
     assert "by the autograd node that saved them" in res.output and "self CPU" not in res.output
 
 
+def test_bench_cli_threads(tmp_path):
+    """--threads sets the CPU threads both models run on, and says so in the header and the JSON."""
+    out, before = tmp_path / "bench.json", torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, ["bench", SWIN, *TINY, "--batch-size", "2", "--steps", "1", "--threads", "1",
+                                       "--json", str(out)])
+    finally:
+        torch.set_num_threads(before)
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["cpu_threads"] == 1
+    assert "1 CPU threads" in " ".join(res.output.split())
+    bad = CliRunner().invoke(app, ["bench", SWIN, *TINY, "--threads", "-2"])
+    assert bad.exit_code != 0 and "--threads" in bad.output
+
+
 def test_bench_cli_profile():
     res = CliRunner().invoke(app, ["bench", SWIN, *TINY, "--batch-size", "2", "--steps", "1", "--profile"])
     assert res.exit_code == 0, res.output

@@ -32,11 +32,13 @@ def test_native_loops_equal_torch_loops(dtype, tol, threads, chans):
     try:
         out = cpu_kernels.taps(src, rows, weight)
         dx = cpu_kernels.taps(grad_src, inverse, weight)
-        dw = cpu_kernels.taps_wgrad(feats, grad_src, inverse)
+        fused_dx, dw = cpu_kernels.taps_backward(feats, grad_src, inverse, weight)
+        none_dx, dw_only = cpu_kernels.taps_backward(feats, grad_src, inverse, weight, need_x=False)
     finally:
         torch.set_num_threads(previous)
+    assert none_dx is None and torch.equal(dw_only, dw)
     want_dx, want_dw = _taps_backward_torch(grad_src, inverse, weight, feats, True, True)
-    for got, want in ((out, _taps_torch(src, rows, weight)), (dx, want_dx), (dw, want_dw)):
+    for got, want in ((out, _taps_torch(src, rows, weight)), (dx, want_dx), (fused_dx, want_dx), (dw, want_dw)):
         assert got.dtype == dtype and got.shape == want.shape
         assert ((got - want).abs().max() / want.abs().max()).item() <= tol
 
@@ -74,4 +76,5 @@ def test_indices_outside_the_source_read_zero():
     want = rows.clone()
     want[0, 0] = want[1, 1] = 10
     assert torch.equal(cpu_kernels.taps(src, bad, weight), cpu_kernels.taps(src, want, weight))
-    assert torch.equal(cpu_kernels.taps_wgrad(src[:5], src, bad), cpu_kernels.taps_wgrad(src[:5], src, want))
+    for a, b in zip(cpu_kernels.taps_backward(src[:5], src, bad, weight), cpu_kernels.taps_backward(src[:5], src, want, weight)):
+        assert torch.equal(a, b)
