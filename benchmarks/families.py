@@ -5,12 +5,14 @@ SimMIM-style step and the converted step alternate in this process. Prints a mar
 every number to JSON.
 
     python benchmarks/families.py --batch-size 8 --mask-ratio 0.75 --steps 3 --out benchmarks/families.json
-    python benchmarks/families.py --threads 1 --out benchmarks/families_1thread.json  # compute-bound, see README
+    python benchmarks/families.py --steps 3 --repeats 3 --out benchmarks/families.json  # median of 3 runs, with range
+    python benchmarks/families.py --threads 1 --out benchmarks/families_1thread.json  # one thread, see README
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from typing import List
 
 import torch
@@ -29,21 +31,29 @@ HEADER = ("| model | dense step | converted step | speed-up | FLOP ratio | speed
           "| activations saved for backward | FLOPs / ideal |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
-def row(name: str, batch: int, ratio: float, steps: int) -> dict:
-    """Build, convert and measure one model."""
+def row(name: str, batch: int, ratio: float, steps: int, repeats: int = 1) -> dict:
+    """Build and convert one model, then measure it ``repeats`` times; times and speed-up are medians over the runs."""
     torch.manual_seed(0)
     built = build(name)
     green = gmc.convert(built.model.train(), img_size=built.img_size)
-    res = run_bench(built.model, green, batch, ratio, steps)
+    runs = [run_bench(built.model, green, batch, ratio, steps) for _ in range(repeats)]
+    res = runs[0]
     d, g = res.dense, res.green
-    return dict(model=name, cpu_threads=res.cpu_threads, dense_ms=1e3 * d.time_median_s, green_ms=1e3 * g.time_median_s, speedup=res.speedup,
+    return dict(model=name, cpu_threads=res.cpu_threads, repeats=repeats,
+                dense_ms=1e3 * statistics.median(r.dense.time_median_s for r in runs),
+                green_ms=1e3 * statistics.median(r.green.time_median_s for r in runs),
+                speedup=statistics.median(r.speedup for r in runs), speedup_runs=[r.speedup for r in runs],
                 flops_ratio=res.flops_ratio, dense_mib=d.saved_bytes / 2**20, green_mib=g.saved_bytes / 2**20,
                 saved_bytes_reduction=res.saved_bytes_reduction, flops_vs_ideal=res.flops_vs_ideal)
 
 
 def markdown(r: dict) -> str:
-    return (f"| `{r['model']}` | {r['dense_ms']:.0f} ms | {r['green_ms']:.0f} ms | {r['speedup']:.2f}x "
-            f"| {r['flops_ratio']:.2f}x | {r['speedup'] / r['flops_ratio']:.2f} "
+    runs = r.get("speedup_runs", [r["speedup"]])
+    spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+    fr = r["flops_ratio"]
+    of_flops = f" ({min(runs) / fr:.2f}-{max(runs) / fr:.2f})" if len(runs) > 1 else ""
+    return (f"| `{r['model']}` | {r['dense_ms']:.0f} ms | {r['green_ms']:.0f} ms | {r['speedup']:.2f}x{spread} "
+            f"| {fr:.2f}x | {r['speedup'] / fr:.2f}{of_flops} "
             f"| {r['dense_mib']:.0f} -> {r['green_mib']:.0f} MiB ({100 * r['saved_bytes_reduction']:.0f}% less) "
             f"| {r['flops_vs_ideal']:.3f} |")
 
@@ -56,15 +66,19 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps of each model after one warm-up step")
     p.add_argument("--out", default=None, help="JSON file for every number")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measurements of each model (each its own interleaved run); the table gives the median and range")
     args = p.parse_args(argv)
     if args.threads < 0:
         p.error(f"--threads must be 0 or positive, got {args.threads}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be positive, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     print(HEADER, flush=True)
     for name in args.models:
-        rows.append(row(name, args.batch_size, args.mask_ratio, args.steps))
+        rows.append(row(name, args.batch_size, args.mask_ratio, args.steps, args.repeats))
         print(markdown(rows[-1]), flush=True)
         if args.out:
             with open(args.out, "w") as f:

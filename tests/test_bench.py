@@ -237,6 +237,27 @@ def test_sweep_script_smoke(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_families_script_repeats_and_threads(tmp_path, capsys):
+    """benchmarks/families.py measures a model --repeats times (median and range) on --threads threads."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "families.py"
+    spec = importlib.util.spec_from_file_location("families", path)
+    families = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(families)
+    out, before = tmp_path / "f.json", torch.get_num_threads()
+    try:
+        families.main(["--models", "convnext_atto", "--batch-size", "1", "--steps", "1", "--repeats", "2",
+                       "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(before)
+    (r,) = json.loads(out.read_text())
+    assert r["repeats"] == 2 and len(r["speedup_runs"]) == 2 and r["cpu_threads"] == 1
+    assert min(r["speedup_runs"]) <= r["speedup"] <= max(r["speedup_runs"])
+    assert f"({min(r['speedup_runs']):.2f}-{max(r['speedup_runs']):.2f})" in capsys.readouterr().out
+
+
 def test_simmim_baseline_masks_the_stem_of_any_family():
     """The dense baseline puts its mask token after the image convolution, whatever the family calls it."""
     import timm
