@@ -48,10 +48,9 @@ def row(name: str, batch: int, ratio: float, steps: int, repeats: int = 1) -> di
 
 
 def markdown(r: dict) -> str:
-    runs = r.get("speedup_runs", [r["speedup"]])
-    spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
-    fr = r["flops_ratio"]
-    of_flops = f" ({min(runs) / fr:.2f}-{max(runs) / fr:.2f})" if len(runs) > 1 else ""
+    runs, fr = r.get("speedup_runs", [r["speedup"]]), r["flops_ratio"]
+    lo, hi = min(runs), max(runs)
+    spread, of_flops = (f" ({lo:.2f}-{hi:.2f})", f" ({lo / fr:.2f}-{hi / fr:.2f})") if len(runs) > 1 else ("", "")
     return (f"| `{r['model']}` | {r['dense_ms']:.0f} ms | {r['green_ms']:.0f} ms | {r['speedup']:.2f}x{spread} "
             f"| {fr:.2f}x | {r['speedup'] / fr:.2f}{of_flops} "
             f"| {r['dense_mib']:.0f} -> {r['green_mib']:.0f} MiB ({100 * r['saved_bytes_reduction']:.0f}% less) "

@@ -129,14 +129,13 @@ def _(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, 
     chans = feats.shape[1]
     if need_w:
         both = cpu_kernels.taps_backward(feats, grad_src, inverse, taps_weight, need_x)
-        if both is None:
-            return _taps_backward_torch(grad_src, inverse, taps_weight, feats, need_x, need_w)
-        dx, dw = both
-        return (dx if dx is not None else feats.new_empty(0, chans)), dw
-    dx = cpu_kernels.taps(grad_src, inverse, taps_weight) if need_x else feats.new_empty(0, chans)
-    if dx is None:
+    else:
+        dx = cpu_kernels.taps(grad_src, inverse, taps_weight) if need_x else feats.new_empty(0, chans)
+        both = None if dx is None else (dx, feats.new_zeros(0, chans))
+    if both is None:
         return _taps_backward_torch(grad_src, inverse, taps_weight, feats, need_x, need_w)
-    return dx, feats.new_zeros(0, chans)
+    dx, dw = both
+    return (dx if dx is not None else feats.new_empty(0, chans)), dw
 
 
 @depthwise_taps_backward.register_fake

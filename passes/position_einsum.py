@@ -4,8 +4,9 @@ MViTv2's decomposed relative positions compute ``einsum("byhwc,hkc->byhwk", q, R
 channels contract with a constant table ``R`` (gathered from a parameter by constant indices) that is
 indexed by the query's row (``h``) and has a free axis ``k``. Every output element depends on one
 token, so on packed tokens it is a token-wise op: each token contracts its channels with the table's
-slice at its row or column (:mod:`greenmim_convert.table_einsum` runs it bucketed by table entry). The free table axes become new channel digits of the result (above
-the ones kept), which the attention pass may later align with key positions (a query-dependent term).
+slice at its row or column (:mod:`greenmim_convert.table_einsum` runs it bucketed by table entry). The
+free table axes become new channel digits of the result (above the ones kept), which the attention pass
+may later align with key positions (a query-dependent term).
 """
 from __future__ import annotations
 

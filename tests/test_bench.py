@@ -224,14 +224,20 @@ def test_simmim_baseline_runs_forward_of_torchvision_models():
     assert not dense.stem._forward_hooks
 
 
-def test_sweep_script_smoke(tmp_path):
+def _benchmark_script(name: str):
+    """A script of ``benchmarks/`` loaded as a module."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
-    spec = importlib.util.spec_from_file_location("sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_script_smoke(tmp_path):
+    sweep = _benchmark_script("sweep")
     rows = [dict(model="m", batch_size=2, mask_ratio=r, speedup=1 + r, memory_ratio=2 + r) for r in (0.5, 0.75)]
     sweep.plot(rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
@@ -239,13 +245,7 @@ def test_sweep_script_smoke(tmp_path):
 
 def test_families_script_repeats_and_threads(tmp_path, capsys):
     """benchmarks/families.py measures a model --repeats times (median and range) on --threads threads."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "families.py"
-    spec = importlib.util.spec_from_file_location("families", path)
-    families = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(families)
+    families = _benchmark_script("families")
     out, before = tmp_path / "f.json", torch.get_num_threads()
     try:
         families.main(["--models", "convnext_atto", "--batch-size", "1", "--steps", "1", "--repeats", "2",
