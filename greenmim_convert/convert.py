@@ -110,6 +110,7 @@ def build_pipeline() -> List[P.GreenPass]:
     """The passes in order. Passes that read layouts run before the one that removes layout ops."""
     return [
         P.FunctionalizePass(),
+        P.RowGatherPass(),
         P.EinsumPass(),
         P.LayoutAnalysisPass(),
         P.OutputsPass(),

@@ -15,12 +15,13 @@ from .pooling import PoolingPass
 from .position_einsum import PositionEinsumPass
 from .prefix_tokens import PrefixTokensPass
 from .recompute import RecomputePass
+from .row_gather import RowGatherPass
 from .sample_matmul import SampleMatmulPass
 from .tokenwise import TokenwisePass
 
 __all__ = [
     "AttentionPass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "DenseIslandPass", "EinsumPass",
     "FunctionalizePass", "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass",
-    "PositionEinsumPass", "PrefixTokensPass", "RecomputePass", "SampleMatmulPass", "TokenwisePass",
+    "PositionEinsumPass", "PrefixTokensPass", "RecomputePass", "RowGatherPass", "SampleMatmulPass", "TokenwisePass",
     "LAYOUT_RULES", "to_networkx",
 ]

@@ -61,6 +61,12 @@ def is_op(node: Any, *targets) -> bool:
     return any(node.target is t or packet is t for t in targets)
 
 
+def is_view(node: fx.Node) -> bool:
+    """Ops whose result shares its input's storage (``view``, ``reshape``, ``permute``, ...): same values, no memory of their own."""
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.returns and schema.returns[0].alias_info is not None)
+
+
 def args_of(node: fx.Node) -> Dict[str, Any]:
     """The node's arguments by schema name, defaults filled in."""
     schema = node.target._schema

@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from greenmim_convert import ops
 
-from .base import GreenPass, graph_order, layout_of
+from .base import GreenPass, graph_order, is_view, layout_of
 
 
 def _numel(node: fx.Node) -> int:
@@ -35,12 +35,6 @@ def _numel(node: fx.Node) -> int:
     val = node.meta.get("val")
     vals = val if isinstance(val, (list, tuple)) else [val]
     return sum(math.prod(v.shape) for v in vals if isinstance(v, torch.Tensor))
-
-
-def _is_view(node: fx.Node) -> bool:
-    """Ops whose result shares its input's storage: they add no memory of their own."""
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema and schema.returns and schema.returns[0].alias_info is not None)
 
 
 def _constant_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
@@ -102,7 +96,7 @@ class RecomputePass(GreenPass):
         for comp in _components(_constant_nodes(gm)):
             members = set(comp)
             outputs = [n for n in comp if any(u not in members for u in n.users)]
-            inner = sum(_numel(n) for n in comp if n not in outputs and not _is_view(n))
+            inner = sum(_numel(n) for n in comp if n not in outputs and not is_view(n))
             if not outputs or inner <= sum(_numel(n) for n in outputs):
                 continue
             self._outline(gm, comp, outputs)
