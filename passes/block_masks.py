@@ -19,7 +19,7 @@ import torch.fx as fx
 from greenmim_convert.attention import TermPlan, term_offsets
 from greenmim_convert.kernels.windows import DigitWindows
 
-from .base import graph_order
+from .base import graph_order, is_view
 
 MASKED = -50.0
 
@@ -32,11 +32,6 @@ def _factory(node: fx.Node) -> bool:
 def _mutates(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-
-
-def _aliases(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
 
 
 def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
@@ -57,7 +52,7 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tenso
             return None
         todo.extend(n.all_input_nodes[1:] if _factory(n) else n.all_input_nodes)
         for user in n.users:
-            if order[user] < order[node] and (_mutates(user) or _aliases(user)):
+            if order[user] < order[node] and (_mutates(user) or is_view(user)):
                 todo.append(user)
     graph = fx.Graph()
     env = {}

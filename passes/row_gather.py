@@ -17,20 +17,15 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .base import GreenPass, aten, is_op, is_view
+from .base import GreenPass, aten, is_op
+from .block_masks import evaluate_constant
 from .layout_analysis import image_values
 
 
 def _known_nonnegative(gm: fx.GraphModule, index: fx.Node) -> bool:
-    """True when ``index`` is a buffer of the model, or a view of one, whose entries are all >= 0 now."""
-    while index.op == "call_function" and is_view(index) and isinstance(index.args[0], fx.Node):
-        index = index.args[0]
-    if index.op != "get_attr":
-        return False
-    value = gm
-    for part in str(index.target).split("."):
-        value = getattr(value, part, None)
-    return isinstance(value, torch.Tensor) and (value.numel() == 0 or int(value.min()) >= 0)
+    """True when ``index`` is computed from buffers and constants only and all its entries are >= 0 now."""
+    value = evaluate_constant(gm, index)
+    return value is not None and (value.numel() == 0 or int(value.min()) >= 0)
 
 
 def _single_index(node: fx.Node) -> Optional[int]:

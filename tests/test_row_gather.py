@@ -26,11 +26,12 @@ class Tables(nn.Module):
         return (x * bias.sum()).sum((1, 2, 3)) + cols.sum() * picked.sum((1, 2, 3))
 
 
-def _run(gm, module, x):
-    for p in module.parameters():
+def _run(gm, x):
+    for p in gm.parameters():
         p.grad = None
-    gm(x).pow(2).sum().backward()
-    return gm(x).detach(), [p.grad.clone() for p in module.parameters()]
+    out = gm(x)
+    out.pow(2).sum().backward()
+    return out.detach(), [p.grad.clone() for p in gm.parameters()]
 
 
 def test_row_gather_keeps_values_and_gradients():
@@ -38,7 +39,7 @@ def test_row_gather_keeps_values_and_gradients():
     module = Tables()
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     gm = torch.export.export(module, (x,), strict=False).module()
-    before = _run(gm, gm, x)
+    before = _run(gm, x)
     result = RowGatherPass()(gm)
     assert result.modified
     left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.index.Tensor]
@@ -46,15 +47,15 @@ def test_row_gather_keeps_values_and_gradients():
     selects = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.index_select.default]
     assert [n.args[1] for n in selects] == [0, 1]
     gm.recompile()
-    after = _run(gm, gm, x)
+    after = _run(gm, x)
     torch.testing.assert_close(after[0], before[0], rtol=1e-12, atol=0)
     for a, b in zip(after[1], before[1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_negative_entries_are_wrapped_only_when_needed():
-    """A buffer of non-negative entries (here through a view) is read as it is; one with negative entries is wrapped
-    into range first."""
+    """An index computed from buffers whose entries are all non-negative (here a view of one) is read as it is; one
+    with negative entries is wrapped into range first."""
     torch.manual_seed(1)
     module = Tables()
     x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
