@@ -16,11 +16,13 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# pytest itself, not `python -m pytest`: the latter puts the repository root on sys.path, where the top-level
+# kernels/ folder would shadow the `kernels` package transformers looks for
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 test-fast: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow"
 
 demo: setup
 	$(VENV)/bin/greenmim-convert convert $(MODEL) -o /tmp/green_swin_t.safetensors

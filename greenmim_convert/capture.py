@@ -14,7 +14,8 @@ import io
 import logging
 import traceback
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -30,13 +31,19 @@ def is_timm_model(model: nn.Module) -> bool:
     return hasattr(model, "forward_features") and bool(getattr(model, "feature_info", None))
 
 
-class _Features(nn.Module):
-    """Calls the model's features function and returns its output plus the stashed stage outputs."""
+OutputFn = Callable[[Any], Any]
 
-    def __init__(self, model: nn.Module, stages: Sequence[str]):
+
+class _Features(nn.Module):
+    """Calls the model's features function and returns its final value, the stashed stage outputs, then the
+    stage maps the output itself holds (a ``BackboneOutput``'s ``feature_maps``, a tuple or list of maps)."""
+
+    def __init__(self, model: nn.Module, stages: Sequence[str], output: Optional[OutputFn] = None):
         super().__init__()
         self.m = model
         self.stages = list(stages)
+        self.output = output
+        self.output_stages = 0  # how many stage maps the output held, set by each forward
 
     def forward(self, x: torch.Tensor):
         stash: List[Optional[torch.Tensor]] = [None] * len(self.stages)
@@ -53,9 +60,37 @@ class _Features(nn.Module):
         missing = [name for name, value in zip(self.stages, stash) if not isinstance(value, torch.Tensor)]
         if missing:
             raise TraceError(f"stage module(s) {missing} were not called with a tensor output during the forward")
-        if not isinstance(out, torch.Tensor):
-            raise TraceError(f"the model's forward returned {type(out).__name__}; greenmim-convert needs a tensor")
-        return (out, *stash)
+        if self.output is not None:
+            out = self.output(out)
+        last, maps = output_values(out, type(self.m).__name__)
+        if self.stages:
+            maps = []  # stages named by the caller take the place of those the output holds
+        self.output_stages = len(maps)
+        return (last, *stash, *maps)
+
+
+def output_values(out: Any, model: str = "the model") -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The final features and the stage maps held by a model's output.
+
+    A tensor is the final features. A ``BackboneOutput`` (a mapping with ``feature_maps``) gives its maps as
+    stages and the last one as the final features; a ``ModelOutput`` with ``last_hidden_state`` gives that.
+    A tuple or list of tensors gives its entries as stages and the last one as the final features.
+    """
+    if isinstance(out, torch.Tensor):
+        return out, []
+    if isinstance(out, Mapping):
+        maps = out.get("feature_maps")
+        if maps is not None:
+            return output_values(tuple(maps), model)
+        if isinstance(out.get("last_hidden_state"), torch.Tensor):
+            return out["last_hidden_state"], []
+        raise TraceError(f"{model} returned {type(out).__name__} with keys {list(out.keys())}, none of them "
+                         "'last_hidden_state' or 'feature_maps': pass output= (a function of the output giving a tensor)")
+    if isinstance(out, (tuple, list)) and out and all(isinstance(v, torch.Tensor) for v in out):
+        return out[-1], list(out)
+    kinds = [type(v).__name__ for v in out] if isinstance(out, (tuple, list)) else type(out).__name__
+    raise TraceError(f"{model} returned {type(out).__name__} ({kinds}); greenmim-convert reads a tensor, a tuple or "
+                     "list of tensors, or a ModelOutput: pass output= (a function of the output giving one of these)")
 
 
 def module_tensor(out):
@@ -129,6 +164,7 @@ class Captured:
     images: fx.Node
     last: fx.Node
     stages: List[fx.Node]
+    output_stages: int = 0  # the last ``output_stages`` of ``stages`` were read from the model's output
 
 
 def _failing_module(model: nn.Module, exc: BaseException) -> str:
@@ -166,9 +202,10 @@ def _essentials(exc: BaseException) -> str:
     return " | ".join(out)
 
 
-def capture(model: nn.Module, images: torch.Tensor, stages: Sequence[str]) -> Captured:
-    """Export the model's features function on ``images`` in its current train/eval mode."""
-    wrapper = _Features(model, stages)
+def capture(model: nn.Module, images: torch.Tensor, stages: Sequence[str], output: Optional[OutputFn] = None) -> Captured:
+    """Export the model's features function on ``images`` in its current train/eval mode; ``output`` maps the
+    model's output to what ``output_values`` reads."""
+    wrapper = _Features(model, stages, output)
     try:
         with _quiet_torch_logs():
             program = torch.export.export(wrapper, (images,), strict=False)
@@ -188,7 +225,7 @@ def capture(model: nn.Module, images: torch.Tensor, stages: Sequence[str]) -> Ca
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     values = list(out.args[0])
-    return Captured(gm, placeholders[0], values[0], values[1:])
+    return Captured(gm, placeholders[0], values[0], values[1:], wrapper.output_stages)
 
 
 def example_images(model: nn.Module, img_size: Tuple[int, int], batch: int, chans: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from . import passes as P
-from .capture import MissingStageError, capture, check_stage_names, example_images, is_timm_model, timm_stages
+from .capture import MissingStageError, OutputFn, capture, check_stage_names, example_images, is_timm_model, timm_stages
 from .errors import GreenMIMError, InvalidInputError, MaskUnitError, TraceError
 from .tokens import GreenOutput
 
@@ -110,6 +110,7 @@ def build_pipeline() -> List[P.GreenPass]:
     """The passes in order. Passes that read layouts run before the one that removes layout ops."""
     return [
         P.FunctionalizePass(),
+        P.CanonicalizePass(),
         P.RowGatherPass(),
         P.EinsumPass(),
         P.LayoutAnalysisPass(),
@@ -138,19 +139,19 @@ class _Compiled:
 
 
 def _compile(model: nn.Module, training: bool, size: Tuple[int, int], stages: Optional[List[str]], mask_unit: int,
-             grouping: str, attention_backend: str) -> _Compiled:
+             grouping: str, attention_backend: str, output: Optional[OutputFn] = None) -> _Compiled:
     """Capture in one train/eval mode and run the pipeline."""
     chans = input_channels(model)
     example = example_images(model, size, TRACE_BATCH, chans)
     was_training = model.training
     model.train(training)
     try:
-        captured = capture(model, example, stages or [])
+        captured = capture(model, example, stages or [], output)
         gm = captured.gm
         with gm.graph.inserting_after(captured.images):
             visible = gm.graph.placeholder("visible")
         ctx = P.ConvertContext(size, mask_unit, TRACE_BATCH, chans, grouping, attention_backend, captured.images, visible)
-        ctx.default_stages = stages is None
+        ctx.default_stages = stages is None and not captured.output_stages
         gm.meta["greenmim"] = ctx
         pipeline = build_pipeline()
         PassManager(passes=pipeline)(gm)
@@ -178,6 +179,7 @@ def convert(
     mask_unit: Optional[int] = None,
     grouping: str = "dp",
     attention_backend: str = "auto",
+    output: Optional[OutputFn] = None,
 ) -> "GreenModel":
     """Compile a hierarchical vision model into one that computes only on visible patches.
 
@@ -187,6 +189,9 @@ def convert(
     ``out.stages`` (default: timm's ``feature_info``; else the last value at each feature grid).
     The result shares every Parameter with ``model``. ``mask_unit`` (pixels) defaults to the
     model's total stride; it must be a multiple of the minimal unit the compiler derives.
+    The model's output may be a tensor, a tuple or list of stage maps (the last is ``out.last``) or a
+    ``ModelOutput`` (``last_hidden_state``; a ``BackboneOutput``'s ``feature_maps`` as stages); ``output``, a
+    function of the model's output, picks from anything else.
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"convert() needs a torch.nn.Module, got {type(model).__name__}")
@@ -203,7 +208,10 @@ def convert(
             stages = timm_stages(model)[0]
         except MissingStageError:
             stages = None  # the last value at each feature grid; checked against feature_info's strides below
-    compiled = {mode: _compile(model, mode, size, stages, mask_unit or 0, grouping, attention_backend) for mode in (False, True)}
+    if output is not None and not callable(output):
+        raise InvalidInputError(f"output must be a function of the model's output, got {type(output).__name__}")
+    compiled = {mode: _compile(model, mode, size, stages, mask_unit or 0, grouping, attention_backend, output)
+                for mode in (False, True)}
     ev = compiled[False]
     if stages is None and is_timm_model(model):
         _check_feature_strides(model, ev)

@@ -1,6 +1,7 @@
 """The passes of greenmim-convert over captured ATen graphs, in pipeline order (see ``convert.build_pipeline``)."""
 from .attention import AttentionPass
 from .base import ConvertContext, GreenPass
+from .canonicalize import CanonicalizePass
 from .channel_split import ChannelSplitPass
 from .check import CheckPass
 from .conv import ConvPass
@@ -20,7 +21,7 @@ from .sample_matmul import SampleMatmulPass
 from .tokenwise import TokenwisePass
 
 __all__ = [
-    "AttentionPass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "DenseIslandPass", "EinsumPass",
+    "AttentionPass", "CanonicalizePass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "DenseIslandPass", "EinsumPass",
     "FunctionalizePass", "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass",
     "PositionEinsumPass", "PrefixTokensPass", "RecomputePass", "RowGatherPass", "SampleMatmulPass", "TokenwisePass",
     "LAYOUT_RULES", "to_networkx",

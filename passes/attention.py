@@ -237,9 +237,22 @@ def _cross_windows(pair: Layout, q: Layout, k: Layout) -> Optional[Tuple[DigitWi
     return tuple(found) if found[0].shared else None
 
 
-def term_plan(term: fx.Node, at: Layout, heads: List[Atom]) -> TermPlan:
-    """How to read an image-independent term broadcast against the pair layout ``at`` for one (head, query, key)."""
+def _equal_along(value: Optional[torch.Tensor], size: int, stride: int) -> bool:
+    """The contiguous ``value`` is the same at every index of the digit of ``size`` and element ``stride``."""
+    if value is None:
+        return False
+    v = value.contiguous().view(-1, size, stride)
+    return bool((v == v[:, :1]).all())
+
+
+def term_plan(term: fx.Node, at: Layout, heads: List[Atom], gm: Optional[fx.GraphModule] = None) -> TermPlan:
+    """How to read an image-independent term broadcast against the pair layout ``at`` for one (head, query, key).
+
+    A term indexed by sample digits (a seam mask expanded or repeated over the batch) is judged by its value
+    for random weights: when it is equal across samples it is read at sample 0; otherwise it is refused.
+    """
     shape = shape_of(term) or ()
+    value: List[Optional[torch.Tensor]] = []
     if len(shape) > len(at.axes):
         raise LayoutError(f"attention term of shape {shape} has more axes than the logits")
     padded = (1,) * (len(at.axes) - len(shape)) + tuple(shape)
@@ -259,7 +272,11 @@ def term_plan(term: fx.Node, at: Layout, heads: List[Atom]) -> TermPlan:
             digit = (a.kind, a.size, a.inner, stride * within)
             within *= a.size
             if a.kind == "b":
-                raise LayoutError("attention term that differs between samples")
+                if not value:
+                    value.append(evaluate_constant(gm, term, random_parameters=True) if gm is not None else None)
+                if not _equal_along(value[0], a.size, digit[3]):
+                    raise LayoutError("attention term that differs between samples")
+                continue
             if a.kind == "c":
                 if a not in heads:
                     raise LayoutError("attention term indexed by a channel digit that is not a head")
@@ -409,7 +426,7 @@ class AttentionPass(GreenPass):
             if all(s == 1 for s in shape):
                 return Step("scalar-tensor", n.target, len(terms), swap=not pair_first, tensor=operand)
             heads = _heads(layout_of(qk), layout_of(q))[1]
-            terms.append((operand, term_plan(operand, lay, heads)))
+            terms.append((operand, term_plan(operand, lay, heads, gm)))
             return Step("term", n.target, len(terms) - 1, swap=not pair_first)
         return Step("scalar", n.target, operand, swap=not pair_first)
 
@@ -425,7 +442,7 @@ class AttentionPass(GreenPass):
             if shape_of(mask) is not None and mask.meta["val"].dtype == torch.bool:
                 self.fail(node, "boolean attn_mask: pass an additive float mask")
             heads = _heads(pair, layout_of(q))[1]
-            terms.append((mask, term_plan(mask, pair, heads)))
+            terms.append((mask, term_plan(mask, pair, heads, gm)))
             steps.append(Step("term", aten.add.Tensor, 0))
         post = [Step("dropout", None, float(a["dropout_p"] or 0.0))] if a["dropout_p"] else []
         self._emit(gm, node, q, k, v, pair, steps, post, terms, key_transposed=False)

@@ -1,6 +1,7 @@
 """Shared pieces of the passes: the pass base class, the conversion context and ATen-graph helpers."""
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -12,7 +13,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from greenmim_convert import ops
 from greenmim_convert.errors import UnsupportedOperationError
-from greenmim_convert.layout import Layout
+from greenmim_convert.layout import Layout, LayoutError
 
 aten = torch.ops.aten
 
@@ -127,6 +128,16 @@ def constant(gm: fx.GraphModule, value: Any, before: fx.Node, prefix: str = "gre
         return gm.graph.get_attr(name)
 
 
+def _node_in_traceback(exc: BaseException, gm: fx.GraphModule) -> Optional[fx.Node]:
+    """The node a pass was working on when it raised: the innermost frame's local ``node`` of ``gm``'s graph."""
+    found = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        node = frame.f_locals.get("node")
+        if isinstance(node, fx.Node) and node.graph is gm.graph:
+            found = node
+    return found
+
+
 class GreenPass(PassBase):
     """A pass that counts what it rewrote; the counts form the conversion report."""
 
@@ -139,7 +150,10 @@ class GreenPass(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.report = Counter()
-        self.run(gm)
+        try:
+            self.run(gm)
+        except LayoutError as exc:
+            raise UnsupportedOperationError(str(exc), _node_in_traceback(exc, gm)) from exc
         gm.graph.lint()
         return PassResult(gm, bool(self.report))
 

@@ -34,11 +34,13 @@ def _mutates(node: fx.Node) -> bool:
     return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
 
 
-def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
+def evaluate_constant(gm: fx.GraphModule, node: fx.Node, random_parameters: bool = False) -> Optional[torch.Tensor]:
     """The value of a node computed from buffers and constants only (no Parameter, no input), or None.
 
     Its ancestors, and every view or in-place op that writes into them before ``node`` (a mask
-    filled slice by slice), are copied into a small graph and run once.
+    filled slice by slice), are copied into a small graph and run once. With ``random_parameters``
+    a node that reads Parameters is evaluated too, each Parameter replaced by seeded random values:
+    what is then equal along an axis is equal for any weights (a structural fact, not the weights' luck).
     """
     order = graph_order(gm.graph)
     keep = set()
@@ -48,7 +50,8 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tenso
         if n in keep:
             continue
         keep.add(n)
-        if n.op == "placeholder" or n.op == "get_attr" and isinstance(_fetch(gm, n.target), torch.nn.Parameter):
+        if n.op == "placeholder" or (n.op == "get_attr" and isinstance(_fetch(gm, n.target), torch.nn.Parameter)
+                                     and not random_parameters):
             return None
         todo.extend(n.all_input_nodes[1:] if _factory(n) else n.all_input_nodes)
         for user in n.users:
@@ -64,7 +67,19 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tenso
             env[n] = graph.node_copy(n, lambda a: env[a])
     graph.output(env[node])
     with torch.no_grad():
-        return fx.GraphModule(gm, graph)().detach()
+        if not random_parameters:
+            return fx.GraphModule(gm, graph)().detach()
+        gen = torch.Generator().manual_seed(0)
+        root = torch.nn.Module()
+        for n in graph.nodes:
+            if n.op == "get_attr":
+                value = _fetch(gm, n.target)
+                if isinstance(value, torch.nn.Parameter):
+                    value = torch.randn(value.shape, generator=gen, dtype=value.dtype).to(value.device)
+                name = n.target.replace(".", "_")
+                setattr(root, name, value)
+                n.target = name
+        return fx.GraphModule(root, graph)().detach()
 
 
 def _fetch(gm: fx.GraphModule, target: str):

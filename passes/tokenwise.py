@@ -32,9 +32,11 @@ UNARY = (
     aten.leaky_relu, aten.elu, aten.exp, aten.log, aten.sqrt, aten.rsqrt, aten.abs, aten.neg, aten.erf,
     aten.clamp, aten.clamp_min, aten.clamp_max, aten.hardtanh, aten.softplus, aten.reciprocal, aten.square,
     aten.dropout, aten.bernoulli, aten._to_copy, aten.to, aten.type_as, aten.pow, aten.sign, aten.relu6,
+    aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac, aten.logical_not, aten.bitwise_not,
 )
 BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.where, aten.rsub,
-          aten.addcmul, aten.addcdiv, aten.lerp)
+          aten.addcmul, aten.addcdiv, aten.lerp, aten.lt, aten.le, aten.gt, aten.ge, aten.eq, aten.ne,
+          aten.logical_and, aten.logical_or, aten.floor_divide, aten.remainder, aten.fmod)
 IN_PLACE = (aten.add_, aten.sub_, aten.mul_, aten.div_, aten.bernoulli_, aten.clamp_, aten.relu_, aten.fill_)
 ELEMENTWISE = UNARY + BINARY + IN_PLACE
 CREATION = (aten.empty, aten.zeros, aten.ones, aten.full, aten.rand, aten.randn)
