@@ -182,6 +182,8 @@ def channel_gather(feats: torch.Tensor, columns: Tuple[int, ...]) -> torch.Tenso
 def channel_op(op, feats: torch.Tensor, sizes: Sequence[int], positions: Sequence[int], kwargs: dict, out_channels: int) -> torch.Tensor:
     """A reduction or softmax over channel digits of packed rows: view the digits, apply ``op`` over them."""
     x = feats.reshape(feats.shape[0], *sizes)
+    if not positions:  # over a size-one axis (a softmax of one logit per token)
+        x, positions = x.unsqueeze(-1), [x.dim()]
     dim_arg = next(a for a in op._schema.arguments if a.name == "dim")
     dim = positions[0] if str(dim_arg.type) == "int" else list(positions)
     return op(x, dim=dim, **kwargs).reshape(feats.shape[0], out_channels)
@@ -377,17 +379,25 @@ def sample_mean(feats: torch.Tensor, sites: Sites) -> torch.Tensor:
     return summed / sites.counts().clamp_min(1).to(feats.dtype)[:, None]
 
 
-def sample_reduce(op, feats: torch.Tensor, sites: Sites, kwargs: dict) -> torch.Tensor:
+def sample_reduce(op, feats: torch.Tensor, sites: Sites, kwargs: dict, sizes: Sequence[int] = (),
+                  digits: Sequence[int] = ()) -> torch.Tensor:
     """A reduction over the whole grid (``sum``, ``mean``, ``linalg_vector_norm``, ``amax``, ``amin``)
-    taken over each sample's visible tokens: ``(B, C)``. Padding rows are the op's neutral element."""
+    taken over each sample's visible tokens: ``(B, C)``. Padding rows are the op's neutral element.
+    ``digits`` (indices into the channel digit ``sizes``) are reduced too: a group norm's statistics, over
+    the visible positions and the channels of each group (every token holds all channels, so the two
+    reductions compose)."""
     name = op.__name__.split(".")[0]
     if name == "mean":
-        return sample_mean(feats, sites)
-    fill = {"amax": float("-inf"), "amin": float("inf")}.get(name, 0.0)
-    padded, valid = sites.pad(feats)
-    if fill:
-        padded = padded.masked_fill(~valid[:, :, None], fill)
-    return op(padded, dim=[1], **kwargs)
+        out = sample_mean(feats, sites)
+    else:
+        fill = {"amax": float("-inf"), "amin": float("inf")}.get(name, 0.0)
+        padded, valid = sites.pad(feats)
+        if fill:
+            padded = padded.masked_fill(~valid[:, :, None], fill)
+        out = op(padded, dim=[1], **kwargs)
+    if not digits:
+        return out
+    return op(out.view(out.shape[0], *sizes), dim=[1 + d for d in digits]).reshape(out.shape[0], -1)
 
 
 def cell_reduce(kind: str, feats: torch.Tensor, fine: Sites, coarse: Sites, factor: int) -> torch.Tensor:

@@ -5,15 +5,16 @@ one form, so the rules after it are written once:
 
 - metadata asserts (``_assert_tensor_metadata`` of ``x.to(dtype)``) are dropped;
 - casts to the dtype and device a value already has are dropped;
-- layout aliases become views: ``reshape_as``/``view_as`` -> ``reshape``/``view``, ``expand_as`` ->
-  ``expand``, ``unflatten`` -> ``view``, ``movedim`` -> ``permute``, ``swapaxes``/``swapdims`` -> ``transpose``;
+- layout aliases become views: ``reshape_as``/``view_as`` -> ``reshape``/``view``, ``expand_as`` and a
+  ``repeat``/``tile`` of size-one axes -> ``expand``, ``unflatten`` -> ``view``, ``movedim`` -> ``permute``, ``swapaxes``/``swapdims`` -> ``transpose``;
 - ``split``, ``split_with_sizes``, ``chunk`` and ``narrow`` become slices; ``unbind`` parts become ``select``;
 - ``max.dim``/``min.dim`` read for their values only become ``amax``/``amin``;
 - a reduction of a reduction of the same kind (``mean(2).mean(3)``) becomes one reduction over both;
 - ``exp(x - amax(x)) / sum(exp(x - amax(x)))`` (the max optional) becomes ``softmax``, and its log form
   ``log_softmax``;
 - ``x @ W`` with a 2-D Parameter ``W`` becomes ``linear(x, Wᵀ)``;
-- ``group_norm`` becomes its definition: a mean and a variance over each group's channels and positions.
+- ``group_norm`` becomes its definition: a mean and a variance over each group's channels and positions;
+- population ``var``/``std`` become means of squared deviations.
 """
 from __future__ import annotations
 
@@ -79,6 +80,14 @@ def _replace(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+def _broadcast_repeat(node: fx.Node) -> bool:
+    """``repeat``/``tile`` that only copies size-one axes: the same values as ``expand``."""
+    src, reps = _val(node.args[0]), list(node.args[1])
+    if src is None or len(reps) != src.dim():
+        return False
+    return all(r == 1 or s == 1 for r, s in zip(reps, src.shape))
+
+
 def _same_value(node: fx.Node) -> bool:
     """A cast to the dtype, device and layout its input already has: the input itself."""
     src, out = _val(node.args[0]) if node.args else None, _val(node)
@@ -98,6 +107,7 @@ class CanonicalizePass(GreenPass):
     def run(self, gm: fx.GraphModule) -> None:
         rules: Sequence[Callable[[fx.GraphModule, fx.Node], Optional[str]]] = (
             self._assert, self._alias, self._split, self._max_values, self._group_norm, self._param_matmul,
+            self._variance,
         )
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.graph is not gm.graph:
@@ -141,6 +151,8 @@ class CanonicalizePass(GreenPass):
             placed = {d: s for s, d in zip(src, dst)}
             order = [placed[i] if i in placed else next(rest) for i in range(ndim)]
             new = _emit(gm, node, aten.permute.default, (node.args[0], order), node)
+        elif name in ("repeat", "tile") and out is not None and _broadcast_repeat(node):
+            new = _emit(gm, node, aten.expand.default, (node.args[0], list(out)), node)
         elif name in ("swapaxes", "swapdims"):
             new = _emit(gm, node, aten.transpose.int, tuple(node.args[:3]), node)
         elif name in ("to", "_to_copy", "type_as") and _same_value(node):
@@ -251,6 +263,36 @@ class CanonicalizePass(GreenPass):
             y = emit(aten.add.Tensor, y, emit(aten.view.default, a["bias"], affine))
         _replace(gm, node, y)
         return "group_norm -> its mean and variance"
+
+    @staticmethod
+    def _variance(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+        """Population ``var``/``std`` (correction 0) -> ``mean((x - mean)²)`` (and its square root), so that a
+        variance over grid positions is a mean over the visible ones like any other."""
+        if not is_op(node, aten.var, aten.std) or _val(node.args[0]) is None:
+            return None
+        a = args_of(node)
+        if "dim" not in a:
+            return None
+        x = node.args[0]
+        src = _val(x)
+        dims = _dims(a["dim"], src.dim())
+        correction = a.get("correction")
+        if correction is None:
+            correction = 1 if a.get("unbiased", True) else 0
+        if correction:
+            return None  # n - correction counts positions, which masking changes: left to the channel rules
+        keep = bool(a.get("keepdim"))
+
+        def emit(target, *args):
+            return _emit(gm, node, target, args, node)
+
+        d = emit(aten.sub.Tensor, x, emit(aten.mean.dim, x, dims, True))
+        sq = emit(aten.mean.dim, emit(aten.mul.Tensor, d, d), dims, keep)
+        out = sq
+        if is_op(node, aten.std):
+            out = emit(aten.sqrt.default, out)
+        _replace(gm, node, out)
+        return f"{_name(node)} -> mean of squared deviations"
 
     @staticmethod
     def _reduction_chain(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -4,8 +4,8 @@ Masked-dense semantics for average pooling: a pooled cell averages the visible p
 a cell with none is not a site of the pooled grid (so it is absent from attention keys). A sliding-window
 average pool divides by its visible positions, plus its own padding when ``count_include_pad``. Adaptive
 pooling whose output size divides the grid, and ``avg_pool2d`` with kernel == stride, are
-kernel == stride poolings. A reduction over every spatial axis (a global context, squeeze-excite,
-GRN's norm) is one value per sample over its visible tokens, broadcast back to the sample's tokens
+kernel == stride poolings. A reduction over every spatial digit (a global context, squeeze-excite,
+GRN's norm; with channel digits too, a group norm's statistics) is one value per sample over its visible tokens, broadcast back to the sample's tokens
 by the token-wise pass. Max pooling takes the maximum over the visible positions of its window (as
 over its own ``-inf`` padding). Ops rewritten: ``adaptive_avg_pool2d``, ``avg_pool2d``,
 ``max_pool2d``, and ``mean``, ``sum``, ``linalg_vector_norm``, ``amax``, ``amin`` over the grid.
@@ -67,10 +67,16 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         cell = _cell_reduction(node, lay, reduced)
         if cell is not None:
             return cell
-        if any((a.kind in "hw") != (i in reduced) for i, ax in enumerate(lay.axes) for a in ax) or any(not lay.axes[i] for i in reduced):
+        if any(a.kind in "hw" for i, ax in enumerate(lay.axes) if i not in reduced for a in ax) or any(not lay.axes[i] for i in reduced):
             raise LayoutError(f"reduction over axes {sorted(reduced)} of layout {lay.shape} is not over exactly the whole grid")
+        chans = [a for i in reduced for a in lay.axes[i] if a.kind == "c"]
+        if chans and not is_op(node, aten.mean, aten.sum, aten.amax, aten.amin):
+            raise LayoutError(f"{node.target} over the grid and channel digits together")
+        if any(a.kind not in "hwc" for i in reduced for a in lay.axes[i]):
+            raise LayoutError(f"reduction over axes {sorted(reduced)} of layout {lay.shape} mixes samples into the grid")
         keep = bool(args_of(node)["keepdim"])
-        node.meta["spatial_reduction"] = True
+        signature = lay.channel_atoms()
+        node.meta["spatial_reduction"] = ([a.size for a in signature], [signature.index(a) for a in chans])
         return Layout(tuple(() if i in reduced else ax for i, ax in enumerate(lay.axes) if keep or i not in reduced), lay.grid, lay.stride)
     if is_op(node, aten.max_pool2d, aten.avg_pool2d):
         return _window_pool_layout(node, lay)
@@ -155,7 +161,8 @@ class PoolingPass(GreenPass):
                 self.report["spatial mean -> per-sample mean"] += 1
             elif node.meta.get("spatial_reduction"):
                 kwargs = {k: v for k, v in args_of(node).items() if k not in ("self", "input", "dim", "keepdim")}
-                replace_with_call(gm, node, ops.sample_reduce, (node.target, src, sites_node(gm, layout_of(src)), kwargs))
+                sizes, digits = node.meta["spatial_reduction"]
+                replace_with_call(gm, node, ops.sample_reduce, (node.target, src, sites_node(gm, layout_of(src)), kwargs, sizes, digits))
                 self.report[f"spatial {str(node.target).split('.')[1]} -> per-sample over visible positions"] += 1
             elif node.meta.get("cell_reduction"):
                 f = node.meta["cell_reduction"]

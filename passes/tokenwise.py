@@ -127,6 +127,8 @@ def channel_reduction_layout(node: fx.Node, lay: Layout) -> Optional[Layout]:
 
 def _softmax_channel_layout(node: fx.Node, lay: Layout) -> Layout:
     dim = args_of(node)["dim"] % len(lay.axes)
+    if not lay.axes[dim]:
+        return lay  # over a size-one axis: per token
     if len(lay.axes[dim]) != 1 or lay.axes[dim][0].kind != "c":
         raise LayoutError("softmax over an axis that is not one channel digit")
     return lay

@@ -1,0 +1,339 @@
+"""Same math, many spellings: every canonical-form rule exercised by several spellings inside one small model.
+
+A probe is a 4x4/4 patch embedding followed by one spelled operation and a residual. Each rule has one
+masked-dense reference written here in plain PyTorch (keys at masked positions removed, grid statistics
+over visible positions), shared by all its spellings and sharing no code with the compiler. Every
+spelling is checked in float64: masked against that reference (outputs and parameter gradients) and
+all-visible against the source model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Tuple
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import greenmim_convert as gmc
+from greenmim_convert.masking import random_mask
+
+from conftest import rel_err
+
+IMG, UNIT, C = 64, 8, 8  # a 16x16 grid at stride 4; mask units of 2x2 cells, so 4x4 windows straddle units
+WINDOW, HEADS = 4, 2
+NEG = -1e30
+
+
+def _vis(visible: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, size, size) float visibility of a grid."""
+    f = size // visible.shape[-1]
+    return visible.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None].double()
+
+
+# ---- spelled operations: (B, C, H, W) -> (B, C, H, W), and the masked references ---------------------------
+class GridMean(nn.Module):
+    """A per-sample global context: ``fc(mean over the grid)`` added to every position."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell, self.fc = spell, nn.Linear(C, C)
+
+    def forward(self, x):
+        b = x.shape[0]
+        if self.spell == "mean23":
+            m = x.mean((2, 3))
+        elif self.spell == "mean2-mean3":
+            m = x.mean(2).mean(2)
+        elif self.spell == "mean3k-mean2k":
+            m = x.mean(3, keepdim=True).mean(2, keepdim=True).view(b, C)
+        elif self.spell == "adaptive-pool":
+            m = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        else:  # flatten, then mean over the tokens
+            m = x.flatten(2).mean(-1)
+        return self.fc(m)[:, :, None, None].expand_as(x)
+
+    def reference(self, x, vis):
+        m = (x * vis).sum((2, 3)) / vis.sum((2, 3))
+        return self.fc(m)[:, :, None, None].expand_as(x)
+
+
+class GridMax(nn.Module):
+    """The per-sample maximum over the grid, scaled and added to every position."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell, self.scale = spell, nn.Parameter(torch.randn(C))
+
+    def forward(self, x):
+        if self.spell == "amax":
+            m = x.amax((2, 3))
+        elif self.spell == "max-values":
+            m = x.flatten(2).max(-1).values
+        else:  # max of max, by dim
+            m = x.max(3).values.max(2).values
+        return (m * self.scale)[:, :, None, None] + 0 * x
+
+    def reference(self, x, vis):
+        m = torch.where(vis > 0, x, torch.tensor(-math.inf, dtype=x.dtype)).amax((2, 3))
+        return (m * self.scale)[:, :, None, None] + 0 * x
+
+
+class GroupStats(nn.Module):
+    """Normalisation by statistics over each group's channels and the grid (PoolFormer's GroupNorm(1, C))."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell = spell
+        self.groups = 2 if spell == "groupnorm2" else 1
+        self.norm = nn.GroupNorm(self.groups, C)
+        with torch.no_grad():
+            self.norm.weight.normal_(1, 0.2)
+            self.norm.bias.normal_(0, 0.2)
+
+    def forward(self, x):
+        if self.spell.startswith("groupnorm"):
+            return self.norm(x)
+        dims = (1, 2, 3)
+        if self.spell == "var":
+            mu, var = x.mean(dims, keepdim=True), x.var(dims, keepdim=True, unbiased=False)
+        else:  # mean of squares of the deviation
+            mu = x.mean(dims, keepdim=True)
+            var = ((x - mu) ** 2).mean(dims, keepdim=True)
+        y = (x - mu) / torch.sqrt(var + self.norm.eps)
+        return y * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]
+
+    def reference(self, x, vis):
+        b, g = x.shape[0], self.groups
+        xs, vs = x.view(b, g, C // g, *x.shape[2:]), vis[:, None].expand(b, g, C // g, *x.shape[2:])
+        n = vs.sum((2, 3, 4), keepdim=True)
+        mu = (xs * vs).sum((2, 3, 4), keepdim=True) / n
+        var = (((xs - mu) * vs) ** 2).sum((2, 3, 4), keepdim=True) / n
+        y = ((xs - mu) / torch.sqrt(var + self.norm.eps)).view_as(x)
+        return y * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]
+
+
+class WindowAttention(nn.Module):
+    """Attention inside 4x4 windows of the grid, with a constant term and qkv, softmax and layout spelled
+    ``spell`` (one of ``SPELLS['attention']``)."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell = spell
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj_weight = nn.Parameter(torch.randn(C, C) / math.sqrt(C))  # used as x @ W in one spelling
+        self.proj = nn.Linear(C, C)
+        n = WINDOW * WINDOW
+        self.register_buffer("term", torch.randn(16, n, n) * 0.5)  # one (N, N) term per window, equal across samples
+
+    def partition(self, x):
+        b, c, h, w = x.shape
+        t = x.permute(0, 2, 3, 1)
+        if self.spell == "movedim":
+            t = torch.movedim(x, 1, -1)
+        t = t.reshape(b, h // WINDOW, WINDOW, w // WINDOW, WINDOW, c)
+        if self.spell == "swapaxes":
+            t = t.swapaxes(2, 3)
+        else:
+            t = t.transpose(2, 3)
+        return t.reshape(b * (h // WINDOW) * (w // WINDOW), WINDOW * WINDOW, c)
+
+    def unpartition(self, y, like):
+        b, c, h, w = like.shape
+        y = y.view(b, h // WINDOW, w // WINDOW, WINDOW, WINDOW, c).transpose(2, 3).reshape(b, h, w, c)
+        if self.spell == "reshape_as":
+            return y.permute(0, 3, 1, 2).reshape_as(like)
+        return y.permute(0, 3, 1, 2)
+
+    def split(self, qkv):
+        if self.spell == "chunk":
+            return qkv.chunk(3, -1)
+        if self.spell == "split":
+            return qkv.split(C, -1)
+        if self.spell == "unbind":
+            return qkv.unflatten(-1, (3, C)).unbind(-2)
+        if self.spell == "narrow":
+            return tuple(qkv.narrow(-1, i * C, C) for i in range(3))
+        return qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+
+    def heads(self, t):
+        return t.view(t.shape[0], t.shape[1], HEADS, C // HEADS).transpose(1, 2)
+
+    def term_for(self, b):
+        t = self.term  # (windows, N, N)
+        if self.spell == "term-expand":
+            return t.unsqueeze(0).expand(b, -1, -1, -1).reshape(-1, 1, *t.shape[1:])
+        if self.spell == "term-repeat":
+            return t.repeat(b, 1, 1).unsqueeze(1)
+        if self.spell == "term-cat":
+            return torch.cat([t] * b, 0).unsqueeze(1)
+        return None
+
+    def softmax(self, a):
+        if self.spell == "exp-amax":
+            e = torch.exp(a - a.amax(-1, keepdim=True))
+            return e / e.sum(-1, keepdim=True)
+        if self.spell == "exp":
+            e = a.exp()
+            return e / e.sum(dim=-1, keepdim=True)
+        if self.spell == "max-values-exp":
+            e = torch.exp(a - a.max(-1, keepdim=True).values)
+            return e / e.sum(-1, keepdim=True)
+        return F.softmax(a, dim=-1)
+
+    def attend(self, x, key_bias=None):
+        b = x.shape[0]
+        t = self.partition(x)
+        q, k, v = (self.heads(p) for p in self.split(self.qkv(t)))
+        a = (q @ k.transpose(-2, -1)) * (C // HEADS) ** -0.5
+        term = self.term_for(b)
+        if term is not None:
+            a = a + term
+        else:  # broadcast against (B, windows, heads, N, N)
+            a = (a.view(b, -1, HEADS, *a.shape[-2:]) + self.term.unsqueeze(1)).view(a.shape)
+        if key_bias is not None:
+            a = a + key_bias
+        y = (self.softmax(a) @ v).transpose(1, 2).reshape(t.shape)
+        y = y @ self.proj_weight if self.spell == "matmul-weight" else self.proj(y)
+        return self.unpartition(y, x)
+
+    def forward(self, x):
+        return self.attend(x)
+
+    def reference(self, x, vis):
+        keys = self.partition(vis.expand(-1, 1, -1, -1))[:, None, None, :, 0]  # (B*windows, 1, 1, N)
+        return self.attend(x, torch.where(keys > 0, 0.0, NEG).to(x.dtype))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth of a token-wise branch, its keep mask drawn per sample and spelled three ways."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell, self.fc, self.keep = spell, nn.Conv2d(C, C, 1), 0.6
+
+    def forward(self, x):
+        y = self.fc(x)
+        if not self.training:
+            return y
+        shape = (x.shape[0], 1, 1, 1)
+        if self.spell == "bernoulli":
+            mask = x.new_empty(shape).bernoulli_(self.keep)
+        elif self.spell == "floor":
+            mask = torch.floor(self.keep + torch.rand(shape, dtype=x.dtype, device=x.device))
+        else:  # a comparison
+            mask = (torch.rand(shape, dtype=x.dtype, device=x.device) < self.keep).to(x.dtype)
+        return y.div(self.keep) * mask
+
+    def reference(self, x, vis):
+        return self.forward(x)
+
+
+class CellMax(nn.Module):
+    """A 2x2 max pooling of the grid written on views (Hiera's unrolled pooling); the residual is pooled too."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell, self.fc = spell, nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = self.fc(x).view(b, c, h // 2, 2, w // 2, 2)
+        if self.spell == "amax":
+            return t.amax((3, 5))
+        if self.spell == "max-values":
+            return t.max(5).values.max(3).values
+        return t.permute(0, 1, 2, 4, 3, 5).reshape(b, c, h // 2, w // 2, 4).max(-1)[0]
+
+    def reference(self, x, vis):
+        return self.forward(x)  # a cell lies inside one mask unit: all of it visible or none
+
+
+SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
+    "grid-mean": (GridMean, ("mean23", "mean2-mean3", "mean3k-mean2k", "adaptive-pool", "flatten-mean")),
+    "grid-max": (GridMax, ("amax", "max-values", "max-of-max")),
+    "group-stats": (GroupStats, ("groupnorm1", "groupnorm2", "var", "mean-of-squares")),
+    "attention": (WindowAttention, ("plain", "chunk", "split", "unbind", "narrow", "exp-amax", "exp", "max-values-exp",
+                                    "term-expand", "term-repeat", "term-cat", "matmul-weight", "movedim", "swapaxes",
+                                    "reshape_as")),
+    "drop-path": (DropPath, ("bernoulli", "floor", "compare")),
+    "cell-max": (CellMax, ("amax", "max-values", "getitem-max")),
+}
+CASES = [(rule, spell) for rule, (_, spells) in SPELLS.items() for spell in spells]
+
+
+class Probe(nn.Module):
+    """Patch embedding, then the spelled operation with a residual (pooled ops replace the map)."""
+
+    def __init__(self, op: nn.Module):
+        super().__init__()
+        self.embed = nn.Conv2d(3, C, 4, 4)
+        self.op = op
+
+    def forward(self, x):
+        y = self.embed(x)
+        z = self.op(y)
+        return z if z.shape != y.shape else y + z
+
+    def reference(self, x, visible):
+        """The masked-dense output ``(B, C, h, w)``: the embedding sees one patch, so only the op changes."""
+        y = self.embed(x)
+        vis = _vis(visible, y.shape[-1])
+        z = self.op.reference(y * vis, vis)
+        return z if z.shape != y.shape else y + z
+
+
+def _probe(rule: str, spell: str, seed: int) -> Probe:
+    torch.manual_seed(seed)
+    cls, _ = SPELLS[rule]
+    return Probe(cls(spell)).double().eval()
+
+
+@pytest.mark.parametrize("rule,spell", CASES, ids=[f"{r}-{s}" for r, s in CASES])
+def test_spelling_matches_reference(rule: str, spell: str, seed: int):
+    model = _probe(rule, spell, seed)
+    train = rule == "drop-path"
+    green = gmc.convert(model, img_size=IMG, mask_unit=UNIT)
+    model.train(train)
+    green.train(train)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(3, 3, IMG, IMG, generator=gen, dtype=torch.float64)
+    visible = random_mask(3, (IMG // UNIT, IMG // UNIT), 0.5, generator=gen)
+    visible[0] = True  # one sample all visible: its output is the source model's
+    visible[1, 0, 0], visible[1, 1, 1] = True, False
+
+    torch.manual_seed(seed)
+    out = green(images, visible).last
+    dense = out.to_dense()
+    torch.manual_seed(seed)
+    ref = model.reference(images, visible)
+    torch.manual_seed(seed)
+    src = model(images)
+    vis = _vis(visible, dense.shape[-1]).expand_as(dense) > 0
+    assert rel_err(dense[vis], ref[vis]) <= 1e-10
+    assert rel_err(dense[0], src[0]) <= 1e-10
+
+    weights = torch.randn(int(vis.sum()), generator=gen, dtype=torch.float64)
+    params = list(model.parameters())
+    got = torch.autograd.grad((dense[vis] * weights).sum(), params, allow_unused=True)
+    torch.manual_seed(seed)
+    want = torch.autograd.grad((model.reference(images, visible)[vis] * weights).sum(), params, allow_unused=True)
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        if w is None or not w.abs().max() > 0:
+            continue
+        assert g is not None, name
+        assert rel_err(g, w) <= 1e-10, name
+
+
+@pytest.mark.parametrize("rule", ["grid-mean", "grid-max", "group-stats", "attention"])
+def test_reference_sees_the_mask(rule: str):
+    """The references that mix positions are not the dense model: with units masked, visible outputs change.
+    (Drop path and in-unit pooling change no visible output under masking, by definition.)"""
+    model = _probe(rule, SPELLS[rule][1][0], 0)
+    images = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+    n = IMG // UNIT
+    visible = ((torch.arange(n)[:, None] + torch.arange(n)) % 2 == 0).expand(2, n, n)  # a checkerboard of units
+    ref, src = model.reference(images, visible), model(images)
+    vis = _vis(visible, ref.shape[-1]).expand_as(ref) > 0
+    assert rel_err(ref[vis], src[vis]) > 1e-6
