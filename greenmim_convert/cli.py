@@ -22,18 +22,23 @@ from .models import suggest  # noqa: F401  (part of the CLI's interface)
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Compile hierarchical ViTs (timm names, or torchvision:NAME) into models that compute only on the visible "
-    "patches of masked images.",
+    help="Compile hierarchical ViTs (timm names, torchvision:NAME, or hf:TYPE for a transformers model type) into models "
+    "that compute only on the visible patches of masked images.",
 )
 console = Console()
 err_console = Console(stderr=True)
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-MODEL_HELP = "timm model name, or torchvision:NAME for a torchvision classifier"
+MODEL_HELP = ("timm model name, a pretrained tag allowed (swin_tiny_patch4_window7_224.ms_in1k: its config, not its "
+              "weights), torchvision:NAME for a torchvision classifier, or hf:TYPE for a transformers model type "
+              "(hf:swin, hf:convnextv2; hf:TYPE/backbone for its AutoBackbone), built from its default config; random "
+              "weights, nothing is downloaded")
 IMG_SIZE_HELP = ("image size (default: the model's; for torchvision models, which do not state theirs, the crop size of "
-                 "torchvision's default weights: 224, 256 for Swin V2)")
-MODEL_ARG_HELP = ("extra model argument key=value (repeatable), for timm.create_model or torchvision's builder; "
-                  "architecture keys a torchvision builder fixes (depths, embed_dim, ...) go to its model class")
+                 "torchvision's default weights: 224, 256 for Swin V2; for hf:TYPE the config's image_size, which this "
+                 "sets where the config has one, else 224)")
+MODEL_ARG_HELP = ("extra model argument key=value (repeatable; values as JSON or Python literals, [a,b] a list), for "
+                  "timm.create_model, torchvision's builder or the transformers config of hf:TYPE (keys it lacks are "
+                  "refused); architecture keys a torchvision builder fixes (depths, embed_dim, ...) go to its model class")
 GROUPING_HELP = "window packing: dp (ours) | max (GreenMIM) | window (one window per group)"
 
 
@@ -51,8 +56,8 @@ def parse_model_args(pairs: List[str]) -> Dict[str, Any]:
 
 
 def create(name: str, model_args: List[str], img_size: Optional[int]) -> models.BuiltModel:
-    """Build a timm or ``torchvision:`` model with random weights (nothing is downloaded); exit 2 with close
-    matches for an unknown name."""
+    """Build a timm, ``torchvision:`` or ``hf:`` model with random weights (nothing is downloaded); exit 2 with
+    close matches for an unknown name."""
     kwargs = parse_model_args(model_args)
     try:
         return models.build(name, kwargs, img_size)
@@ -61,15 +66,20 @@ def create(name: str, model_args: List[str], img_size: Optional[int]) -> models.
 
 
 def _convert(built: models.BuiltModel, mask_unit: Optional[int], grouping: str) -> GreenModel:
-    """Convert at the built model's image size; a torchvision model keeps its command-line name in the config."""
+    """Convert at the built model's image size; the config keeps the command-line name (a timm tag, the
+    ``torchvision:`` or ``hf:`` prefix), which ``load`` rebuilds the model from."""
     try:
         green = convert(built.model, img_size=built.img_size, mask_unit=mask_unit, grouping=grouping)
     except GreenMIMError as exc:
         _fail(f"{type(exc).__name__}: {exc}")
-    if models.is_torchvision(built.name):
-        green.config.model_name = green.report.model = built.name
+    green.config.model_name = green.report.model = built.name
     green.config.model_kwargs = dict(built.kwargs)
     return green
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as ``Type: message`` on one line, for errors of code this CLI calls into."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
 
 
 def report_table(green: GreenModel) -> Table:
@@ -92,10 +102,12 @@ def convert_cmd(
     grouping: str = typer.Option("dp", help=GROUPING_HELP),
     model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP),
 ) -> None:
-    """Convert a timm or torchvision model and print the pass report.
+    """Convert a timm, torchvision or transformers model and print the pass report.
 
     Example: greenmim-convert convert swin_tiny_patch4_window7_224 -o green_swin_t.safetensors
+    Example: greenmim-convert convert swin_tiny_patch4_window7_224.ms_in1k
     Example: greenmim-convert convert torchvision:swin_t --img-size 224
+    Example: greenmim-convert convert hf:resnet --model-arg depths=[2,2,2,2]
     """
     built = create(model, model_arg, img_size)
     green = _convert(built, mask_unit, grouping)
@@ -128,6 +140,7 @@ def verify_cmd(
 
     Exits 1 when any stage differs by more than the tolerance.
     Example: greenmim-convert verify swin_tiny_patch4_window7_224 --mask-ratio 0.75
+    Example: greenmim-convert verify hf:resnet --img-size 128
     """
     from .verify import verify
 
@@ -146,7 +159,10 @@ def verify_cmd(
         _fail(str(exc))
     images = torch.randn(batch_size, 3, *green.img_size, generator=gen, dtype=DTYPES[dtype])
     with console.status(f"running {model} converted and dense (masked reference) ..."):
-        rep = verify(net, green, images, visible)
+        try:
+            rep = verify(net, green, images, visible)
+        except Exception as exc:  # the converted model or the dense oracle cannot run this model
+            _fail(f"verify of {model} failed: {_one_line(exc)}")
     table = Table(title=f"{model}: converted vs dense masked reference, mask ratio {mask_ratio}, batch {batch_size}, {dtype}", title_justify="left")
     for col in ("output", "grid", "visible tokens", "max abs err", "max rel err", "ok"):
         table.add_column(col, justify="right" if col != "output" else "left")
@@ -236,9 +252,14 @@ def bench_cmd(
     with Progress(console=console, transient=True) as bar:
         total = 2 + 2 * (steps + 1) + (2 * (steps + 2) if compile_ else 0) + 2 * profile
         task = bar.add_task("benchmarking", total=total)
-        res = run_bench(net, green, batch_size, mask_ratio, steps, seed=seed,
-                        progress=lambda msg: bar.update(task, advance=1, description=msg), compile=compile_,
-                        profile=PROFILE_TOP * profile)
+        try:
+            res = run_bench(net, green, batch_size, mask_ratio, steps, seed=seed,
+                            progress=lambda msg: bar.update(task, advance=1, description=msg), compile=compile_,
+                            profile=PROFILE_TOP * profile)
+        except GreenMIMError as exc:
+            _fail(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # the dense or converted model fails in a step
+            _fail(f"bench of {model} failed: {_one_line(exc)}")
     table = Table(title="per training step (forward + backward)", title_justify="left")
     for col in ("", "dense", "converted", "dense / converted"):
         table.add_column(col, justify="right")
@@ -288,18 +309,25 @@ def _print_compiled(c, dense_eager: float, green_eager: float) -> None:
 @app.command("list")
 def list_cmd(
     family: List[str] = typer.Option(
-        [], "--family", help="restrict to these families (repeatable): timm families, or torchvision for its Swin, "
-        "Swin V2 and MaxViT; default: all"),
+        [], "--family", help="restrict to these families (repeatable): timm families, torchvision for its Swin, "
+        "Swin V2 and MaxViT, hf for transformers' vision backbones (hf:TYPE); default: all (hf where transformers "
+        "is installed)"),
+    model: List[str] = typer.Option(
+        [], "--model", "--models", help="list these models (repeatable; any name convert takes), after the families "
+        "given by --family (none unless given)"),
+    model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP + "; given to every listed model"),
     verify_models: bool = typer.Option(False, "--verify", help="also verify each converted model on a masked image"),
     verify_smallest: bool = typer.Option(False, "--verify-smallest", help="verify the smallest converting model of "
                                          "each family (by parameters)"),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="write the table as markdown to this file"),
 ) -> None:
-    """Coverage matrix: every model of the hierarchical families (timm's, and torchvision's under the family
-    torchvision), whether it converts, and why not.
+    """Coverage matrix: every model of the hierarchical families (timm's, torchvision's under the family
+    torchvision, transformers' vision backbones under the family hf), whether it converts, and why not.
 
     Example: greenmim-convert list --family swin --family pvt_v2 --verify
     Example: greenmim-convert list --family torchvision
+    Example: greenmim-convert list --family hf
+    Example: greenmim-convert list --model hf:swin --model swin_tiny_patch4_window7_224.ms_in1k
     """
     from rich.progress import Progress
 
@@ -308,11 +336,25 @@ def list_cmd(
     unknown = [f for f in family if f not in FAMILIES]
     if unknown:
         _fail(f"unknown families {unknown}; choose from {list(FAMILIES)}")
-    names = family_models(family or FAMILIES)
+    kwargs = parse_model_args(model_arg)
+    if family:
+        wanted = family
+    elif model:
+        wanted = []
+    else:
+        wanted = [f for f in FAMILIES if f != models.HF or models.has_transformers()]
+    names = list(dict.fromkeys(family_models(wanted) + list(model)))
+    try:
+        if any(models.is_hf(n) for n in names):
+            models.require_transformers()
+        for name in model:
+            models.check_name(name)
+    except GreenMIMError as exc:
+        _fail(str(exc))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("converting", total=len(names))
         mode = "all" if verify_models else "smallest" if verify_smallest else "none"
-        rows = coverage(names, mode, progress=lambda n: bar.update(task, advance=1, description=n))
+        rows = coverage(names, mode, progress=lambda n: bar.update(task, advance=1, description=n), model_kwargs=kwargs)
     table = Table(title=f"{len(rows)} models", title_justify="left")
     for col in ("model", "family", "status", "verified", "detail"):
         table.add_column(col)

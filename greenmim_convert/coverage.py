@@ -1,10 +1,11 @@
-"""Coverage matrix: which models of the hierarchical families (timm's and torchvision's) convert, verify, and why not."""
+"""Coverage matrix: which models of the hierarchical families (timm's, torchvision's and transformers' vision
+backbones) convert, verify, and why not."""
 from __future__ import annotations
 
 import ctypes
 import gc
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import timm
 import torch
@@ -18,7 +19,7 @@ from .verify import verify
 TIMM_FAMILIES = ("swin", "swinv2", "swinv2_cr", "twins_pcpvt", "twins_svt", "pvt_v2", "davit", "gcvit", "maxvit",
                  "focalnet", "hiera", "mvitv2", "nest", "convnext", "convnextv2")
 VERIFY_CHOICES = ("none", "smallest", "all")
-FAMILIES = TIMM_FAMILIES + (models.TORCHVISION,)
+FAMILIES = TIMM_FAMILIES + models.NAMESPACES  # a namespace's family is the models of its prefix
 
 
 @dataclass
@@ -35,9 +36,11 @@ class CoverageRow:
 
 
 def family_of(name: str) -> Optional[str]:
-    """``torchvision`` for a ``torchvision:`` name, else the longest family prefix of a timm model name."""
-    if models.is_torchvision(name):
-        return models.TORCHVISION
+    """The namespace of a ``torchvision:`` or ``hf:`` name, else the longest family prefix of a timm model name
+    (tagged or not)."""
+    namespace = models.namespace_of(name)
+    if namespace is not None:
+        return namespace
     best = None
     for fam in TIMM_FAMILIES:
         if name.startswith(fam + "_") and (best is None or len(fam) > len(best)):
@@ -46,10 +49,11 @@ def family_of(name: str) -> Optional[str]:
 
 
 def family_models(families: Iterable[str] = FAMILIES) -> List[str]:
-    """Every timm model name of the given families, then torchvision's hierarchical models when asked for."""
+    """Every timm model name of the given families, then the models of each namespace asked for (torchvision's
+    hierarchical models, transformers' vision backbones)."""
     wanted = set(families)
     names = [n for n in timm.list_models() if family_of(n) in wanted]
-    return names + (models.torchvision_hierarchical() if models.TORCHVISION in wanted else [])
+    return names + [n for ns in models.NAMESPACES if ns in wanted for n in models.namespace_models(ns)]
 
 
 def _short(exc: Exception) -> str:
@@ -59,21 +63,24 @@ def _short(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
-def check_model(name: str, verify_it: bool = False, seed: int = 0) -> CoverageRow:
-    """Build ``name`` (timm or torchvision) with random weights, convert it, optionally verify it on one masked image."""
+def check_model(name: str, verify_it: bool = False, seed: int = 0,
+                model_kwargs: Optional[Dict[str, Any]] = None) -> CoverageRow:
+    """Build ``name`` (timm, torchvision or transformers; ``model_kwargs`` to its builder) with random weights,
+    convert it, optionally verify it on one masked image."""
     fam = family_of(name) or ""
     try:
         torch.manual_seed(seed)
-        built = models.build(name)
+        built = models.build(name, model_kwargs)
         model = built.model.eval()
-    except Exception as exc:  # a model timm or torchvision itself cannot build here
-        builder = "torchvision.models.get_model" if models.is_torchvision(name) else "timm.create_model"
-        return CoverageRow(name, fam, "error", f"{builder} failed: {_short(exc)}")
+    except Exception as exc:  # a model its library cannot build here, or with these arguments
+        return CoverageRow(name, fam, "error", f"{models.builder_of(name)} failed: {_short(exc)}")
     params = sum(p.numel() for p in model.parameters())
     try:
         green = convert(model, img_size=built.img_size)
     except GreenMIMError as exc:
         return CoverageRow(name, fam, "unsupported", _short(exc), params)
+    except Exception as exc:  # a compiler failure that is not a diagnosed error: one row, not the whole list
+        return CoverageRow(name, fam, "error", f"convert raised {_short(exc)}", params)
     row = CoverageRow(name, fam, "converts", f"mask unit {green.mask_unit}px", params)
     if verify_it:
         gen = torch.Generator().manual_seed(seed)
@@ -100,13 +107,15 @@ def _release_memory() -> None:
         pass
 
 
-def coverage(names: List[str], verify: str = "none", progress: Optional[Callable[[str], None]] = None) -> List[CoverageRow]:
-    """Convert every model; verify all of them, none, or the smallest converting model (by parameters) of each family."""
+def coverage(names: List[str], verify: str = "none", progress: Optional[Callable[[str], None]] = None,
+             model_kwargs: Optional[Dict[str, Any]] = None) -> List[CoverageRow]:
+    """Convert every model (``model_kwargs`` go to each one's builder); verify all of them, none, or the smallest
+    converting model (by parameters) of each family."""
     if verify not in VERIFY_CHOICES:
         raise ValueError(f"verify must be one of {VERIFY_CHOICES}, not {verify!r}")
     rows = []
     for name in names:
-        rows.append(check_model(name, verify == "all"))
+        rows.append(check_model(name, verify == "all", model_kwargs=model_kwargs))
         _release_memory()
         if progress:
             progress(name)
@@ -116,7 +125,8 @@ def coverage(names: List[str], verify: str = "none", progress: Optional[Callable
             if r.status == "converts" and (r.family not in smallest or r.params < rows[smallest[r.family]].params):
                 smallest[r.family] = i
         for i in smallest.values():
-            rows[i] = check_model(rows[i].model, True)
+            rows[i] = check_model(rows[i].model, True, model_kwargs=model_kwargs)
+            _release_memory()
             if progress:
                 progress(f"verified {rows[i].model}")
     return rows

@@ -1,16 +1,23 @@
-"""Model names of the command line: a timm name, or ``torchvision:NAME`` for a torchvision classifier.
+"""Model names of the command line: a timm name (a pretrained tag allowed: ``swin_tiny_patch4_window7_224.ms_in1k``),
+``torchvision:NAME`` for a torchvision classifier, or ``hf:TYPE`` / ``hf:TYPE/backbone`` for a transformers model type.
 
-Both are built with random weights (nothing is downloaded). torchvision models do not state their
-input size, so they get ``TORCHVISION_IMG_SIZE`` unless an image size is given.
+All are built with random weights (nothing is downloaded). torchvision models do not state their
+input size, so they get ``TORCHVISION_IMG_SIZE`` unless an image size is given. transformers is an
+optional dependency, imported only for ``hf:`` names.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib.machinery
+import importlib.util
 import inspect
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import timm
 import torch.nn as nn
@@ -21,10 +28,20 @@ TORCHVISION = "torchvision"
 PREFIX = TORCHVISION + ":"
 TORCHVISION_IMG_SIZE = 224
 TORCHVISION_HIERARCHICAL = ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b", "maxvit_t")
+HF = "hf"
+HF_PREFIX = HF + ":"
+HF_BACKBONE = "/backbone"  # hf:TYPE/backbone builds AutoBackbone instead of AutoModel
+HF_IMG_SIZE = 224  # for configs without an image_size
+HF_VISION_BACKBONES = ("swin", "swinv2", "donut-swin", "maskformer-swin", "focalnet", "convnext", "convnextv2", "pvt",
+                       "pvt_v2", "segformer", "hiera", "cvt", "poolformer", "resnet", "mobilevit", "levit",
+                       "swiftformer", "vitdet", "sam2_hiera_det_model")
+NAMESPACES = (TORCHVISION, HF)  # name prefixes NAMESPACE:..., each also a family of ``list``
+TIMM_SOURCES = ("hf-hub", "hf_hub", "local-dir")  # timm prefixes that read a checkpoint's config
+ImgSize = Union[int, Tuple[int, int]]
 
 
 class UnknownModelError(InvalidInputError):
-    """A model name that neither timm nor torchvision knows; ``suggestions`` are close matches."""
+    """A model name that neither timm, torchvision nor transformers knows; ``suggestions`` are close matches."""
 
     def __init__(self, message: str, suggestions: List[str]):
         self.suggestions = suggestions
@@ -38,11 +55,34 @@ class BuiltModel:
     name: str
     model: nn.Module
     kwargs: Dict[str, Any] = field(default_factory=dict)
-    img_size: Optional[int] = None
+    img_size: Optional[ImgSize] = None
 
 
 def is_torchvision(name: str) -> bool:
     return name.startswith(PREFIX)
+
+
+def is_hf(name: str) -> bool:
+    return name.startswith(HF_PREFIX)
+
+
+def namespace_of(name: str) -> Optional[str]:
+    """``torchvision`` or ``hf`` for a name with that prefix, None for a timm name."""
+    return next((ns for ns in NAMESPACES if name.startswith(ns + ":")), None)
+
+
+def namespace_models(namespace: str) -> List[str]:
+    """The models ``list --family NAMESPACE`` covers, with their prefix."""
+    return torchvision_hierarchical() if namespace == TORCHVISION else hf_vision_backbones()
+
+
+def builder_of(name: str) -> str:
+    """The call that builds ``name``, for error messages."""
+    if is_torchvision(name):
+        return "torchvision.models.get_model"
+    if is_hf(name):
+        return f"transformers.{'AutoBackbone' if split_hf(name)[1] else 'AutoModel'}.from_config"
+    return "timm.create_model"
 
 
 def suggest(name: str, names: List[str], n: int = 5) -> List[str]:
@@ -66,19 +106,39 @@ def torchvision_hierarchical() -> List[str]:
 
 
 def check_name(name: str) -> None:
-    """Raise UnknownModelError, with close matches, when ``name`` names no timm or torchvision model."""
+    """Raise UnknownModelError, with close matches, when ``name`` names no timm, torchvision or transformers model
+    (or a timm model with a pretrained tag timm does not know); ``hf:`` names import transformers."""
     if is_torchvision(name):
         bare, names = name[len(PREFIX):], torchvision_names()
         if bare not in names:
             close = [PREFIX + c for c in suggest(bare, names)]
             raise UnknownModelError(f"unknown torchvision model {bare!r}.{_hint(close)}", close)
         return
-    names = timm.list_models()
-    if name not in names:
-        close = suggest(name, names)
+    if is_hf(name):
+        _check_hf(name)
+        return
+    _check_timm(name)
+
+
+def _check_timm(name: str) -> None:
+    """``name`` as ``timm.create_model`` resolves it: an architecture (current or deprecated) and an optional tag."""
+    source = name.split(":", 1)[0].lower()
+    if ":" in name and source in TIMM_SOURCES:
+        raise InvalidInputError(f"{name!r} reads a checkpoint's config from the Hub or a folder; greenmim-convert builds "
+                                "random weights from a timm name (with an optional pretrained tag) and downloads nothing")
+    arch, dot, tag = name.partition(".")
+    if not timm.is_model(arch):
+        names = timm.list_models() + (timm.list_models(include_tags=True) if dot else [])
+        close = suggest(name, list(dict.fromkeys(names)))
         if name in torchvision_names():
             close = [PREFIX + name] + close[:4]
         raise UnknownModelError(f"unknown timm model {name!r}.{_hint(close)}", close)
+    if dot:
+        try:
+            timm.models.get_pretrained_cfg(name)
+        except RuntimeError:
+            close = suggest(name, timm.list_models(arch + ".*", include_tags=True))
+            raise UnknownModelError(f"unknown pretrained tag {tag!r} of timm model {arch!r}.{_hint(close)}", close) from None
 
 
 def _hint(close: List[str]) -> str:
@@ -86,13 +146,17 @@ def _hint(close: List[str]) -> str:
 
 
 def build(name: str, model_kwargs: Optional[Dict[str, Any]] = None, img_size: Optional[int] = None) -> BuiltModel:
-    """Build ``name`` with random weights; ``model_kwargs`` go to ``timm.create_model`` or torchvision's builder.
+    """Build ``name`` with random weights; ``model_kwargs`` go to ``timm.create_model``, torchvision's builder or
+    the transformers config.
 
     timm gets ``img_size`` as today. For torchvision the image size defaults to 224 and is passed as
-    ``input_size`` to models that take one (MaxViT).
+    ``input_size`` to models that take one (MaxViT). For ``hf:`` the size is the config's ``image_size``, which
+    ``img_size`` sets where the config has one; else ``img_size`` or 224.
     """
     check_name(name)
     kwargs = dict(model_kwargs or {})
+    if is_hf(name):
+        return _build_hf(name, kwargs, img_size)
     if not is_torchvision(name):
         if img_size is not None:
             kwargs.setdefault("img_size", img_size)
@@ -176,3 +240,157 @@ def _overriding(cls: Optional[type], overrides: Dict[str, Any]) -> Iterator[None
             del cls.__init__
         else:
             cls.__init__ = own
+
+
+def hf_vision_backbones() -> List[str]:
+    """The transformers vision backbones ``list --family hf`` covers, as ``hf:TYPE`` names."""
+    return [HF_PREFIX + t for t in HF_VISION_BACKBONES]
+
+
+def split_hf(name: str) -> Tuple[str, bool]:
+    """The model type of an ``hf:`` name, and whether it asks for the backbone (``/backbone``)."""
+    bare = name[len(HF_PREFIX):]
+    if bare.endswith(HF_BACKBONE):
+        return bare[: -len(HF_BACKBONE)], True
+    return bare, False
+
+
+def hf_model_types() -> List[str]:
+    """Every model type transformers has a config for (its CONFIG_MAPPING)."""
+    return sorted(require_transformers().CONFIG_MAPPING.keys())
+
+
+def has_transformers() -> bool:
+    """Whether transformers is installed (without importing it)."""
+    return importlib.util.find_spec("transformers") is not None
+
+
+def require_transformers() -> Any:
+    """The transformers module: an optional dependency, imported on the first ``hf:`` name; InvalidInputError
+    saying how to install it when it cannot be imported."""
+    _unshadow_kernels()
+    try:
+        import transformers
+    except ImportError as exc:
+        raise InvalidInputError(f"hf: model names need transformers, which cannot be imported ({exc}): "
+                                "pip install transformers") from None
+    return transformers
+
+
+def _unshadow_kernels() -> None:
+    """Import the installed ``kernels`` package (which transformers imports when present) under its name.
+
+    In a source checkout this package's kernels live in a top-level ``kernels/`` folder, which shadows that
+    package whenever the checkout's root is on sys.path (``python -m`` run there), and transformers then fails.
+    """
+    if "kernels" in sys.modules:
+        return
+    ours = Path(__file__).resolve().parent.parent / "kernels"
+    found = importlib.util.find_spec("kernels")
+    if found is None or found.origin is None or Path(found.origin).resolve().parent != ours:
+        return
+    path = [p for p in sys.path if Path(p or ".").resolve() != ours.parent]
+    real = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if real is None or real.loader is None:
+        return
+    module = importlib.util.module_from_spec(real)
+    sys.modules["kernels"] = module
+    try:
+        real.loader.exec_module(module)
+    except Exception:
+        del sys.modules["kernels"]
+        raise
+
+
+def _check_hf(name: str) -> None:
+    """An ``hf:TYPE`` or ``hf:TYPE/backbone`` name whose type transformers has a config for."""
+    mtype, _ = split_hf(name)
+    types = hf_model_types()
+    if mtype in types:
+        return
+    head, slash, tail = mtype.partition("/")
+    if slash and head in types:
+        raise InvalidInputError(f"unknown suffix /{tail} of {name!r}: {HF_PREFIX}{head}{HF_BACKBONE} builds the "
+                                f"backbone, {HF_PREFIX}{head} the model")
+    close = [HF_PREFIX + c for c in suggest(tail if slash else mtype, types)]
+    what = " (hf: names a model type, built from its default config; Hub repositories are not downloaded)" if slash else ""
+    raise UnknownModelError(f"unknown transformers model type {mtype!r}{what}.{_hint(close)}", close)
+
+
+def _as_lists(value: Any) -> Any:
+    """Tuples (as ``--model-arg`` parses lists) back to lists: transformers configs check for lists."""
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    return value
+
+
+def _config_keys(config: Any) -> List[str]:
+    """The keys a transformers config takes: its fields (``_out_features`` as ``out_features``) and attributes."""
+    fields = [f.name.lstrip("_") for f in dataclasses.fields(config)] if dataclasses.is_dataclass(config) else []
+    own = [k.lstrip("_") for k in vars(config)]
+    return sorted(set(fields + own + list(getattr(config, "attribute_map", {})) + ["attn_implementation"]))
+
+
+def _build_hf(name: str, kwargs: Dict[str, Any], img_size: Optional[int]) -> BuiltModel:
+    """``AutoModel`` (``AutoBackbone`` for ``/backbone``) ``.from_config(AutoConfig.for_model(TYPE, **kwargs))``.
+
+    Keys the config does not have are refused (transformers would keep them silently); ``img_size`` sets the
+    config's ``image_size`` when it has one, in the default's shape (an int or a pair).
+    """
+    tf = require_transformers()
+    mtype, backbone = split_hf(name)
+    kwargs = _as_lists(kwargs)
+    try:
+        default = tf.AutoConfig.for_model(mtype)
+    except Exception as exc:  # a config class that cannot be built from its defaults
+        raise InvalidInputError(f"transformers.AutoConfig.for_model({mtype!r}) failed: {_first_line(exc)}") from None
+    keys = _config_keys(default)
+    for key in kwargs:
+        if key not in keys and not hasattr(default, key):
+            close = difflib.get_close_matches(key, keys, 3, 0.6)
+            own = [k for k in getattr(type(default), "__annotations__", {}) if not k.startswith("_")]
+            hint = _hint(close) if close else f" Its own keys: {', '.join(own)}." if own else ""
+            raise InvalidInputError(f"{type(default).__name__} ({name}) has no config key {key!r}.{hint}")
+    if img_size is not None and getattr(default, "image_size", None) is not None:
+        kwargs.setdefault("image_size", img_size if isinstance(default.image_size, int) else [img_size, img_size])
+    auto = tf.AutoBackbone if backbone else tf.AutoModel
+    call = f"transformers.{auto.__name__}.from_config(AutoConfig.for_model({mtype!r}, **{kwargs}))"
+    try:
+        config = tf.AutoConfig.for_model(mtype, **kwargs)
+        model = auto.from_config(config)
+    except ValueError as exc:
+        if backbone and "AutoBackbone" in str(exc):
+            have = [HF_PREFIX + t + HF_BACKBONE for t in HF_VISION_BACKBONES if t in _hf_backbone_types()]
+            raise InvalidInputError(f"transformers has no backbone for {mtype!r}; vision types with one: "
+                                    f"{', '.join(have)}") from None
+        raise InvalidInputError(f"{call} failed: {_first_line(exc)}") from None
+    except Exception as exc:  # any failure of third-party model code on user-given config values
+        raise InvalidInputError(f"{call} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    return BuiltModel(name, model, kwargs, _hf_img_size(config, img_size))
+
+
+def _hf_backbone_types() -> List[str]:
+    """The model types transformers' AutoBackbone builds."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
+
+    return list(MODEL_FOR_BACKBONE_MAPPING_NAMES)
+
+
+def _hf_img_size(config: Any, img_size: Optional[int]) -> ImgSize:
+    """The config's ``image_size`` (an int, a pair, or height/width) as an int when square; else ``img_size`` or 224."""
+    size = getattr(config, "image_size", None)
+    if size is None:
+        return img_size or HF_IMG_SIZE
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        size = (size["height"], size["width"])
+    h, w = (int(v) for v in size[:2])
+    return h if h == w else (h, w)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line, cut at 300 characters."""
+    return " ".join(str(exc).split())[:300] or type(exc).__name__

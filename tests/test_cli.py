@@ -1,8 +1,8 @@
-"""The command line: convert, verify, exit codes, help, suggestions, timm and torchvision model names."""
+"""The command line: convert, verify, list, exit codes, help, suggestions, timm (tagged too), torchvision and hf: names."""
 from __future__ import annotations
 
-
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from greenmim_convert.cli import app, suggest
@@ -196,3 +196,216 @@ def test_list_verifies_smallest_of_each_family_and_fails_on_mismatch(monkeypatch
     monkeypatch.setattr(cov, "verify", wrong)
     res, text = run_list(monkeypatch, tmp_path, ["pvt_v2_b1", "pvt_v2_b0"], "--verify-smallest")
     assert res.exit_code == 1 and "| `pvt_v2_b0` | pvt_v2 | converts | ✗ |" in text
+
+
+# tagged timm names, hf:TYPE names (transformers model types with random weights), list --model
+
+HF_TINY = ["--model-arg", "embedding_size=8", "--model-arg", "hidden_sizes=[8,16]", "--model-arg", "depths=[1,1]",
+           "--img-size", "64"]
+
+
+def test_tagged_timm_name_converts_and_keeps_its_tag(tmp_path):
+    out = tmp_path / "tagged.safetensors"
+    name = SWIN + ".ms_in1k"
+    res = runner.invoke(app, ["convert", name, *TINY, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"passes run on {name}" in flat(res.output)
+    from greenmim_convert.io import load
+
+    assert load(str(out)).config.model_name == name
+
+
+def test_tagged_timm_names_resolve_as_timm_does():
+    from greenmim_convert import models
+
+    built = models.build("vit_small_patch16_224.dino")
+    assert built.model.pretrained_cfg["tag"] == "dino"
+    models.check_name("convnext_tiny_in22ft1k")  # deprecated names, which timm maps to a tagged one
+    with pytest.raises(models.InvalidInputError, match="downloads nothing"):
+        models.check_name("hf-hub:timm/swin_tiny_patch4_window7_224.ms_in1k")
+
+
+@pytest.mark.parametrize("name, expected", [
+    (SWIN + ".ms_in2k", SWIN + ".ms_in22k"),
+    (SWIN + ".", SWIN + ".ms_in1k"),
+    ("swin_tinny_patch4_window7_224.ms_in1k", SWIN + ".ms_in1k"),
+])
+def test_unknown_timm_tag_suggests(name, expected):
+    res = runner.invoke(app, ["convert", name])
+    assert res.exit_code == 2, res.output
+    text = flat(res.output)
+    assert "Did you mean" in text and expected in text and "Traceback" not in text
+
+
+def test_hf_model_converts_and_loads(tmp_path):
+    out = tmp_path / "hf.safetensors"
+    res = runner.invoke(app, ["convert", "hf:resnet", *HF_TINY, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    text = flat(res.output)
+    assert "passes run on hf:resnet" in text and "mask grid (8, 8) of 8px units" in text
+    from greenmim_convert.io import load
+
+    green = load(str(out))
+    assert green.config.model_name == "hf:resnet" and green.img_size == (64, 64)
+    assert green.config.model_kwargs == {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}
+    assert type(green.source_model).__name__ == "ResNetModel"
+
+
+def test_hf_verify_runs(monkeypatch):
+    """The CLI hands verify the built model and its conversion; whatever the oracle makes of an hf model, the
+    command ends with a verdict or a one-line error, never a traceback."""
+    import importlib
+
+    verify_mod = importlib.import_module("greenmim_convert.verify")  # the package's ``verify`` is the function
+    res = runner.invoke(app, ["verify", "hf:resnet", *HF_TINY, "--dtype", "float32"])
+    assert res.exit_code in (0, 1, 2) and not isinstance(res.exception, Exception), res.output
+    assert ("tolerance" in res.output) if res.exit_code != 2 else "error: verify of hf:resnet failed" in flat(res.output)
+
+    seen = {}
+
+    def spy(model, green, images, visible):
+        seen.update(model=type(model).__name__, dtype=images.dtype, shape=tuple(images.shape), grid=green.mask_grid)
+        report = verify_mod.VerifyReport(rtol=1e-5, dtype="float32")
+        report.rows.append(verify_mod.StageError("last", (1, 1), 1, 0.0, 0.0, True))
+        return report
+
+    monkeypatch.setattr(verify_mod, "verify", spy)
+    res = runner.invoke(app, ["verify", "hf:resnet", *HF_TINY, "--batch-size", "3"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"model": "ResNetModel", "dtype": torch.float64, "shape": (3, 3, 64, 64), "grid": (8, 8)}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["convert", "hf:swim"], "hf:swin"),
+    (["verify", "hf:convnextv3"], "hf:convnextv2"),
+    (["bench", "hf:pvt-v2"], "hf:pvt_v2"),
+    (["list", "--model", "hf:hierra"], "hf:hiera"),
+])
+def test_unknown_hf_type_suggests(args, expected):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    text = flat(res.output)
+    assert "unknown transformers model type" in text and "Did you mean" in text and expected in text
+
+
+def test_hf_bad_names_and_config_keys_exit_2():
+    for args, words in [
+        (["convert", "hf:resnet", "--model-arg", "depth=[1,1]"], ["no config key 'depth'", "depths"]),
+        (["convert", "hf:resnet", "--model-arg", "depths=abc"], ["failed", "depths"]),
+        (["convert", "hf:resnet/head"], ["unknown suffix /head", "hf:resnet/backbone"]),
+        (["convert", "hf:donut-swin/backbone"], ["no backbone for 'donut-swin'", "hf:swin/backbone"]),
+        (["convert", "hf:microsoft/swin-tiny-patch4-window7-224"], ["not downloaded"]),
+    ]:
+        res = runner.invoke(app, args)
+        text = flat(res.output)
+        assert res.exit_code == 2 and all(w in text for w in words), (args, res.output)
+
+
+def test_hf_unsupported_model_exits_2_cleanly(monkeypatch):
+    from greenmim_convert import cli
+    from greenmim_convert.errors import UnsupportedOperationError
+
+    def refuse(model, **kw):
+        raise UnsupportedOperationError("an op no pass converts", None)
+
+    monkeypatch.setattr(cli, "convert", refuse)
+    res = runner.invoke(app, ["convert", "hf:resnet", *HF_TINY])
+    assert res.exit_code == 2 and "UnsupportedOperationError" in flat(res.output), res.output
+
+
+def test_hf_build_config_and_image_size():
+    from greenmim_convert import models
+
+    tiny = {"embedding_size": 8, "hidden_sizes": (8, 16), "depths": (1, 1)}
+    built = models.build("hf:resnet", tiny)
+    assert built.img_size == models.HF_IMG_SIZE and built.model.config.hidden_sizes == [8, 16]
+    assert models.build("hf:resnet", tiny, img_size=96).img_size == 96  # no image_size in ResNet's config
+    backbone = models.build("hf:resnet/backbone", {**tiny, "out_features": ("stage1", "stage2")})
+    assert type(backbone.model).__name__ == "ResNetBackbone" and backbone.model.out_features == ["stage1", "stage2"]
+    swin = {"embed_dim": 8, "depths": (1, 1), "num_heads": (1, 1), "window_size": 4}
+    assert models.build("hf:swin", swin).img_size == 224
+    sized = models.build("hf:swin", swin, img_size=64)
+    assert sized.img_size == 64 and sized.model.config.image_size == 64 and sized.kwargs["image_size"] == 64
+    pvt = models.build("hf:pvt_v2", {"hidden_sizes": (8, 16), "depths": (1, 1), "num_encoder_blocks": 2,
+                                     "num_attention_heads": (1, 1), "sr_ratios": (2, 1), "patch_sizes": (7, 3),
+                                     "strides": (4, 2), "mlp_ratios": (2, 2)}, img_size=64)
+    assert pvt.img_size == 64 and list(pvt.model.config.image_size) == [64, 64]  # a pair in its default config
+    assert models.build("hf:mobilevit", {"hidden_sizes": (8, 8, 8), "neck_hidden_sizes": (8,) * 7}).img_size == 256
+
+
+def test_hf_names_without_transformers(monkeypatch):
+    """transformers is optional: hf: names say how to install it; the other names never import it."""
+    import subprocess
+    import sys
+
+    from greenmim_convert import models
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(models.InvalidInputError, match="pip install transformers"):
+        models.build("hf:resnet")
+    res = runner.invoke(app, ["convert", "hf:resnet"])
+    assert res.exit_code == 2 and "pip install transformers" in flat(res.output)
+    assert runner.invoke(app, ["list", "--family", "hf"]).exit_code == 2
+    code = ("import sys; import greenmim_convert, greenmim_convert.cli, greenmim_convert.coverage; "
+            "from greenmim_convert import models; models.build('resnet18'); models.build('torchvision:swin_t'); "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_list_hf_family(monkeypatch, tmp_path):
+    """``list --family hf`` has one row per type of HF_VISION_BACKBONES (here two tiny ones), each converting or
+    saying why not; --model-arg reaches every listed model."""
+    import greenmim_convert.coverage as cov
+    from greenmim_convert import models
+
+    assert cov.family_models(["hf"]) == ["hf:" + t for t in models.HF_VISION_BACKBONES]
+    assert "hf" in cov.FAMILIES and cov.family_of("hf:swin/backbone") == "hf"
+    assert cov.family_of(SWIN + ".ms_in1k") == "swin"
+    monkeypatch.setattr(models, "HF_VISION_BACKBONES", ("resnet", "convnext", "swin"))
+    md = tmp_path / "hf.md"
+    res = runner.invoke(app, ["list", "--family", "hf", "--model-arg", "hidden_sizes=[8,16,32,64]", "--model-arg",
+                              "depths=[1,1,1,1]", "--verify-smallest", "--markdown", str(md)])
+    assert res.exit_code in (0, 1), res.output
+    rows = {line.split("|")[1].strip(" `"): line for line in md.read_text().splitlines()[2:]}
+    assert list(rows) == ["hf:resnet", "hf:convnext", "hf:swin"]
+    assert "| hf | converts |" in rows["hf:resnet"] and "mask unit 32px" in rows["hf:resnet"]
+    assert "| hf | converts |" in rows["hf:convnext"] or "| hf | unsupported |" in rows["hf:convnext"]
+    # SwinConfig has no hidden_sizes: the row names the refused key
+    assert "| hf | error |" in rows["hf:swin"] and "transformers.AutoModel.from_config failed" in rows["hf:swin"]
+    assert "no config key 'hidden_sizes'" in rows["hf:swin"]
+
+
+def test_list_named_models(monkeypatch, tmp_path):
+    import greenmim_convert.coverage as cov
+
+    seen = []
+
+    def fake(name, verify_it=False, seed=0, model_kwargs=None):
+        seen.append((name, model_kwargs))
+        return cov.CoverageRow(name, cov.family_of(name) or "", "converts", "stub")
+
+    monkeypatch.setattr(cov, "check_model", fake)
+    md = tmp_path / "named.md"
+    res = runner.invoke(app, ["list", "--model", SWIN + ".ms_in1k", "--models", "hf:resnet", "--model-arg", "depths=[1,1]",
+                              "--markdown", str(md)])
+    assert res.exit_code == 0, res.output
+    assert seen == [(SWIN + ".ms_in1k", {"depths": (1, 1)}), ("hf:resnet", {"depths": (1, 1)})]
+    assert f"| `{SWIN}.ms_in1k` | swin | converts |" in md.read_text()
+    res = runner.invoke(app, ["list", "--model", SWIN + ".ms_in2k"])
+    assert res.exit_code == 2 and SWIN + ".ms_in22k" in flat(res.output)
+
+
+def test_model_arg_values():
+    from greenmim_convert.model_args import parse_model_args
+
+    got = parse_model_args(["a=[8,16]", "b=[[1,2],[3]]", "c=[stage1, stage2]", "d=gelu", "e=None", "f=(4,4)",
+                            "g=1e-3", "h=true", "i=x=y"])
+    assert got == {"a": (8, 16), "b": ((1, 2), (3,)), "c": ("stage1", "stage2"), "d": "gelu", "e": None,
+                   "f": (4, 4), "g": 1e-3, "h": True, "i": "x=y"}
+
+
+def test_help_names_hf_and_tags():
+    text = flat(runner.invoke(app, ["convert", "--help"]).output)
+    assert "hf:TYPE" in text and "hf:TYPE/backbone" in text and "ms_in1k" in text
+    assert "--models" in flat(runner.invoke(app, ["list", "--help"]).output)
