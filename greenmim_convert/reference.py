@@ -6,12 +6,14 @@ every convolution reads zeros at masked input positions, and per-sample statisti
 squeeze-excite, training-mode BatchNorm, global pools) are taken over visible positions. It shares nothing with the passes but the
 model's weights; visibility inside a block is derived with timm's own window partition. timm models
 are known by class; torchvision's Swin by its module-level ``shifted_window_attention`` (replaced for
-the forward by an independent masked implementation); any other model's SDPA attention through a
-``key_mask_for`` callback.
+the forward by an independent masked implementation); transformers' vision backbones by ``reference_hf``
+(an ``EXTENSIONS`` entry, imported only for a model holding transformers modules); any other model's SDPA
+attention through a ``key_mask_for`` callback.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+import importlib
 import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
@@ -611,6 +613,20 @@ SDPA_MASKED = (pvt_v2.Attention, twins.GlobalSubSampleAttn, twins.LocallyGrouped
                maxxvit.AttentionCl, maxxvit.Attention2d, nest.Attention)
 
 
+# module-name prefix of a library -> the module of this package that adds that library's families: its
+# ``install(model, state)`` context manager hooks them for one forward, its ``feature_tensor(model, module, x)``
+# puts a captured stage (module None: the final output) into the layout the oracle reads. Imported only for a
+# model holding a module of that library, so that the library stays an optional dependency.
+EXTENSIONS: Dict[str, str] = {"transformers.": ".reference_hf"}
+
+
+def _extensions(model: nn.Module) -> List[Any]:
+    """The ``EXTENSIONS`` modules of the libraries that ``model``'s modules come from."""
+    origins = {type(m).__module__ for m in model.modules()}
+    return [importlib.import_module(name, __package__) for prefix, name in EXTENSIONS.items()
+            if any(origin.startswith(prefix) for origin in origins)]
+
+
 @contextmanager
 def masked_dense_hooks(
     model: nn.Module,
@@ -646,7 +662,10 @@ def masked_dense_hooks(
         tv_swin.shifted_window_attention = _tv_shifted_window_attention(state)
         F.softmax = _masked_softmax(state, softmax)
         mvitv2.cal_rel_pos_type = _mvit_rel_pos(state, mvit_rel_pos)
-        yield
+        with ExitStack() as extensions:
+            for extension in _extensions(model):
+                extensions.enter_context(extension.install(model, state))
+            yield
     finally:
         F.scaled_dot_product_attention = sdpa
         F.batch_norm = batch_norm
@@ -699,6 +718,35 @@ def feature_layout(dense: torch.Tensor, img_size: Tuple[int, int], fmt: Optional
     raise InvalidInputError(f"a feature of shape {shape} is no NCHW, NHWC or (B, N, C) map of a {h}x{w} image")
 
 
+def _output_maps(out: Any) -> Optional[List[torch.Tensor]]:
+    """The feature maps a model returned: a BackboneOutput's ``feature_maps``, or a tuple/list of tensors."""
+    maps = getattr(out, "feature_maps", None)
+    if maps is None and isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        maps = out
+    return list(maps) if maps is not None else None
+
+
+def _output_final(out: Any) -> torch.Tensor:
+    """The final features in a model's output: the tensor itself, the last of its feature maps, or a
+    ModelOutput's ``last_hidden_state``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    maps = _output_maps(out)
+    if maps:
+        return maps[-1]
+    final = getattr(out, "last_hidden_state", None)
+    if isinstance(final, torch.Tensor):
+        return final
+    raise InvalidInputError(f"the model returned {type(out).__name__}, which holds no tensor, feature_maps or "
+                            "last_hidden_state: pass last=[the module whose output is the final features]")
+
+
+def _grid_tokens(n: int, img_size: Tuple[int, int]) -> bool:
+    """Whether ``n`` tokens form a grid of the image at an integer stride."""
+    h, w = img_size
+    return any(h % s == 0 and w % s == 0 and (h // s) * (w // s) == n for s in range(1, max(h, w) + 1))
+
+
 def dense_masked_reference(
     model: nn.Module,
     images: torch.Tensor,
@@ -708,29 +756,40 @@ def dense_masked_reference(
     stages: Optional[Sequence[str]] = None,
     last: Optional[str] = None,
     key_mask_for: Optional[Callable[[nn.Module], Optional[KeyMaskFn]]] = None,
+    stages_from_output: bool = False,
 ) -> GreenOutput:
     """The original model under masked-dense semantics, read at the visible positions of every stage.
 
     ``stages``: module names (as in ``named_modules()``) whose outputs are the stages; default: timm's
     ``feature_info``. ``last``: the module whose output is the final features; default:
-    ``model.forward_features(images)``, else ``model(images)``. A stage output may be NCHW, NHWC or
-    (B, N, C); its layout and stride are read from its shape (``feature_layout``; ``fmt`` breaks ties).
+    ``model.forward_features(images)``, else ``model(images)``: a tensor, the last of a BackboneOutput's
+    ``feature_maps`` (or of a returned tuple/list of tensors), or a ModelOutput's ``last_hidden_state``.
+    ``stages_from_output``: the stages are the entries of the output's ``feature_maps`` (or of the returned
+    tuple/list of tensors) and the final features the last of them; ``stages`` and ``last`` stay unset.
+    A stage output may be NCHW, NHWC or (B, N, C); its layout and stride are read from its shape
+    (``feature_layout``; ``fmt`` breaks ties). Leading class tokens of (B, N, C) features are left out: timm's
+    ``num_prefix_tokens``, else one token when N - 1 tokens, and not N, form a grid of the image.
     ``key_mask_for(module)`` lets a model the oracle does not know mask its attention: for a module
     that calls ``F.scaled_dot_product_attention``, return ``fn(args, visible) -> bool`` key visibility
     (True = visible) broadcastable to that call's logits (..., L, S), computed from the module's
     forward args and the (B, H/u, W/u) unit mask (``visibility_map`` gives it on a feature grid); it
     is added to the call's own ``attn_mask``. Return None for every other module.
     """
-    if isinstance(model, hiera.Hiera) and stages is None and last is None:
+    if isinstance(model, hiera.Hiera) and stages is None and last is None and not stages_from_output:
         return hiera_reference(model, images, visible)
     fmt = fmt or getattr(model, "output_fmt", "NCHW")
     size = (int(images.shape[-2]), int(images.shape[-1]))
     strides: Optional[List[int]] = None
-    if stages is None:
+    if stages_from_output:
+        if stages is not None or last is not None:
+            raise InvalidInputError("stages_from_output reads the stages and the final features from the model's "
+                                    "output: pass no stages= or last=")
+        names: List[str] = []
+    elif stages is None:
         if not getattr(model, "feature_info", None):
             raise InvalidInputError(
                 f"{type(model).__name__} has no timm feature_info: pass stages=[the module names whose outputs are "
-                "the stages]"
+                "the stages], or stages_from_output=True for a model that returns its feature maps"
             )
         names, strides = feature_stages(model)
     else:
@@ -747,30 +806,51 @@ def dense_masked_reference(
     ]
     try:
         with masked_dense_hooks(model, visible, size, key_mask_for):
-            if last is None and hasattr(model, "forward_features"):
-                final = model.forward_features(images)
+            if last is None and hasattr(model, "forward_features") and not stages_from_output:
+                out = model.forward_features(images)
             else:
-                final = model(images)
+                out = model(images)
     finally:
         for h in handles:
             h.remove()
     missing = [n for n in hooked if n not in captured]
     if missing:
         raise InvalidInputError(f"modules {missing} of {type(model).__name__} did not run in its forward")
-    if last is not None:
-        final = captured[last]
+    extensions = _extensions(model)
+
+    def extended(module: Optional[nn.Module], dense: torch.Tensor) -> torch.Tensor:
+        for extension in extensions:
+            dense = extension.feature_tensor(model, module, dense)
+        return dense
+
+    maps: List[torch.Tensor] = []
+    if stages_from_output:
+        maps = [extended(None, t) for t in _output_maps(out) or []]
+        if not maps:
+            raise InvalidInputError(f"stages_from_output: {type(model).__name__} returned {type(out).__name__}, "
+                                    "which holds no feature_maps or tuple of tensors")
+        final = maps[-1]
+    elif last is not None:
+        final = extended(modules[last], captured[last])
+    else:
+        final = extended(None, _output_final(out))
 
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)  # timm: class tokens before the grid tokens
 
     def read(dense: torch.Tensor, stride: Optional[int]) -> VisibleTokens:
         if dense.dim() == 3 and prefix:
             dense = dense[:, prefix:]  # the class token is no grid position: left out, as forward_intermediates does
+        elif dense.dim() == 3 and not _grid_tokens(dense.shape[1], size) and _grid_tokens(dense.shape[1] - 1, size):
+            dense = dense[:, 1:]  # a class token before the grid (CvT's and PVT's last stage)
         if stride is not None:  # timm's feature_info: its stride and the model's output_fmt, as always
             return dense_to_tokens(dense, visible, stride, fmt, size)
         layout, stride = feature_layout(dense, size, fmt)
         return dense_to_tokens(dense, visible, stride, layout, size)
 
-    outs = [read(captured[n], strides[i] if strides else None) for i, n in enumerate(names)]
+    if stages_from_output:
+        outs = [read(t, None) for t in maps]
+    else:
+        outs = [read(extended(modules[n], captured[n]), strides[i] if strides else None) for i, n in enumerate(names)]
     timm_last = strides is not None and last is None and hasattr(model, "forward_features")
     return GreenOutput(read(final, strides[-1] if timm_last else None), outs)
 

@@ -1,0 +1,168 @@
+"""Small random-weight transformers vision backbones for the oracle tests (64x64 images, a few layers each)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+import sys
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+
+IMG = 64
+
+_SWIN = dict(image_size=IMG, patch_size=4, embed_dim=16, depths=[2, 2, 1, 1], num_heads=[1, 2, 2, 4], window_size=4,
+             mlp_ratio=2.0)
+_CVT_STAGES = 3
+
+# model_type -> AutoConfig.for_model kwargs
+CONFIGS: Dict[str, Dict[str, Any]] = {
+    # Swin and Donut clamp a window to a smaller grid but keep the bias table of their configured window, so at
+    # 64x64 their windows are 2; Swin V2 clamps at construction, MaskFormer Swin pads its 2x2 grid to a window
+    "swin": dict(_SWIN, window_size=2),
+    "swinv2": _SWIN,
+    "donut-swin": dict(_SWIN, window_size=2),
+    "maskformer-swin": _SWIN,
+    "focalnet": dict(image_size=IMG, embed_dim=16, depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 128],
+                     focal_levels=[2, 2, 2, 2], focal_windows=[3, 3, 3, 3], use_conv_embed=True, use_layerscale=True,
+                     normalize_modulator=True, mlp_ratio=2.0),
+    "convnext": dict(image_size=IMG, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
+    "convnextv2": dict(image_size=IMG, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
+    "pvt": dict(image_size=IMG, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4],
+                mlp_ratios=[2, 2, 2, 2]),
+    "pvt_v2": dict(image_size=IMG, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
+                   num_attention_heads=[1, 2, 2, 4], mlp_ratios=[2, 2, 2, 2]),
+    "segformer": dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4],
+                      mlp_ratios=[2, 2, 2, 2]),
+    # 3 stages, 2 query pools: the final tokens are back in raster order; stage 2's second layer attends globally
+    "hiera": dict(image_size=[IMG, IMG], embed_dim=16, depths=[1, 2, 1], num_heads=[1, 2, 4], num_query_pool=2,
+                  masked_unit_size=[8, 8], masked_unit_attention=[True, False, False], query_stride=[2, 2],
+                  mlp_ratio=2.0),
+    # CvT's drop-path schedule indexes stage i of a depth-long list: depth[i] > i
+    "cvt": dict(patch_sizes=[7, 3, 3], patch_stride=[4, 2, 2], patch_padding=[2, 1, 1], embed_dim=[16, 32, 48],
+                num_heads=[1, 2, 3], depth=[1, 2, 3], mlp_ratio=[2.0] * _CVT_STAGES,
+                attention_drop_rate=[0.0] * _CVT_STAGES, drop_rate=[0.0] * _CVT_STAGES,
+                qkv_bias=[True] * _CVT_STAGES, cls_token=[False, False, True],
+                qkv_projection_method=["dw_bn"] * _CVT_STAGES, kernel_qkv=[3] * _CVT_STAGES,
+                padding_kv=[1] * _CVT_STAGES, stride_kv=[2] * _CVT_STAGES, padding_q=[1] * _CVT_STAGES,
+                stride_q=[1] * _CVT_STAGES),
+    "poolformer": dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], mlp_ratio=2.0),
+    "resnet": dict(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic"),
+    "mobilevit": dict(image_size=IMG, hidden_sizes=[16, 16, 24], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
+                      num_attention_heads=2, mlp_ratio=2.0, expand_ratio=2.0),
+    # 4x4 tokens at stride 16, subsampled to 2x2
+    "levit": dict(image_size=IMG, patch_size=16, hidden_sizes=[16, 32], num_attention_heads=[2, 2], depths=[1, 1],
+                  key_dim=[4, 4], mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 4, 2, 2, 2, 2]]),
+    "swiftformer": dict(depths=[2, 1, 1, 2], embed_dims=[8, 16, 24, 32], mlp_ratio=2),
+    # windows of 3 on a 4x4 grid: the layer pads them
+    "vitdet": dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, image_size=IMG,
+                   pretrain_image_size=IMG, patch_size=16, window_block_indices=[0, 2], residual_block_indices=[1],
+                   use_relative_position_embeddings=True, window_size=3, mlp_ratio=2),
+    # block 3's windows of 3 pad its 4x4 grid; block 4 attends globally
+    "sam2_hiera_det_model": dict(hidden_size=16, num_attention_heads=1, image_size=[IMG, IMG],
+                                 blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 48, 64],
+                                 num_attention_heads_per_stage=[1, 2, 2, 4], window_size_per_stage=[4, 4, 3, 2],
+                                 global_attention_blocks=[4], window_positional_embedding_background_size=[4, 4],
+                                 num_query_pool_stages=2, mlp_ratio=2.0),
+}
+
+# model types whose AutoBackbone the tests build, with config kwargs that differ from the model's
+BACKBONES: Dict[str, Dict[str, Any]] = {
+    "swin": dict(window_size=4),  # the backbone partitions always: its 2x2 grid is padded to a window
+    "swinv2": {}, "maskformer-swin": {}, "focalnet": {}, "convnext": {}, "convnextv2": {}, "pvt_v2": {},
+    "hiera": {}, "resnet": {}, "vitdet": {},
+}
+
+
+def import_transformers() -> Any:
+    """transformers, with the installed ``kernels`` package imported first under its name: this checkout's
+    top-level ``kernels/`` folder shadows it when the checkout's root is on sys.path, and transformers'
+    modeling files import it."""
+    if "kernels" not in sys.modules:
+        root = Path(__file__).resolve().parents[1]
+        saved = list(sys.path)
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+        try:
+            importlib.import_module("kernels")
+        except ImportError:
+            pass
+        finally:
+            sys.path[:] = saved
+    return importlib.import_module("transformers")
+
+
+def _drop_path_kwargs(config: Any, drop_path: float) -> Dict[str, Any]:
+    """The config's drop-path field set to ``drop_path`` (per stage where it is a list; LeViT's int field kept)."""
+    current = getattr(config, "drop_path_rate", None)
+    if isinstance(current, list):
+        return {"drop_path_rate": [drop_path] * len(current)}
+    if isinstance(current, float):
+        return {"drop_path_rate": drop_path}
+    return {}
+
+
+def randomise(model: nn.Module) -> nn.Module:
+    """PyTorch's default initialisation for convolutions and linear layers (transformers' 0.02 standard
+    deviation makes convolution outputs so small that BatchNorm's eps, not their variance, sets the scale, and
+    the image fades from deep outputs), then random values for every parameter that starts constant
+    (relative-position tables and biases, layer-scale, GRN gamma/beta, norm affines), so that nothing is an
+    identity, a constant or negligible."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                module.reset_parameters()
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+                continue
+            value = float(flat[0])
+            if name.endswith("logit_scale"):
+                p.uniform_(1.0, 3.5)
+            elif value == 1.0:
+                p.normal_(1.0, 0.1)
+            elif value == 0.0:
+                relative = any(k in name for k in ("relative_position", "rel_pos", "attention_biases", "pos_embed"))
+                p.normal_(0.0, 0.5 if relative else 0.1)
+            else:  # layer-scale: a small constant would make its branch negligible
+                p.uniform_(0.5, 1.0)
+    return model
+
+
+def build_hf(model_type: str, backbone: bool = False, drop_path: float = 0.1, dtype: torch.dtype = torch.float64,
+             attn_implementation: str | None = None) -> nn.Module:
+    """``AutoModel`` (``AutoBackbone`` with every stage as an output feature) of ``CONFIGS[model_type]``, random
+    weights (``randomise``), in ``dtype`` and eval mode."""
+    transformers = import_transformers()
+    kwargs = dict(CONFIGS[model_type], **(BACKBONES[model_type] if backbone else {}))
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    extra = _drop_path_kwargs(config, drop_path)
+    if backbone:
+        extra["out_features"] = [s for s in config.stage_names if s != "stem"]
+    if extra:
+        config = transformers.AutoConfig.for_model(model_type, **{**kwargs, **extra})
+    auto = transformers.AutoBackbone if backbone else transformers.AutoModel
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = randomise(auto.from_config(config, **options)).to(dtype)
+    return calibrate_batch_norms(model).eval()
+
+
+def calibrate_batch_norms(model: nn.Module, batch: int = 4) -> nn.Module:
+    """BatchNorm running statistics of a training-mode forward on random images: normalised layers keep the
+    signal's scale, which the small initialisations of transformers would let fade to nothing in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    momenta = [m.momentum for m in norms]
+    dtype = next(model.parameters()).dtype
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: the statistics of this one batch
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(batch, 3, IMG, IMG, dtype=dtype))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    return model
