@@ -1,0 +1,85 @@
+"""transformers backbones passed to ``convert`` as they are (drop path 0.1, random weights, float64).
+
+Each model that converts is checked all-visible against its own output in eval mode and in training
+mode (the same seed: the same drop-path draws), and masked against the transformers oracle when that
+oracle knows the family. Each model that does not convert yet must fail with an
+``UnsupportedOperationError`` naming the operation, its module and its source line.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import greenmim_convert as gmc
+from greenmim_convert.masking import random_mask
+
+from conftest import rel_err
+
+pytest.importorskip("transformers")
+from hf_models import IMG, build_hf  # noqa: E402  (after the optional import)
+
+CONVERTS = ["swin", "swinv2", "donut-swin", "focalnet", "convnext", "convnextv2", "pvt_v2",
+            "segformer", "hiera", "poolformer", "resnet", "swiftformer"]
+BACKBONES = ["swinv2", "convnext", "resnet"]
+# model type -> what its error must name: the operation the compiler has no rule for yet
+REFUSED = {
+    "pvt": "constant of shape",
+    "maskformer-swin": "pad.default",  # its last grid (2x2) is padded up to one 4x4 window
+    "mobilevit": "row axes are not token axes",
+    "levit": "does not contract the key axis",
+    "vitdet": "pad.default",  # windows of 3 pad the 4x4 grid
+    "sam2_hiera_det_model": "max pooling",
+}
+
+
+def _last(out) -> torch.Tensor:
+    """The final features of a transformers output, as NCHW or (B, N, C)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if "feature_maps" in out:
+        return out["feature_maps"][-1]
+    return out["last_hidden_state"]
+
+
+def _dense(tokens: gmc.VisibleTokens, like: torch.Tensor) -> torch.Tensor:
+    dense = tokens.to_dense()
+    if like.dim() == 3:
+        return dense.flatten(2).transpose(1, 2)
+    return dense
+
+
+CASES = [(t, False) for t in CONVERTS] + [(t, True) for t in BACKBONES]
+
+
+@pytest.mark.parametrize("model_type,backbone", CASES, ids=[f"{t}-{'backbone' if b else 'model'}" for t, b in CASES])
+def test_converts_and_matches_all_visible(model_type: str, backbone: bool):
+    model = build_hf(model_type, backbone=backbone)
+    green = gmc.convert(model, img_size=IMG)
+    images = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+    grid = green.mask_grid
+    visible = torch.ones(2, *grid, dtype=torch.bool)
+    for train in (False, True):
+        model.train(train)
+        green.train(train)
+        torch.manual_seed(7)
+        want = _last(model(images))
+        torch.manual_seed(7)
+        got = _dense(green(images, visible).last, want)
+        assert rel_err(got, want) <= 1e-10, ("train" if train else "eval")
+    model.eval()
+    green.eval()
+    mask = random_mask(2, grid, 0.5, generator=torch.Generator().manual_seed(1))
+    last = green(images, mask).last
+    assert torch.isfinite(last.feats).all()
+    cells = (last.grid[0] // grid[0]) * (last.grid[1] // grid[1])
+    assert last.counts().tolist() == (mask.sum((1, 2)) * cells).tolist()  # visible positions only
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_refusal_names_the_operation(model_type: str):
+    model = build_hf(model_type)
+    with pytest.raises(gmc.UnsupportedOperationError) as info:
+        gmc.convert(model, img_size=IMG)
+    message = str(info.value)
+    assert REFUSED[model_type] in message
+    assert "module '" in message and ".py\", line" in message  # the module path and the source line
