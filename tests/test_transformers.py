@@ -1,8 +1,8 @@
 """transformers backbones passed to ``convert`` as they are (drop path 0.1, random weights, float64).
 
 Each model that converts is checked all-visible against its own output in eval mode and in training
-mode (the same seed: the same drop-path draws), and masked against the transformers oracle when that
-oracle knows the family. Each model that does not convert yet must fail with an
+mode (the same seed: the same drop-path draws), and masked (per-sample masks) against the transformers
+oracle (``greenmim_convert/reference_hf.py``), which shares no code with the compiler. Each model that does not convert yet must fail with an
 ``UnsupportedOperationError`` naming the operation, its module and its source line.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 import greenmim_convert as gmc
 from greenmim_convert.masking import random_mask
+from greenmim_convert.reference import dense_masked_reference
 
 from conftest import rel_err
 
@@ -69,8 +70,11 @@ def test_converts_and_matches_all_visible(model_type: str, backbone: bool):
     model.eval()
     green.eval()
     mask = random_mask(2, grid, 0.5, generator=torch.Generator().manual_seed(1))
+    mask[0] = True  # one sample all visible, one with half its units
     last = green(images, mask).last
-    assert torch.isfinite(last.feats).all()
+    ref = dense_masked_reference(model, images, mask, stages=[]).last  # the transformers oracle
+    assert torch.equal(last.batch, ref.batch) and torch.equal(last.coords, ref.coords)
+    assert rel_err(last.feats, ref.feats) <= 1e-10
     cells = (last.grid[0] // grid[0]) * (last.grid[1] // grid[1])
     assert last.counts().tolist() == (mask.sum((1, 2)) * cells).tolist()  # visible positions only
 
