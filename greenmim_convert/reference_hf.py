@@ -41,8 +41,11 @@ def _mask_value(dtype: torch.dtype) -> float:
 class _Keys(_GivenKeys):
     """Key visibility of one attention call (True = visible), broadcastable to its logits."""
 
+    used = False  # whether a softmax, SDPA or attention function added it
+
     def added_to(self, attn_mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The module's own additive mask (None, bool: True = attend, or float) plus the key mask."""
+        self.used = True
         zero = torch.zeros((), dtype=dtype, device=self.vis.device)
         neg = torch.tensor(_mask_value(dtype), dtype=dtype, device=self.vis.device)
         key = torch.where(self.vis, zero, neg)
@@ -81,8 +84,12 @@ class _HFState:
         self.handles.append(module.register_forward_hook(hook))
 
     def push_keys(self, module: nn.Module, keys_of: Callable[..., torch.Tensor], with_kwargs: bool = False) -> None:
-        """Key visibility ``keys_of(args, kwargs)`` on the state's stack while ``module`` runs (the patched
-        ``Tensor.softmax`` adds it)."""
+        """Key visibility ``keys_of(args, kwargs)`` on the state's stack while ``module`` runs.
+
+        For attentions written as ``matmul`` + softmax, with no ``attention_mask`` argument and no attention
+        interface: their softmax is the one place their logits pass, and the patched ``Tensor.softmax`` (which
+        ``F.softmax`` calls too) adds the mask there. The hook checks on leaving that it was added.
+        """
         self.masked.append(module)
         stack = self.state.key_masks
 
@@ -90,9 +97,16 @@ class _HFState:
             stack.append(_Keys(keys_of(args, kwargs or {})))
 
         def leave(mod, args, out):
-            stack.pop()
+            _check_used(module, stack.pop())
         self.pre(module, enter, with_kwargs=with_kwargs)
         self.post(module, leave)
+
+
+def _check_used(module: nn.Module, keys: _Keys) -> None:
+    """A key mask that reached no softmax: the attention no longer computes the way its hook expects."""
+    if not keys.used:
+        raise InvalidInputError(f"the key mask of {type(module).__name__} reached no softmax or attention function: "
+                                "this transformers version computes it differently; the oracle cannot mask its keys")
 
 
 def _arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], index: int, name: str, default: Any = None) -> Any:
@@ -110,8 +124,10 @@ def _with_arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], index: int, name: s
 
 
 def _modeling(module: nn.Module) -> Any:
-    """The modeling module (``modeling_*.py``) that defines ``module``'s class: the family's own functions."""
-    return sys.modules[type(module).__module__]
+    """The transformers modeling module (``modeling_*.py``) that defines ``module``'s class (or the transformers
+    class it subclasses): the family's own functions."""
+    cls = next(c for c in type(module).__mro__ if c.__module__.startswith("transformers."))
+    return sys.modules[cls.__module__]
 
 
 def _conv_out(size: int, conv: nn.Conv2d, dim: int) -> int:
@@ -201,7 +217,7 @@ def _sam2_block(block: nn.Module, hf: _HFState) -> None:
         hf.interface_keys[attention] = _Keys(vis[:, None, None, :])
 
     def leave(mod, args, out):
-        hf.interface_keys.pop(attention, None)
+        _check_used(attention, hf.interface_keys.pop(attention))
     hf.pre(block, enter, with_kwargs=True)
     hf.post(block, leave)
 

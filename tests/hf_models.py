@@ -129,11 +129,12 @@ def randomise(model: nn.Module) -> nn.Module:
 
 
 def build_hf(model_type: str, backbone: bool = False, drop_path: float = 0.1, dtype: torch.dtype = torch.float64,
-             attn_implementation: str | None = None) -> nn.Module:
-    """``AutoModel`` (``AutoBackbone`` with every stage as an output feature) of ``CONFIGS[model_type]``, random
-    weights (``randomise``), in ``dtype`` and eval mode."""
+             attn_implementation: str | None = None, **overrides: Any) -> nn.Module:
+    """``AutoModel`` (``AutoBackbone`` with every stage as an output feature) of ``CONFIGS[model_type]`` (with
+    ``overrides``), random weights (``randomise``), BatchNorm statistics of random images, in ``dtype`` and eval
+    mode."""
     transformers = import_transformers()
-    kwargs = dict(CONFIGS[model_type], **(BACKBONES[model_type] if backbone else {}))
+    kwargs = {**CONFIGS[model_type], **(BACKBONES[model_type] if backbone else {}), **overrides}
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
     extra = _drop_path_kwargs(config, drop_path)
     if backbone:

@@ -6,12 +6,12 @@ inside the network reach visible outputs; masking does change them. Tiny float64
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 import subprocess
 import sys
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
 import torch
@@ -25,6 +25,16 @@ from conftest import masks_with_unequal_counts, rel_err
 from hf_models import BACKBONES, CONFIGS, IMG, build_hf, import_transformers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One thread for these tiny models: a second one gains nothing, and on a busy machine a two-thread pool
+    waits for its descheduled thread at every op (minutes instead of seconds)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass(frozen=True)
 class Case:
     """A model to check: its type, AutoBackbone or AutoModel, attention implementation and mask unit."""
@@ -34,10 +44,13 @@ class Case:
     attn: Optional[str] = None  # None: the config's default (SDPA where the family supports it)
     unit: int = 32  # mask unit in pixels
     fmt: str = "NCHW"  # layout of 4-D features whose shape allows both
+    overrides: Tuple[Tuple[str, Any], ...] = ()  # config kwargs over CONFIGS[model_type]
 
     @property
     def name(self) -> str:
-        return self.model_type + ("/backbone" if self.backbone else "") + (f"/{self.attn}" if self.attn else "")
+        extra = [self.attn] if self.attn else []
+        extra += [k if v is True else f"{k}={v}" for k, v in self.overrides]
+        return "/".join([self.model_type] + (["backbone"] if self.backbone else []) + extra)
 
 
 UNITS = {"vitdet": 16, "sam2_hiera_det_model": 16}  # no stage past stride 16 mixes positions
@@ -48,6 +61,8 @@ CASES = (
     # transformers' eager attention: float32 softmax of float64 logits, the mask must stay finite there
     + [Case(t, attn="eager", unit=UNITS.get(t, 32), fmt=FMT.get(t, "NCHW"))
        for t in ("swin", "segformer", "sam2_hiera_det_model")]
+    # keys from a 7x7 adaptive average pool: a key is visible where its cell holds a visible position
+    + [Case("pvt_v2", overrides=(("linear_attention", True),))]
 )
 IDS = [c.name for c in CASES]
 
@@ -80,7 +95,7 @@ NOISE_OUTPUTS = {"hiera": ("HieraEmbeddings",)}
 @lru_cache(maxsize=None)
 def _model(case: Case) -> nn.Module:
     torch.manual_seed(sum(map(ord, case.name)))
-    return build_hf(case.model_type, backbone=case.backbone, attn_implementation=case.attn)
+    return build_hf(case.model_type, backbone=case.backbone, attn_implementation=case.attn, **dict(case.overrides))
 
 
 def _grid(case: Case) -> Tuple[int, int]:
@@ -258,19 +273,17 @@ def test_oracle_training_mode_ignores_masked_content(case, seed):
     images = _images(3, gen)
     other = _hide(images, visible, gen)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    runs = []
+
+    def run(imgs: torch.Tensor, noisy: bool):
+        model.load_state_dict(state)
+        torch.manual_seed(seed)
+        with torch.no_grad(), (_noise_at_masked(model, case, visible, seed) if noisy else nullcontext()):
+            dense = _dense(_oracle(case, model, imgs, visible))
+        return dense, {k: v.clone() for k, v in model.state_dict().items()}
+
     model.train()
     try:
-        for imgs, noisy in ((images, False), (other, False), (images, True)):
-            model.load_state_dict(state)
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                if noisy:
-                    with _noise_at_masked(model, case, visible, seed):
-                        runs.append((_dense(_oracle(case, model, imgs, visible)), model.state_dict()))
-                else:
-                    runs.append((_dense(_oracle(case, model, imgs, visible)), model.state_dict()))
-            runs[-1] = (runs[-1][0], {k: v.clone() for k, v in runs[-1][1].items()})
+        runs = [run(images, False), run(other, False), run(images, True)]
     finally:
         model.load_state_dict(state)
         model.eval()
