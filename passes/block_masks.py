@@ -50,7 +50,7 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node, random_parameters: bool
         if n in keep:
             continue
         keep.add(n)
-        if n.op == "placeholder" or (n.op == "get_attr" and isinstance(_fetch(gm, n.target), torch.nn.Parameter)
+        if n.op == "placeholder" or (n.op == "get_attr" and isinstance(fetch_attr(gm, n.target), torch.nn.Parameter)
                                      and not random_parameters):
             return None
         todo.extend(n.all_input_nodes[1:] if _factory(n) else n.all_input_nodes)
@@ -73,7 +73,7 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node, random_parameters: bool
         root = torch.nn.Module()
         for n in graph.nodes:
             if n.op == "get_attr":
-                value = _fetch(gm, n.target)
+                value = fetch_attr(gm, n.target)
                 if isinstance(value, torch.nn.Parameter):
                     value = torch.randn(value.shape, generator=gen, dtype=value.dtype).to(value.device)
                 name = n.target.replace(".", "_")
@@ -82,7 +82,8 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node, random_parameters: bool
         return fx.GraphModule(root, graph)().detach()
 
 
-def _fetch(gm: fx.GraphModule, target: str):
+def fetch_attr(gm: fx.GraphModule, target: str):
+    """The object a ``get_attr`` node reads: ``target``'s dotted path walked from ``gm``."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from .base import GreenPass, args_of, aten, is_op, shape_of
+from .block_masks import fetch_attr
 
 ASSERTS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range_for_size",
            "sym_constrain_range")
@@ -59,7 +60,7 @@ def _infer(gm: fx.GraphModule, target, args: tuple):
     def value(n: fx.Node):
         v = n.meta.get("val")
         if v is None and n.op == "get_attr":
-            v = _attr(gm, n.target)
+            v = fetch_attr(gm, n.target)
             v = mode.from_tensor(v) if mode is not None else v
         return v
 
@@ -229,7 +230,7 @@ class CanonicalizePass(GreenPass):
         w = node.args[1]
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
             return None
-        weight = _attr(gm, w.target)
+        weight = fetch_attr(gm, w.target)
         if not (isinstance(weight, torch.nn.Parameter) and weight.dim() == 2):
             return None
         wt = _emit(gm, node, aten.t.default, (w,), node)
@@ -367,9 +368,3 @@ def _unshifted(y: fx.Node, dim: int) -> Optional[fx.Node]:
             return y.args[0]
     return y if isinstance(y, fx.Node) else None
 
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
