@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -131,6 +132,17 @@ def build_pipeline() -> List[P.GreenPass]:
     ]
 
 
+@contextmanager
+def _recompile_once(gm: fx.GraphModule) -> Iterator[None]:
+    """Skip the pass manager's code generation after every pass: passes edit and read the graph, never the
+    generated code, and regenerating it ~20 times took a third of a conversion. The caller recompiles once."""
+    gm.recompile = lambda: None
+    try:
+        yield
+    finally:
+        del gm.recompile
+
+
 @dataclass
 class _Compiled:
     gm: fx.GraphModule
@@ -154,7 +166,8 @@ def _compile(model: nn.Module, training: bool, size: Tuple[int, int], stages: Op
         ctx.default_stages = stages is None and not captured.output_stages
         gm.meta["greenmim"] = ctx
         pipeline = build_pipeline()
-        PassManager(passes=pipeline)(gm)
+        with _recompile_once(gm):
+            PassManager(passes=pipeline)(gm)
         gm.recompile()
     except GreenMIMError:
         raise
