@@ -565,13 +565,33 @@ def prefix_rows(x: torch.Tensor, visible: torch.Tensor, prefix: int) -> torch.Te
     return x[x.shape[0] - visible.shape[0] * prefix:]
 
 
-def join_prefix(grid: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """``cat((prefix, grid), token axis)`` on packed rows: grid tokens first, then the prefix rows."""
-    return torch.cat([grid, prefix.to(grid.dtype)])
+def stack_columns(parts: List[torch.Tensor], below: int) -> torch.Tensor:
+    """Packed ``(rows, C)`` parts as the values of a new channel digit sitting above the lowest ``below`` columns:
+    ``stack`` of channel values on packed rows."""
+    rows = parts[0].shape[0]
+    return torch.stack([p.reshape(rows, -1, below) for p in parts], 2).reshape(rows, -1)
 
 
-def constant_prefix_rows(const: torch.Tensor, visible: torch.Tensor, batch_axis: int, channel_axis: int) -> torch.Tensor:
-    """A constant prefix token (``cls_token.expand(B, -1, -1)``'s source) as ``(B, C)`` packed rows, one per sample."""
-    order = [batch_axis] + [d for d in range(const.dim()) if d not in (batch_axis, channel_axis)] + [channel_axis]
-    rows = const.permute(order).reshape(const.shape[batch_axis], const.shape[channel_axis])
-    return rows.expand(visible.shape[0], rows.shape[1])
+def join_prefix(grid: torch.Tensor, parts: List[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
+    """``cat((*parts, grid), token axis)`` on packed rows: grid tokens first, then every sample's prefix rows
+    (sample-major; ``parts`` hold ``(B * count, C)`` rows each)."""
+    batch, channels = visible.shape[0], grid.shape[1]
+    own = torch.cat([p.to(grid.dtype).reshape(batch, -1, channels) for p in parts], 1)
+    return torch.cat([grid, own.reshape(-1, channels)])
+
+
+def join_constant_prefix(grid: torch.Tensor, tokens: List[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
+    """A constant over prefix and grid tokens on packed rows: its grid rows, then every sample's ``(1, C)``
+    prefix ``tokens`` (sample-major, as ``join_prefix`` orders prefix rows)."""
+    own = torch.cat(tokens)
+    batch = visible.shape[0]
+    return torch.cat([grid, own.unsqueeze(0).expand(batch, *own.shape).reshape(batch * own.shape[0], *own.shape[1:])])
+
+
+def constant_prefix_rows(const: torch.Tensor, batch_axis: int, token_axis: int, channel_axis: int,
+                         visible: torch.Tensor) -> torch.Tensor:
+    """Constant prefix tokens (``cls_token.expand(B, -1, -1)``'s source) as ``(B * count, C)`` packed rows:
+    every sample's copy, sample-major."""
+    order = [token_axis] + [d for d in range(const.dim()) if d not in (token_axis, channel_axis)] + [channel_axis]
+    rows = const.permute(order).reshape(const.shape[token_axis], const.shape[channel_axis])
+    return rows.unsqueeze(0).expand(visible.shape[0], *rows.shape).reshape(-1, rows.shape[1])

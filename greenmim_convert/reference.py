@@ -20,10 +20,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm import layers as timm_layers
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.squeeze_excite import SEModule
 from timm.layers.pos_embed_rel import RelPosBias
-from timm.models import davit, focalnet, gcvit, hiera, maxxvit, mvitv2, nest, pvt_v2, twins
+from timm.models import davit, eva, focalnet, gcvit, hiera, maxxvit, mvitv2, nest, pvt_v2, twins
 from timm.models import swin_transformer as swin
 from timm.models import swin_transformer_v2 as swinv2
 from timm.models import swin_transformer_v2_cr as swinv2cr
@@ -71,8 +72,14 @@ class _HookState:
 
 
 def _global_keys(state: _HookState, k: torch.Tensor) -> torch.Tensor:
-    """(B, 1, 1, N) key visibility of a global attention whose N keys tile the image."""
-    return visibility_map(state.visible, state.grid_of(k.shape[-2])).reshape(k.shape[0], 1, 1, -1)
+    """(B, 1, 1, N) key visibility of a global attention whose N keys tile the image, or whose last keys tile
+    it after a few leading prefix tokens (class, distillation or register tokens: always visible)."""
+    n = k.shape[-2]
+    prefix = next((p for p in range(n) if _grid_tokens(n - p, state.img_size)), None)
+    if prefix is None:
+        raise ValueError(f"{n} keys do not form a grid of a {state.img_size} image after prefix tokens")
+    grid = visibility_map(state.visible, state.grid_of(n - prefix)).reshape(k.shape[0], -1)
+    return torch.cat([grid.new_ones(k.shape[0], prefix), grid], 1).reshape(k.shape[0], 1, 1, -1)
 
 
 def _twins_window_keys(module: nn.Module) -> Callable:
@@ -566,6 +573,8 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
     (swinv2cr.WindowMultiHeadAttention, _swin_attention_pre, True),
     (nn.Conv2d, _masked_inputs_pre(0.0), False),
     (pvt_v2.Attention, _attention_pre(lambda m: _global_keys), False),
+    (timm_layers.Attention, _attention_pre(lambda m: _global_keys), False),
+    (eva.EvaAttention, _attention_pre(lambda m: _global_keys), False),
     (twins.GlobalSubSampleAttn, _attention_pre(lambda m: _global_keys), False),
     (twins.LocallyGroupedAttn, _attention_pre(_twins_window_keys), False),
     (davit.WindowAttention, _attention_pre(_davit_window_keys), False),
@@ -584,6 +593,8 @@ PRE_HOOKS: List[Tuple[Type[nn.Module], Callable, bool]] = [
 ]
 POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
     (pvt_v2.Attention, _attention_post),
+    (timm_layers.Attention, _attention_post),
+    (eva.EvaAttention, _attention_post),
     (twins.GlobalSubSampleAttn, _attention_post),
     (twins.LocallyGroupedAttn, _attention_post),
     (davit.WindowAttention, _attention_post),
@@ -609,7 +620,7 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
 
 # modules whose key mask the patched SDPA adds: they must take timm's fused (SDPA) path, whatever
 # TIMM_FUSED_ATTN says, or the mask would never be applied
-SDPA_MASKED = (pvt_v2.Attention, twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn, davit.WindowAttention,
+SDPA_MASKED = (pvt_v2.Attention, timm_layers.Attention, eva.EvaAttention, twins.GlobalSubSampleAttn, twins.LocallyGroupedAttn, davit.WindowAttention,
                maxxvit.AttentionCl, maxxvit.Attention2d, nest.Attention)
 
 

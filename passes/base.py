@@ -1,6 +1,7 @@
 """Shared pieces of the passes: the pass base class, the conversion context and ATen-graph helpers."""
 from __future__ import annotations
 
+import contextlib
 import traceback
 import warnings
 from collections import Counter
@@ -9,6 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from greenmim_convert import ops
@@ -114,6 +116,43 @@ def replace_with_call(gm: fx.GraphModule, node: fx.Node, fn: Any, args: Tuple, k
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return new
+
+
+def fetch_attr(gm: fx.GraphModule, target: str):
+    """The object a ``get_attr`` node reads: ``target``'s dotted path walked from ``gm``."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def emit_call(gm: fx.GraphModule, before: fx.Node, target, args: tuple, like: Optional[fx.Node] = None) -> fx.Node:
+    """A new call before ``before`` carrying ``like``'s module stack and source line (for error messages) and
+    its value's metadata, computed from its inputs' recorded values as export records them."""
+    with gm.graph.inserting_before(before):
+        new = gm.graph.call_function(target, args)
+    source = like if like is not None else before
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in source.meta:
+            new.meta[key] = source.meta[key]
+    new.meta["val"] = infer_value(gm, target, args)
+    return new
+
+
+def infer_value(gm: fx.GraphModule, target, args: tuple):
+    """``target(*args)`` on the recorded (fake) values of the argument nodes."""
+    vals = [n.meta.get("val") for n in fx.node.map_arg(args, lambda n: [n]) if isinstance(n, fx.Node)]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+    def value(n: fx.Node):
+        v = n.meta.get("val")
+        if v is None and n.op == "get_attr":
+            v = fetch_attr(gm, n.target)
+            v = mode.from_tensor(v) if mode is not None else v
+        return v
+
+    with mode if mode is not None else contextlib.nullcontext():
+        return target(*fx.node.map_arg(args, value))
 
 
 def constant(gm: fx.GraphModule, value: Any, before: fx.Node, prefix: str = "green_const") -> fx.Node:

@@ -19,7 +19,7 @@ import torch.fx as fx
 from greenmim_convert.attention import TermPlan, term_offsets
 from greenmim_convert.kernels.windows import DigitWindows
 
-from .base import graph_order, is_view
+from .base import fetch_attr, graph_order, is_view
 
 MASKED = -50.0
 
@@ -80,14 +80,6 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node, random_parameters: bool
                 setattr(root, name, value)
                 n.target = name
         return fx.GraphModule(root, graph)().detach()
-
-
-def fetch_attr(gm: fx.GraphModule, target: str):
-    """The object a ``get_attr`` node reads: ``target``'s dotted path walked from ``gm``."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 _LABELS: dict = {}

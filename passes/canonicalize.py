@@ -6,7 +6,8 @@ one form, so the rules after it are written once:
 - metadata asserts (``_assert_tensor_metadata`` of ``x.to(dtype)``) are dropped;
 - casts to the dtype and device a value already has are dropped;
 - layout aliases become views: ``reshape_as``/``view_as`` -> ``reshape``/``view``, ``expand_as`` and a
-  ``repeat``/``tile`` of size-one axes -> ``expand``, ``unflatten`` -> ``view``, ``movedim`` -> ``permute``, ``swapaxes``/``swapdims`` -> ``transpose``;
+  ``repeat``/``tile`` of size-one axes -> ``expand``, ``unflatten`` -> ``view``, ``movedim`` -> ``permute``, ``swapaxes``/``swapdims`` -> ``transpose``,
+  ``stack`` -> ``cat`` of ``unsqueeze``;
 - ``split``, ``split_with_sizes``, ``chunk`` and ``narrow`` become slices; ``unbind`` parts become ``select``;
 - ``max.dim``/``min.dim`` read for their values only become ``amax``/``amin``;
 - a reduction of a reduction of the same kind (``mean(2).mean(3)``) becomes one reduction over both;
@@ -18,16 +19,13 @@ one form, so the rules after it are written once:
 """
 from __future__ import annotations
 
-import contextlib
 import operator
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
-from .base import GreenPass, args_of, aten, is_op, shape_of
-from .block_masks import fetch_attr
+from .base import GreenPass, args_of, aten, emit_call as _emit, fetch_attr, is_op, shape_of
 
 ASSERTS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range_for_size",
            "sym_constrain_range")
@@ -37,35 +35,6 @@ REDUCTIONS = (aten.mean, aten.sum, aten.amax, aten.amin)
 def _name(node: fx.Node) -> str:
     packet = getattr(node.target, "overloadpacket", None)
     return getattr(packet, "__name__", "")
-
-
-def _emit(gm: fx.GraphModule, before: fx.Node, target, args: tuple, like: Optional[fx.Node] = None) -> fx.Node:
-    """A new call before ``before`` carrying ``like``'s module stack and source line (for error messages) and
-    its value's metadata, computed from its inputs' recorded values as export records them."""
-    with gm.graph.inserting_before(before):
-        new = gm.graph.call_function(target, args)
-    source = like if like is not None else before
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-        if key in source.meta:
-            new.meta[key] = source.meta[key]
-    new.meta["val"] = _infer(gm, target, args)
-    return new
-
-
-def _infer(gm: fx.GraphModule, target, args: tuple):
-    """``target(*args)`` on the recorded (fake) values of the argument nodes."""
-    vals = [n.meta.get("val") for n in fx.node.map_arg(args, lambda n: [n]) if isinstance(n, fx.Node)]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-
-    def value(n: fx.Node):
-        v = n.meta.get("val")
-        if v is None and n.op == "get_attr":
-            v = fetch_attr(gm, n.target)
-            v = mode.from_tensor(v) if mode is not None else v
-        return v
-
-    with mode if mode is not None else contextlib.nullcontext():
-        return target(*fx.node.map_arg(args, value))
 
 
 def _val(node: fx.Node) -> Optional[torch.Tensor]:
@@ -158,6 +127,10 @@ class CanonicalizePass(GreenPass):
             new = _emit(gm, node, aten.transpose.int, tuple(node.args[:3]), node)
         elif name in ("to", "_to_copy", "type_as") and _same_value(node):
             new = node.args[0]
+        elif name == "stack" and out is not None:
+            dim = args_of(node).get("dim", 0) % len(out)
+            parts = [_emit(gm, node, aten.unsqueeze.default, (t, dim), node) for t in node.args[0]]
+            new = _emit(gm, node, aten.cat.default, (parts, dim), node)
         else:
             return None
         _replace(gm, node, new)

@@ -1,4 +1,5 @@
-"""Channel splits: ``unbind``, ``select``, ``split``, ``chunk`` and ``slice`` over channel digits.
+"""Channel splits: ``unbind``, ``select``, ``split``, ``chunk`` and ``slice`` (strided too) over channel digits,
+and their inverse: ``cat`` along a new axis (``stack``), which makes a new channel digit.
 
 Attention layers compute q/k/v with one Linear and split its output by viewing the channels as
 (3, heads, head_dim) and unbinding (or chunking) the leading digit; gates are split off with
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import replace
+from math import prod
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -22,14 +24,15 @@ from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call
 Part = Tuple[Layout, List[int]]  # layout of the part and the packed columns it reads
 
 
-def select_digits(lay: Layout, axis: int, start: int, stop: int, drop: bool) -> Part:
-    """The part of ``lay`` whose ``axis`` (one channel digit) lies in ``[start, stop)``; ``drop`` removes the axis."""
+def select_digits(lay: Layout, axis: int, start: int, stop: int, drop: bool, step: int = 1) -> Part:
+    """The part of ``lay`` whose ``axis`` (one channel digit) lies in ``range(start, stop, step)``; ``drop`` removes
+    the axis."""
     ax = lay.axes[axis]
     if len(ax) != 1 or ax[0].kind != "c":
         raise LayoutError(f"split along axis {axis} of layout {lay.shape}, which is not one channel digit")
     split = ax[0]
     signature = lay.channel_atoms()
-    sizes = [stop - start if a == split else a.size for a in signature]
+    sizes = [len(range(start, stop, step)) if a == split else a.size for a in signature]
     renamed: Dict[Atom, Atom] = {}
     place = 1
     for a, size in zip(reversed(signature), reversed(sizes)):
@@ -37,7 +40,7 @@ def select_digits(lay: Layout, axis: int, start: int, stop: int, drop: bool) -> 
         place *= size
     columns = torch.arange(lay.channels).view([a.size for a in signature])
     index = [slice(None)] * len(signature)
-    index[signature.index(split)] = slice(start, stop)
+    index[signature.index(split)] = slice(start, stop, step)
     columns = columns[tuple(index)].reshape(-1).tolist()
     axes = []
     for i, ax_i in enumerate(lay.axes):
@@ -70,9 +73,37 @@ def _parts(node: fx.Node, lay: Layout) -> Optional[List[Part]]:
     return None
 
 
+def _new_digit_cat(node: fx.Node) -> Optional[Layout]:
+    """``cat`` along an axis of size one in every input (``stack`` in canonical form): the inputs become the values
+    of a new channel digit, placed above the channel digits of the later axes (rotary embeddings'
+    ``stack([-x[..., 1::2], x[..., ::2]], -1)``)."""
+    tensors, dim = node.args[0], args_of(node)["dim"]
+    lays = [layout_of(t) for t in tensors]
+    if len(tensors) < 2 or any(lay is None for lay in lays):
+        return None
+    base = lays[0]
+    dim %= len(base.axes)
+    if any(lay.axes[dim] for lay in lays) or base.is_pair() or base.prefixed_axes():
+        return None
+    if any(lay != base for lay in lays[1:]):
+        raise LayoutError("stack of tensors of different layouts")
+    signature = base.channel_atoms()
+    later = [a for ax in base.axes[dim + 1:] for a in ax if a.kind == "c"]
+    if set(later) != set(signature[len(signature) - len(later):]):
+        raise LayoutError("stack along an axis placed between channel digits of other significance")
+    below = prod(a.size for a in later)
+    renamed = {a: a if a in later else Atom("c", a.size, a.inner * len(tensors)) for a in signature}
+    axes = [tuple(renamed.get(a, a) for a in ax) for ax in base.axes]
+    axes[dim] = (Atom("c", len(tensors), below),)
+    node.meta["new_digit"] = below
+    return replace(base, axes=tuple(axes))
+
+
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if node.op != "call_function":
         return None
+    if is_op(node, aten.cat):
+        return _new_digit_cat(node)
     src = node.args[0] if node.args else None
     if node.target is operator.getitem:
         parts = src.meta.get("parts") if isinstance(src, fx.Node) else None
@@ -98,9 +129,9 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if is_op(node, aten.slice):
         dim = a["dim"] % len(lay.axes)
         start, stop, step = slice(a["start"], a["end"], a["step"]).indices(lay.shape[dim])
-        if step != 1 or not all(x.kind == "c" for x in lay.axes[dim]):
+        if not all(x.kind == "c" for x in lay.axes[dim]):
             return None
-        out, node.meta["columns"] = select_digits(lay, dim, start, stop, False)
+        out, node.meta["columns"] = select_digits(lay, dim, start, stop, False, step)
         return out
     return None
 
@@ -113,6 +144,10 @@ class ChannelSplitPass(GreenPass):
         for node in list(gm.graph.nodes):
             if "parts" in node.meta:
                 self._split_whole(gm, node)
+        for node in list(gm.graph.nodes):
+            if "new_digit" in node.meta:
+                replace_with_call(gm, node, ops.stack_columns, (list(node.args[0]), node.meta["new_digit"]))
+                self.report["stack -> columns interleaved as a new channel digit"] += 1
         for node in list(gm.graph.nodes):
             columns = node.meta.get("columns")
             if columns is None or node.meta.get("attention"):

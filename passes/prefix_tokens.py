@@ -1,9 +1,9 @@
 """Prefix tokens (a class token) in front of the grid tokens: ``cat``, ``slice`` and ``slice_scatter`` of them.
 
-``cat((token, grid), dim)`` along a token axis, where ``token`` is one value per sample (an image
-value) or a constant with one value for every sample (``cls_token.expand(B, -1, -1)``), gives a
-layout whose token axis holds one prefix token before the grid tokens. Packed, such a value is its
-grid rows in canonical order followed by one row per sample: token-wise ops run on it unchanged.
+``cat((*parts, grid), dim)`` along a token axis, where each part is one value per sample (an image
+value) or constant tokens equal for every sample (``cls_token.expand(B, -1, -1)``, register tokens),
+gives a layout whose token axis holds prefix tokens before the grid tokens. Packed, such a value is its
+grid rows in canonical order followed by each sample's prefix rows: token-wise ops run on it unchanged.
 ``x[:, 1:]`` (the grid tokens) and ``x[:, :1]`` (the prefix token, one value per sample) select rows;
 ``slice_scatter`` of the grid part of attention logits back into them (timm's
 ``attn[:, :, 1:, 1:] = ...`` after functionalization) is read by the attention pass.
@@ -51,8 +51,9 @@ def _slice_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
     raise LayoutError(f"slice {start}:{stop}:{step} of a token axis holding {count} prefix token(s) and the grid tokens")
 
 
-def _constant_token(node: fx.Node, grid: Layout) -> tuple:
-    """The source of a constant prefix token equal for every sample, with its batch and channel axes checked."""
+def _constant_tokens(node: fx.Node, grid: Layout, dim: int) -> tuple:
+    """``(source, batch axis, token axis, channel axis, count)`` of constant prefix tokens equal for every sample
+    (``cls_token.expand(B, -1, -1)``, or several register tokens), with their axes checked."""
     src = node.args[0] if is_op(node, aten.expand) else node
     shape = shape_of(src)
     batch_axis = next((i for i, ax in enumerate(grid.axes) if any(a.kind == "b" for a in ax)), None)
@@ -61,30 +62,34 @@ def _constant_token(node: fx.Node, grid: Layout) -> tuple:
         raise LayoutError("concatenation of image tokens with a constant that is not one token per sample")
     for i, size in enumerate(shape):
         want = grid.shape[i] if i == channel_axis else 1
-        if size != want:
-            raise LayoutError(f"concatenation of image tokens with a constant of shape {shape_of(node)} that is not one "
-                              "token, equal for every sample")
-    return src, batch_axis, channel_axis
+        if size != want and i != dim:
+            raise LayoutError(f"concatenation of image tokens with a constant of shape {shape_of(node)} that is not "
+                              "tokens equal for every sample")
+    return src, batch_axis, dim, channel_axis, shape[dim]
 
 
 def _cat_rule(node: fx.Node) -> Optional[Layout]:
+    """``cat((prefix parts..., grid tokens), dim)``: each part a per-sample token or constant tokens."""
     tensors, dim = node.args[0], args_of(node)["dim"]
-    if len(tensors) != 2 or layout_of(tensors[1]) is None:
+    if len(tensors) < 2 or layout_of(tensors[-1]) is None:
         return None
-    grid = layout_of(tensors[1])
+    grid = layout_of(tensors[-1])
     dim %= len(grid.axes)
     if grid.is_pair() or grid.prefixed_axes() or not grid.axes[dim] or any(a.kind not in "hw" for a in grid.axes[dim]):
         return None
-    token = layout_of(tensors[0])
-    if token is None:
-        node.meta["prefix_constant"] = _constant_token(tensors[0], grid)
-    else:
+    parts = []
+    for part in tensors[:-1]:
+        token = layout_of(part)
+        if token is None:
+            parts.append(_constant_tokens(part, grid, dim))
+            continue
         expected = list(grid.axes)
         expected[dim] = ()
         if not token.is_per_sample() or token.padded_to(len(grid.axes)).axes != tuple(expected):
             raise LayoutError(f"concatenation of grid tokens {grid.shape} with tokens {token.shape} that are not one per sample")
-    node.meta["prefix_cat"] = True
-    return replace(grid, prefix=1)
+        parts.append(None)
+    node.meta["prefix_cat"] = parts
+    return replace(grid, prefix=sum(1 if p is None else p[-1] for p in parts))
 
 
 def _scatter_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
@@ -133,12 +138,13 @@ class PrefixTokensPass(GreenPass):
                 fn = ops.grid_rows if part == "grid" else ops.prefix_rows
                 replace_with_call(gm, node, fn, (node.args[0], visible, count))
                 self.report[f"slice -> {part} rows"] += 1
-            elif node.meta.get("prefix_cat"):
-                token, grid = node.args[0]
-                if layout_of(token) is None:
-                    src, batch_axis, channel_axis = node.meta["prefix_constant"]
-                    with gm.graph.inserting_before(node):
-                        token = gm.graph.call_function(ops.constant_prefix_rows, (src, visible, batch_axis, channel_axis))
-                    self.report["constant class token -> one row per sample"] += 1
-                replace_with_call(gm, node, ops.join_prefix, (grid, token))
-                self.report["cat -> class token rows after the grid rows"] += 1
+            elif "prefix_cat" in node.meta:
+                tokens = []
+                for part, constant in zip(node.args[0][:-1], node.meta["prefix_cat"]):
+                    if constant is not None:
+                        with gm.graph.inserting_before(node):
+                            part = gm.graph.call_function(ops.constant_prefix_rows, (*constant[:-1], visible))
+                        self.report["constant prefix tokens -> rows of every sample"] += 1
+                    tokens.append(part)
+                replace_with_call(gm, node, ops.join_prefix, (node.args[0][-1], tokens, visible))
+                self.report["cat -> prefix token rows after the grid rows"] += 1

@@ -24,8 +24,8 @@ import torch.fx as fx
 from greenmim_convert import ops
 from greenmim_convert.layout import Atom, Layout, LayoutError, space_to_depth_plan
 
-from .base import (GreenPass, args_of, aten, constant, context_of, is_op, layout_of, replace_with_call, shape_of,
-                   sites_node)
+from .base import (GreenPass, args_of, aten, constant, context_of, emit_call, is_op, layout_of, replace_with_call,
+                   shape_of, sites_node)
 
 UNARY = (
     aten.gelu, aten.relu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish, aten.hardsigmoid, aten.mish,
@@ -86,10 +86,19 @@ def _constant_ok(arg, out: Layout) -> bool:
     if len(shape) > len(out.axes):
         return False
     padded = (1,) * (len(out.axes) - len(shape)) + tuple(shape)
-    for size, ax in zip(padded, out.axes):
-        if size != 1 and (size != prod(a.size for a in ax) or any(a.kind == "b" for a in ax)):
+    prefixed = out.prefixed_axes()
+    for i, (size, ax) in enumerate(zip(padded, out.axes)):
+        if size != 1 and (size != prod(a.size for a in ax) + prefixed.get(i, 0) or any(a.kind == "b" for a in ax)):
             return False
     return True
+
+
+def _prefixed_axis(arg: fx.Node, out: Layout) -> Optional[int]:
+    """The axis holding prefix tokens along which the constant ``arg`` varies (a position embedding with a
+    position for the class token too), or None."""
+    shape = shape_of(arg) or ()
+    padded = (1,) * (len(out.axes) - len(shape)) + tuple(shape)
+    return next((axis for axis in out.prefixed_axes() if padded[axis] != 1), None)
 
 
 def elementwise_layout(node: fx.Node) -> Layout:
@@ -260,6 +269,24 @@ def _pack_constant(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out: Layout,
         return gm.graph.call_function(aten.reshape.default, (x, final))
 
 
+def _pack_prefixed_constant(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out: Layout, axis: int) -> fx.Node:
+    """A constant over a token axis holding prefix tokens, as packed rows ``(rows, C)``: its grid part read at
+    the visible tokens, then each sample's copy of its prefix part (always visible)."""
+    count = out.prefixed_axes()[axis]
+    grid = out.without_prefix(axis)
+    if {a for a in _constant_atoms(arg, grid) if a.kind == "c"} != set(grid.channel_atoms()):
+        raise LayoutError(f"constant of shape {shape_of(arg)} over prefix and grid tokens that does not vary along "
+                          "every channel")
+    shape = shape_of(arg)
+    dim = axis - (len(out.axes) - len(shape))
+    part = emit_call(gm, node, aten.slice.Tensor, (arg, dim, count, shape[dim]))
+    rows = _pack_constant(gm, node, part, grid, split_channels=False)
+    tokens = [_pack_constant(gm, node, emit_call(gm, node, aten.slice.Tensor, (arg, dim, j, j + 1)), grid, False)
+              for j in range(count)]
+    with gm.graph.inserting_before(node):
+        return gm.graph.call_function(ops.join_constant_prefix, (rows, tokens, context_of(gm).visible))
+
+
 class TokenwisePass(GreenPass):
     name = "token-wise"
     description = "token-wise ops run unchanged on packed tokens; per-sample values broadcast to their tokens"
@@ -320,6 +347,13 @@ class TokenwisePass(GreenPass):
 
     def _elementwise(self, gm: fx.GraphModule, node: fx.Node) -> None:
         out = node.meta["layout"]
+        for arg in [a for a in node.all_input_nodes if layout_of(a) is None]:
+            axis = _prefixed_axis(arg, out)
+            if axis is not None:
+                rows = _pack_prefixed_constant(gm, node, arg, out, axis)
+                rows.meta["layout"] = out
+                node.replace_input_with(arg, rows)
+                self.report["position constant over prefix tokens -> prefix rows + visible grid rows"] += 1
         signature = out.channel_atoms()
         full = [a.size for a in signature]
         constants = [a for a in node.all_input_nodes if layout_of(a) is None and prod(shape_of(a) or (1,)) > 1]

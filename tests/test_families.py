@@ -45,6 +45,10 @@ SMALL_MVIT = dict(depths=(1, 2, 1, 1), embed_dim=16, num_heads=1)
 MVIT_IMG = 96  # grids 24, 12, 6, 3: keys pooled to 6x6 in the first stage
 
 
+SMALL_VIT = dict(depth=2, drop_path_rate=0.1)
+VIT_IMG = 64  # a 4x4 grid of 16-pixel patches
+
+
 def _mvitv2(name: str, pretrained: bool = False, img_size: int = MVIT_IMG, drop_path_rate: float = 0.0, **cfg) -> torch.nn.Module:
     """timm's MViTv2 ``name`` with fields of its configuration dataclass replaced (its builder takes no ``depths=``)."""
     return build_model_with_cfg(mvitv2.MultiScaleVit, name, pretrained, model_cfg=replace(mvitv2.model_cfgs[name], **cfg),
@@ -96,6 +100,14 @@ CASES: Dict[str, Case] = {
     # relative positions and the max-pooled shortcut; the stage outputs leave it out; drop-path scales it per sample
     "mvitv2_small_cls": Case(_mvitv2, "mvitv2_small_cls", dict(SMALL_MVIT, drop_path_rate=0.3), MVIT_IMG,
                              zero_grads=("norm_k.bias",)),
+    # plain ViTs: prefix tokens (class, distillation, register) are always visible; absolute position embeddings
+    # (over the prefix and grid tokens, or the grid only) and EVA's rotary embedding are read per visible token
+    "vit_tiny_patch16_224": Case(timm.create_model, "vit_tiny_patch16_224", dict(SMALL_VIT, img_size=VIT_IMG), VIT_IMG),
+    "deit_tiny_distilled_patch16_224": Case(timm.create_model, "deit_tiny_distilled_patch16_224",
+                                            dict(SMALL_VIT, img_size=VIT_IMG), VIT_IMG),
+    "vit_little_patch16_reg4_gap_256": Case(timm.create_model, "vit_little_patch16_reg4_gap_256",
+                                            dict(SMALL_VIT, embed_dim=64, num_heads=4, img_size=VIT_IMG), VIT_IMG),
+    "eva02_tiny_patch14_224": Case(timm.create_model, "eva02_tiny_patch14_224", dict(SMALL_VIT, img_size=56), 56),
     "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
     "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
     "pvt_v2_b2_li": Case(timm.create_model, "pvt_v2_b2_li", dict(depths=(1, 1, 1, 1))),
@@ -112,7 +124,7 @@ def build(case: str, seed: int, dtype: torch.dtype = torch.float64):
     model = c.builder(c.name, pretrained=False, **c.kwargs)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "relative_position_bias_table" in n or n.endswith(("rel_pos_h", "rel_pos_w")):
+            if "relative_position_bias_table" in n or n.endswith(("rel_pos_h", "rel_pos_w", "_token", "pos_embed")):
                 p.normal_(0.0, 0.5)
             elif p.dim() == 1 and n.endswith("bias"):
                 p.normal_(0.0, 0.1)  # larger biases would dominate q and k: near-uniform attention, ill-conditioned grads
