@@ -19,12 +19,11 @@ from conftest import rel_err
 pytest.importorskip("transformers")
 from hf_models import IMG, build_hf  # noqa: E402  (after the optional import)
 
-CONVERTS = ["swin", "swinv2", "donut-swin", "focalnet", "convnext", "convnextv2", "pvt_v2",
+CONVERTS = ["swin", "swinv2", "donut-swin", "focalnet", "convnext", "convnextv2", "pvt", "pvt_v2",
             "segformer", "hiera", "poolformer", "resnet", "swiftformer"]
 BACKBONES = ["swinv2", "convnext", "resnet"]
 # model type -> what its error must name: the operation the compiler has no rule for yet
 REFUSED = {
-    "pvt": "constant of shape",
     "maskformer-swin": "pad.default",  # its last grid (2x2) is padded up to one 4x4 window
     "mobilevit": "row axes are not token axes",
     "levit": "does not contract the key axis",
