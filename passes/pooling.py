@@ -5,14 +5,17 @@ a cell with none is not a site of the pooled grid (so it is absent from attentio
 average pool divides by its visible positions, plus its own padding when ``count_include_pad``. Adaptive
 pooling whose output size divides the grid, and ``avg_pool2d`` with kernel == stride, are
 kernel == stride poolings. A reduction over every spatial digit (a global context, squeeze-excite,
-GRN's norm; with channel digits too, a group norm's statistics) is one value per sample over its visible tokens, broadcast back to the sample's tokens
-by the token-wise pass. Max pooling takes the maximum over the visible positions of its window (as
-over its own ``-inf`` padding). Ops rewritten: ``adaptive_avg_pool2d``, ``avg_pool2d``,
-``max_pool2d``, and ``mean``, ``sum``, ``linalg_vector_norm``, ``amax``, ``amin`` over the grid.
+GRN's norm; with channel digits too, a group norm's statistics) is one value per sample over its visible tokens,
+broadcast back to the sample's tokens by the token-wise pass. Max pooling takes the maximum over the visible
+positions of its window (as over its own ``-inf`` padding). Pooling runs wherever the windows were folded: a
+kernel == stride pool (or a reduction over low row and column digits, ``view(...).amax(dims)``) of any layout,
+windows or heads folded into the batch axis included, reduces the visible positions of each cell of the grid.
+Ops rewritten: ``adaptive_avg_pool2d``, ``avg_pool2d``, ``max_pool2d``, and ``mean``, ``sum``,
+``linalg_vector_norm``, ``amax``, ``amin`` over the grid.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch.fx as fx
 
@@ -26,6 +29,7 @@ from .conv import is_nchw
 from .layout_ops import with_absorbed_pad
 
 SPATIAL_REDUCTIONS = (aten.mean, aten.sum, aten.linalg_vector_norm, aten.amax, aten.amin)
+POOLS = (aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d)
 
 
 def _pool_factor(node: fx.Node, lay: Layout) -> Optional[int]:
@@ -37,7 +41,8 @@ def _pool_factor(node: fx.Node, lay: Layout) -> Optional[int]:
         return lay.grid[0] // out[0]
     if is_op(node, aten.avg_pool2d):
         k, s = _pair(a["kernel_size"]), _pair(a["stride"] or a["kernel_size"])
-        if k != s or k[0] != k[1] or any(a["padding"]) or a["ceil_mode"] or lay.grid[0] % k[0] or lay.grid[1] % k[1]:
+        uneven = lay.grid[0] % k[0] or lay.grid[1] % k[1]
+        if k != s or k[0] != k[1] or any(a["padding"]) or a["ceil_mode"] or uneven or a["divisor_override"]:
             return None  # a sliding-window average pool
         return k[0]
     return None
@@ -48,10 +53,10 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     lay = layout_of(src)
     if lay is None or node.op != "call_function":
         return None
+    if is_op(node, *POOLS) and not is_nchw(lay):
+        return _folded_pool_layout(node, lay)
     factor = _pool_factor(node, lay) if is_op(node, aten.adaptive_avg_pool2d, aten.avg_pool2d) else None
     if factor is not None:
-        if not is_nchw(lay):
-            raise LayoutError(f"pooling input is not an NCHW feature map (layout {lay.shape})")
         out = (lay.grid[0] // factor, lay.grid[1] // factor)
         if out == (1, 1):
             node.meta["spatial_mean"] = True
@@ -64,8 +69,10 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
             return None
         if lay.prefixed_axes():
             raise LayoutError("reduction over the grid of tokens that hold prefix tokens: slice the prefix tokens off first")
-        cell = _cell_reduction(node, lay, reduced)
+        kind = str(node.target).split(".")[1]
+        cell = _cell_reduction(lay, reduced, kind, bool(args_of(node)["keepdim"]))
         if cell is not None:
+            node.meta["cell_reduction"] = (kind, cell.stride // lay.stride)
             return cell
         if any(a.kind in "hw" for i, ax in enumerate(lay.axes) if i not in reduced for a in ax) or any(not lay.axes[i] for i in reduced):
             raise LayoutError(f"reduction over axes {sorted(reduced)} of layout {lay.shape} is not over exactly the whole grid")
@@ -83,26 +90,25 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     return None
 
 
-def _cell_reduction(node: fx.Node, lay: Layout, reduced: set) -> Optional[Layout]:
-    """A reduction over the low row and column digits of every cell (Hiera's max pooling of unrolled
-    tokens): a kernel == stride pooling onto the coarser grid; None when other digits are reduced."""
+def _cell_reduction(lay: Layout, reduced: set, kind: str, keep: bool) -> Optional[Layout]:
+    """The layout after a reduction over the low row and column digits of every cell (Hiera's max pooling of
+    unrolled tokens, a pool of windows folded into the batch): a kernel == stride pooling onto the coarser grid;
+    None when other digits are reduced or the reduction is not an ``amax``, ``mean`` or ``sum``."""
     atoms = [a for i in reduced for a in lay.axes[i]]
     kept = [a for i, ax in enumerate(lay.axes) if i not in reduced for a in ax if a.kind in "hw"]
-    if not kept or any(a.kind not in "hw" for a in atoms) or not is_op(node, aten.amax, aten.mean, aten.sum):
+    if not kept or any(a.kind not in "hw" for a in atoms) or kind not in ("amax", "mean", "sum"):
         return None
     factor = {}
-    for kind in "hw":
-        low = sorted((a for a in atoms if a.kind == kind), key=lambda a: a.inner)
+    for k in "hw":
         place = 1
-        for a in low:
+        for a in sorted((a for a in atoms if a.kind == k), key=lambda a: a.inner):
             if a.inner != place:
                 return None
             place *= a.size
-        factor[kind] = place
-    if factor["h"] != factor["w"] or factor["h"] == 1 or lay.offset != (0, 0):
-        return None
+        factor[k] = place
     f = factor["h"]
-    keep = bool(args_of(node)["keepdim"])
+    if f != factor["w"] or f == 1 or lay.offset != (0, 0) or any(a.inner % f for a in kept):
+        return None
     axes = []
     for i, ax in enumerate(lay.axes):
         if i in reduced:
@@ -110,11 +116,49 @@ def _cell_reduction(node: fx.Node, lay: Layout, reduced: set) -> Optional[Layout
                 axes.append(())
             continue
         axes.append(tuple(Atom(a.kind, a.size, a.inner // f) if a.kind in "hw" else a for a in ax))
-    if any(a.kind in "hw" and a.inner % f for ax in lay.axes for a in ax if a not in atoms):
-        return None
     out = Layout(tuple(axes), (lay.grid[0] // f, lay.grid[1] // f), lay.stride * f)
     out.check_packed()
-    node.meta["cell_reduction"] = f
+    return out
+
+
+def _folded_pool(node: fx.Node) -> Tuple[str, int]:
+    """``(reduction, factor)`` of a square kernel == stride pool without padding, read from its arguments and
+    shapes; raises for a sliding-window or padded pool."""
+    a = args_of(node)
+    if is_op(node, aten.adaptive_avg_pool2d):
+        (h, w), (oh, ow) = shape_of(node.args[0])[-2:], shape_of(node)[-2:]
+        if h % oh or w % ow or h // oh != w // ow:
+            raise LayoutError(f"adaptive pooling from {(h, w)} to {(oh, ow)} is not a square kernel == stride pooling")
+        return "mean", h // oh
+    k, s = _pair(a["kernel_size"]), _pair(a["stride"] or a["kernel_size"])
+    if is_op(node, aten.max_pool2d):
+        kind, padding = "amax", with_absorbed_pad(node.args[0], _pair(a["padding"]))
+        plain = _pair(a["dilation"]) == (1, 1)
+    else:
+        kind, padding, plain = "mean", _pair(a["padding"]), not a["divisor_override"]
+    if k != s or k[0] != k[1] or any(padding) or not plain:
+        name = "max" if kind == "amax" else "average"
+        raise LayoutError(f"{name} pooling of a map that is not NCHW (windows or heads folded into its batch axis) "
+                          f"with a kernel {k} that is not its stride {s}, with padding, dilation or a divisor")
+    return kind, k[0]
+
+
+def _folded_pool_layout(node: fx.Node, lay: Layout) -> Layout:
+    """A kernel == stride pool of a map whose axes are not plain NCHW (windows folded into the batch axis): the
+    reduction over the minor digits of the two pooled axes split by the kernel, which pools over the visible
+    positions of each cell of the grid whatever digits the other axes hold."""
+    kind, f = _folded_pool(node)
+    shape = lay.shape
+    if len(shape) < 3 or shape[-2] % f or shape[-1] % f:
+        raise LayoutError(f"pooling by {f} of a map of shape {shape} that it does not divide")
+    if lay.prefixed_axes():
+        raise LayoutError("pooling of tokens that hold prefix tokens: slice the prefix tokens off first")
+    split = lay.view(shape[:-2] + (shape[-2] // f, f, shape[-1] // f, f))
+    out = _cell_reduction(split, {len(shape) - 1, len(shape) + 1}, kind, keep=False)
+    if out is None:
+        raise LayoutError(f"pooling of layout {lay.shape} does not pool cells of its grid: its pooled axes do not "
+                          f"hold the low row and column digits")
+    node.meta["cell_reduction"] = (kind, f)
     return out
 
 
@@ -165,8 +209,7 @@ class PoolingPass(GreenPass):
                 replace_with_call(gm, node, ops.sample_reduce, (node.target, src, sites_node(gm, layout_of(src)), kwargs, sizes, digits))
                 self.report[f"spatial {str(node.target).split('.')[1]} -> per-sample over visible positions"] += 1
             elif node.meta.get("cell_reduction"):
-                f = node.meta["cell_reduction"]
-                kind = str(node.target).split(".")[1]
+                kind, f = node.meta["cell_reduction"]
                 args = (kind, src, sites_node(gm, layout_of(src)), sites_node(gm, node.meta["layout"]), f)
                 replace_with_call(gm, node, ops.cell_reduce, args)
                 self.report[f"{kind} over {f}x{f} cells of visible positions"] += 1

@@ -14,8 +14,12 @@ IMG = 64
 _SWIN = dict(image_size=IMG, patch_size=4, embed_dim=16, depths=[2, 2, 1, 1], num_heads=[1, 2, 2, 4], window_size=4,
              mlp_ratio=2.0)
 _CVT_STAGES = 3
+_SAM2 = dict(hidden_size=16, num_attention_heads=1, image_size=[IMG, IMG], blocks_per_stage=[1, 1, 2, 1],
+             embed_dim_per_stage=[16, 32, 48, 64], num_attention_heads_per_stage=[1, 2, 2, 4],
+             window_size_per_stage=[4, 4, 2, 2], global_attention_blocks=[4],
+             window_positional_embedding_background_size=[4, 4], num_query_pool_stages=2, mlp_ratio=2.0)
 
-# model_type -> AutoConfig.for_model kwargs
+# test case (a model type, or a name in MODEL_TYPES) -> AutoConfig.for_model kwargs
 CONFIGS: Dict[str, Dict[str, Any]] = {
     # Swin and Donut clamp a window to a smaller grid but keep the bias table of their configured window, so at
     # 64x64 their windows are 2; Swin V2 clamps at construction, MaskFormer Swin pads its 2x2 grid to a window
@@ -58,13 +62,14 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "vitdet": dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, image_size=IMG,
                    pretrain_image_size=IMG, patch_size=16, window_block_indices=[0, 2], residual_block_indices=[1],
                    use_relative_position_embeddings=True, window_size=3, mlp_ratio=2),
-    # block 3's windows of 3 pad its 4x4 grid; block 4 attends globally
-    "sam2_hiera_det_model": dict(hidden_size=16, num_attention_heads=1, image_size=[IMG, IMG],
-                                 blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 48, 64],
-                                 num_attention_heads_per_stage=[1, 2, 2, 4], window_size_per_stage=[4, 4, 3, 2],
-                                 global_attention_blocks=[4], window_positional_embedding_background_size=[4, 4],
-                                 num_query_pool_stages=2, mlp_ratio=2.0),
+    # blocks 1 and 2 pool their queries 2x2 inside 4x4 windows folded into the batch; block 4 attends globally
+    "sam2_hiera_det_model": _SAM2,
+    # block 3's windows of 3 pad its 4x4 grid
+    "sam2-padded-windows": dict(_SAM2, window_size_per_stage=[4, 4, 3, 2]),
 }
+
+# test cases that are a second configuration of one transformers model type: case name -> model type
+MODEL_TYPES: Dict[str, str] = {"sam2-padded-windows": "sam2_hiera_det_model"}
 
 # model types whose AutoBackbone the tests build, with config kwargs that differ from the model's
 BACKBONES: Dict[str, Dict[str, Any]] = {
@@ -132,9 +137,10 @@ def build_hf(model_type: str, backbone: bool = False, drop_path: float = 0.1, dt
              attn_implementation: str | None = None, **overrides: Any) -> nn.Module:
     """``AutoModel`` (``AutoBackbone`` with every stage as an output feature) of ``CONFIGS[model_type]`` (with
     ``overrides``), random weights (``randomise``), BatchNorm statistics of random images, in ``dtype`` and eval
-    mode."""
+    mode. ``model_type`` is a test case: a transformers model type or a name in ``MODEL_TYPES``."""
     transformers = import_transformers()
     kwargs = {**CONFIGS[model_type], **(BACKBONES[model_type] if backbone else {}), **overrides}
+    model_type = MODEL_TYPES.get(model_type, model_type)
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
     extra = _drop_path_kwargs(config, drop_path)
     if backbone:

@@ -22,7 +22,7 @@ from greenmim_convert.reference import dense_masked_reference, feature_layout, v
 from greenmim_convert.tokens import GreenOutput
 
 from conftest import masks_with_unequal_counts, rel_err
-from hf_models import BACKBONES, CONFIGS, IMG, build_hf, import_transformers
+from hf_models import BACKBONES, CONFIGS, IMG, MODEL_TYPES, build_hf, import_transformers
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,11 +52,16 @@ class Case:
         extra += [k if v is True else f"{k}={v}" for k, v in self.overrides]
         return "/".join([self.model_type] + (["backbone"] if self.backbone else []) + extra)
 
+    @property
+    def family(self) -> str:
+        """The transformers model type (a case of ``MODEL_TYPES`` is a second configuration of one)."""
+        return MODEL_TYPES.get(self.model_type, self.model_type)
+
 
 UNITS = {"vitdet": 16, "sam2_hiera_det_model": 16}  # no stage past stride 16 mixes positions
 FMT = {"sam2_hiera_det_model": "NHWC"}
 CASES = (
-    [Case(t, unit=UNITS.get(t, 32), fmt=FMT.get(t, "NCHW")) for t in CONFIGS]
+    [Case(t, unit=UNITS.get(MODEL_TYPES.get(t, t), 32), fmt=FMT.get(MODEL_TYPES.get(t, t), "NCHW")) for t in CONFIGS]
     + [Case(t, backbone=True, unit=UNITS.get(t, 32)) for t in BACKBONES if t != "hiera"]
     # transformers' eager attention: float32 softmax of float64 logits, the mask must stay finite there
     + [Case(t, attn="eager", unit=UNITS.get(t, 32), fmt=FMT.get(t, "NCHW"))
@@ -199,7 +204,7 @@ def _with_noise(x: torch.Tensor, case: Case, visible: torch.Tensor, gen: torch.G
 def _noise_at_masked(model: nn.Module, case: Case, visible: torch.Tensor, seed: int) -> Iterator[None]:
     """Large random values at the masked positions of the inputs (outputs) of ``NOISE_INPUTS`` (``NOISE_OUTPUTS``)."""
     gen = torch.Generator().manual_seed(seed)
-    inputs, outputs = NOISE_INPUTS[case.model_type], NOISE_OUTPUTS.get(case.model_type, ())
+    inputs, outputs = NOISE_INPUTS[case.family], NOISE_OUTPUTS.get(case.family, ())
 
     def pre(module, args):
         return (_with_noise(args[0], case, visible, gen),) + tuple(args[1:])

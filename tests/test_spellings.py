@@ -250,6 +250,54 @@ class CellMax(nn.Module):
         return self.forward(x)  # a cell lies inside one mask unit: all of it visible or none
 
 
+class FoldedPool(nn.Module):
+    """Queries pooled 2x2 inside 4x4 windows folded into the batch axis attend to their window's keys (SAM 2's
+    query pooling); the pool of the folded windows is spelled ``spell``."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell, self.qkv, self.proj = spell, nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+    def pool(self, t):
+        """(N, h, w, C) windows -> (N, h/2, w/2, C)."""
+        n, h, w, c = t.shape
+        if self.spell == "view-amax":
+            return t.view(n, h // 2, 2, w // 2, 2, c).amax((2, 4))
+        if self.spell == "view-max-values":
+            return t.view(n, h // 2, 2, w // 2, 2, c).max(4).values.max(2).values
+        nchw = t.permute(0, 3, 1, 2)
+        if self.spell == "max_pool2d":
+            pooled = F.max_pool2d(nchw, 2)
+        elif self.spell == "avg_pool2d":
+            pooled = F.avg_pool2d(nchw, 2, 2)
+        else:  # adaptive average pooling to half the window
+            pooled = F.adaptive_avg_pool2d(nchw, (h // 2, w // 2))
+        return pooled.permute(0, 2, 3, 1)
+
+    def attend(self, x, key_bias=None):
+        b, c, h, w = x.shape
+        nh, nw = h // WINDOW, w // WINDOW
+        t = x.permute(0, 2, 3, 1).reshape(b, nh, WINDOW, nw, WINDOW, c).transpose(2, 3).reshape(-1, WINDOW, WINDOW, c)
+        q, k, v = self.qkv(t).chunk(3, -1)
+        q = self.pool(q).reshape(t.shape[0], -1, HEADS, C // HEADS).transpose(1, 2)
+        k, v = (p.reshape(t.shape[0], -1, HEADS, C // HEADS).transpose(1, 2) for p in (k, v))
+        a = (q @ k.transpose(-2, -1)) * (C // HEADS) ** -0.5
+        if key_bias is not None:
+            a = a + key_bias
+        y = self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(t.shape[0], -1, c))
+        half = WINDOW // 2
+        y = y.view(b, nh, nw, half, half, c).transpose(2, 3).reshape(b, h // 2, w // 2, c)
+        return y.permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        return self.attend(x)
+
+    def reference(self, x, vis):
+        b, _, h, w = vis.shape
+        keys = vis.view(b, h // WINDOW, WINDOW, w // WINDOW, WINDOW).transpose(2, 3).reshape(-1, 1, 1, WINDOW * WINDOW)
+        return self.attend(x, torch.where(keys > 0, 0.0, NEG).to(x.dtype))
+
+
 SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
     "grid-mean": (GridMean, ("mean23", "mean2-mean3", "mean3k-mean2k", "adaptive-pool", "flatten-mean")),
     "grid-max": (GridMax, ("amax", "max-values", "max-of-max")),
@@ -259,6 +307,7 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
                                     "reshape_as")),
     "drop-path": (DropPath, ("bernoulli", "floor", "compare")),
     "cell-max": (CellMax, ("amax", "max-values", "getitem-max")),
+    "folded-pool": (FoldedPool, ("max_pool2d", "view-amax", "view-max-values", "avg_pool2d", "adaptive-avg")),
 }
 CASES = [(rule, spell) for rule, (_, spells) in SPELLS.items() for spell in spells]
 
@@ -326,7 +375,7 @@ def test_spelling_matches_reference(rule: str, spell: str, seed: int):
         assert rel_err(g, w) <= 1e-10, name
 
 
-@pytest.mark.parametrize("rule", ["grid-mean", "grid-max", "group-stats", "attention"])
+@pytest.mark.parametrize("rule", ["grid-mean", "grid-max", "group-stats", "attention", "folded-pool"])
 def test_reference_sees_the_mask(rule: str):
     """The references that mix positions are not the dense model: with units masked, visible outputs change.
     (Drop path and in-unit pooling change no visible output under masking, by definition.)"""

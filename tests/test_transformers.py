@@ -2,10 +2,13 @@
 
 Each model that converts is checked all-visible against its own output in eval mode and in training
 mode (the same seed: the same drop-path draws), and masked (per-sample masks) against the transformers
-oracle (``greenmim_convert/reference_hf.py``), which shares no code with the compiler. Each model that does not convert yet must fail with an
+oracle (``greenmim_convert/reference_hf.py``), which shares no code with the compiler: the final features and
+the parameter gradients of a random weighting of them. Each model that does not convert yet must fail with an
 ``UnsupportedOperationError`` naming the operation, its module and its source line.
 """
 from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ pytest.importorskip("transformers")
 from hf_models import IMG, build_hf  # noqa: E402  (after the optional import)
 
 CONVERTS = ["swin", "swinv2", "donut-swin", "focalnet", "convnext", "convnextv2", "pvt", "pvt_v2",
-            "segformer", "hiera", "poolformer", "resnet", "swiftformer"]
+            "segformer", "hiera", "poolformer", "resnet", "swiftformer", "sam2_hiera_det_model", "cvt"]
 BACKBONES = ["swinv2", "convnext", "resnet"]
 # model type -> what its error must name: the operation the compiler has no rule for yet
 REFUSED = {
@@ -28,12 +31,12 @@ REFUSED = {
     "mobilevit": "row axes are not token axes",
     "levit": "does not contract the key axis",
     "vitdet": "pad.default",  # windows of 3 pad the 4x4 grid
-    "sam2_hiera_det_model": "max pooling",
+    "sam2-padded-windows": "pad.default",  # windows of 3 pad its 4x4 grid
 }
 
 
 def _last(out) -> torch.Tensor:
-    """The final features of a transformers output, as NCHW or (B, N, C)."""
+    """The final features of a transformers output: NCHW, NHWC or (B, N, C)."""
     if isinstance(out, torch.Tensor):
         return out
     if "feature_maps" in out:
@@ -42,9 +45,12 @@ def _last(out) -> torch.Tensor:
 
 
 def _dense(tokens: gmc.VisibleTokens, like: torch.Tensor) -> torch.Tensor:
+    """The converted model's final tokens as a dense map in the layout of ``like``."""
     dense = tokens.to_dense()
     if like.dim() == 3:
         return dense.flatten(2).transpose(1, 2)
+    if like.shape != dense.shape:  # a channels-last map: SAM 2's (B, H, W, C)
+        return dense.permute(0, 2, 3, 1)
     return dense
 
 
@@ -70,12 +76,35 @@ def test_converts_and_matches_all_visible(model_type: str, backbone: bool):
     green.eval()
     mask = random_mask(2, grid, 0.5, generator=torch.Generator().manual_seed(1))
     mask[0] = True  # one sample all visible, one with half its units
-    last = green(images, mask).last
-    ref = dense_masked_reference(model, images, mask, stages=[]).last  # the transformers oracle
+    last, got = _with_gradients(model, lambda: green(images, mask).last)
+    ref, want = _with_gradients(model, lambda: dense_masked_reference(model, images, mask, stages=[]).last)
     assert torch.equal(last.batch, ref.batch) and torch.equal(last.coords, ref.coords)
     assert rel_err(last.feats, ref.feats) <= 1e-10
     cells = (last.grid[0] // grid[0]) * (last.grid[1] // grid[1])
     assert last.counts().tolist() == (mask.sum((1, 2)) * cells).tolist()  # visible positions only
+    _check_gradients(got, want)
+
+
+def _with_gradients(model: torch.nn.Module, run: Callable[[], gmc.VisibleTokens]
+                    ) -> Tuple[gmc.VisibleTokens, Dict[str, torch.Tensor]]:
+    """``run()``'s visible tokens and the parameter gradients of one fixed random weighting of their features."""
+    model.zero_grad(set_to_none=True)
+    tokens = run()
+    weights = torch.randn(tokens.feats.shape, generator=torch.Generator().manual_seed(5), dtype=tokens.feats.dtype)
+    (weights * tokens.feats).sum().backward()
+    return tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _check_gradients(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], tol: float = 1e-10) -> None:
+    """Gradients equal the oracle's; where the oracle's is rounding noise (a bias added to every key of a
+    softmax has an analytically zero gradient), the converted model's must be noise of the same size."""
+    assert got.keys() == want.keys() and want
+    scale = max(float(g.abs().max()) for g in want.values())
+    for name, g in want.items():
+        if float(g.abs().max()) <= tol * scale:
+            assert float(got[name].abs().max()) <= tol * scale, name
+        else:
+            assert rel_err(got[name], g) <= tol, name
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
