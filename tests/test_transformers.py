@@ -71,6 +71,7 @@ def test_converts_and_matches_all_visible(model_type: str, backbone: bool):
         want = _last(model(images))
         torch.manual_seed(7)
         got = _dense(green(images, visible).last, want)
+        want = want[:, want.shape[1] - got.shape[1]:] if want.dim() == 3 else want  # past a class token (PVT)
         assert rel_err(got, want) <= 1e-10, ("train" if train else "eval")
     model.eval()
     green.eval()
