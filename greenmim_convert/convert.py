@@ -125,6 +125,7 @@ def build_pipeline() -> List[P.GreenPass]:
         P.PatchMergingPass(),
         P.ChannelSplitPass(),
         P.PrefixTokensPass(),
+        P.GridPaddingPass(),
         P.TokenwisePass(),
         P.LayoutOpsPass(),
         P.RecomputePass(),

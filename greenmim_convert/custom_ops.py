@@ -27,7 +27,7 @@ from .sites import Sites
 from .tokens import GreenOutput, VisibleTokens
 
 NAMESPACE = "greenmim"
-PLAN_FUNCTIONS = (ops.visible_sites, ops.digit_grouping, ops.window_grouping)
+PLAN_FUNCTIONS = (ops.visible_sites, ops.padded_sites, ops.digit_grouping, ops.window_grouping)
 # Rows of a grouping's bucket table: one per bucket (``plan_buckets`` makes at most 6), then the totals.
 TABLE_ROWS = 16
 

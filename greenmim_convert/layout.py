@@ -11,6 +11,9 @@ coordinate is the sum of ``digit * inner`` over the atoms of that kind. A tensor
 atoms, major first. ``offset`` records cyclic rolls: dense row index ``p`` holds grid row
 ``(p + offset_h) mod H``. ``prefix`` counts tokens that stand before the grid on the axis holding the
 row and column digits (a class token), ``key_prefix`` the same on the key axis of a pair layout.
+``border`` counts the positions a pad added around the image's positions (rows before and after, columns
+before and after): ``grid`` is then the padded grid, whose padded positions are constant tokens of the
+source model, always present (see ``passes.grid_padding``).
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ class Layout:
     offset: Tuple[int, int] = (0, 0)
     prefix: int = 0
     key_prefix: int = 0
+    border: Tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def __post_init__(self):
         object.__setattr__(self, "axes", tuple(_canonical_axis(ax) for ax in self.axes))
@@ -72,6 +76,14 @@ class Layout:
             holding = [i for i, ax in enumerate(self.axes) if any(a.kind in kinds for a in ax)]
             if count and (len(holding) != 1 or any(a.kind not in kinds for a in self.axes[holding[0]])):
                 raise LayoutError("prefix tokens on an axis that does not hold exactly the token digits")
+        if any(self.border) and (self.prefix or self.key_prefix):
+            raise LayoutError("prefix tokens (a class token) on a padded grid")
+
+    @property
+    def image_grid(self) -> Tuple[int, int]:
+        """The grid of the image's positions inside a padded grid: ``grid`` less the ``border``."""
+        top, bottom, left, right = self.border
+        return self.grid[0] - top - bottom, self.grid[1] - left - right
 
     def prefixed_axes(self) -> Dict[int, int]:
         """``{axis: count}`` of the axes holding prefix tokens before their grid tokens."""
@@ -271,8 +283,8 @@ class Layout:
         n = max(len(self.axes), len(other.axes))
         self, other = self.padded_to(n), other.padded_to(n)
         sample = self.is_per_sample() or other.is_per_sample()
-        if not sample and ((self.grid, self.stride, self.offset, self.prefix, self.key_prefix)
-                           != (other.grid, other.stride, other.offset, other.prefix, other.key_prefix)):
+        if not sample and ((self.grid, self.stride, self.offset, self.prefix, self.key_prefix, self.border)
+                           != (other.grid, other.stride, other.offset, other.prefix, other.key_prefix, other.border)):
             raise LayoutError(f"elementwise op on tensors of different layouts {self.shape} and {other.shape}")
         axes = []
         for a, b in zip(self.axes, other.axes):

@@ -48,6 +48,44 @@ def visible_sites(visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> 
     return Sites.from_mask(visible, grid, stride)
 
 
+def padded_sites(sites: Sites, border: Tuple[int, int, int, int]) -> Sites:
+    """The sites of a grid padded by ``border`` (rows before and after, columns before and after): the visible
+    sites, moved by the rows and columns added before them, and every padded position of every sample (the
+    constant tokens a pad adds are always present), in canonical order."""
+    top, bottom, left, right = border
+    h, w = sites.grid
+    grid = (h + top + bottom, w + left + right)
+
+    def pads() -> torch.Tensor:
+        inside = torch.zeros(grid, dtype=torch.bool, device=sites.device)
+        inside[top:top + h, left:left + w] = True
+        return (~inside).nonzero()
+
+    pad = sites.memo(("padded positions", tuple(border)), pads)
+    b = sites.batch_size
+    batch = torch.cat([sites.batch, torch.arange(b, device=sites.device).repeat_interleave(pad.shape[0])])
+    coords = torch.cat([sites.coords + torch.tensor([top, left], device=sites.device), pad.repeat(b, 1)])
+    order = torch.argsort((batch * grid[0] + coords[:, 0]) * grid[1] + coords[:, 1])
+    return Sites(batch[order], coords[order], grid, b, sites.stride)
+
+
+def move_rows(feats: torch.Tensor, src: Sites, dst: Sites, shift: Tuple[int, int], fill: float) -> torch.Tensor:
+    """Rows of ``dst``'s sites read from ``src``'s: the site at ``(row, col)`` reads ``src``'s at
+    ``(row - shift[0], col - shift[1])``, or ``fill`` where that lies outside ``src``'s grid (a pad of the grid
+    by ``shift`` before, or a crop by ``-shift``); every source row is read at most once."""
+    def plan() -> Tuple[torch.Tensor, RowMap]:
+        rows = dst.coords[:, 0] - shift[0]
+        cols = dst.coords[:, 1] - shift[1]
+        inside = (rows >= 0) & (rows < src.grid[0]) & (cols >= 0) & (cols < src.grid[1])
+        found = src.index_grid()[dst.batch, rows.clamp(0, src.grid[0] - 1), cols.clamp(0, src.grid[1] - 1)]
+        found = torch.where(inside, found, -1)
+        return found < 0, RowMap.from_index(found, src.num_tokens)
+
+    outside, rows = dst.memo(("rows from", id(src), tuple(shift)), plan)
+    out = rows(feats)
+    return torch.where(outside[:, None], torch.full_like(out, fill), out) if fill else out
+
+
 def patch_embed(images: torch.Tensor, sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Conv2d with kernel == stride evaluated only on the patches at ``sites``: a per-patch linear."""
     b, c, h, w = images.shape

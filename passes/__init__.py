@@ -8,6 +8,7 @@ from .conv import ConvPass
 from .dense_island import DenseIslandPass
 from .einsum import EinsumPass
 from .functionalize import FunctionalizePass
+from .grid_padding import GridPaddingPass
 from .layout_analysis import LAYOUT_RULES, LayoutAnalysisPass, to_networkx
 from .layout_ops import LayoutOpsPass
 from .outputs import OutputsPass
@@ -22,7 +23,7 @@ from .tokenwise import TokenwisePass
 
 __all__ = [
     "AttentionPass", "CanonicalizePass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "DenseIslandPass", "EinsumPass",
-    "FunctionalizePass", "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass",
+    "FunctionalizePass", "GridPaddingPass", "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass",
     "PositionEinsumPass", "PrefixTokensPass", "RecomputePass", "RowGatherPass", "SampleMatmulPass", "TokenwisePass",
     "LAYOUT_RULES", "to_networkx",
 ]

@@ -53,8 +53,10 @@ def _pair_layout(q: Layout, k: Layout, kt: bool) -> Layout:
         raise LayoutError("query and key do not share their batch (sample, window, head) digits")
     if q.is_pair() or k.is_pair():
         raise LayoutError("attention of attention")
+    if q.border != k.border:
+        raise LayoutError("queries and keys padded differently")
     key_axis = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in k_tok)
-    return Layout(q.axes[:-2] + (q.axes[-2], key_axis), q.grid, q.stride, q.offset, q.prefix, k.prefix)
+    return Layout(q.axes[:-2] + (q.axes[-2], key_axis), q.grid, q.stride, q.offset, q.prefix, k.prefix, q.border)
 
 
 def _absolute(lay: Layout, axes) -> tuple:
@@ -111,7 +113,7 @@ def sample_matmul_layout(la: Layout, lb: Layout) -> Optional[Layout]:
         axis = -1 if la.is_per_sample() else -2
         if not whole(tokens, axis) or la.axes[:-2] != lb.axes[:-2] or la.shape[-1] != lb.shape[-2]:
             raise LayoutError("per-sample matrix times tokens whose token digits are not one whole axis")
-        return Layout(la.axes[:-1] + (lb.axes[-1],), tokens.grid, tokens.stride, tokens.offset)
+        return Layout(la.axes[:-1] + (lb.axes[-1],), tokens.grid, tokens.stride, tokens.offset, border=tokens.border)
     return None
 
 
@@ -119,10 +121,11 @@ def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:
     n = max(len(p.axes), len(v.axes))
     p, v = p.padded_to(n), v.padded_to(n)
     key = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in v.axes[-2] if a.kind in KEY)
-    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or not same_batch(p, v) or p.key_prefix != v.prefix:
+    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or not same_batch(p, v) or p.key_prefix != v.prefix \
+            or p.border != v.border:
         raise LayoutError("probabilities @ v does not contract the key axis with the value tokens")
     node.meta["attention_pv"] = True
-    out = Layout(p.axes[:-1] + (v.axes[-1],), p.grid, p.stride, p.offset, p.prefix)
+    out = Layout(p.axes[:-1] + (v.axes[-1],), p.grid, p.stride, p.offset, p.prefix, border=p.border)
     out.check_packed()
     return out
 
@@ -139,7 +142,8 @@ def _sdpa_rule(node: fx.Node) -> Optional[Layout]:
     pair = _pair_layout(lq, lk, False)
     if pair.key_prefix != lv.prefix:
         raise LayoutError("keys and values hold different prefix tokens")
-    out = Layout(pair.axes[:-1] + (lv.padded_to(len(pair.axes)).axes[-1],), lq.grid, lq.stride, lq.offset, lq.prefix)
+    out = Layout(pair.axes[:-1] + (lv.padded_to(len(pair.axes)).axes[-1],), lq.grid, lq.stride, lq.offset, lq.prefix,
+                 border=lq.border)
     node.meta["attention_sdpa"] = pair
     out.check_packed()
     return out
@@ -496,8 +500,8 @@ class AttentionPass(GreenPass):
         term_nodes = [t for t, _ in terms]
         program_node = constant(gm, program, at, "attention_program")
         if windows is not None:
-            key = (windows, ctx.grouping, None if labels is None else tuple(labels.reshape(-1).tolist()))
             sites = sites_node(gm, lq)
+            key = (windows, ctx.grouping, None if labels is None else tuple(labels.reshape(-1).tolist()), sites)
             if key not in ctx.grouping_nodes:
                 spec = constant(gm, windows, ctx.visible.next, "windows")
                 label_node = constant(gm, labels, ctx.visible.next, "regions") if labels is not None else None

@@ -91,8 +91,16 @@ def shape_of(node: Any) -> Optional[Tuple[int, ...]]:
 
 
 def sites_node(gm: fx.GraphModule, layout: Layout) -> fx.Node:
-    """The (shared) node computing the visible sites of ``layout``'s grid (and its prefix tokens, when it has some)."""
+    """The (shared) node computing the visible sites of ``layout``'s grid (and its prefix tokens, or the padded
+    positions of its border, when it has some)."""
     ctx = context_of(gm)
+    if any(layout.border):
+        key = (layout.grid, layout.stride, "border", layout.border)
+        if key not in ctx.site_nodes:
+            image = sites_node(gm, replace(layout, grid=layout.image_grid, border=(0, 0, 0, 0)))
+            with gm.graph.inserting_after(image):
+                ctx.site_nodes[key] = gm.graph.call_function(ops.padded_sites, (image, layout.border))
+        return ctx.site_nodes[key]
     if layout.prefix:
         key = (layout.grid, layout.stride, "prefix", layout.prefix)
         if key not in ctx.site_nodes:

@@ -16,7 +16,8 @@ import torch.fx as fx
 
 from greenmim_convert.layout import Layout, LayoutError
 
-from . import attention, channel_split, conv, dense_island, layout_ops, patch_merging, pooling, position_einsum, prefix_tokens, tokenwise
+from . import (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging, pooling, position_einsum,
+               prefix_tokens, tokenwise)
 from .base import GreenPass, aten, context_of, is_op, layout_of, shape_of
 
 LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
@@ -35,6 +36,7 @@ LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
     ("prefix-tokens", prefix_tokens.layout_rule),
     ("strided-pick", _pick),
     ("layout-ops", layout_ops.layout_rule),
+    ("grid-padding", grid_padding.layout_rule),
     ("conv", conv.layout_rule),
     ("pooling", pooling.layout_rule),
     ("attention", attention.layout_rule),
@@ -139,6 +141,8 @@ class LayoutAnalysisPass(GreenPass):
                 continue
             try:
                 lay, name = self._match(gm, node)
+                if lay is not None and name != "grid-padding":
+                    grid_padding.check_kept(node, lay)
             except LayoutError as exc:
                 failed[node] = (node, str(exc))
                 continue

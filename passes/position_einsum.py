@@ -90,7 +90,7 @@ def plan(node: fx.Node) -> Tuple[Layout, EinsumSpec]:
         new_atoms[ch] = Atom("c", size, top)
         top *= size
     axes = tuple(lay.axes[img.index(ch)] if ch in img else (new_atoms[ch],) for ch in out)
-    result = Layout(axes, lay.grid, lay.stride, lay.offset)
+    result = Layout(axes, lay.grid, lay.stride, lay.offset, border=lay.border)
     result.check_packed()
     letter_of.update({a: ch for ch, a in new_atoms.items()})
     inputs = "".join(letter_of[a] for a in lay.channel_atoms())

@@ -22,12 +22,11 @@ from conftest import rel_err
 pytest.importorskip("transformers")
 from hf_models import IMG, build_hf  # noqa: E402  (after the optional import)
 
-CONVERTS = ["swin", "swinv2", "donut-swin", "focalnet", "convnext", "convnextv2", "pvt", "pvt_v2",
+CONVERTS = ["swin", "swinv2", "donut-swin", "maskformer-swin", "focalnet", "convnext", "convnextv2", "pvt", "pvt_v2",
             "segformer", "hiera", "poolformer", "resnet", "swiftformer", "sam2_hiera_det_model", "cvt"]
 BACKBONES = ["swinv2", "convnext", "resnet"]
 # model type -> what its error must name: the operation the compiler has no rule for yet
 REFUSED = {
-    "maskformer-swin": "pad.default",  # its last grid (2x2) is padded up to one 4x4 window
     "mobilevit": "row axes are not token axes",
     "levit": "does not contract the key axis",
     "vitdet": "pad.default",  # windows of 3 pad the 4x4 grid
