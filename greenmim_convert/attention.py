@@ -180,8 +180,10 @@ def window_bias(term: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], w
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping, program: AttentionProgram,
-                     terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Attention of packed tokens inside their windows, bucket by bucket; returns ``(T, heads * dv)``."""
+                     terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor],
+                     qterms: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """Attention of packed tokens inside their windows, bucket by bucket; returns ``(T, heads * dv)``. ``qterms``
+    are query terms (packed per query, read per (head, key) as in ``sample_attention``)."""
     heads = program.heads
     t = q.shape[0]
     dq, dv = q.shape[1] // heads, v.shape[1] // heads
@@ -216,13 +218,28 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
             values = [_per_head(tab[:, 0], n) if not (plan.query or plan.key) else
                       tab.index_select(1, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
                       for tab, plan in zip(tables, program.terms)]
-            logits = _run_steps(logits, program.steps, values, list(scalars))
+            query_values = [_window_query_term(x, plan, program.head_sizes, grouping, i)
+                            for x, plan in zip(qterms, program.qterms)]
+            logits = _run_steps(logits, program.steps, values, list(scalars), query_values)
             low = torch.finfo(logits.dtype).min
             logits = logits.view(heads, n, g, g).masked_fill(grouping.cross_mask(i)[None], low).view(heads * n, g, g)
         probs = _run_post(logits.softmax(dim=-1), program.post)
         outs.append(torch.bmm(probs, vi).view(heads * n * g, dv))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dv)
+
+
+def _window_query_term(x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], grouping, bucket: int) -> torch.Tensor:
+    """``(heads * G, g, g)`` values of a query term in one bucket: each query slot's packed row read at the
+    (head, key slot) column offsets (pairs across windows or with padding slots are masked afterwards)."""
+    b = grouping.buckets[bucket]
+    g, n = b.group_size, b.num_groups
+    coords = grouping.sites.coords.index_select(0, b.index)
+    h, _, k = term_offsets(plan, head_sizes, coords, grouping.windows.grid, grouping.windows.offset)
+    heads, cols = h.shape[0], x.shape[1]
+    rows = x.index_select(0, b.index).view(1, n, g, cols).expand(heads, n, g, cols)
+    index = (h[:, None, None, None] + k.view(1, n, 1, g)).expand(heads, n, g, g)
+    return torch.gather(rows, 3, index).reshape(heads * n, g, g)
 
 
 def _per_head(per_head: torch.Tensor, groups: int) -> torch.Tensor:

@@ -190,15 +190,20 @@ def mean_pool(feats: torch.Tensor, fine: Sites, coarse: Sites, factor: int) -> t
 
 
 def position_einsum(feats: torch.Tensor, sites: Sites, table: torch.Tensor, spec) -> torch.Tensor:
-    """``einsum`` of packed tokens with a table whose leading axes are read at each token's coordinates
-    (``spec.spatial``: 0 row, 1 column); ``spec`` names the packed channel digits (``EinsumSpec``)."""
+    """``einsum`` of packed tokens with a table whose leading axes are read at each token's position digits
+    (``spec.spatial``, after the roll ``spec.offset``); ``spec`` names the packed channel digits (``EinsumSpec``)."""
     x = feats.reshape(feats.shape[0], *spec.sizes)
     if spec.spatial:
-        axes = tuple(axis for _, axis in spec.spatial)
-        index = tuple(sites.coords[:, axis] for axis in axes)
-        lead = tuple(table.shape[:len(axes)])
-        buckets = sites.memo(("position buckets", axes, lead), lambda: PositionBuckets.from_index(index, lead))
-        return table_einsum(spec.equation, x, table, index, buckets).reshape(feats.shape[0], -1)
+        digits = tuple(digit for _, digit in spec.spatial)
+        lead = tuple(table.shape[:len(digits)])
+
+        def index() -> Tuple[torch.Tensor, ...]:
+            return tuple(digit_sum(sites.coords, sites.grid, spec.offset, [(*d, 1)]) for d in digits)
+
+        found = sites.memo(("position digits", digits, tuple(spec.offset)), index)
+        buckets = sites.memo(("position buckets", digits, tuple(spec.offset), lead),
+                             lambda: PositionBuckets.from_index(found, lead))
+        return table_einsum(spec.equation, x, table, found, buckets).reshape(feats.shape[0], -1)
     return torch.einsum(spec.equation, x, table).reshape(feats.shape[0], -1)
 
 

@@ -161,7 +161,7 @@ def _query_term_rule(node: fx.Node) -> Optional[Layout]:
     pair, other = (layout_of(a) for a in (image if pairs[0] else image[::-1]))
     n = max(len(pair.axes), len(other.axes))
     pair, other = pair.padded_to(n), other.padded_to(n)
-    if (pair.grid, pair.stride, pair.offset) != (other.grid, other.stride, other.offset):
+    if (pair.grid, pair.stride, pair.offset, pair.border) != (other.grid, other.stride, other.offset, other.border):
         raise LayoutError("a term computed from the queries on another grid than the logits")
     keys = []
     for pa, oa in zip(pair.axes, other.axes):
@@ -513,13 +513,14 @@ class AttentionPass(GreenPass):
             self.fail(at, "prefix tokens (a class token) in window attention (supported: attention over a whole sample)")
         if (pair.prefix or pair.key_prefix) and any(s.kind == "term" and not s.block for s in steps):
             self.fail(at, "an attention term over the prefix tokens' logits (supported: terms on the grid part)")
-        if qterms and (windows is not None or cross is not None):
-            self.fail(at, "a term computed from the queries in window attention (supported: attention over a whole sample)")
+        if qterms and cross is not None:
+            self.fail(at, "a term computed from the queries in windows whose queries live on a coarser grid than their keys")
         if cross is not None and terms:
             self.fail(at, "attention terms in windows whose queries live on a coarser grid than their keys")
         with gm.graph.inserting_before(at):
             if windows is not None:
-                new = gm.graph.call_function(runtime.window_attention, (q, k, v, ctx.grouping_nodes[key], program_node, term_nodes, tensors))
+                new = gm.graph.call_function(runtime.window_attention, (q, k, v, ctx.grouping_nodes[key], program_node, term_nodes,
+                                                                        tensors, [t for t, _ in qterms]))
                 kind = "window attention"
             elif cross is not None:
                 specs = [constant(gm, w, at, "windows") for w in cross]

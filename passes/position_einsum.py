@@ -4,9 +4,12 @@ MViTv2's decomposed relative positions compute ``einsum("byhwc,hkc->byhwk", q, R
 channels contract with a constant table ``R`` (gathered from a parameter by constant indices) that is
 indexed by the query's row (``h``) and has a free axis ``k``. Every output element depends on one
 token, so on packed tokens it is a token-wise op: each token contracts its channels with the table's
-slice at its row or column (:mod:`greenmim_convert.table_einsum` runs it bucketed by table entry). The
-free table axes become new channel digits of the result (above the ones kept), which the attention pass
-may later align with key positions (a query-dependent term).
+slice at its position digits (:mod:`greenmim_convert.table_einsum` runs it bucketed by table entry). An
+axis the table reads holds one spatial digit: a whole grid side (MViTv2), or the row or column inside a
+window (ViTDet's ``"bhwc,hkc->bhwk"``, whose ``b`` folds sample, window and head together: axes the
+table does not read may hold any digits, channel digits among them, and pass through). The free table
+axes become new channel digits of the result (above the ones kept), which the attention pass may later
+align with key positions (a query-dependent term).
 """
 from __future__ import annotations
 
@@ -24,13 +27,15 @@ from .base import GreenPass, aten, constant, is_op, layout_of, replace_with_call
 @dataclass(frozen=True)
 class EinsumSpec:
     """A packed per-token einsum: letters of the input's packed channel digits, of the table (spatial letters
-    first, each with the coordinate it reads: 0 row, 1 column) and of the output's packed channel digits."""
+    first, each with the layout digit ``(kind, size, inner)`` of the token position it reads, after the
+    layout's roll ``offset``) and of the output's packed channel digits."""
 
     inputs: str
     sizes: Tuple[int, ...]
-    spatial: Tuple[Tuple[str, int], ...]
+    spatial: Tuple[Tuple[str, Tuple[str, int, int]], ...]
     table: str
     output: str
+    offset: Tuple[int, int] = (0, 0)
 
     @property
     def equation(self) -> str:
@@ -52,6 +57,29 @@ def _operands(node: fx.Node) -> Optional[Tuple[str, str, str, fx.Node, fx.Node, 
     return parts[i], parts[1 - i], out, operands[i], operands[1 - i], i == 0
 
 
+def _channel_letters(img: str, tab: str, out: str, lay: Layout) -> Dict[Atom, str]:
+    """A letter for every channel digit of the image operand: its axis' letter when the axis holds that digit
+    alone, a fresh letter for each channel digit of an axis that passes through with other digits."""
+    fresh = (ch for ch in "abcdefghijklmnopqrsuvwxyz" if ch not in img + tab + out)
+    letter_of: Dict[Atom, str] = {}
+    for letter, ax in zip(img, lay.axes):
+        chans = [a for a in ax if a.kind == "c"]
+        if len(ax) == 1 and chans:
+            letter_of[chans[0]] = letter
+        elif chans and (letter not in out or letter in tab):
+            raise LayoutError(f"einsum over axis {letter!r} holding several digits, channel digits among them")
+        else:
+            letter_of.update({a: next(fresh) for a in chans})
+    return letter_of
+
+
+def _spatial_digit(letter: str, ax) -> Tuple[str, int, int]:
+    """The one spatial digit an axis the table reads holds."""
+    if len(ax) != 1 or ax[0].kind not in "hw":
+        raise LayoutError(f"einsum table indexed by axis {letter!r}, which does not hold one row or column digit")
+    return ax[0].kind, ax[0].size, ax[0].inner
+
+
 def plan(node: fx.Node) -> Tuple[Layout, EinsumSpec]:
     """The output layout and the packed spec of an einsum of image features with a position-indexed table."""
     found = _operands(node)
@@ -61,24 +89,16 @@ def plan(node: fx.Node) -> Tuple[Layout, EinsumSpec]:
     lay = layout_of(x)
     if len(img) != len(lay.axes) or len(set(img)) != len(img) or len(set(tab)) != len(tab):
         raise LayoutError(f"einsum {img},{tab}->{out} with repeated letters or axes it does not name")
-    letter_of: Dict[Atom, str] = {}
-    spatial, kept = [], []
+    if lay.is_pair() or lay.prefixed_axes():
+        raise LayoutError("einsum of attention logits or of tokens holding prefix tokens with a table")
+    spatial = []
     for letter, ax in zip(img, lay.axes):
-        kinds = {a.kind for a in ax}
-        if letter not in out:
-            if letter not in tab or kinds - {"c"}:
-                raise LayoutError(f"einsum sums axis {letter!r} of image features that is not a channel axis of both")
-        elif letter in tab:
-            if len(ax) != 1 or ax[0].kind not in "hw" or ax[0].inner != 1 or lay.offset != (0, 0) \
-                    or ax[0].size != lay.grid["hw".index(ax[0].kind)]:
-                raise LayoutError(f"einsum table indexed by axis {letter!r}, which is not one whole grid side")
-            spatial.append((letter, "hw".index(ax[0].kind)))
-        if kinds & {"c"}:
-            if len(ax) != 1:
-                raise LayoutError(f"einsum over axis {letter!r} holding several channel digits")
-            letter_of[ax[0]] = letter
-            if letter in out:
-                kept.append(ax[0])
+        if letter not in out and (letter not in tab or any(a.kind != "c" for a in ax)):
+            raise LayoutError(f"einsum sums axis {letter!r} of image features that is not a channel axis of both")
+        if letter in out and letter in tab:
+            spatial.append((letter, _spatial_digit(letter, ax)))
+    letter_of = _channel_letters(img, tab, out, lay)
+    kept = [a for ch in out if ch in img for a in lay.axes[img.index(ch)] if a.kind == "c"]
     new_letters = [ch for ch in out if ch not in img]
     if any(ch not in tab for ch in new_letters) or any(ch not in img and ch not in out for ch in tab):
         raise LayoutError(f"einsum {img},{tab}->{out} sums over table axes")
@@ -97,7 +117,7 @@ def plan(node: fx.Node) -> Tuple[Layout, EinsumSpec]:
     output = "".join(letter_of[a] for a in result.channel_atoms())
     order = "".join(ch for ch, _ in spatial) + "".join(ch for ch in tab if ch not in dict(spatial))
     sizes = tuple(a.size for a in lay.channel_atoms())
-    return result, EinsumSpec(inputs, sizes, tuple(spatial), order, output)
+    return result, EinsumSpec(inputs, sizes, tuple(spatial), order, output, lay.offset)
 
 
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:

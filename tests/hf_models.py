@@ -27,6 +27,8 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "swinv2": _SWIN,
     "donut-swin": dict(_SWIN, window_size=2),
     "maskformer-swin": _SWIN,
+    # windows of 3 pad every grid (16, 8, 4, 2 -> 18, 9, 6, 3), and every second block shifts the padded grid by one
+    "maskformer-swin-window3": dict(_SWIN, depths=[2, 2, 2, 2], window_size=3),
     "focalnet": dict(image_size=IMG, embed_dim=16, depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 128],
                      focal_levels=[2, 2, 2, 2], focal_windows=[3, 3, 3, 3], use_conv_embed=True, use_layerscale=True,
                      normalize_modulator=True, mlp_ratio=2.0),
@@ -69,7 +71,8 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 
 # test cases that are a second configuration of one transformers model type: case name -> model type
-MODEL_TYPES: Dict[str, str] = {"sam2-padded-windows": "sam2_hiera_det_model"}
+MODEL_TYPES: Dict[str, str] = {"sam2-padded-windows": "sam2_hiera_det_model",
+                               "maskformer-swin-window3": "maskformer-swin"}
 
 # model types whose AutoBackbone the tests build, with config kwargs that differ from the model's
 BACKBONES: Dict[str, Dict[str, Any]] = {
