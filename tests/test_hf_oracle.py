@@ -16,7 +16,9 @@ from typing import Any, Iterator, List, Optional, Tuple
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from greenmim_convert import reference_hf
 from greenmim_convert.errors import InvalidInputError
 from greenmim_convert.reference import dense_masked_reference, feature_layout, visibility_map
 from greenmim_convert.tokens import GreenOutput
@@ -302,6 +304,52 @@ def test_oracle_training_mode_ignores_masked_content(case, seed):
             assert rel_err(_at_visible(y, visible), _at_visible(x, visible)) <= 1e-12
         for k in moved:
             assert rel_err(new_stats[k], stats[k]) <= 1e-12, k
+
+
+# config -> (mask unit, (grid side, window, shift) of every attention call in order (window 0: global), heads per
+# key row): grids that windows of 3 do not divide, padded at the bottom and right
+PADDED = {
+    "maskformer-swin-window3": (32, [(16, 3, 0), (16, 3, 1), (8, 3, 0), (8, 3, 1), (4, 3, 0), (4, 3, 1), (2, 3, 0),
+                                     (2, 3, 1)], 1),
+    "vitdet": (16, [(4, 3, 0), (4, 0, 0), (4, 3, 0)], 2),
+}
+
+
+def _window_keys(visible: torch.Tensor, unit: int, side: int, window: int, shift: int) -> torch.Tensor:
+    """``(B * windows, N)`` key visibility written here: the grid's visibility padded with visible positions (padded
+    positions are constant tokens the source attends to, never hidden), rolled by ``-shift``, cut into windows."""
+    f = side // (IMG // unit)
+    vis = visible.repeat_interleave(f, 1).repeat_interleave(f, 2)
+    if not window:
+        return vis.reshape(vis.shape[0], -1)
+    pad = -side % window
+    vis = F.pad(vis.to(torch.int64), (0, pad, 0, pad), value=1).bool()
+    vis = torch.roll(vis, (-shift, -shift), (1, 2))
+    n = vis.shape[1] // window
+    return vis.view(-1, n, window, n, window).transpose(2, 3).reshape(-1, window * window)
+
+
+@pytest.mark.parametrize("model_type", sorted(PADDED))
+def test_padded_positions_stay_keys(model_type, seed, monkeypatch):
+    """The key mask of attention on a padded grid hides the hidden image positions only: the padded positions
+    stay keys, for every sample and window, however much of the image is hidden."""
+    unit, calls, heads = PADDED[model_type]
+    seen: List[torch.Tensor] = []
+
+    class Recorded(reference_hf._Keys):
+        def __init__(self, vis: torch.Tensor):
+            super().__init__(vis)
+            seen.append(vis)
+
+    monkeypatch.setattr(reference_hf, "_Keys", Recorded)
+    model = _model(Case(model_type, unit=unit))
+    gen = torch.Generator().manual_seed(seed)
+    visible = masks_with_unequal_counts(3, (IMG // unit, IMG // unit), 0.75, gen)
+    dense_masked_reference(model, _images(3, gen), visible, stages=[])
+    assert len(seen) == len(calls)
+    for vis, (side, window, shift) in zip(seen, calls):
+        got = vis.reshape(-1, vis.shape[-1])[::heads]
+        assert torch.equal(got, _window_keys(visible, unit, side, window, shift)), (side, window, shift)
 
 
 def test_hiera_backbone_is_refused(seed):
