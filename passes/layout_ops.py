@@ -5,8 +5,8 @@ that read layouts have run, ``LayoutOpsPass`` removes the ops, since packed data
 Ops rewritten: ``view``, ``reshape``, ``_unsafe_view``, ``permute``, ``transpose`` (``swapaxes``), ``flatten``,
 ``unflatten``, ``unsqueeze``, ``squeeze``, ``contiguous``, ``clone``, ``alias``, ``detach``,
 ``roll``, ``pad`` (zero amounts, or zeros read only by convolutions and -inf read only by max pooling,
-which absorb them), ``slice`` (full), ``expand`` (of size-one axes, feeding
-elementwise ops), ``_to_copy`` within one dtype.
+which absorb them; other pads of the grid: ``grid_padding``), ``slice`` (full), ``expand`` (of size-one axes, feeding
+elementwise ops), ``unfold`` into adjacent blocks (``x.unfold(d, k, k)``), ``_to_copy`` within one dtype.
 """
 from __future__ import annotations
 
@@ -68,9 +68,23 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
             return lay
         if is_op(node, aten.expand, aten.expand_as):
             return expand_layout(node, lay)
+        if is_op(node, aten.unfold):
+            return unfold_layout(lay, node.args[1], node.args[2], node.args[3])
     except LayoutError as exc:
         raise LayoutError(f"{getattr(node.target, '__name__', node.target)}: {exc}") from exc
     return None
+
+
+def unfold_layout(lay: Layout, dim: int, size: int, step: int) -> Layout:
+    """``x.unfold(dim, size, size)``: axis ``dim`` split into blocks of ``size`` whose inner digit moves to a new last
+    axis (a view); overlapping or gapped blocks (``step != size``) repeat or drop positions and are refused."""
+    n = len(lay.axes)
+    dim %= n
+    if step != size or lay.shape[dim] % size:
+        raise LayoutError(f"unfold of {lay.shape[dim]} positions into blocks of {size} every {step}, which do not tile them")
+    shape = list(lay.shape)
+    split = lay.view(shape[:dim] + [shape[dim] // size, size] + shape[dim + 1:])
+    return split.permute(list(range(dim + 1)) + list(range(dim + 2, n + 1)) + [dim + 1])
 
 
 def absorbed_pad(node: fx.Node):

@@ -206,6 +206,78 @@ class WindowAttention(nn.Module):
         return self.attend(x, torch.where(keys > 0, 0.0, NEG).to(x.dtype))
 
 
+PAD_WINDOW = 3  # 16 = 5 * 3 + 1: windows of 3 need the 16x16 grid padded by two rows and two columns
+
+
+class PaddedWindowAttention(nn.Module):
+    """Attention inside 3x3 windows of the grid padded to 18x18 after a norm (padded positions are constant tokens
+    of the model: keys whose k and v are the qkv biases), cropped back; pad, windows and crop spelled ``spell``."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell = spell
+        self.norm = nn.LayerNorm(C)
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+        with torch.no_grad():
+            self.norm.weight.normal_(1, 0.2)
+            self.norm.bias.normal_(0, 0.2)
+
+    def sides(self) -> Tuple[int, int, int, int]:
+        """Rows padded before and after, columns before and after."""
+        return (1, 1, 1, 1) if self.spell == "both-sides" else (0, 2, 0, 2)
+
+    def pad(self, t, value: float = 0.0):
+        """NHWC ``t`` padded on the grid: on NHWC, on NCHW, or with ``constant_pad_nd``."""
+        top, bottom, left, right = self.sides()
+        if self.spell == "nchw":
+            return F.pad(t.permute(0, 3, 1, 2), (left, right, top, bottom), value=value).permute(0, 2, 3, 1)
+        if self.spell == "constant-pad-nd":
+            return torch.constant_pad_nd(t, (0, 0, left, right, top, bottom), value)
+        return F.pad(t, (0, 0, left, right, top, bottom), value=value)
+
+    def partition(self, t):
+        b, h, w, c = t.shape
+        n = PAD_WINDOW
+        if self.spell == "shifted":
+            t = torch.roll(t, (-1, -1), (1, 2))
+        if self.spell == "unfold":
+            return t.unfold(1, n, n).unfold(2, n, n).permute(0, 1, 2, 4, 5, 3).reshape(-1, n * n, c)
+        return t.view(b, h // n, n, w // n, n, c).transpose(2, 3).reshape(-1, n * n, c)
+
+    def unpartition(self, y, like):
+        b, h, w, c = like.shape
+        n = PAD_WINDOW
+        y = y.view(b, h // n, w // n, n, n, c).transpose(2, 3).reshape(b, h, w, c)
+        return torch.roll(y, (1, 1), (1, 2)) if self.spell == "shifted" else y
+
+    def crop(self, y, size: int):
+        top, _, left, _ = self.sides()
+        if self.spell == "narrow":
+            return y.narrow(1, top, size).narrow(2, left, size)
+        return y[:, top:top + size, left:left + size]
+
+    def attend(self, x, key_bias=None):
+        t = self.pad(self.norm(x.permute(0, 2, 3, 1)), 0.25 if self.spell == "value" else 0.0)
+        win = self.partition(t)
+        q, k, v = (p.view(p.shape[0], p.shape[1], HEADS, C // HEADS).transpose(1, 2) for p in self.qkv(win).chunk(3, -1))
+        a = (q @ k.transpose(-2, -1)) * (C // HEADS) ** -0.5
+        if key_bias is not None:
+            a = a + key_bias
+        y = self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(win.shape))
+        return self.crop(self.unpartition(y, t), x.shape[-1]).permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        return self.attend(x)
+
+    def reference(self, x, vis):
+        """Keys at hidden image positions removed; padded positions stay keys."""
+        top, bottom, left, right = self.sides()
+        padded = F.pad(vis, (left, right, top, bottom), value=1.0).permute(0, 2, 3, 1)
+        keys = self.partition(padded)[:, None, None, :, 0]
+        return self.attend(x, torch.where(keys > 0, 0.0, NEG).to(x.dtype))
+
+
 class DropPath(nn.Module):
     """Stochastic depth of a token-wise branch, its keep mask drawn per sample and spelled three ways."""
 
@@ -305,6 +377,8 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
     "attention": (WindowAttention, ("plain", "chunk", "split", "unbind", "narrow", "exp-amax", "exp", "max-values-exp",
                                     "term-expand", "term-repeat", "term-cat", "matmul-weight", "movedim", "swapaxes",
                                     "reshape_as")),
+    "padded-window": (PaddedWindowAttention, ("nhwc", "nchw", "both-sides", "constant-pad-nd", "value", "unfold",
+                                              "shifted", "narrow")),
     "drop-path": (DropPath, ("bernoulli", "floor", "compare")),
     "cell-max": (CellMax, ("amax", "max-values", "getitem-max")),
     "folded-pool": (FoldedPool, ("max_pool2d", "view-amax", "view-max-values", "avg_pool2d", "adaptive-avg")),
@@ -375,7 +449,7 @@ def test_spelling_matches_reference(rule: str, spell: str, seed: int):
         assert rel_err(g, w) <= 1e-10, name
 
 
-@pytest.mark.parametrize("rule", ["grid-mean", "grid-max", "group-stats", "attention", "folded-pool"])
+@pytest.mark.parametrize("rule", ["grid-mean", "grid-max", "group-stats", "attention", "folded-pool", "padded-window"])
 def test_reference_sees_the_mask(rule: str):
     """The references that mix positions are not the dense model: with units masked, visible outputs change.
     (Drop path and in-unit pooling change no visible output under masking, by definition.)"""
