@@ -26,6 +26,7 @@ from .capture import is_timm_model
 from .convert import GreenModel, input_channels
 from .kernels.windows import DigitWindows
 from .masking import random_mask
+from .sites import Sites
 from .timing import wall_times
 
 
@@ -300,6 +301,15 @@ def window_shape(windows: DigitWindows) -> List[int]:
     return shape
 
 
+def _sites_of(node: fx.Node, visible: torch.Tensor) -> Sites:
+    """The sites a ``visible_sites`` node (or a ``padded_sites`` node of one) computes for ``visible``."""
+    if node.target is ops.padded_sites:
+        image, border = node.args
+        return ops.padded_sites(_sites_of(image, visible), border)
+    _, grid, stride = node.args
+    return ops.visible_sites(visible, grid, stride)
+
+
 def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5) -> List[StageGrouping]:
     """Time every ``digit_grouping`` of the converted graph on this mask and report its padding."""
     rows = []
@@ -308,9 +318,9 @@ def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5)
         if node.op != "call_function" or node.target is not ops.digit_grouping:
             continue
         site_node, windows, labels, strategy = node.args
-        _, grid, stride = site_node.args
         windows, labels = _constant(gm, windows), _constant(gm, labels)
-        sites = ops.visible_sites(visible, grid, stride)
+        sites = _sites_of(site_node, visible)
+        grid = sites.grid
         times = wall_times(lambda: ops.digit_grouping(sites, windows, labels, strategy), repeats, visible.device)
         grp = ops.digit_grouping(sites, windows, labels, strategy)
         overhead = grp.logits / grp.lower_bound if grp.lower_bound else 1.0

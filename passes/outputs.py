@@ -38,12 +38,14 @@ def _covers(digits, size: int) -> bool:
 
 def token_like(lay: Layout) -> bool:
     """One value per grid position: the spatial digits cover the grid in any order and grouping (rows and
-    columns, or Hiera's unrolled order), channels one digit, no roll."""
+    columns, or Hiera's unrolled order), channels one digit, no roll, no padded positions (a grid padded for
+    windows is no feature map of the image)."""
     atoms = [a for ax in lay.axes for a in ax]
     spatial = [a for a in atoms if a.kind in "hw"]
     chans = [a for a in atoms if a.kind == "c"]
     grid_ok = bool(spatial) and all(_covers([a for a in spatial if a.kind == k], n) for k, n in zip("hw", lay.grid))
-    return grid_ok and len(chans) <= 1 and all(a.inner == 1 for a in chans) and lay.offset == (0, 0) and not lay.is_pair()
+    return (grid_ok and len(chans) <= 1 and all(a.inner == 1 for a in chans) and lay.offset == (0, 0)
+            and not lay.is_pair() and not any(lay.border))
 
 
 def _module_paths(node: fx.Node) -> List[str]:

@@ -80,6 +80,9 @@ def test_converts_and_matches_all_visible(model_type: str, backbone: bool):
     mask[0] = True  # one sample all visible, one with half its units
     last, got = _with_gradients(model, lambda: green(images, mask).last)
     ref, want = _with_gradients(model, lambda: dense_masked_reference(model, images, mask, stages=[]).last)
+    with torch.no_grad():
+        maps = green(images, mask).stages + [last]
+    assert all(t.grid[0] * t.stride == IMG == t.grid[1] * t.stride for t in maps)  # images' maps, no padded grid
     assert torch.equal(last.batch, ref.batch) and torch.equal(last.coords, ref.coords)
     assert rel_err(last.feats, ref.feats) <= 1e-10
     cells = (last.grid[0] // grid[0]) * (last.grid[1] // grid[1])
