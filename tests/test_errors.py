@@ -161,3 +161,41 @@ def test_global_queries_convert_and_island_failures_name_the_node():
     with pytest.raises(gmc.UnsupportedOperationError, match="does not tile in windows the 4x4 grid of max_pool2d") as exc:
         gmc.convert(_GlobalQueryViT(nn.MaxPool2d(3, 2, 1), also_elsewhere=True), img_size=64)
     assert "node 'repeat_interleave'" in str(exc.value)
+
+
+class _PaddedGrid(nn.Module):
+    """A patch embedding, then the 16x16 token grid padded and used as ``misuse`` says."""
+
+    def __init__(self, misuse: str):
+        super().__init__()
+        self.misuse = misuse
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.embed(x).permute(0, 2, 3, 1)
+        if self.misuse == "rolled":
+            return nn.functional.pad(torch.roll(y, 1, 1), (0, 0, 0, 2, 0, 2))[:, :16, :16]
+        if self.misuse == "reflect":
+            return nn.functional.pad(y.permute(0, 3, 1, 2), (0, 2, 0, 2), mode="reflect")[:, :, :16, :16]
+        if self.misuse == "channels":
+            return nn.functional.pad(y, (0, 2))
+        padded = nn.functional.pad(y, (0, 0, 0, 2, 0, 2))
+        if self.misuse == "conv":
+            return (self.conv(padded.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + padded)[:, :16, :16]
+        return padded[:, 1:17, :16]  # crops an image row
+
+
+@pytest.mark.parametrize("misuse, words", [
+    ("rolled", "pad of rolled tokens"),
+    ("reflect", "reflect pad"),
+    ("channels", "not one whole side of the grid"),
+    ("conv", "conv2d.default of a padded grid onto another grid"),
+    ("crop", "that does not remove padded positions only"),
+])
+def test_padded_grid_refusals_name_why(misuse: str, words: str):
+    """Padded positions are constant tokens of the padded grid only: what would move them onto another grid, pad
+    image values or rolled tokens, or crop image positions is refused, naming the node and its source line."""
+    with pytest.raises(gmc.UnsupportedOperationError) as exc:
+        gmc.convert(_PaddedGrid(misuse).eval(), img_size=64)
+    assert words in str(exc.value) and "test_errors.py" in str(exc.value)
