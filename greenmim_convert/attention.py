@@ -229,7 +229,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
     return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dv)
 
 
-def _window_query_term(x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], grouping, bucket: int) -> torch.Tensor:
+def _window_query_term(x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], grouping,
+                       bucket: int) -> torch.Tensor:
     """``(heads * G, g, g)`` values of a query term in one bucket: each query slot's packed row read at the
     (head, key slot) column offsets (pairs across windows or with padding slots are masked afterwards)."""
     b = grouping.buckets[bucket]

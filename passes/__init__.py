@@ -22,8 +22,8 @@ from .sample_matmul import SampleMatmulPass
 from .tokenwise import TokenwisePass
 
 __all__ = [
-    "AttentionPass", "CanonicalizePass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass", "DenseIslandPass", "EinsumPass",
-    "FunctionalizePass", "GridPaddingPass", "LayoutAnalysisPass", "LayoutOpsPass", "OutputsPass", "PatchMergingPass", "PoolingPass",
-    "PositionEinsumPass", "PrefixTokensPass", "RecomputePass", "RowGatherPass", "SampleMatmulPass", "TokenwisePass",
-    "LAYOUT_RULES", "to_networkx",
+    "AttentionPass", "CanonicalizePass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass",
+    "DenseIslandPass", "EinsumPass", "FunctionalizePass", "GridPaddingPass", "LayoutAnalysisPass", "LayoutOpsPass",
+    "OutputsPass", "PatchMergingPass", "PoolingPass", "PositionEinsumPass", "PrefixTokensPass", "RecomputePass",
+    "RowGatherPass", "SampleMatmulPass", "TokenwisePass", "LAYOUT_RULES", "to_networkx",
 ]

@@ -514,13 +514,14 @@ class AttentionPass(GreenPass):
         if (pair.prefix or pair.key_prefix) and any(s.kind == "term" and not s.block for s in steps):
             self.fail(at, "an attention term over the prefix tokens' logits (supported: terms on the grid part)")
         if qterms and cross is not None:
-            self.fail(at, "a term computed from the queries in windows whose queries live on a coarser grid than their keys")
+            self.fail(at, "a term computed from the queries in windows whose queries live on a coarser grid than "
+                          "their keys")
         if cross is not None and terms:
             self.fail(at, "attention terms in windows whose queries live on a coarser grid than their keys")
         with gm.graph.inserting_before(at):
             if windows is not None:
-                new = gm.graph.call_function(runtime.window_attention, (q, k, v, ctx.grouping_nodes[key], program_node, term_nodes,
-                                                                        tensors, [t for t, _ in qterms]))
+                args = (q, k, v, ctx.grouping_nodes[key], program_node, term_nodes, tensors, [t for t, _ in qterms])
+                new = gm.graph.call_function(runtime.window_attention, args)
                 kind = "window attention"
             elif cross is not None:
                 specs = [constant(gm, w, at, "windows") for w in cross]

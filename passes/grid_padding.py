@@ -14,6 +14,11 @@ reads as keys (their keys and values are the projection biases) whatever the mas
 - ``slice`` of a whole row or column axis of a padded layout that removes padded positions only (the crop)
   keeps the remaining border; back to a zero border the layout is the image's again.
 
+Why padded positions are sites rather than keys added inside attention: whatever runs between the pad
+and the crop (the norm or qkv projection that gives them their keys, rolls, position terms, a per-sample
+statistic) then runs on them as the source model runs it, with no rule of its own; the price is that they
+are queries too, whose outputs the crop drops (at most a window's width of rows and columns per grid).
+
 Pads and crops become one row move between the two sets of sites (``ops.move_rows``, a partial
 permutation whose backward is a gather). A padded value is the input of nothing that changes the grid:
 convolutions, pooling and patch merging of a padded grid are refused (``check_kept``), as are pads of

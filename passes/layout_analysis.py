@@ -16,8 +16,8 @@ import torch.fx as fx
 
 from greenmim_convert.layout import Layout, LayoutError
 
-from . import (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging, pooling, position_einsum,
-               prefix_tokens, tokenwise)
+from . import (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging, pooling,
+               position_einsum, prefix_tokens, tokenwise)
 from .base import GreenPass, aten, context_of, is_op, layout_of, shape_of
 
 LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]

@@ -81,7 +81,8 @@ def unfold_layout(lay: Layout, dim: int, size: int, step: int) -> Layout:
     n = len(lay.axes)
     dim %= n
     if step != size or lay.shape[dim] % size:
-        raise LayoutError(f"unfold of {lay.shape[dim]} positions into blocks of {size} every {step}, which do not tile them")
+        raise LayoutError(f"unfold of {lay.shape[dim]} positions into blocks of {size} every {step}, which do not "
+                          "tile them")
     shape = list(lay.shape)
     split = lay.view(shape[:dim] + [shape[dim] // size, size] + shape[dim + 1:])
     return split.permute(list(range(dim + 1)) + list(range(dim + 2, n + 1)) + [dim + 1])

@@ -260,7 +260,7 @@ class PaddedWindowAttention(nn.Module):
     def attend(self, x, key_bias=None):
         t = self.pad(self.norm(x.permute(0, 2, 3, 1)), 0.25 if self.spell == "value" else 0.0)
         win = self.partition(t)
-        q, k, v = (p.view(p.shape[0], p.shape[1], HEADS, C // HEADS).transpose(1, 2) for p in self.qkv(win).chunk(3, -1))
+        q, k, v = (p.view(*p.shape[:2], HEADS, C // HEADS).transpose(1, 2) for p in self.qkv(win).chunk(3, -1))
         a = (q @ k.transpose(-2, -1)) * (C // HEADS) ** -0.5
         if key_bias is not None:
             a = a + key_bias
