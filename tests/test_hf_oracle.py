@@ -79,7 +79,6 @@ NOISE_INPUTS = {
     "swinv2": ("Swinv2Layer", "Swinv2PatchMerging"),
     "donut-swin": ("DonutSwinLayer",),
     "maskformer-swin": ("MaskFormerSwinLayer",),
-    "maskformer-swin-window3": ("MaskFormerSwinLayer",),
     "focalnet": ("FocalNetLayer",),
     "convnext": ("ConvNextLayer",),
     "convnextv2": ("ConvNextV2Layer",),

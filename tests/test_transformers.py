@@ -23,16 +23,16 @@ pytest.importorskip("transformers")
 from hf_models import IMG, build_hf  # noqa: E402  (after the optional import)
 
 # maskformer-swin pads its last grid to a window; maskformer-swin-window3 pads every grid, shifted windows of the
-# padded grids included; vitdet pads its 4x4 grid to windows of 3, with decomposed relative positions in them
+# padded grids included; vitdet pads its 4x4 grid to windows of 3, with decomposed relative positions in them;
+# sam2-padded-windows pads its third stage's 4x4 grid to windows of 3
 CONVERTS = ["swin", "swinv2", "donut-swin", "maskformer-swin", "maskformer-swin-window3", "focalnet", "convnext",
             "convnextv2", "pvt", "pvt_v2", "segformer", "hiera", "poolformer", "resnet", "swiftformer",
-            "sam2_hiera_det_model", "cvt", "vitdet"]
+            "sam2_hiera_det_model", "sam2-padded-windows", "cvt", "vitdet"]
 BACKBONES = ["swin", "swinv2", "maskformer-swin", "convnext", "resnet", "vitdet"]
 # model type -> what its error must name: the operation the compiler has no rule for yet
 REFUSED = {
     "mobilevit": "row axes are not token axes",
     "levit": "does not contract the key axis",
-    "sam2-padded-windows": "pad.default",  # windows of 3 pad its 4x4 grid
 }
 
 
