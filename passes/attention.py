@@ -24,7 +24,7 @@ from greenmim_convert import attention as runtime
 from greenmim_convert import ops
 from greenmim_convert.attention import AttentionProgram, Step, TermPlan
 from greenmim_convert.kernels.windows import DigitWindows
-from greenmim_convert.layout import Atom, Layout, LayoutError
+from greenmim_convert.layout import Atom, Axis, Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
 from .block_masks import evaluate_constant, region_labels
@@ -59,17 +59,32 @@ def _pair_layout(q: Layout, k: Layout, kt: bool) -> Layout:
     return Layout(q.axes[:-2] + (q.axes[-2], key_axis), q.grid, q.stride, q.offset, q.prefix, k.prefix, q.border)
 
 
-def _absolute(lay: Layout, axes) -> tuple:
-    """Atoms of ``axes`` with spatial digits in pixels (``inner * stride``), to compare digits across grids."""
-    return tuple(tuple((a.kind, a.size, a.inner * lay.stride) if a.kind in "hw" else a for a in ax) for ax in axes)
+def _batch_key(lay: Layout, absolute: bool) -> tuple:
+    """The batch axes (all but the last two) as comparable digits: a channel digit (a head) by its size only, since
+    batch axes of a matmul pair by position and each operand reads its own columns; spatial digits in pixels
+    (``inner * stride``) when ``absolute``, to compare digits across grids."""
+    def key(a: Atom) -> tuple:
+        if a.kind == "c":
+            return ("c", a.size)
+        return (a.kind, a.size, a.inner * (lay.stride if absolute and a.kind in "hw" else 1))
+    return tuple(tuple(key(a) for a in ax) for ax in lay.axes[:-2])
 
 
 def same_batch(q: Layout, k: Layout) -> bool:
     """Query and key (or value) share their batch axes: the same sample, head and window digits, where the
     query may live on a coarser grid (queries pooled per cell, as Hiera's): then windows compare in pixels."""
-    if q.axes[:-2] == k.axes[:-2]:
+    if _batch_key(q, False) == _batch_key(k, False):
         return True
-    return q.offset == k.offset == (0, 0) and _absolute(q, q.axes[:-2]) == _absolute(k, k.axes[:-2])
+    return q.offset == k.offset == (0, 0) and _batch_key(q, True) == _batch_key(k, True)
+
+
+def _own_heads(pair: Layout, other: Layout) -> Tuple[Axis, ...]:
+    """``pair``'s batch axes with each head digit replaced by the one ``other`` holds at its place: the
+    columns of ``other`` the heads read (``same_batch`` checked that the digits pair up)."""
+    axes = []
+    for mine, theirs in zip(pair.axes[:-2], other.axes[:-2]):
+        axes.append(tuple(b if a.kind == "c" else a for a, b in zip(mine, theirs)))
+    return tuple(axes)
 
 
 def _qk_rule(node: fx.Node) -> Optional[Layout]:
@@ -125,7 +140,7 @@ def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:
             or p.border != v.border:
         raise LayoutError("probabilities @ v does not contract the key axis with the value tokens")
     node.meta["attention_pv"] = True
-    out = Layout(p.axes[:-1] + (v.axes[-1],), p.grid, p.stride, p.offset, p.prefix, border=p.border)
+    out = Layout(_own_heads(p, v) + (p.axes[-2], v.axes[-1]), p.grid, p.stride, p.offset, p.prefix, border=p.border)
     out.check_packed()
     return out
 
@@ -142,7 +157,10 @@ def _sdpa_rule(node: fx.Node) -> Optional[Layout]:
     pair = _pair_layout(lq, lk, False)
     if pair.key_prefix != lv.prefix:
         raise LayoutError("keys and values hold different prefix tokens")
-    out = Layout(pair.axes[:-1] + (lv.padded_to(len(pair.axes)).axes[-1],), lq.grid, lq.stride, lq.offset, lq.prefix,
+    lv = lv.padded_to(len(pair.axes))
+    if not same_batch(pair, lv):
+        raise LayoutError("query and value do not share their batch (sample, window, head) digits")
+    out = Layout(_own_heads(pair, lv) + (pair.axes[-2], lv.axes[-1]), lq.grid, lq.stride, lq.offset, lq.prefix,
                  border=lq.border)
     node.meta["attention_sdpa"] = pair
     out.check_packed()
@@ -212,6 +230,15 @@ def _heads(pair: Layout, q: Layout) -> Tuple[int, List[Atom]]:
     for a in shared:
         heads *= a.size
     return heads, sorted(shared, key=lambda a: -a.inner)
+
+
+def check_heads_major(pair: Layout, lay: Layout, role: str) -> None:
+    """The head digits ``lay`` (a key or value operand) holds where ``pair`` holds its heads must be the major digits
+    of its columns: the runtime splits every operand's columns head-major."""
+    n = len(pair.axes)
+    heads = [a for ax in _own_heads(pair, lay.padded_to(n)) for a in ax if a.kind == "c"]
+    if lay.channel_atoms()[: len(heads)] != sorted(heads, key=lambda a: -a.inner):
+        raise LayoutError(f"attention heads are not the major channel digits of the {role}")
 
 
 def _windows(pair: Layout, q: Layout, k: Layout) -> Optional[DigitWindows]:
@@ -486,6 +513,8 @@ class AttentionPass(GreenPass):
         if key_transposed:
             lk = lk.transpose(-1, -2)
         heads, head_atoms = _heads(pair, lq)
+        for lay, role in ((lk, "keys"), (layout_of(v), "values")):
+            check_heads_major(pair, lay, role)
         windows = _windows(pair, lq, lk)
         scalar_steps = [i for i, s in enumerate(steps) if s.kind == "scalar-tensor"]
         tensors = [steps[i].tensor for i in scalar_steps]
@@ -533,7 +562,8 @@ class AttentionPass(GreenPass):
                 if qterms:
                     args += ([t for t, _ in qterms],)
                 new = gm.graph.call_function(runtime.sample_attention, args)
-                kind = "per-sample attention" if lq.grid == lk.grid else "reduced-key attention"
+                kind = ("per-sample attention" if lq.grid == lk.grid else
+                        "reduced-key attention" if lq.stride < lk.stride else "subsampled-query attention")
         new.meta["layout"] = at.meta["layout"]
         at.replace_all_uses_with(new)
         gm.graph.erase_node(at)

@@ -14,6 +14,11 @@ one form, so the rules after it are written once:
 - ``exp(x - amax(x)) / sum(exp(x - amax(x)))`` (the max optional) becomes ``softmax``, and its log form
   ``log_softmax``;
 - ``x @ W`` with a 2-D Parameter ``W`` becomes ``linear(x, Wᵀ)``;
+- a matmul over a contracted axis of size one is the broadcast product ``a * b``, and one of a single row by a single
+  column the sum ``(aᵀ * b).sum(-2, keepdim=True)`` (attention over one key: the in-patch attention of a grid that is
+  one patch);
+- ``pixel_unshuffle``/``pixel_shuffle`` and ``unfold``/``fold`` (``im2col``/``col2im``) of non-overlapping patches
+  (kernel == stride, no padding or dilation) become the views and permute they stand for;
 - ``group_norm`` becomes its definition: a mean and a variance over each group's channels and positions;
 - population ``var``/``std`` become means of squared deviations.
 """
@@ -77,7 +82,7 @@ class CanonicalizePass(GreenPass):
     def run(self, gm: fx.GraphModule) -> None:
         rules: Sequence[Callable[[fx.GraphModule, fx.Node], Optional[str]]] = (
             self._assert, self._alias, self._split, self._max_values, self._group_norm, self._param_matmul,
-            self._variance,
+            self._degenerate_matmul, self._patch_views, self._variance,
         )
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.graph is not gm.graph:
@@ -194,6 +199,63 @@ class CanonicalizePass(GreenPass):
             _replace(gm, user, new)
         gm.graph.erase_node(node)
         return f"{_name(node)}(dim).values -> {str(target).split('.')[1]}"
+
+    @staticmethod
+    def _degenerate_matmul(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+        """``a @ b`` contracting an axis of size one -> ``a * b`` (an outer product); ``a @ b`` of one row by one
+        column -> ``(aᵀ * b).sum(-2, keepdim=True)`` (a dot product): the same values, with the batch axes
+        broadcast as the matmul broadcasts them."""
+        if not is_op(node, aten.matmul, aten.bmm) or len(node.args) != 2:
+            return None
+        a, b = (_val(x) for x in node.args)
+        if a is None or b is None or a.dim() < 2 or b.dim() < 2:
+            return None
+        if a.shape[-1] == 1:
+            new = _emit(gm, node, aten.mul.Tensor, tuple(node.args), node)
+            _replace(gm, node, new)
+            return "matmul over one element -> mul"
+        if a.shape[-2] == 1 and b.shape[-1] == 1:
+            at = _emit(gm, node, aten.transpose.int, (node.args[0], -1, -2), node)
+            prod = _emit(gm, node, aten.mul.Tensor, (at, node.args[1]), node)
+            new = _emit(gm, node, aten.sum.dim_IntList, (prod, [-2], True), node)
+            _replace(gm, node, new)
+            return "matmul of one row by one column -> mul, sum"
+        return None
+
+    @staticmethod
+    def _patch_views(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+        """Space-to-depth and its inverse written as ``pixel_unshuffle``/``unfold`` and ``pixel_shuffle``/``fold`` of
+        non-overlapping patches -> ``view``, ``permute``, ``reshape``: the channels of a patch are channel-major,
+        then the rows and columns inside the patch; the patches in raster order."""
+        name, src, out = _name(node), _val(node.args[0]) if node.args else None, shape_of(node)
+        if src is None or out is None or name not in ("pixel_unshuffle", "pixel_shuffle", "im2col", "col2im"):
+            return None
+        if name in ("im2col", "col2im"):
+            kernel, dilation, padding, stride = node.args[-4:]
+            if list(dilation) != [1, 1] or list(padding) != [0, 0] or list(stride) != list(kernel):
+                return None
+            kh, kw = kernel
+        else:
+            kh = kw = int(node.args[1])
+        if name in ("pixel_unshuffle", "im2col"):
+            *lead, c, h, w = src.shape
+            if h % kh or w % kw:
+                return None
+            n = len(lead)
+            split = [*lead, c, h // kh, kh, w // kw, kw]
+            order = [*range(n), n, n + 2, n + 4, n + 1, n + 3]
+        else:
+            lead, c = list(out[:-3]), out[-3]
+            if out[-2] % kh or out[-1] % kw:
+                return None
+            n = len(lead)
+            split = [*lead, c, kh, kw, out[-2] // kh, out[-1] // kw]
+            order = [*range(n), n, n + 3, n + 1, n + 4, n + 2]
+        view = _emit(gm, node, aten.reshape.default, (node.args[0], split), node)
+        moved = _emit(gm, node, aten.permute.default, (view, order), node)
+        new = _emit(gm, node, aten.reshape.default, (moved, list(out)), node)
+        _replace(gm, node, new)
+        return f"{name} of patches -> views"
 
     @staticmethod
     def _param_matmul(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:

@@ -2,7 +2,7 @@
 
 Export's training IR keeps in-place ops; on packed tokens a view is the same tensor, so mutation
 would leak through layout ops that no longer copy. Each in-place op on a value computed from the
-images becomes its functional form and later readers of the mutated value read the new node
+images (or from a fresh per-sample tensor: a drop-path draw) becomes its functional form and later readers of the mutated value read the new node
 instead; a ``copy_`` over a whole tensor of the same shape and dtype becomes its source, and a
 ``copy_`` into ``slice`` views of a tensor (``attn[:, :, 1:, 1:] = ...``) becomes nested
 ``slice_scatter`` ops whose result later readers of the tensor read. In-place ops on constants (masks filled slice by slice) stay: they run as written.
@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .base import GreenPass, args_of, aten, graph_order, is_op
+from .base import GreenPass, args_of, aten, context_of, graph_order, is_op
 from .layout_analysis import image_values
+from .tokenwise import creates_per_sample
 
 
 def _functional(target):
@@ -59,6 +60,17 @@ def _scatter_into_slices(gm: fx.GraphModule, node: fx.Node, order: dict) -> bool
     return True
 
 
+def _per_sample_values(gm: fx.GraphModule) -> set:
+    """Names of the nodes computed from a fresh per-sample tensor (``torch.rand((B, 1, 1)).ge_(p)``, LeViT's drop
+    path): random values per sample, not constants, so their in-place ops become functional too."""
+    batch = context_of(gm).trace_batch
+    found: set = set()
+    for node in gm.graph.nodes:
+        if creates_per_sample(node, batch) or any(a.name in found for a in node.all_input_nodes):
+            found.add(node.name)
+    return found
+
+
 class FunctionalizePass(GreenPass):
     name = "functionalize"
     description = "in-place ops -> out-of-place ops"
@@ -66,7 +78,7 @@ class FunctionalizePass(GreenPass):
     def run(self, gm: fx.GraphModule) -> None:
         order = graph_order(gm.graph)
         images = next(n for n in gm.graph.nodes if n.op == "placeholder")
-        reach = image_values(gm, images)
+        reach = image_values(gm, images) | _per_sample_values(gm)
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or not hasattr(node.target, "_schema") or node.name not in reach:
                 continue  # constants (a seam mask filled slice by slice) keep their in-place ops, run as written

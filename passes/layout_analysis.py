@@ -136,8 +136,10 @@ class LayoutAnalysisPass(GreenPass):
                                                       for a in node.all_input_nodes):
                 node.meta["constant"] = True  # reads only the dtype/device of image values: a constant
                 continue
-            if any(a.meta.get("pick") is not None for a in node.all_input_nodes) and not is_op(node, aten.slice, aten.cat):
-                failed[node] = (node, "a strided spatial slice is used by an op other than a concatenation")
+            if any(a.meta.get("pick") is not None for a in node.all_input_nodes) and not is_op(node, aten.slice, aten.select,
+                                                                                                 aten.cat):
+                failed[node] = (node, "a strided slice of the rows or the columns only is used by an op other than a "
+                                      "concatenation or a pick of the other axis")
                 continue
             try:
                 lay, name = self._match(gm, node)
@@ -150,9 +152,9 @@ class LayoutAnalysisPass(GreenPass):
                 failed[node] = (node, _describe_failure(node))
                 continue
             node.meta["layout"] = lay
-            if name == "layout-ops" or name == "strided-pick":
+            if name == "layout-ops":
                 node.meta["layout_op"] = True
-            self.report[name] += 1
+            self.report["subsample" if "subsample" in node.meta else name] += 1
         for node in gm.graph.nodes:
             node.meta["analysis_keys"] = set(node.meta) - captured[node]
         failed.update(dense_island.settle(gm))

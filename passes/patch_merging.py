@@ -1,23 +1,28 @@
-"""Patch merging: gather low spatial digits into channels on the coarser grid.
+"""Patch merging and subsampling: gather low spatial digits into channels, or pick one cell of each, on the coarser grid.
 
-Two ways of writing it are understood. (1) Views and permutes that move low spatial digits into the
+Two ways of writing patch merging are understood. (1) Views and permutes that move low spatial digits into the
 last axis, followed by a norm or Linear over that axis (timm's Swin): the token-wise rule plans a
 space-to-depth. (2) Strided slices ``x[:, 0::2, 1::2, :]`` concatenated along the channels
 (torchvision's Swin): each slice picks one cell of every 2x2 neighbourhood. Either way this pass
 inserts one gather of the neighbourhood of every visible coarse site, in the dense feature order.
+A pick of the rows and the columns read by anything else is a subsampling (LeViT's queries): the picked cells
+are the tokens of the ``f`` times coarser grid, gathered at its visible sites. A pick is a strided slice of a
+whole spatial axis or a ``select`` of the lowest spatial digit (``x.view(B, H // 2, 2, W // 2, 2, C)[:, :, 0, :, 0]``).
+The mask unit, a multiple of every grid's stride, is then a multiple of the coarse stride: a coarse cell is
+visible exactly when its picked fine position is.
 A ``cat`` along the channels of ordinary tokens is a column concatenation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional, Tuple
 
 import torch.fx as fx
 
 from greenmim_convert import ops
-from greenmim_convert.layout import Layout, LayoutError
+from greenmim_convert.layout import Atom, Layout, LayoutError
 
-from .base import GreenPass, args_of, aten, is_op, layout_of, sites_node
+from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, sites_node
 
 
 @dataclass(frozen=True)
@@ -36,27 +41,87 @@ def _spatial_axis(lay: Layout, dim: int) -> Optional[str]:
     return None
 
 
+def _lowest_digit(lay: Layout, dim: int) -> Optional[str]:
+    """The kind of the axis ``dim`` when it holds exactly the lowest digit of the rows or the columns."""
+    ax = lay.axes[dim]
+    return ax[0].kind if len(ax) == 1 and ax[0].kind in "hw" and ax[0].inner == 1 else None
+
+
+def _picked(node: fx.Node, lay: Layout) -> Optional[Tuple[str, int, int, Layout]]:
+    """``(kind, factor, offset, layout)`` when ``node`` keeps one cell of every ``factor`` rows (or columns): a
+    strided slice of a whole spatial axis (``x[:, o::f]``) or a select of the lowest spatial digit
+    (``x.view(B, H // f, f, ...)[:, :, o]``). The layout keeps the remaining digits at their fine place values."""
+    a = args_of(node)
+    dim = a["dim"] % len(lay.axes)
+    if is_op(node, aten.slice):
+        kind = _spatial_axis(lay, dim)
+        if kind is None or a["step"] == 1:
+            return None
+        size = lay.shape[dim]
+        start, stop, step = slice(a["start"], a["end"], a["step"]).indices(size)
+        if size % step or start >= step or len(range(start, stop, step)) != size // step:
+            raise LayoutError(f"strided slice {start}:{stop}:{step} of a spatial axis of size {size} is not one cell of "
+                              f"every {step}")
+        axes = list(lay.axes)
+        axes[dim] = (Atom(kind, size // step, step),)
+        return kind, step, start, replace(lay, axes=tuple(axes))
+    if is_op(node, aten.select):
+        kind = _lowest_digit(lay, dim)
+        if kind is None:
+            return None
+        size = lay.axes[dim][0].size
+        return kind, size, a["index"] % size, replace(lay, axes=lay.axes[:dim] + lay.axes[dim + 1:])
+    return None
+
+
+def _continues_pick(node: fx.Node) -> bool:
+    """A user that reads a pick as one (a further spatial pick, or the concatenation of a space-to-depth)."""
+    if is_op(node, aten.cat):
+        return True
+    if not is_op(node, aten.slice, aten.select):
+        return False
+    lay = layout_of(node.args[0])
+    return lay is not None and _picked(node, lay) is not None
+
+
+def coarse_layout(lay: Layout, factor: int) -> Layout:
+    """The layout of picked cells (one of every ``factor`` rows and columns) on the ``factor`` times coarser grid."""
+    if lay.offset != (0, 0) or lay.prefixed_axes():
+        raise LayoutError("subsampling of rolled tokens or of tokens that hold prefix tokens")
+    axes = []
+    for ax in lay.axes:
+        for a in ax:
+            if a.kind in "hw" and a.inner % factor:
+                raise LayoutError(f"subsampling by {factor} of a layout whose digit {a} lies below the stride")
+        axes.append(tuple(Atom(a.kind, a.size, a.inner // factor) if a.kind in "hw" else a for a in ax))
+    grid = (lay.grid[0] // factor, lay.grid[1] // factor)
+    return Layout(tuple(axes), grid, lay.stride * factor)
+
+
 def pick_rule(node: fx.Node) -> Optional[Layout]:
-    """``slice`` with a step along a whole spatial axis: remember which cells it picks."""
-    if not is_op(node, aten.slice):
+    """A strided slice or lowest-digit select of the rows or columns: remember which cells it picks. Once rows and
+    columns are both picked and the result is read by anything but a further pick or a concatenation, it is a
+    subsampling: the picked cells form the coarser grid (``x[:, ::2, ::2]``, LeViT's subsampled queries)."""
+    if not is_op(node, aten.slice, aten.select):
         return None
     src = node.args[0]
-    a = args_of(node)
     prev: Optional[Pick] = src.meta.get("pick")
-    lay = layout_of(src)
-    dim = a["dim"] % len(lay.axes)
-    kind = _spatial_axis(lay, dim)
-    if kind is None or a["step"] == 1:
+    found = _picked(node, layout_of(src))
+    if found is None:
         return None
-    size = lay.shape[dim]
-    start, stop, step = slice(a["start"], a["end"], a["step"]).indices(size)
-    if size % step or start >= step or len(range(start, stop, step)) != size // step:
-        raise LayoutError(f"strided slice {start}:{stop}:{step} of a spatial axis of size {size} is not one cell of every {step}")
+    kind, step, start, lay = found
     factor, offset = dict(prev.factor) if prev else {}, dict(prev.offset) if prev else {}
     if kind in factor:
         raise LayoutError("two strided slices of the same spatial axis")
     factor[kind], offset[kind] = step, start
-    node.meta["pick"] = Pick(prev.src if prev else src, factor, offset)
+    pick = Pick(prev.src if prev else src, factor, offset)
+    if len(factor) == 2 and not all(_continues_pick(u) for u in node.users):
+        if factor["h"] != factor["w"]:
+            raise LayoutError(f"subsampling by {factor['h']} rows and {factor['w']} columns: the grid has one stride")
+        coarse = coarse_layout(lay, factor["h"])
+        node.meta["subsample"] = (coarse, factor["h"], (offset["h"], offset["w"]))
+        return coarse
+    node.meta["pick"] = pick
     node.meta["layout_op"] = True
     return lay
 
@@ -77,7 +142,7 @@ def cat_rule(node: fx.Node) -> Optional[Layout]:
         src = picks[0].src
         fine = layout_of(src)
         f = {p.factor.get("h", 1) for p in picks} | {p.factor.get("w", 1) for p in picks}
-        if len(f) != 1 or fine.channel_axis() != dim or fine.offset != (0, 0):
+        if len(f) != 1 or lays[0].channel_axis() != dim or fine.offset != (0, 0):
             raise LayoutError("strided slices that are not a square space-to-depth along the channels")
         f = f.pop()
         offsets = [(p.offset.get("h", 0), p.offset.get("w", 0)) for p in picks]
@@ -104,6 +169,9 @@ class PatchMergingPass(GreenPass):
     def run(self, gm: fx.GraphModule) -> None:
         done = {}
         for node in list(gm.graph.nodes):
+            if "subsample" in node.meta:
+                self._subsample(gm, node)
+                continue
             merge = node.meta.get("strided_merge")
             if merge is not None:
                 src, fine, coarse, factor, offsets = merge
@@ -138,3 +206,13 @@ class PatchMergingPass(GreenPass):
                 self.report[f"space-to-depth {factor[0]}x{factor[1]}"] += 1
             node.replace_input_with(src, done[src])
         gm.graph.eliminate_dead_code()
+
+    def _subsample(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        """The picked cells of the fine tokens, gathered at the visible sites of the coarser grid."""
+        coarse, factor, offset = node.meta["subsample"]
+        src = node.args[0]
+        while src.meta.get("pick") is not None:  # the picks before this one, to the value they read
+            src = src.args[0]
+        fine, coarse_sites = sites_node(gm, layout_of(src)), sites_node(gm, coarse)
+        replace_with_call(gm, node, ops.space_to_depth, (src, fine, coarse_sites, (factor, factor), [offset], None))
+        self.report[f"subsampling {factor}x{factor}"] += 1

@@ -152,13 +152,19 @@ def _per_sample_factory(node: fx.Node, lay: Layout, batch: int) -> Layout:
     return Layout(((b[0],),) + ((),) * (len(size) - 1), lay.grid, lay.stride)
 
 
-def per_sample_creation(node: fx.Node, batch: int) -> Optional[Layout]:
-    """``torch.empty((B, 1, ..., 1))`` and friends: a fresh tensor of one value per sample (stochastic depth)."""
+def creates_per_sample(node: fx.Node, batch: int) -> bool:
+    """``torch.empty((B, 1, ..., 1))`` and friends (``torch.rand`` of stochastic depth): one fresh value per sample."""
     if not is_op(node, *CREATION):
-        return None
+        return False
     size = list(node.args[0]) if node.args and isinstance(node.args[0], (list, tuple)) else []
-    if not size or size[0] != batch or any(s != 1 for s in size[1:]):
+    return bool(size) and size[0] == batch and all(s == 1 for s in size[1:])
+
+
+def per_sample_creation(node: fx.Node, batch: int) -> Optional[Layout]:
+    """The layout of a fresh tensor of one value per sample (``creates_per_sample``), or None."""
+    if not creates_per_sample(node, batch):
         return None
+    size = list(node.args[0])
     node.meta["per_sample_creation"] = True
     return Layout(((Atom("b", batch),),) + ((),) * (len(size) - 1), (1, 1), 1)
 

@@ -54,8 +54,10 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
                 stride_q=[1] * _CVT_STAGES),
     "poolformer": dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], mlp_ratio=2.0),
     "resnet": dict(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic"),
+    # the last transformer's 2x2 grid is one patch: each in-patch position attends to itself. No element dropout:
+    # the converted model draws it per visible element, so one seed cannot give the dense model's draws
     "mobilevit": dict(image_size=IMG, hidden_sizes=[16, 16, 24], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
-                      num_attention_heads=2, mlp_ratio=2.0, expand_ratio=2.0),
+                      num_attention_heads=2, mlp_ratio=2.0, expand_ratio=2.0, hidden_dropout_prob=0.0),
     # 4x4 tokens at stride 16, subsampled to 2x2
     "levit": dict(image_size=IMG, patch_size=16, hidden_sizes=[16, 32], num_attention_heads=[2, 2], depths=[1, 1],
                   key_dim=[4, 4], mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 4, 2, 2, 2, 2]]),
@@ -100,13 +102,25 @@ def import_transformers() -> Any:
 
 
 def _drop_path_kwargs(config: Any, drop_path: float) -> Dict[str, Any]:
-    """The config's drop-path field set to ``drop_path`` (per stage where it is a list; LeViT's int field kept)."""
+    """The config's drop-path field set to ``drop_path`` (per stage where it is a list; an int field is left to
+    ``_set_drop_rates``)."""
     current = getattr(config, "drop_path_rate", None)
     if isinstance(current, list):
         return {"drop_path_rate": [drop_path] * len(current)}
     if isinstance(current, float):
         return {"drop_path_rate": drop_path}
     return {}
+
+
+def _set_drop_rates(model: nn.Module, config: Any, drop_path: float) -> None:
+    """LeViT's config types ``drop_path_rate`` as an int (0 or 1 only); its residual layers copy it into their
+    ``drop_rate``, which is set to ``drop_path`` here."""
+    current = getattr(config, "drop_path_rate", None)
+    if not isinstance(current, int) or isinstance(current, bool):
+        return
+    for module in model.modules():
+        if getattr(module, "drop_rate", None) == current:
+            module.drop_rate = drop_path
 
 
 def randomise(model: nn.Module) -> nn.Module:
@@ -153,6 +167,7 @@ def build_hf(model_type: str, backbone: bool = False, drop_path: float = 0.1, dt
     auto = transformers.AutoBackbone if backbone else transformers.AutoModel
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = randomise(auto.from_config(config, **options)).to(dtype)
+    _set_drop_rates(model, config, drop_path)
     return calibrate_batch_norms(model).eval()
 
 

@@ -370,6 +370,113 @@ class FoldedPool(nn.Module):
         return self.attend(x, torch.where(keys > 0, 0.0, NEG).to(x.dtype))
 
 
+class SubsampledAttention(nn.Module):
+    """Attention whose queries are every second position of the grid (LeViT's subsampling), keys every position,
+    with a table bias gathered per (query, key) offset; queries and keys have 4 columns per head, values 8. The
+    output lives on the twice coarser grid. ``spell`` picks how the queries are subsampled."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell, self.start = spell, 1 if spell.endswith("odd") else 0
+        self.kv = nn.Linear(C, HEADS * 12)
+        self.q = nn.Linear(C, HEADS * 4)
+        self.proj = nn.Linear(HEADS * 8, C)
+        n, s = 16, self.start
+        rows = torch.arange(s, n, 2)
+        dq = (rows[:, None] - torch.arange(n)).abs()  # (query row, key row) distances
+        index = (dq[:, None, :, None] * n + dq[None, :, None, :]).reshape(len(rows) ** 2, n * n)
+        self.table = nn.Parameter(torch.randn(HEADS, n * n) * 0.5)
+        self.register_buffer("index", index)
+
+    def subsample(self, x, spell):
+        b, c, h, w = x.shape
+        s = self.start
+        if spell.startswith("strided-tokens"):
+            t = x.flatten(2).transpose(1, 2)
+            return t.view(b, h, w, c)[:, s::2, s::2].reshape(b, -1, c)
+        if spell.startswith("select"):
+            q = x.view(b, c, h // 2, 2, w // 2, 2)[:, :, :, s, :, s]
+        else:
+            q = x[:, :, s::2, s::2]
+        return q.flatten(2).transpose(1, 2)
+
+    def attend(self, x, spell, key_bias=None):
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        k, v = self.kv(t).view(b, h * w, HEADS, 12).split([4, 8], dim=3)
+        k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        q = self.q(self.subsample(x, spell)).view(b, -1, HEADS, 4).permute(0, 2, 1, 3)
+        a = q @ k.transpose(-2, -1) * 0.5 + self.table[:, self.index]
+        if key_bias is not None:
+            a = a + key_bias
+        y = (a.softmax(-1) @ v).transpose(1, 2).reshape(b, -1, HEADS * 8)
+        return self.proj(y).transpose(1, 2).reshape(b, c, h // 2, w // 2)
+
+    def forward(self, x):
+        return self.attend(x, self.spell)
+
+    def reference(self, x, vis):
+        keys = vis.flatten(1)[:, None, None, :]  # (B, 1, 1, HW)
+        return self.attend(x, "strided", torch.where(keys > 0, 0.0, NEG).to(x.dtype))
+
+
+PATCH = 2
+
+
+class PatchAttention(nn.Module):
+    """MobileViT's attention: the grid unfolded into PATCH x PATCH patches, attention among the positions that share
+    an in-patch offset (the offset digits on the batch axis, tokens = patches), folded back. ``spell`` picks how it
+    unfolds and folds; ``*-one`` spellings take the whole grid as one patch, so each position attends to itself."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell = spell
+        self.patch = 16 if spell.endswith("-one") else PATCH
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+
+    def unfold(self, x, spell):
+        b, c, h, w = x.shape
+        p = self.patch
+        n = (h // p) * (w // p)
+        if spell.startswith("reshape"):  # MobileViT's own
+            t = x.reshape(b * c * (h // p), p, w // p, p).transpose(1, 2).reshape(b, c, n, p * p)
+            return t.transpose(1, 3).reshape(b * p * p, n, c)
+        if spell.startswith("unfold"):
+            t = F.unfold(x, p, stride=p)
+        else:
+            t = F.pixel_unshuffle(x, p)
+        return t.reshape(b, c, p * p, n).permute(0, 2, 3, 1).reshape(b * p * p, n, c)
+
+    def fold(self, t, like, spell):
+        b, c, h, w = like.shape
+        p = self.patch
+        n = (h // p) * (w // p)
+        if spell.startswith("reshape"):
+            y = t.contiguous().view(b, p * p, n, c).transpose(1, 3).reshape(b * c * (h // p), w // p, p, p)
+            return y.transpose(1, 2).reshape(b, c, h, w)
+        y = t.view(b, p * p, n, c).permute(0, 3, 1, 2)
+        if spell.startswith("unfold"):
+            return F.fold(y.reshape(b, c * p * p, n), (h, w), p, stride=p)
+        return F.pixel_shuffle(y.reshape(b, c * p * p, h // p, w // p), p)
+
+    def attend(self, x, spell, key_bias=None):
+        t = self.unfold(x, spell)
+        q, k, v = (u.view(t.shape[0], t.shape[1], HEADS, C // HEADS).transpose(1, 2) for u in self.qkv(t).chunk(3, -1))
+        a = q @ k.transpose(-2, -1) * (C // HEADS) ** -0.5
+        if key_bias is not None:
+            a = a + key_bias
+        y = (a.softmax(-1) @ v).transpose(1, 2).reshape(t.shape)
+        return self.fold(self.proj(y), x, spell)
+
+    def forward(self, x):
+        return self.attend(x, self.spell)
+
+    def reference(self, x, vis):
+        keys = self.unfold(vis, "reshape")[:, None, None, :, 0]  # (B * offsets, 1, 1, patches)
+        return self.attend(x, "reshape", torch.where(keys > 0, 0.0, NEG).to(x.dtype))
+
+
 SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
     "grid-mean": (GridMean, ("mean23", "mean2-mean3", "mean3k-mean2k", "adaptive-pool", "flatten-mean")),
     "grid-max": (GridMax, ("amax", "max-values", "max-of-max")),
@@ -382,6 +489,10 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
     "drop-path": (DropPath, ("bernoulli", "floor", "compare")),
     "cell-max": (CellMax, ("amax", "max-values", "getitem-max")),
     "folded-pool": (FoldedPool, ("max_pool2d", "view-amax", "view-max-values", "avg_pool2d", "adaptive-avg")),
+    "subsampled-attention": (SubsampledAttention, ("strided", "strided-tokens", "select", "strided-odd",
+                                                   "strided-tokens-odd", "select-odd")),
+    "patch-attention": (PatchAttention, ("reshape", "unfold", "pixel-shuffle", "reshape-one", "unfold-one",
+                                         "pixel-shuffle-one")),
 }
 CASES = [(rule, spell) for rule, (_, spells) in SPELLS.items() for spell in spells]
 
@@ -449,7 +560,8 @@ def test_spelling_matches_reference(rule: str, spell: str, seed: int):
         assert rel_err(g, w) <= 1e-10, name
 
 
-@pytest.mark.parametrize("rule", ["grid-mean", "grid-max", "group-stats", "attention", "folded-pool", "padded-window"])
+@pytest.mark.parametrize("rule", ["grid-mean", "grid-max", "group-stats", "attention", "folded-pool", "padded-window",
+                                  "subsampled-attention", "patch-attention"])
 def test_reference_sees_the_mask(rule: str):
     """The references that mix positions are not the dense model: with units masked, visible outputs change.
     (Drop path and in-unit pooling change no visible output under masking, by definition.)"""
