@@ -231,12 +231,13 @@ class CanonicalizePass(GreenPass):
         if src is None or out is None or name not in ("pixel_unshuffle", "pixel_shuffle", "im2col", "col2im"):
             return None
         if name in ("im2col", "col2im"):
-            kernel, dilation, padding, stride = node.args[-4:]
-            if list(dilation) != [1, 1] or list(padding) != [0, 0] or list(stride) != list(kernel):
+            a = args_of(node)
+            plain = list(a["dilation"]) == [1, 1] and list(a["padding"]) == [0, 0]
+            if not plain or list(a["stride"]) != list(a["kernel_size"]):
                 return None
-            kh, kw = kernel
+            kh, kw = a["kernel_size"]
         else:
-            kh = kw = int(node.args[1])
+            kh = kw = int(args_of(node)["downscale_factor" if name == "pixel_unshuffle" else "upscale_factor"])
         if name in ("pixel_unshuffle", "im2col"):
             *lead, c, h, w = src.shape
             if h % kh or w % kw:

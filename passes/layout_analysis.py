@@ -136,8 +136,8 @@ class LayoutAnalysisPass(GreenPass):
                                                       for a in node.all_input_nodes):
                 node.meta["constant"] = True  # reads only the dtype/device of image values: a constant
                 continue
-            if any(a.meta.get("pick") is not None for a in node.all_input_nodes) and not is_op(node, aten.slice, aten.select,
-                                                                                                 aten.cat):
+            picked = any(a.meta.get("pick") is not None for a in node.all_input_nodes)
+            if picked and not is_op(node, aten.slice, aten.select, aten.cat):
                 failed[node] = (node, "a strided slice of the rows or the columns only is used by an op other than a "
                                       "concatenation or a pick of the other axis")
                 continue

@@ -1,4 +1,4 @@
-"""Patch merging and subsampling: gather low spatial digits into channels, or pick one cell of each, on the coarser grid.
+"""Patch merging and subsampling: low spatial digits gathered into channels, or one cell of each picked.
 
 Two ways of writing patch merging are understood. (1) Views and permutes that move low spatial digits into the
 last axis, followed by a norm or Linear over that axis (timm's Swin): the token-wise rule plans a
@@ -60,8 +60,8 @@ def _picked(node: fx.Node, lay: Layout) -> Optional[Tuple[str, int, int, Layout]
         size = lay.shape[dim]
         start, stop, step = slice(a["start"], a["end"], a["step"]).indices(size)
         if size % step or start >= step or len(range(start, stop, step)) != size // step:
-            raise LayoutError(f"strided slice {start}:{stop}:{step} of a spatial axis of size {size} is not one cell of "
-                              f"every {step}")
+            raise LayoutError(f"strided slice {start}:{stop}:{step} of a spatial axis of size {size} is not one cell "
+                              f"of every {step}")
         axes = list(lay.axes)
         axes[dim] = (Atom(kind, size // step, step),)
         return kind, step, start, replace(lay, axes=tuple(axes))
