@@ -86,8 +86,8 @@ def _continues_pick(node: fx.Node) -> bool:
 
 def coarse_layout(lay: Layout, factor: int) -> Layout:
     """The layout of picked cells (one of every ``factor`` rows and columns) on the ``factor`` times coarser grid."""
-    if lay.offset != (0, 0) or lay.prefixed_axes():
-        raise LayoutError("subsampling of rolled tokens or of tokens that hold prefix tokens")
+    if lay.offset != (0, 0) or lay.prefixed_axes() or any(lay.border):
+        raise LayoutError("subsampling of rolled or padded tokens or of tokens that hold prefix tokens")
     axes = []
     for ax in lay.axes:
         for a in ax:

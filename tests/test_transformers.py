@@ -100,12 +100,12 @@ def _with_gradients(model: torch.nn.Module, run: Callable[[], gmc.VisibleTokens]
 
 
 def _check_gradients(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], tol: float = 1e-10,
-                     floor: float = 1e-6) -> None:
-    """Gradients equal the oracle's, each relative to its own size or to ``floor`` times the largest gradient,
-    whichever is larger: where the oracle's is rounding noise (a bias added to every key of a softmax, or before a
-    training-mode BatchNorm, has an analytically zero gradient) the converted model's must be noise of that size,
-    and a small gradient formed by cancellation (q and k of MobileViT's nearly uniform attention, ~1e-8 of the
-    largest) carries the rounding of the terms that cancel."""
+                     floor: float = 1e-4) -> None:
+    """Gradients equal the oracle's, each within ``tol`` of its own size or of ``floor`` times the largest gradient,
+    whichever is larger. A gradient the oracle finds analytically zero (a bias added to every key of a softmax, or
+    before a normalisation over the visible positions in training mode) is rounding noise of the largest one, and a
+    small gradient formed by cancellation (q and k of MobileViT's nearly uniform attention, ~1e-8 of the largest)
+    carries the rounding of the terms that cancel: both are checked to 1e-14 of the largest gradient."""
     assert got.keys() == want.keys() and want
     scale = max(float(g.abs().max()) for g in want.values())
     for name, g in want.items():
