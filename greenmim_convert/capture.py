@@ -93,10 +93,12 @@ def output_values(out: Any, model: str = "the model") -> Tuple[torch.Tensor, Lis
 
 def module_tensor(out):
     """A module's output tensor: the output itself, the first element of a ``(tensor, ...)`` tuple (MViTv2's
-    stages return their features with their grid size), or the final features of a ``ModelOutput`` (a
-    transformers encoder's ``last_hidden_state``, as ``output_values`` reads it)."""
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
+    stages return their features with their grid size; PVT v2's layers ``((tensor,), height, width)``), or the
+    final features of a ``ModelOutput`` (a transformers encoder's ``last_hidden_state``, as ``output_values``
+    reads it)."""
+    if isinstance(out, (tuple, list)) and out:
+        first = module_tensor(out[0])
+        return first if isinstance(first, torch.Tensor) else out
     if isinstance(out, Mapping) and ("last_hidden_state" in out or "feature_maps" in out):
         return output_values(out)[0]
     return out

@@ -242,6 +242,7 @@ def convert(
     green = GreenModel(model, {False: ev.gm, True: compiled[True].gm}, config, report, names)
     green.last_module = ev.ctx.last_path
     green.stages_from_output = bool(ev.output_stages)
+    green.output_fmt = ev.ctx.output_fmt
     return green
 
 
@@ -284,6 +285,7 @@ class GreenModel(nn.Module):
         self.stage_modules = list(stage_modules)
         self.last_module: Optional[str] = None  # the module whose output is the final features, None: the output
         self.stages_from_output = False  # the stages are the maps the model's output holds, not module outputs
+        self.output_fmt = "NCHW"  # the layout of the source model's 4-D stage maps: NCHW or NHWC
         self.train(model.training)
 
     @property

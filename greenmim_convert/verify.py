@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -60,14 +60,20 @@ def compare_tokens(name: str, got: VisibleTokens, ref: VisibleTokens, rtol: floa
     return StageError(name, got.grid, got.feats.shape[0], max_abs, max_rel, finite and max_rel <= rtol)
 
 
-def reference_of(model: nn.Module, green: GreenModel, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
-    """The dense masked reference with the stages and final features ``convert`` chose: timm's ``feature_info``,
-    the maps the model's output holds (a ``BackboneOutput``), or the modules ``convert`` found them in."""
+def reference_kwargs(model: nn.Module, green: GreenModel) -> Dict[str, Any]:
+    """``dense_masked_reference`` arguments that read the stages and final features ``convert`` chose: timm's
+    ``feature_info`` (none), the maps the model's output holds (a ``BackboneOutput``), or the modules ``convert``
+    found them in; ``fmt`` says how a map whose shape reads both ways is laid out (SAM 2's are NHWC)."""
     if is_timm_model(model):
-        return dense_masked_reference(model, images, visible)
+        return {}
     if green.stages_from_output:
-        return dense_masked_reference(model, images, visible, stages_from_output=True)
-    return dense_masked_reference(model, images, visible, stages=green.stage_modules, last=green.last_module)
+        return {"stages_from_output": True, "fmt": green.output_fmt}
+    return {"stages": green.stage_modules, "last": green.last_module, "fmt": green.output_fmt}
+
+
+def reference_of(model: nn.Module, green: GreenModel, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
+    """The dense masked reference of ``model`` at the stages ``green`` computes (``reference_kwargs``)."""
+    return dense_masked_reference(model, images, visible, **reference_kwargs(model, green))
 
 
 def verify(
