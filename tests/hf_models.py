@@ -11,7 +11,7 @@ import torch.nn as nn
 
 IMG = 64
 
-# one shifted-window block (stage 1's second): the rules for it are the same at every stage
+# one shifted-window block (the first stage's second): the rules for it are the same at every stage
 _SWIN = dict(image_size=IMG, patch_size=4, embed_dim=16, depths=[2, 1, 1, 1], num_heads=[1, 2, 2, 4], window_size=4,
              mlp_ratio=2.0)
 _CVT_STAGES = 3
