@@ -461,7 +461,8 @@ def run_bench(
         result[name] = ModelStats(statistics.median(t), (max(t) - min(t)) if len(t) > 1 else 0.0, s["saved"], s["flops"], s["peak"])
     d, g = result["dense"], result["green"]
     rho = visible_fraction(visible)
-    pairs = attention_pair_fraction(model, images, visible, lambda: dense_features(model, images), tuple(green.img_size))
+    size = tuple(green.img_size)
+    pairs = attention_pair_fraction(model, images, visible, lambda: dense_features(model, images), size)
     ideal = visible_only_ideal(stats["dense"]["counts"], rho, pairs)
     compiled = None
     if compile:
