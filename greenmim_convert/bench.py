@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import attention, ops
 from .flops import attention_pair_fraction, count_flops, visible_fraction, visible_only_ideal
-from .capture import is_timm_model
+from .capture import is_timm_model, output_values
 from .convert import GreenModel, input_channels
 from .kernels.windows import DigitWindows
 from .masking import random_mask
@@ -111,6 +111,15 @@ def stem_conv(model: nn.Module) -> nn.Conv2d:
     raise ValueError(f"{type(model).__name__} has no Conv2d on the image to put a SimMIM mask token after")
 
 
+def dense_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The final features of the function ``convert`` captures (timm's ``forward_features``, else ``forward``),
+    read from the model's output as ``convert`` reads it (a ``ModelOutput``'s ``last_hidden_state``, the last
+    of a ``BackboneOutput``'s maps)."""
+    if is_timm_model(model):
+        return model.forward_features(images)
+    return output_values(model(images), type(model).__name__)[0]
+
+
 class SimMIMDense(nn.Module):
     """The dense baseline: the function ``convert`` captures (timm's ``forward_features``, else ``forward``)
     with masked stem outputs replaced by a learned token."""
@@ -133,7 +142,7 @@ class SimMIMDense(nn.Module):
         self._visible = visible
         handle = self.stem.register_forward_hook(self._hook)
         try:
-            return self.model.forward_features(images) if is_timm_model(self.model) else self.model(images)
+            return dense_features(self.model, images)
         finally:
             handle.remove()
             self._visible = None
@@ -225,7 +234,7 @@ class _CompiledDense(nn.Module):
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         d = self.dense
         d._visible = visible
-        return d.model.forward_features(images) if is_timm_model(d.model) else d.model(images)
+        return dense_features(d.model, images)
 
 
 def compiled_stats(dense: SimMIMDense, green: GreenModel, images: torch.Tensor, visible: torch.Tensor, steps: int,
@@ -452,8 +461,8 @@ def run_bench(
         result[name] = ModelStats(statistics.median(t), (max(t) - min(t)) if len(t) > 1 else 0.0, s["saved"], s["flops"], s["peak"])
     d, g = result["dense"], result["green"]
     rho = visible_fraction(visible)
-    forward = (lambda: model.forward_features(images)) if is_timm_model(model) else (lambda: model(images))
-    pairs = attention_pair_fraction(model, images, visible, forward, tuple(green.img_size))
+    size = tuple(green.img_size)
+    pairs = attention_pair_fraction(model, images, visible, lambda: dense_features(model, images), size)
     ideal = visible_only_ideal(stats["dense"]["counts"], rho, pairs)
     compiled = None
     if compile:

@@ -43,7 +43,6 @@ class _Features(nn.Module):
         self.m = model
         self.stages = list(stages)
         self.output = output
-        self.output_stages = 0  # how many stage maps the output held, set by each forward
 
     def forward(self, x: torch.Tensor):
         stash: List[Optional[torch.Tensor]] = [None] * len(self.stages)
@@ -65,7 +64,6 @@ class _Features(nn.Module):
         last, maps = output_values(out, type(self.m).__name__)
         if self.stages:
             maps = []  # stages named by the caller take the place of those the output holds
-        self.output_stages = len(maps)
         return (last, *stash, *maps)
 
 
@@ -94,10 +92,15 @@ def output_values(out: Any, model: str = "the model") -> Tuple[torch.Tensor, Lis
 
 
 def module_tensor(out):
-    """A module's output tensor: the output itself, or the first element of a ``(tensor, ...)`` tuple
-    (MViTv2's stages return their features with their grid size)."""
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
+    """A module's output tensor: the output itself, the first element of a ``(tensor, ...)`` tuple (MViTv2's
+    stages return their features with their grid size; PVT v2's layers ``((tensor,), height, width)``), or the
+    final features of a ``ModelOutput`` (a transformers encoder's ``last_hidden_state``, as ``output_values``
+    reads it)."""
+    if isinstance(out, (tuple, list)) and out:
+        first = module_tensor(out[0])
+        return first if isinstance(first, torch.Tensor) else out
+    if isinstance(out, Mapping) and ("last_hidden_state" in out or "feature_maps" in out):
+        return output_values(out)[0]
     return out
 
 
@@ -225,7 +228,8 @@ def capture(model: nn.Module, images: torch.Tensor, stages: Sequence[str], outpu
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     values = list(out.args[0])
-    return Captured(gm, placeholders[0], values[0], values[1:], wrapper.output_stages)
+    output_stages = len(values) - 1 - len(stages)  # counted from the graph: export undoes attribute writes
+    return Captured(gm, placeholders[0], values[0], values[1:], output_stages)
 
 
 def example_images(model: nn.Module, img_size: Tuple[int, int], batch: int, chans: int) -> torch.Tensor:

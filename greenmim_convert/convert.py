@@ -149,6 +149,7 @@ class _Compiled:
     gm: fx.GraphModule
     ctx: P.ConvertContext
     pipeline: List[P.GreenPass]
+    output_stages: int = 0  # stage maps read from the model's output (a BackboneOutput's feature_maps)
 
 
 def _compile(model: nn.Module, training: bool, size: Tuple[int, int], stages: Optional[List[str]], mask_unit: int,
@@ -182,7 +183,7 @@ def _compile(model: nn.Module, training: bool, size: Tuple[int, int], stages: Op
     finally:
         model.train(was_training)
     gm.meta.pop("greenmim")
-    return _Compiled(gm, ctx, pipeline)
+    return _Compiled(gm, ctx, pipeline, captured.output_stages)
 
 
 def convert(
@@ -240,6 +241,8 @@ def convert(
     names = list(stages) if stages is not None else ev.ctx.stage_paths
     green = GreenModel(model, {False: ev.gm, True: compiled[True].gm}, config, report, names)
     green.last_module = ev.ctx.last_path
+    green.stages_from_output = bool(ev.output_stages)
+    green.output_fmt = ev.ctx.output_fmt
     return green
 
 
@@ -280,6 +283,9 @@ class GreenModel(nn.Module):
         self.config = config
         self.report = report
         self.stage_modules = list(stage_modules)
+        self.last_module: Optional[str] = None  # the module whose output is the final features, None: the output
+        self.stages_from_output = False  # the stages are the maps the model's output holds, not module outputs
+        self.output_fmt = "NCHW"  # the layout of the source model's 4-D stage maps: NCHW or NHWC
         self.train(model.training)
 
     @property

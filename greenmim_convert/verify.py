@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,7 @@ import torch.nn as nn
 from .capture import is_timm_model
 from .convert import GreenModel
 from .reference import dense_masked_reference
-from .tokens import VisibleTokens
+from .tokens import GreenOutput, VisibleTokens
 
 DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -60,21 +60,33 @@ def compare_tokens(name: str, got: VisibleTokens, ref: VisibleTokens, rtol: floa
     return StageError(name, got.grid, got.feats.shape[0], max_abs, max_rel, finite and max_rel <= rtol)
 
 
+def reference_kwargs(model: nn.Module, green: GreenModel) -> Dict[str, Any]:
+    """``dense_masked_reference`` arguments that read the stages and final features ``convert`` chose: timm's
+    ``feature_info`` (none), the maps the model's output holds (a ``BackboneOutput``), or the modules ``convert``
+    found them in; ``fmt`` says how a map whose shape reads both ways is laid out (SAM 2's are NHWC)."""
+    if is_timm_model(model):
+        return {}
+    if green.stages_from_output:
+        return {"stages_from_output": True, "fmt": green.output_fmt}
+    return {"stages": green.stage_modules, "last": green.last_module, "fmt": green.output_fmt}
+
+
+def reference_of(model: nn.Module, green: GreenModel, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
+    """The dense masked reference of ``model`` at the stages ``green`` computes (``reference_kwargs``)."""
+    return dense_masked_reference(model, images, visible, **reference_kwargs(model, green))
+
+
 def verify(
     model: nn.Module, green: GreenModel, images: torch.Tensor, visible: torch.Tensor, rtol: Optional[float] = None
 ) -> VerifyReport:
     """Run both models (no grad) and compare every stage and the final features at visible positions.
 
-    A model that is not timm's tells the reference its stages and final module as ``convert`` found them.
+    The reference reads the stages ``convert`` read (``reference_of``).
     """
     rtol = DEFAULT_RTOL.get(images.dtype, 1e-5) if rtol is None else rtol
     with torch.no_grad():
         out = green(images, visible)
-        if is_timm_model(model):
-            ref = dense_masked_reference(model, images, visible)
-        else:
-            ref = dense_masked_reference(model, images, visible, stages=green.stage_modules,
-                                         last=getattr(green, "last_module", None))
+        ref = reference_of(model, green, images, visible)
     rows = [compare_tokens(f"stage{i}", g, r, rtol) for i, (g, r) in enumerate(zip(out.stages, ref.stages))]
     rows.append(compare_tokens("last", out.last, ref.last, rtol))
     return VerifyReport(rows, rtol, str(images.dtype).replace("torch.", ""))

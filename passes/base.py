@@ -40,6 +40,7 @@ class ConvertContext:
     stage_paths: list = field(default_factory=list)
     last_path: Optional[str] = None
     stage_strides: list = field(default_factory=list)
+    output_fmt: str = "NCHW"  # NHWC when a 4-D stage or final map holds its channels last
 
 
 def graph_order(graph: fx.Graph) -> Dict[fx.Node, int]:

@@ -48,6 +48,11 @@ def token_like(lay: Layout) -> bool:
             and not lay.is_pair() and not any(lay.border))
 
 
+def _channels_last(lay: Layout) -> bool:
+    """A 4-D map holding its channels on the last axis (NHWC, as SAM 2's Hiera returns its maps)."""
+    return len(lay.axes) == 4 and any(a.kind == "c" for a in lay.axes[3])
+
+
 def _module_paths(node: fx.Node) -> List[str]:
     return [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
 
@@ -99,6 +104,7 @@ class OutputsPass(GreenPass):
         ctx.stage_paths = [owning_module(gm, s, ends) for s in stages]
         ctx.stage_strides = [layout_of(s).stride for s in stages]
         ctx.last_path = owning_module(gm, last, ends) if last is not values[0] else None
+        ctx.output_fmt = "NHWC" if any(_channels_last(layout_of(v)) for v in list(stages) + [last]) else "NCHW"
 
         def wrap(node: fx.Node) -> fx.Node:
             lay = layout_of(node)
@@ -133,7 +139,8 @@ class OutputsPass(GreenPass):
     def _default_stages(self, gm: fx.GraphModule, graph: nx.DiGraph, last: fx.Node) -> List[fx.Node]:
         """At each feature grid, finest first: the last value that is the output of a module nested least deep
         (a stage, not the first layer of the next stage's block that still runs on this grid); the last value
-        computed at the grid when no module outputs one."""
+        computed at the grid when no module outputs one. Grids coarser than the final features' are no stages:
+        what the final features read there is an intermediate (CvT's keys and values, projected at stride 2)."""
         ancestors = nx.ancestors(graph, last.name) | {last.name}
         ends = module_ends(gm)
         by_grid: Dict[tuple, Tuple[tuple, fx.Node]] = {}
@@ -147,4 +154,5 @@ class OutputsPass(GreenPass):
                 key = (lay.stride, lay.grid)
                 if key not in by_grid or rank >= by_grid[key][0]:
                     by_grid[key] = (rank, node)
-        return [by_grid[k][1] for k in sorted(by_grid) if k[0] > 1]
+        final = layout_of(last).stride
+        return [by_grid[k][1] for k in sorted(by_grid) if 1 < k[0] <= final]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 import timm
@@ -51,6 +52,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny models: a second one gains nothing, and on a busy machine a
+    two-thread pool waits for its descheduled thread at every op (minutes instead of seconds)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def seed() -> int:
     """A fresh seed per test run, printed on failure by pytest's -l."""
@@ -76,14 +87,15 @@ def masks_with_unequal_counts(batch: int, grid, ratio: float, gen: torch.Generat
 
 def check_against_reference(
     model, green, images, visible, tol: float = 1e-10, grads: bool = True, gen=None, zero_grads=(), rng_seed=None,
-    **oracle
+    grad_floor: float = 0.0, **oracle
 ):
     """Outputs of every stage, and (optionally) parameter gradients of a random weighted loss, vs the oracle.
 
     ``zero_grads``: names of parameters whose gradient is analytically zero (e.g. a bias added to every
-    logit of a softmax): both gradients must be rounding noise, at most ``tol`` times the largest gradient.
-    ``oracle``: keyword arguments of ``dense_masked_reference`` (``stages=``, ``last=``, ``key_mask_for=``)
-    for models without timm's ``feature_info``/``forward_features``.
+    logit of a softmax): both gradients must be rounding noise, at most ``tol`` times the largest gradient;
+    ``grad_floor``: as ``assert_same_grads``'s ``floor``. ``oracle``: keyword arguments of
+    ``dense_masked_reference`` (``stages=``, ``last=``, ``key_mask_for=``) for models without timm's
+    ``feature_info``/``forward_features``.
     ``rng_seed`` (training mode): both forwards start from this seed, so that per-sample random draws
     (drop-path) are the same draws; the buffers both forwards update (BatchNorm running statistics) must agree.
     """
@@ -106,29 +118,64 @@ def check_against_reference(
             assert rel_err(updated[n], b) <= tol, n
         else:
             assert torch.equal(updated[n], b), n
-    pairs = list(zip(out.stages + [out.last], ref.stages + [ref.last]))
-    for got, want in pairs:
-        assert torch.equal(got.batch, want.batch) and torch.equal(got.coords, want.coords)
-        assert torch.isfinite(got.feats).all()
+    assert len(out.stages) == len(ref.stages)
+    for i, (got, want) in enumerate(zip(out.stages + [out.last], ref.stages + [ref.last])):
+        assert got.grid == want.grid, i
+        assert torch.equal(got.batch, want.batch) and torch.equal(got.coords, want.coords), i
+        assert torch.isfinite(got.feats).all(), i
         if want.feats.numel():
-            assert rel_err(got.feats, want.feats) <= tol
+            assert rel_err(got.feats, want.feats) <= tol, i
     if not grads:
         return out
-    weights = [torch.randn(w.feats.shape, generator=gen, dtype=w.feats.dtype) for _, w in pairs]
-    result = []
-    for res in (out, ref):
-        model.zero_grad(set_to_none=True)
-        sum((w * t.feats).sum() for w, t in zip(weights, res.stages + [res.last])).backward()
-        result.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert result[0].keys() == result[1].keys() and result[0]
-    assert set(zero_grads) <= result[1].keys()
-    scale = max(float(g.abs().max()) for g in result[1].values())
-    for name, g in result[1].items():
-        if name in zero_grads:
-            assert max(float(result[0][name].abs().max()), float(g.abs().max())) <= tol * scale, name
-        else:
-            assert rel_err(result[0][name], g) <= tol, name
+    (_, got), (_, want) = weighted_loss_grads(model, [lambda: _feats(out), lambda: _feats(ref)], gen)
+    assert_same_grads(got, want, tol, zero_grads=zero_grads, floor=grad_floor)
     return out
+
+
+def _feats(out) -> List[torch.Tensor]:
+    """The features of every stage and the final ones, as ``dense_masked_reference`` orders them."""
+    return [t.feats for t in out.stages + [out.last]]
+
+
+Grads = Dict[str, torch.Tensor]
+
+
+def weighted_loss_grads(model: torch.nn.Module, runs: Sequence[Callable[[], List[torch.Tensor]]],
+                        gen: Optional[torch.Generator] = None) -> List[Tuple[List[torch.Tensor], Grads]]:
+    """For each run (a function giving output tensors of ``model``): its outputs, detached, and the parameter
+    gradients of ``sum(w * output)``, one set of random weights ``w`` for all runs (drawn for the first run's
+    output shapes): one random direction in which the runs' gradients are compared."""
+    results, weights = [], None
+    for run in runs:
+        model.zero_grad(set_to_none=True)
+        feats = run()
+        if weights is None:
+            weights = [torch.randn(f.shape, generator=gen, dtype=f.dtype) for f in feats]
+        assert [f.shape for f in feats] == [w.shape for w in weights]
+        sum((w * f).sum() for w, f in zip(weights, feats)).backward()
+        results.append(([f.detach() for f in feats], {n: p.grad.clone() for n, p in model.named_parameters()
+                                                        if p.grad is not None}))
+    return results
+
+
+def assert_same_grads(got: Grads, want: Grads, tol: float, zero_grads: Sequence[str] = (),
+                      floor: float = 0.0) -> None:
+    """The same parameters have gradients, each within ``tol`` of ``want``'s, relative to its own size or to
+    ``floor`` times the largest gradient, whichever is larger (a gradient that is rounding noise, analytically
+    zero, or formed by cancellation carries rounding of that size).
+
+    ``zero_grads``: parameters whose gradient is analytically zero (a bias added to every logit of a softmax):
+    both must be rounding noise, at most ``tol`` times the largest gradient.
+    """
+    assert got.keys() == want.keys() and want
+    assert set(zero_grads) <= want.keys()
+    scale = max(float(g.abs().max()) for g in want.values())
+    for name, g in want.items():
+        if name in zero_grads:
+            assert max(float(got[name].abs().max()), float(g.abs().max())) <= tol * scale, name
+        else:
+            size = max(float(g.abs().max()), floor * scale)
+            assert float((got[name] - g).abs().max()) <= tol * size, name
 
 
 def _timm_dense_nchw(model, x: torch.Tensor, grid) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch.nn as nn
 
 IMG = 64
 
-_SWIN = dict(image_size=IMG, patch_size=4, embed_dim=16, depths=[2, 2, 1, 1], num_heads=[1, 2, 2, 4], window_size=4,
+# one shifted-window block (the first stage's second): the rules for it are the same at every stage
+_SWIN = dict(image_size=IMG, patch_size=4, embed_dim=16, depths=[2, 1, 1, 1], num_heads=[1, 2, 2, 4], window_size=4,
              mlp_ratio=2.0)
 _CVT_STAGES = 3
 _SAM2 = dict(hidden_size=16, num_attention_heads=1, image_size=[IMG, IMG], blocks_per_stage=[1, 1, 2, 1],
@@ -61,7 +62,8 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     # 4x4 tokens at stride 16, subsampled to 2x2
     "levit": dict(image_size=IMG, patch_size=16, hidden_sizes=[16, 32], num_attention_heads=[2, 2], depths=[1, 1],
                   key_dim=[4, 4], mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 4, 2, 2, 2, 2]]),
-    "swiftformer": dict(depths=[2, 1, 1, 2], embed_dims=[8, 16, 24, 32], mlp_ratio=2),
+    # a stage of depth d: d - 1 convolutional encoders, then the attention block
+    "swiftformer": dict(depths=[2, 1, 1, 1], embed_dims=[8, 16, 24, 32], mlp_ratio=2),
     # windows of 3 on a 4x4 grid: the layer pads them
     "vitdet": dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, image_size=IMG,
                    pretrain_image_size=IMG, patch_size=16, window_block_indices=[0, 2], residual_block_indices=[1],
@@ -169,6 +171,15 @@ def build_hf(model_type: str, backbone: bool = False, drop_path: float = 0.1, dt
     model = randomise(auto.from_config(config, **options)).to(dtype)
     _set_drop_rates(model, config, drop_path)
     return calibrate_batch_norms(model).eval()
+
+
+def clear_caches(model: nn.Module) -> nn.Module:
+    """Empty LeViT's eval-mode cache of its attention biases, which holds them with the graph of the forward that
+    computed them: a backward after another one through that graph would fail."""
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_bias_cache", None), dict):
+            module.attention_bias_cache.clear()
+    return model
 
 
 def calibrate_batch_norms(model: nn.Module, batch: int = 4) -> nn.Module:

@@ -24,7 +24,7 @@ import greenmim_convert as gmc
 from greenmim_convert.reference import dense_masked_reference, dense_to_tokens, feature_layout, visibility_map
 from greenmim_convert.tokens import GreenOutput
 
-from conftest import check_against_reference, masks_with_unequal_counts, rel_err
+from conftest import assert_same_grads, check_against_reference, masks_with_unequal_counts, rel_err, weighted_loss_grads
 from scratch_models import Block, ConvMerge, PoolMerge, ScratchViT, scratch_key_mask_for, scratch_masked_reference
 
 UNIT = 32  # mask unit in pixels for every model here (the scratch model's own total stride is 16)
@@ -242,23 +242,12 @@ def test_oracle_all_visible_is_the_plain_model(name, seed):
         ref = _oracle(case, model, images, visible)
         return [t.feats for t in ref.stages + [ref.last]]
 
-    results, weights = [], None
-    for run in (lambda: _plain_tokens(case, model, images, visible), oracle_feats):
-        model.zero_grad(set_to_none=True)
-        feats = run()
-        if weights is None:
-            weights = [torch.randn(f.shape, generator=gen, dtype=f.dtype) for f in feats]
-        sum((w * f).sum() for w, f in zip(weights, feats)).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append(([f.detach() for f in feats], grads))
-    (plain, plain_grads), (ref, ref_grads) = results
+    (plain, plain_grads), (ref, ref_grads) = weighted_loss_grads(
+        model, [lambda: _plain_tokens(case, model, images, visible), oracle_feats], gen)
     assert len(ref) == len(plain) == len(case.stages) + 1
     for got, want in zip(ref, plain):
-        assert got.shape == want.shape
         assert rel_err(got, want) <= 1e-12
-    assert ref_grads.keys() == plain_grads.keys() and plain_grads
-    for n, g in plain_grads.items():
-        assert rel_err(ref_grads[n], g) <= 1e-11, n
+    assert_same_grads(ref_grads, plain_grads, 1e-11)
 
 
 @contextmanager

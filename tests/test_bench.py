@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import timm
@@ -256,6 +257,25 @@ def test_families_script_repeats_and_threads(tmp_path, capsys):
     assert r["repeats"] == 2 and len(r["speedup_runs"]) == 2 and r["cpu_threads"] == 1
     assert min(r["speedup_runs"]) <= r["speedup"] <= max(r["speedup_runs"])
     assert f"({min(r['speedup_runs']):.2f}-{max(r['speedup_runs']):.2f})" in capsys.readouterr().out
+
+
+def test_transformers_matrix_script(capsys):
+    """benchmarks/transformers_matrix.py: a converting model with its canonicalize rewrites and masked errors, a
+    refused one (Hiera's backbone) with its operation, module and reason on one line."""
+    pytest.importorskip("transformers")
+    matrix = _benchmark_script("transformers_matrix")
+    before = torch.get_num_threads()
+    try:
+        matrix.main(["--types", "hiera"])
+    finally:
+        torch.set_num_threads(before)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| `")}
+    assert set(rows) == {"`hiera`", "`hiera/backbone`"}
+    converts, _, rewrote, errors = rows["`hiera`"]
+    assert converts == "yes" and "max(dim).values -> amax: " in rewrote
+    assert all(float(e) <= 1e-10 for e in errors.split(" / "))
+    assert re.fullmatch(r"refused: [\w.]+ in [\w.]+: .+", rows["`hiera/backbone`"][0])
 
 
 def test_simmim_baseline_masks_the_stem_of_any_family():

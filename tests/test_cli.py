@@ -1,6 +1,8 @@
 """The command line: convert, verify, list, exit codes, help, suggestions, timm (tagged too), torchvision and hf: names."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -251,16 +253,11 @@ def test_hf_model_converts_and_loads(tmp_path):
     assert type(green.source_model).__name__ == "ResNetModel"
 
 
-def test_hf_verify_runs(monkeypatch):
-    """The CLI hands verify the built model and its conversion; whatever the oracle makes of an hf model, the
-    command ends with a verdict or a one-line error, never a traceback."""
+def test_hf_verify_hands_over_the_built_model(monkeypatch):
+    """The CLI hands verify the built model (in the chosen dtype) and its conversion."""
     import importlib
 
     verify_mod = importlib.import_module("greenmim_convert.verify")  # the package's ``verify`` is the function
-    res = runner.invoke(app, ["verify", "hf:resnet", *HF_TINY, "--dtype", "float32"])
-    assert res.exit_code in (0, 1, 2) and not isinstance(res.exception, Exception), res.output
-    assert ("tolerance" in res.output) if res.exit_code != 2 else "error: verify of hf:resnet failed" in flat(res.output)
-
     seen = {}
 
     def spy(model, green, images, visible):
@@ -273,6 +270,46 @@ def test_hf_verify_runs(monkeypatch):
     res = runner.invoke(app, ["verify", "hf:resnet", *HF_TINY, "--batch-size", "3"])
     assert res.exit_code == 0, res.output
     assert seen == {"model": "ResNetModel", "dtype": torch.float64, "shape": (3, 3, 64, 64), "grid": (8, 8)}
+
+
+# tiny transformers configs at 64px: 4 stages at strides 4 to 32 (Swin's windows of 2 fit its 2x2 last grid)
+HF_SWIN = ["--model-arg", "embed_dim=8", "--model-arg", "depths=[1,1,1,1]", "--model-arg", "num_heads=[1,1,2,2]",
+           "--model-arg", "window_size=2", "--img-size", "64"]
+HF_CONVNEXT = ["--model-arg", "hidden_sizes=[8,8,16,16]", "--model-arg", "depths=[1,1,1,1]", "--img-size", "64"]
+ALL_STAGES = ["--model-arg", "out_features=[stage1,stage2,stage3,stage4]"]
+
+
+def _verify_rows(output: str) -> list:
+    """The output names of a verify table, each with its ok cell."""
+    return [(cells[0], cells[-1]) for line in output.splitlines()
+            if len(cells := [c.strip() for c in line.split("│") if c.strip()]) == 6 and cells[0] != "output"]
+
+
+@pytest.mark.parametrize("name, args, stages", [
+    ("hf:swin", HF_SWIN, 4),  # a ModelOutput: stages found in the graph, the final features its last_hidden_state
+    ("hf:resnet", HF_TINY, 3),  # the stem and the two stages
+    ("hf:convnext/backbone", HF_CONVNEXT + ALL_STAGES, 4),  # a BackboneOutput: its feature maps are the stages
+])
+def test_hf_verify_matches_the_oracle(name, args, stages):
+    """verify on transformers models: every stage and the final features match the oracle in float64."""
+    res = runner.invoke(app, ["verify", name, *args, "--mask-ratio", "0.5", "--batch-size", "2", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    rows = _verify_rows(res.output)
+    assert [r[0] for r in rows] == [f"stage{i}" for i in range(stages)] + ["last"], res.output
+    assert all(ok == "yes" for _, ok in rows) and "OK" in res.output
+
+
+@pytest.mark.parametrize("name, args", [("hf:convnext", HF_CONVNEXT), ("hf:resnet/backbone", HF_TINY)])
+def test_hf_bench_runs(name, args, tmp_path):
+    """bench on a ModelOutput and a BackboneOutput: the dense side's loss reads the final features from them."""
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", name, *args, "--batch-size", "2", "--steps", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["model"] == name and data["steps"] == 1
+    for side in ("dense", "green"):
+        assert data[side]["time_median_s"] > 0 and data[side]["saved_bytes"] > 0 and data[side]["flops"] > 0
+    assert 0 < data["green"]["flops"] < data["dense"]["flops"]
 
 
 @pytest.mark.parametrize("args, expected", [

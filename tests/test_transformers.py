@@ -1,27 +1,30 @@
 """transformers backbones passed to ``convert`` as they are (drop path 0.1, random weights, float64).
 
-Each model is checked all-visible against its own output in eval mode and in training mode (the same seed: the
-same drop-path draws), and masked (per-sample masks) against the transformers oracle
-(``greenmim_convert/reference_hf.py``), which shares no code with the compiler, in eval mode and in training mode
-(BatchNorm statistics over the visible positions, the same drop-path draws): the final features and the parameter
-gradients of a random weighting of them. Every configuration of ``hf_models.CONFIGS`` converts; one that does not
-yet would join a refusal test naming its operation, module and source line.
+Every configuration of ``hf_models.CONFIGS`` and backbone is converted once per module (``converted``) and
+checked all-visible against its own output in eval and in training mode (the same seed: the same drop-path
+draws), and masked (per-sample masks) against the transformers oracle (``greenmim_convert/reference_hf.py``),
+which shares no code with the compiler: every stage and the final features, and the parameter gradients of a
+random weighted loss on them, in eval mode and in training mode (drop path drawn from one seed on both sides,
+BatchNorm statistics over visible positions). A configuration that does not convert would join a refusal test
+naming its operation, module and source line.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, Tuple
 
 import pytest
 import torch
+import torch.nn as nn
 
 import greenmim_convert as gmc
-from greenmim_convert.masking import random_mask
-from greenmim_convert.reference import dense_masked_reference
+from greenmim_convert.verify import reference_kwargs
 
-from conftest import rel_err
+from conftest import check_against_reference, masks_with_unequal_counts, rel_err
 
 pytest.importorskip("transformers")
-from hf_models import CONFIGS, IMG, build_hf  # noqa: E402  (after the optional import)
+from hf_models import BACKBONES as HF_BACKBONES, CONFIGS, IMG, build_hf, clear_caches  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # maskformer-swin pads its last grid to a window; maskformer-swin-window3 pads every grid, shifted windows of the
 # padded grids included; vitdet pads its 4x4 grid to windows of 3, with decomposed relative positions in them;
@@ -29,7 +32,36 @@ from hf_models import CONFIGS, IMG, build_hf  # noqa: E402  (after the optional 
 CONVERTS = ["swin", "swinv2", "donut-swin", "maskformer-swin", "maskformer-swin-window3", "focalnet", "convnext",
             "convnextv2", "pvt", "pvt_v2", "segformer", "hiera", "poolformer", "resnet", "swiftformer",
             "sam2_hiera_det_model", "sam2-padded-windows", "cvt", "vitdet", "levit", "mobilevit"]
-BACKBONES = ["swin", "swinv2", "maskformer-swin", "convnext", "resnet", "vitdet"]
+BACKBONES = ["swin", "swinv2", "maskformer-swin", "focalnet", "convnext", "convnextv2", "pvt_v2", "resnet", "vitdet"]
+# a gradient is compared relative to its own size or to this fraction of the largest, whichever is larger: where
+# the oracle's is rounding noise (analytically zero: a key bias shifts every logit of a softmax row, a conv bias
+# precedes training-mode BatchNorm, PoolFormer reads its norm's bias as pool(x) - x) the converted model's must be
+# noise of that size, and a small gradient formed by cancellation (q and k of MobileViT's nearly uniform
+# attention, ~1e-8 of the largest) carries the rounding of the terms that cancel
+GRAD_FLOOR = 1e-4  # 10 times the largest such noise seen (MobileViT's conv bias before training BatchNorm)
+
+Case = Tuple[str, bool]
+CASES = [(t, False) for t in CONVERTS] + [(t, True) for t in BACKBONES]
+IDS = [f"{t}-{'backbone' if b else 'model'}" for t, b in CASES]
+
+
+@pytest.fixture(scope="module")
+def converted() -> Iterator[Callable[[Case], Tuple[nn.Module, gmc.GreenModel]]]:
+    """``get(case)``: the case's model (eval mode) and its conversion, built once per module."""
+    cache: Dict[Case, Tuple[nn.Module, gmc.GreenModel]] = {}
+
+    def get(case: Case) -> Tuple[nn.Module, gmc.GreenModel]:
+        if case not in cache:
+            model_type, backbone = case
+            torch.manual_seed(sum(map(ord, model_type)) + backbone)
+            model = build_hf(model_type, backbone=backbone)
+            cache[case] = model, gmc.convert(model, img_size=IMG)
+        model, green = cache[case]
+        clear_caches(model).eval()
+        green.eval()
+        return model, green
+    yield get
+    cache.clear()
 
 
 def _last(out) -> torch.Tensor:
@@ -51,68 +83,68 @@ def _dense(tokens: gmc.VisibleTokens, like: torch.Tensor) -> torch.Tensor:
     return dense
 
 
-CASES = [(t, False) for t in CONVERTS] + [(t, True) for t in BACKBONES]
+def _inputs(green: gmc.GreenModel, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """Three random images and per-sample masks: one sample half visible, one all visible, one a single unit."""
+    gen = torch.Generator().manual_seed(seed)
+    visible = masks_with_unequal_counts(3, green.mask_grid, 0.5, gen)
+    return torch.randn(3, 3, IMG, IMG, generator=gen, dtype=torch.float64), visible, gen
 
 
-@pytest.mark.parametrize("model_type,backbone", CASES, ids=[f"{t}-{'backbone' if b else 'model'}" for t, b in CASES])
-def test_converts_and_matches_all_visible(model_type: str, backbone: bool):
-    model = build_hf(model_type, backbone=backbone)
-    green = gmc.convert(model, img_size=IMG)
-    images = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
-    grid = green.mask_grid
-    visible = torch.ones(2, *grid, dtype=torch.bool)
-    for train in (False, True):
-        model.train(train)
-        green.train(train)
-        torch.manual_seed(7)
-        want = _last(model(images))
-        torch.manual_seed(7)
-        got = _dense(green(images, visible).last, want)
-        want = want[:, want.shape[1] - got.shape[1]:] if want.dim() == 3 else want  # past a class token (PVT)
-        assert rel_err(got, want) <= 1e-10, ("train" if train else "eval")
-    mask = random_mask(2, grid, 0.5, generator=torch.Generator().manual_seed(1))
-    mask[0] = True  # one sample all visible, one with half its units
-    for train in (True, False):
-        model.train(train)
-        green.train(train)
-        last, got = _with_gradients(model, lambda: green(images, mask).last)
-        ref, want = _with_gradients(model, lambda: dense_masked_reference(model, images, mask, stages=[]).last)
-        assert torch.equal(last.batch, ref.batch) and torch.equal(last.coords, ref.coords)
-        assert rel_err(last.feats, ref.feats) <= 1e-10, ("train" if train else "eval")
-        _check_gradients(got, want)
-    with torch.no_grad():
-        maps = green(images, mask).stages + [last]
-    assert all(t.grid[0] * t.stride == IMG == t.grid[1] * t.stride for t in maps)  # images' maps, no padded grid
-    cells = (last.grid[0] // grid[0]) * (last.grid[1] // grid[1])
-    assert last.counts().tolist() == (mask.sum((1, 2)) * cells).tolist()  # visible positions only
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_converts_and_matches_all_visible(case, converted, seed):
+    """Every unit visible: the final features are the model's own, in eval and in training mode (same seed)."""
+    model, green = converted(case)
+    images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    visible = torch.ones(2, *green.mask_grid, dtype=torch.bool)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        for train in (False, True):
+            model.train(train)
+            green.train(train)
+            torch.manual_seed(seed)
+            want = _last(model(images))
+            torch.manual_seed(seed)
+            got = _dense(green(images, visible).last, want)
+            want = want[:, want.shape[1] - got.shape[1]:] if want.dim() == 3 else want  # past a class token (PVT)
+            assert rel_err(got, want) <= 1e-10, ("train" if train else "eval")
+    finally:
+        with torch.no_grad():  # both training forwards moved the BatchNorm statistics
+            for k, v in model.state_dict().items():
+                v.copy_(state[k])
 
 
-def _with_gradients(model: torch.nn.Module, run: Callable[[], gmc.VisibleTokens]
-                    ) -> Tuple[gmc.VisibleTokens, Dict[str, torch.Tensor]]:
-    """``run()``'s visible tokens and the parameter gradients of one fixed random weighting of their features;
-    ``run`` starts from one seed, so that in training mode both runs draw the same drop path."""
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    tokens = run()
-    weights = torch.randn(tokens.feats.shape, generator=torch.Generator().manual_seed(5), dtype=tokens.feats.dtype)
-    (weights * tokens.feats).sum().backward()
-    return tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_masked_matches_oracle(case, converted, seed):
+    """Per-sample masks, eval mode: every stage, the final features and the parameter gradients match the oracle."""
+    model, green = converted(case)
+    images, visible, gen = _inputs(green, seed)
+    out = check_against_reference(model, green, images, visible, gen=gen, grad_floor=GRAD_FLOOR,
+                                  **reference_kwargs(model, green))
+    grids = [t.grid for t in out.stages]
+    assert grids == sorted(grids, reverse=True) and grids[-1] == out.last.grid
+    if case[1]:
+        assert len(grids) == len(model.config.out_features)  # a backbone's stages: its feature maps
+    else:
+        assert len(set(grids)) == len(grids)  # a model's: one per feature grid
+    assert all(t.grid[0] * t.stride == IMG == t.grid[1] * t.stride for t in out.stages + [out.last])  # no padded grid
+    cells = (out.last.grid[0] // green.mask_grid[0]) * (out.last.grid[1] // green.mask_grid[1])
+    assert out.last.counts().tolist() == (visible.sum((1, 2)) * cells).tolist()  # visible positions only
 
 
-def _check_gradients(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], tol: float = 1e-10,
-                     floor: float = 1e-4) -> None:
-    """Gradients equal the oracle's, each within ``tol`` of its own size or of ``floor`` times the largest gradient,
-    whichever is larger. A gradient the oracle finds analytically zero (a bias added to every key of a softmax, or
-    before a normalisation over the visible positions in training mode) is rounding noise of the largest one, and a
-    small gradient formed by cancellation (q and k of MobileViT's nearly uniform attention, ~1e-8 of the largest)
-    carries the rounding of the terms that cancel: both are checked to 1e-14 of the largest gradient."""
-    assert got.keys() == want.keys() and want
-    scale = max(float(g.abs().max()) for g in want.values())
-    for name, g in want.items():
-        size = max(float(g.abs().max()), floor * scale)
-        assert float((got[name] - g).abs().max()) <= tol * size, name
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_masked_training_matches_oracle(case, converted, seed):
+    """Per-sample masks, training mode (drop path 0.1 drawn from one seed on both sides, BatchNorm batch
+    statistics over visible positions): stages, final features, gradients and running statistics match."""
+    model, green = converted(case)
+    images, visible, gen = _inputs(green, seed)
+    model.train()
+    green.train()
+    check_against_reference(model, green, images, visible, gen=gen, rng_seed=seed, grad_floor=GRAD_FLOOR,
+                            **reference_kwargs(model, green))
 
 
 def test_every_config_is_checked():
-    """Each tiny configuration is a case of the harness above."""
+    """Each tiny configuration is a case of the harness above, and so is every backbone but Hiera's (which runs
+    its encoder on tokens it never unrolled: its maps are no maps of the image, see test_hf_oracle)."""
     assert set(CONFIGS) == set(CONVERTS)
+    assert set(HF_BACKBONES) - set(BACKBONES) == {"hiera"}
