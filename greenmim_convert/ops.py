@@ -623,18 +623,9 @@ def join_prefix(grid: torch.Tensor, parts: List[torch.Tensor], visible: torch.Te
     return torch.cat([grid, own.reshape(-1, channels)])
 
 
-def join_constant_prefix(grid: torch.Tensor, tokens: List[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
-    """A constant over prefix and grid tokens on packed rows: its grid rows, then every sample's ``(1, C)``
-    prefix ``tokens`` (sample-major, as ``join_prefix`` orders prefix rows)."""
-    own = torch.cat(tokens)
-    batch = visible.shape[0]
-    return torch.cat([grid, own.unsqueeze(0).expand(batch, *own.shape).reshape(batch * own.shape[0], *own.shape[1:])])
-
-
-def constant_prefix_rows(const: torch.Tensor, batch_axis: int, token_axis: int, channel_axis: int,
-                         visible: torch.Tensor) -> torch.Tensor:
-    """Constant prefix tokens (``cls_token.expand(B, -1, -1)``'s source) as ``(B * count, C)`` packed rows:
-    every sample's copy, sample-major."""
+def constant_prefix_rows(const: torch.Tensor, token_axis: int, channel_axis: int, visible: torch.Tensor) -> torch.Tensor:
+    """Constant prefix tokens (``cls_token.expand(B, -1, -1)``'s source, or a position embedding's prefix rows) as
+    ``(B * count, C)`` packed rows: every sample's copy, sample-major."""
     order = [token_axis] + [d for d in range(const.dim()) if d not in (token_axis, channel_axis)] + [channel_axis]
     rows = const.permute(order).reshape(const.shape[token_axis], const.shape[channel_axis])
     return rows.unsqueeze(0).expand(visible.shape[0], *rows.shape).reshape(-1, rows.shape[1])

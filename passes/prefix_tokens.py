@@ -52,7 +52,7 @@ def _slice_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
 
 
 def _constant_tokens(node: fx.Node, grid: Layout, dim: int) -> tuple:
-    """``(source, batch axis, token axis, channel axis, count)`` of constant prefix tokens equal for every sample
+    """``(source, token axis, channel axis, count)`` of constant prefix tokens equal for every sample
     (``cls_token.expand(B, -1, -1)``, or several register tokens), with their axes checked."""
     src = node.args[0] if is_op(node, aten.expand) else node
     shape = shape_of(src)
@@ -65,7 +65,7 @@ def _constant_tokens(node: fx.Node, grid: Layout, dim: int) -> tuple:
         if size != want and i != dim:
             raise LayoutError(f"concatenation of image tokens with a constant of shape {shape_of(node)} that is not "
                               "tokens equal for every sample")
-    return src, batch_axis, dim, channel_axis, shape[dim]
+    return src, dim, channel_axis, shape[dim]
 
 
 def _cat_rule(node: fx.Node) -> Optional[Layout]:

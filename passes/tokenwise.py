@@ -289,8 +289,11 @@ def _pack_prefixed_constant(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out
     rows = _pack_constant(gm, node, part, grid, split_channels=False)
     tokens = [_pack_constant(gm, node, emit_call(gm, node, aten.slice.Tensor, (arg, dim, j, j + 1)), grid, False)
               for j in range(count)]
+    visible = context_of(gm).visible
     with gm.graph.inserting_before(node):
-        return gm.graph.call_function(ops.join_constant_prefix, (rows, tokens, context_of(gm).visible))
+        own = gm.graph.call_function(aten.cat.default, (tokens,))
+        own = gm.graph.call_function(ops.constant_prefix_rows, (own, 0, 1, visible))
+        return gm.graph.call_function(ops.join_prefix, (rows, [own], visible))
 
 
 class TokenwisePass(GreenPass):
