@@ -623,7 +623,8 @@ def join_prefix(grid: torch.Tensor, parts: List[torch.Tensor], visible: torch.Te
     return torch.cat([grid, own.reshape(-1, channels)])
 
 
-def constant_prefix_rows(const: torch.Tensor, token_axis: int, channel_axis: int, visible: torch.Tensor) -> torch.Tensor:
+def constant_prefix_rows(const: torch.Tensor, token_axis: int, channel_axis: int,
+                         visible: torch.Tensor) -> torch.Tensor:
     """Constant prefix tokens (``cls_token.expand(B, -1, -1)``'s source, or a position embedding's prefix rows) as
     ``(B * count, C)`` packed rows: every sample's copy, sample-major."""
     order = [token_axis] + [d for d in range(const.dim()) if d not in (token_axis, channel_axis)] + [channel_axis]

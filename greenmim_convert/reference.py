@@ -621,7 +621,8 @@ POST_HOOKS: List[Tuple[Type[nn.Module], Callable]] = [
 # modules whose key mask the patched SDPA adds: they must take timm's fused (SDPA) path, whatever
 # TIMM_FUSED_ATTN says, or the mask would never be applied
 SDPA_MASKED = (pvt_v2.Attention, timm_layers.Attention, eva.EvaAttention, twins.GlobalSubSampleAttn,
-               twins.LocallyGroupedAttn, davit.WindowAttention, maxxvit.AttentionCl, maxxvit.Attention2d, nest.Attention)
+               twins.LocallyGroupedAttn, davit.WindowAttention, maxxvit.AttentionCl, maxxvit.Attention2d,
+               nest.Attention)
 
 
 # module-name prefix of a library -> the module of this package that adds that library's families: its

@@ -6,8 +6,8 @@ one form, so the rules after it are written once:
 - metadata asserts (``_assert_tensor_metadata`` of ``x.to(dtype)``) are dropped;
 - casts to the dtype and device a value already has are dropped;
 - layout aliases become views: ``reshape_as``/``view_as`` -> ``reshape``/``view``, ``expand_as`` and a
-  ``repeat``/``tile`` of size-one axes -> ``expand``, ``unflatten`` -> ``view``, ``movedim`` -> ``permute``, ``swapaxes``/``swapdims`` -> ``transpose``,
-  ``stack`` -> ``cat`` of ``unsqueeze``;
+  ``repeat``/``tile`` of size-one axes -> ``expand``, ``unflatten`` -> ``view``, ``movedim`` -> ``permute``,
+  ``swapaxes``/``swapdims`` -> ``transpose``, ``stack`` -> ``cat`` of ``unsqueeze``;
 - ``split``, ``split_with_sizes``, ``chunk`` and ``narrow`` become slices; ``unbind`` parts become ``select``;
 - ``max.dim``/``min.dim`` read for their values only become ``amax``/``amin``;
 - a reduction of a reduction of the same kind (``mean(2).mean(3)``) becomes one reduction over both;

@@ -3,9 +3,10 @@
 Export's training IR keeps in-place ops; on packed tokens a view is the same tensor, so mutation
 would leak through layout ops that no longer copy. Each in-place op on a value computed from the
 images (or from a fresh per-sample tensor: a drop-path draw) becomes its functional form and later
-readers of the mutated value read the new node instead; a ``copy_`` over a whole tensor of the same shape and dtype becomes its source, and a
-``copy_`` into ``slice`` views of a tensor (``attn[:, :, 1:, 1:] = ...``) becomes nested
-``slice_scatter`` ops whose result later readers of the tensor read. In-place ops on constants (masks filled slice by slice) stay: they run as written.
+readers of the mutated value read the new node instead; a ``copy_`` over a whole tensor of the same shape
+and dtype becomes its source, and a ``copy_`` into ``slice`` views of a tensor (``attn[:, :, 1:, 1:] = ...``)
+becomes nested ``slice_scatter`` ops whose result later readers of the tensor read. In-place ops on
+constants (masks filled slice by slice) stay: they run as written.
 """
 from __future__ import annotations
 
