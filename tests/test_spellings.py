@@ -477,6 +477,64 @@ class PatchAttention(nn.Module):
         return self.attend(x, "reshape", torch.where(keys > 0, 0.0, NEG).to(x.dtype))
 
 
+class PrefixAttention(nn.Module):
+    """Global attention over prefix tokens (always visible) and the grid tokens, with a position embedding over
+    both and (one prefix token) a rotary embedding of the grid part of q and k; prefix tokens and rotation spelled
+    ``spell``."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell = spell
+        n, self.count = IMG // 4, {"cls-reg": 3, "cls-dist": 2}.get(spell, 1)
+        self.cls = nn.Parameter(torch.randn(1, 1, C))
+        self.more = nn.Parameter(torch.randn(1, self.count - 1, C)) if self.count > 1 else None
+        self.pos = nn.Parameter(torch.randn(1, self.count + n * n, C) * 0.5)
+        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        angle = torch.rand(n * n, C // HEADS // 2) * math.pi
+        self.register_buffer("cos", angle.cos().repeat_interleave(2, -1))
+        self.register_buffer("sin", angle.sin().repeat_interleave(2, -1))
+
+    def tokens(self, t):
+        b = t.shape[0]
+        if self.spell == "pos-after":  # position embedding added to the grid, then to the class token, then cat
+            return torch.cat([(self.cls + self.pos[:, :1]).expand(b, -1, -1), t + self.pos[:, 1:]], 1)
+        if self.spell == "cls-dist":  # two single-token parts
+            parts = [self.cls.expand(b, -1, -1), self.more.expand(b, -1, -1)]
+        elif self.spell == "cls-reg":  # one token, then two more as one part
+            parts = [self.cls.expand(b, -1, -1), self.more.expand(b, -1, -1)]
+        else:
+            parts = [self.cls.expand(b, -1, -1)]
+        return torch.cat(parts + [t], 1) + self.pos
+
+    def rotate(self, x):
+        if self.spell == "rope-cat":
+            r = torch.cat([-x[..., 1::2].unsqueeze(-1), x[..., ::2].unsqueeze(-1)], -1).flatten(-2)
+        else:
+            r = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+        return x * self.cos + r * self.sin
+
+    def attend(self, x, key_bias=None):
+        b, c, h, w = x.shape
+        t = self.tokens(x.flatten(2).transpose(1, 2))
+        q, k, v = self.qkv(t).view(b, -1, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        p = self.count
+        if p == 1:  # reading back several prefix tokens (``q[:, :, :p]``) is not converted yet
+            q = torch.cat([q[:, :, :p], self.rotate(q[:, :, p:])], 2)
+            k = torch.cat([k[:, :, :p], self.rotate(k[:, :, p:])], 2)
+        a = (q @ k.transpose(-2, -1)) * (C // HEADS) ** -0.5
+        if key_bias is not None:
+            a = a + key_bias
+        y = (a.softmax(-1) @ v).transpose(1, 2).reshape(b, -1, c)[:, p:]
+        return self.proj(y).transpose(1, 2).reshape(b, c, h, w)
+
+    def forward(self, x):
+        return self.attend(x)
+
+    def reference(self, x, vis):
+        keys = torch.cat([vis.new_ones(vis.shape[0], self.count), vis.flatten(1)], 1)[:, None, None]
+        return self.attend(x, torch.where(keys > 0, 0.0, NEG).to(x.dtype))
+
+
 SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
     "grid-mean": (GridMean, ("mean23", "mean2-mean3", "mean3k-mean2k", "adaptive-pool", "flatten-mean")),
     "grid-max": (GridMax, ("amax", "max-values", "max-of-max")),
@@ -493,6 +551,7 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
                                                    "strided-tokens-odd", "select-odd")),
     "patch-attention": (PatchAttention, ("reshape", "unfold", "pixel-shuffle", "reshape-one", "unfold-one",
                                          "pixel-shuffle-one")),
+    "prefix-attention": (PrefixAttention, ("cls", "pos-after", "cls-dist", "cls-reg", "rope-cat")),
 }
 CASES = [(rule, spell) for rule, (_, spells) in SPELLS.items() for spell in spells]
 
@@ -561,7 +620,7 @@ def test_spelling_matches_reference(rule: str, spell: str, seed: int):
 
 
 @pytest.mark.parametrize("rule", ["grid-mean", "grid-max", "group-stats", "attention", "folded-pool", "padded-window",
-                                  "subsampled-attention", "patch-attention"])
+                                  "subsampled-attention", "patch-attention", "prefix-attention"])
 def test_reference_sees_the_mask(rule: str):
     """The references that mix positions are not the dense model: with units masked, visible outputs change.
     (Drop path and in-unit pooling change no visible output under masking, by definition.)"""
