@@ -30,14 +30,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from greenmim_convert.timing import wall_times
+from greenmim_convert.tools.timing import wall_times
 
-from greenmim_convert.kernels.grouping import (
+from greenmim_convert.runtime.plan.packing import (
     STRATEGIES, group_count_bound, lower_bound, pack_segments, packing_cost, plan_buckets,
 )
-from greenmim_convert.kernels.windows import WindowSpec, window_segments
-from greenmim_convert.masking import random_mask
-from greenmim_convert.sites import Sites
+from greenmim_convert.runtime.plan.segments import WindowSpec, window_segments
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.runtime.plan.sites import Sites
 
 # (image size, window, stage grids); the mask unit is 32 px, i.e. 8 tokens at patch 4.
 SWIN_B: List[Tuple[int, int, Tuple[int, ...]]] = [(224, 7, (56, 28, 14, 7)), (384, 12, (96, 48, 24, 12))]

@@ -17,11 +17,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from greenmim_convert.timing import wall_times
+from greenmim_convert.tools.timing import wall_times
 import torch.nn.functional as F
 
 from greenmim_convert.kernels.sparse_conv import build_neighbor_map, build_tile_plan, sparse_conv2d
-from greenmim_convert.sites import Sites
+from greenmim_convert.runtime.plan.sites import Sites
 
 
 def random_visible(batch: int, units: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:

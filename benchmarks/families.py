@@ -18,8 +18,8 @@ from typing import List
 import torch
 
 import greenmim_convert as gmc
-from greenmim_convert.bench import run_bench
-from greenmim_convert.models import build
+from greenmim_convert.tools.bench import run_bench
+from greenmim_convert.tools.models import build
 
 SMALLEST = [
     "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224", "twins_pcpvt_small",

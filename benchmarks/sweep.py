@@ -16,7 +16,7 @@ import timm
 import torch
 
 import greenmim_convert as gmc
-from greenmim_convert.bench import run_bench
+from greenmim_convert.tools.bench import run_bench
 
 
 def sweep(models: List[str], ratios: List[float], batch_sizes: List[int], steps: int, grouping: str) -> List[dict]:

@@ -27,7 +27,7 @@ from hf_models import BACKBONES, CONFIGS, IMG, build_hf  # noqa: E402  (the test
 
 import greenmim_convert as gmc  # noqa: E402
 from greenmim_convert.errors import UnsupportedOperationError  # noqa: E402
-from greenmim_convert.verify import compare_tokens, reference_of  # noqa: E402
+from greenmim_convert.oracle.verify import compare_tokens, reference_of  # noqa: E402
 
 HEADER = ("| model | converts | convert s | canonicalize rewrote | masked max rel err eval / train |\n"
           "| --- | --- | --- | --- | --- |")

@@ -61,10 +61,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import greenmim_convert as gmc
-from greenmim_convert import model_args
-from greenmim_convert.bench import SimMIMDense
-from greenmim_convert.convert import default_img_size
-from greenmim_convert.reference import dense_to_tokens, feature_layout
+from greenmim_convert.tools import model_args
+from greenmim_convert.tools.bench import SimMIMDense
+from greenmim_convert.api.convert import default_img_size
+from greenmim_convert.oracle.reference import dense_to_tokens, feature_layout
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,7 +85,7 @@ DEMO_IMAGES = (
 
 
 def parse_model_args(pairs: Sequence[str]) -> Dict[str, Any]:
-    """``key=value`` pairs for ``timm.create_model`` (see ``greenmim_convert.model_args``)."""
+    """``key=value`` pairs for ``timm.create_model`` (see ``greenmim_convert.tools.model_args``)."""
     try:
         return model_args.parse_model_args(pairs)
     except gmc.InvalidInputError as exc:

@@ -80,7 +80,7 @@ def _taps_torch(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor
 def depthwise_taps(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_k taps_weight[k] * src[rows[t, k]]``; a row index ``len(src)`` reads zero (a masked cell).
 
-    A library op of its own so that FLOP counters see ``2 * T * K * C`` (:mod:`greenmim_convert.flops`);
+    A library op of its own so that FLOP counters see ``2 * T * K * C`` (:mod:`greenmim_convert.tools.flops`);
     on the CPU it runs the native loop of :mod:`.cpu_kernels` where that is built."""
     return _taps_torch(src, rows, taps_weight)
 

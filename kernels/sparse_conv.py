@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from greenmim_convert.sites import Sites
+from greenmim_convert.runtime.plan.sites import Sites
 
 from .grad_layout import like_param
 

@@ -28,7 +28,7 @@ import torch
 
 from greenmim_convert.kernels.sparse_conv import (BackendUnavailableError, IntPair, Padding, as_pair, is_asymmetric,
                                                   resolve_padding)
-from greenmim_convert.sites import Sites
+from greenmim_convert.runtime.plan.sites import Sites
 
 _SPCONV: Optional[Any] = None
 _SPCONV_CHECKED = False

@@ -1,4 +1,4 @@
-"""The passes of greenmim-convert over captured ATen graphs, in pipeline order (see ``convert.build_pipeline``)."""
+"""The passes of greenmim-convert over captured ATen graphs, in pipeline order (see ``greenmim_convert.compiler.pipeline.build_pipeline``)."""
 from .attention import AttentionPass
 from .base import ConvertContext, GreenPass
 from .canonicalize import CanonicalizePass

@@ -20,11 +20,12 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from greenmim_convert import attention as runtime
-from greenmim_convert import ops
-from greenmim_convert.attention import AttentionProgram, Step, TermPlan
-from greenmim_convert.kernels.windows import DigitWindows
-from greenmim_convert.layout import Atom, Axis, Layout, LayoutError
+from greenmim_convert.runtime import attention as runtime
+from greenmim_convert.runtime import ops, plan as planner
+from greenmim_convert.runtime.attention import AttentionProgram, Step
+from greenmim_convert.runtime.plan.terms import TermPlan
+from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.compiler.layout import Atom, Axis, Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
 from .block_masks import evaluate_constant, region_labels
@@ -535,7 +536,7 @@ class AttentionPass(GreenPass):
                 spec = constant(gm, windows, ctx.visible.next, "windows")
                 label_node = constant(gm, labels, ctx.visible.next, "regions") if labels is not None else None
                 with gm.graph.inserting_after(sites):
-                    ctx.grouping_nodes[key] = gm.graph.call_function(ops.digit_grouping, (sites, spec, label_node, ctx.grouping))
+                    ctx.grouping_nodes[key] = gm.graph.call_function(planner.digit_grouping, (sites, spec, label_node, ctx.grouping))
                 self.report["groupings"] += 1
         cross = _cross_windows(pair, lq, lk) if windows is None else None
         if (pair.prefix or pair.key_prefix) and (windows is not None or cross is not None):

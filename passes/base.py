@@ -13,9 +13,9 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from greenmim_convert import ops
+from greenmim_convert.runtime import ops, plan as planner
 from greenmim_convert.errors import UnsupportedOperationError
-from greenmim_convert.layout import Layout, LayoutError
+from greenmim_convert.compiler.layout import Layout, LayoutError
 
 aten = torch.ops.aten
 
@@ -100,19 +100,19 @@ def sites_node(gm: fx.GraphModule, layout: Layout) -> fx.Node:
         if key not in ctx.site_nodes:
             image = sites_node(gm, replace(layout, grid=layout.image_grid, border=(0, 0, 0, 0)))
             with gm.graph.inserting_after(image):
-                ctx.site_nodes[key] = gm.graph.call_function(ops.padded_sites, (image, layout.border))
+                ctx.site_nodes[key] = gm.graph.call_function(planner.padded_sites, (image, layout.border))
         return ctx.site_nodes[key]
     if layout.prefix:
         key = (layout.grid, layout.stride, "prefix", layout.prefix)
         if key not in ctx.site_nodes:
             grid = sites_node(gm, replace(layout, prefix=0, key_prefix=0))
             with gm.graph.inserting_after(grid):
-                ctx.site_nodes[key] = gm.graph.call_function(ops.prefixed_sites, (grid, layout.prefix))
+                ctx.site_nodes[key] = gm.graph.call_function(planner.prefixed_sites, (grid, layout.prefix))
         return ctx.site_nodes[key]
     key = (layout.grid, layout.stride)
     if key not in ctx.site_nodes:
         with gm.graph.inserting_after(ctx.visible):
-            ctx.site_nodes[key] = gm.graph.call_function(ops.visible_sites, (ctx.visible, layout.grid, layout.stride))
+            ctx.site_nodes[key] = gm.graph.call_function(planner.visible_sites, (ctx.visible, layout.grid, layout.stride))
         ctx.grid_strides.add(layout.stride)
     return ctx.site_nodes[key]
 

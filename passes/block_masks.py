@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from greenmim_convert.attention import TermPlan, term_offsets
-from greenmim_convert.kernels.windows import DigitWindows
+from greenmim_convert.runtime.plan.terms import TermPlan, term_offsets
+from greenmim_convert.runtime.plan.segments import DigitWindows
 
 from .base import fetch_attr, graph_order, is_view
 

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from greenmim_convert import attention, ops
+from greenmim_convert.runtime import is_runtime_function
 
 from .base import GreenPass, context_of, layout_of
-
-_RUNTIME = {ops.__name__, attention.__name__}
-
 
 class CheckPass(GreenPass):
     name = "check"
@@ -17,7 +14,7 @@ class CheckPass(GreenPass):
     def run(self, gm: fx.GraphModule) -> None:
         ctx = context_of(gm)
         for user in ctx.images.users:
-            if not (user.op == "call_function" and getattr(user.target, "__module__", "") in _RUNTIME):
+            if not (user.op == "call_function" and is_runtime_function(user.target)):
                 self.fail(user, "the images are read by an op that is not a visible-patch op")
         for node in gm.graph.nodes:
             if node.meta.get("layout_op"):

@@ -15,9 +15,9 @@ from typing import Optional, Tuple
 import torch
 import torch.fx as fx
 
-from greenmim_convert import ops
+from greenmim_convert.runtime import ops
 from greenmim_convert.kernels.sparse_conv import conv_output_grid
-from greenmim_convert.layout import Atom, Layout, LayoutError
+from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, replace_with_call, shape_of, sites_node
 from .layout_ops import with_absorbed_pad

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert import ops
-from greenmim_convert.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, context_of, graph_order, is_op, layout_of, sites_node
 

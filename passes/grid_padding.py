@@ -7,7 +7,7 @@ reads as keys (their keys and values are the projection biases) whatever the mas
 
 - ``pad`` (``constant_pad_nd``) of whole row or column axes by ``n >= 0`` positions gives a layout on the
   padded grid with a ``border``: its sites are the visible sites of the image's positions plus every
-  padded position of every sample, always present, holding the pad value (``ops.padded_sites``);
+  padded position of every sample, always present, holding the pad value (``planner.padded_sites``);
 - token-wise ops, views, rolls of the whole padded grid and window attention then run on those sites
   unchanged: windows group the visible positions with the padded ones, only hidden image positions are
   missing from the keys;
@@ -31,8 +31,8 @@ from typing import List, Optional
 
 import torch.fx as fx
 
-from greenmim_convert import ops
-from greenmim_convert.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops, plan as planner
+from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, sites_node
 

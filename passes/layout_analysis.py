@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Tuple
 import networkx as nx
 import torch.fx as fx
 
-from greenmim_convert.layout import Layout, LayoutError
+from greenmim_convert.compiler.layout import Layout, LayoutError
 
 from . import (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging, pooling,
                position_einsum, prefix_tokens, tokenwise)

@@ -1,6 +1,6 @@
 """Layout ops: views, permutes, rolls, zero pads and full slices become free on packed tokens.
 
-The layout rule follows each op symbolically (see ``greenmim_convert.layout``); once the passes
+The layout rule follows each op symbolically (see ``greenmim_convert.compiler.layout``); once the passes
 that read layouts have run, ``LayoutOpsPass`` removes the ops, since packed data never moves.
 Ops rewritten: ``view``, ``reshape``, ``_unsafe_view``, ``permute``, ``transpose`` (``swapaxes``), ``flatten``,
 ``unflatten``, ``unsqueeze``, ``squeeze``, ``contiguous``, ``clone``, ``alias``, ``detach``,
@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert.layout import Layout, LayoutError
+from greenmim_convert.compiler.layout import Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, is_op, layout_of, shape_of
 

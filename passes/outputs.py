@@ -18,9 +18,9 @@ from typing import Dict, List, Optional, Tuple
 import networkx as nx
 import torch.fx as fx
 
-from greenmim_convert import ops
+from greenmim_convert.runtime import ops
 from greenmim_convert.errors import UnsupportedOperationError
-from greenmim_convert.layout import Layout
+from greenmim_convert.compiler.layout import Layout
 
 from .base import GreenPass, context_of, layout_of, sites_node
 from .layout_analysis import to_networkx

@@ -19,8 +19,8 @@ from typing import Dict, Optional, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert import ops
-from greenmim_convert.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, sites_node
 

@@ -19,8 +19,8 @@ from typing import Optional, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert import ops
-from greenmim_convert.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
 from greenmim_convert.kernels.sparse_conv import conv_output_grid
 

@@ -4,7 +4,7 @@ MViTv2's decomposed relative positions compute ``einsum("byhwc,hkc->byhwk", q, R
 channels contract with a constant table ``R`` (gathered from a parameter by constant indices) that is
 indexed by the query's row (``h``) and has a free axis ``k``. Every output element depends on one
 token, so on packed tokens it is a token-wise op: each token contracts its channels with the table's
-slice at its position digits (:mod:`greenmim_convert.table_einsum` runs it bucketed by table entry). An
+slice at its position digits (:mod:`greenmim_convert.runtime.table_einsum` runs it bucketed by table entry). An
 axis the table reads holds one spatial digit: a whole grid side (MViTv2), or the row or column inside a
 window (ViTDet's ``"bhwc,hkc->bhwk"``, whose ``b`` folds sample, window and head together: axes the
 table does not read may hold any digits, channel digits among them, and pass through). The free table
@@ -18,8 +18,8 @@ from typing import Dict, Optional, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert import ops
-from greenmim_convert.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
 from .base import GreenPass, aten, constant, is_op, layout_of, replace_with_call, shape_of, sites_node
 

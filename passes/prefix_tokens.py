@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch.fx as fx
 
-from greenmim_convert import ops
-from greenmim_convert.layout import Layout, LayoutError
+from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.layout import Layout, LayoutError
 
 from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, replace_with_call, shape_of
 

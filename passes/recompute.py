@@ -25,7 +25,7 @@ from typing import Dict, List, Set
 import torch
 import torch.fx as fx
 
-from greenmim_convert import ops
+from greenmim_convert.runtime import is_runtime_function, ops
 
 from .base import GreenPass, graph_order, is_view, layout_of
 
@@ -41,7 +41,7 @@ def _constant_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
     """call_function nodes computed from get_attr nodes only (parameters, buffers, stored constants)."""
     const: Set[fx.Node] = set()
     for node in gm.graph.nodes:
-        runtime = getattr(node.target, "__module__", "") == ops.__name__
+        runtime = is_runtime_function(node.target)
         if node.op != "call_function" or layout_of(node) is not None or runtime:
             continue
         inputs = node.all_input_nodes

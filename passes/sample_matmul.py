@@ -12,8 +12,8 @@ from typing import List, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert import ops
-from greenmim_convert.layout import Layout, LayoutError
+from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.layout import Layout, LayoutError
 
 from .base import GreenPass, layout_of, sites_node
 

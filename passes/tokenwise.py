@@ -21,8 +21,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from greenmim_convert import ops
-from greenmim_convert.layout import Atom, Layout, LayoutError, space_to_depth_plan
+from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.layout import Atom, Layout, LayoutError, space_to_depth_plan
 
 from .base import (GreenPass, args_of, aten, constant, context_of, emit_call, is_op, layout_of, replace_with_call,
                    shape_of, sites_node)

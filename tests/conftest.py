@@ -9,7 +9,7 @@ import timm
 import torch
 
 import greenmim_convert as gmc
-from greenmim_convert.masking import random_mask
+from greenmim_convert.api.masking import random_mask
 
 TINY_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, img_size=128)
 SWIN_T = "swin_tiny_patch4_window7_224"
@@ -99,7 +99,7 @@ def check_against_reference(
     ``rng_seed`` (training mode): both forwards start from this seed, so that per-sample random draws
     (drop-path) are the same draws; the buffers both forwards update (BatchNorm running statistics) must agree.
     """
-    from greenmim_convert.reference import dense_masked_reference
+    from greenmim_convert.oracle.reference import dense_masked_reference
 
     before = {n: b.clone() for n, b in model.named_buffers()}
     if rng_seed is not None:

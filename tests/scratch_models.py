@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from greenmim_convert.reference import KeyMaskFn, dense_masked_reference, visibility_map
-from greenmim_convert.tokens import GreenOutput
+from greenmim_convert.oracle.reference import KeyMaskFn, dense_masked_reference, visibility_map
+from greenmim_convert.runtime.tokens import GreenOutput
 
 
 class LocalSelfAttention(nn.Module):

@@ -21,8 +21,8 @@ from torchvision.models import maxvit as tv_maxvit
 from torchvision.models import swin_transformer as tv_swin
 
 import greenmim_convert as gmc
-from greenmim_convert.reference import dense_masked_reference, dense_to_tokens, feature_layout, visibility_map
-from greenmim_convert.tokens import GreenOutput
+from greenmim_convert.oracle.reference import dense_masked_reference, dense_to_tokens, feature_layout, visibility_map
+from greenmim_convert.runtime.tokens import GreenOutput
 
 from conftest import assert_same_grads, check_against_reference, masks_with_unequal_counts, rel_err, weighted_loss_grads
 from scratch_models import Block, ConvMerge, PoolMerge, ScratchViT, scratch_key_mask_for, scratch_masked_reference

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from greenmim_convert.cli import app, suggest
+from greenmim_convert.tools.cli import app, suggest
 
 runner = CliRunner()
 TINY = ["--model-arg", "embed_dim=32", "--model-arg", "depths=[2,2,2,2]", "--model-arg", "num_heads=[1,2,4,8]",
@@ -32,7 +32,7 @@ def test_convert_prints_report_and_writes_file(tmp_path):
     text = flat(res.output)
     for word in ("attention", "window attention", "patch-merging", "space-to-depth", "minimal mask unit 32px"):
         assert word in text
-    from greenmim_convert.io import load
+    from greenmim_convert.api.io import load
 
     green = load(str(out))
     assert green.mask_grid == (4, 4)
@@ -45,7 +45,7 @@ def test_verify_ok_and_exit_code():
 
 
 def test_verify_reports_mismatch_with_exit_1(monkeypatch):
-    import greenmim_convert.ops as ops
+    from greenmim_convert.runtime import ops
 
     real = ops.space_to_depth
     monkeypatch.setattr(ops, "space_to_depth", lambda *a, **k: real(*a, **k) * 1.001)
@@ -80,7 +80,7 @@ def test_suggest_prefers_prefix():
 
 def run_list(monkeypatch, tmp_path, names, *flags):
     """``greenmim-convert list FLAGS --markdown FILE`` over ``names`` only: the result and the markdown written."""
-    import greenmim_convert.coverage as cov
+    import greenmim_convert.tools.coverage as cov
 
     monkeypatch.setattr(cov, "family_models", lambda fams: list(names))
     md = tmp_path / "cov.md"
@@ -107,7 +107,7 @@ def test_torchvision_convert_writes_file_that_loads(tmp_path):
     assert res.exit_code == 0, res.output
     text = flat(res.output)
     assert f"passes run on {TV_SWIN}" in text and "window attention" in text and "mask grid (4, 4) of 32px units" in text
-    from greenmim_convert.io import load
+    from greenmim_convert.api.io import load
 
     green = load(str(out))
     assert green.config.model_name == TV_SWIN and green.config.model_kwargs["depths"] == [2, 2, 2, 2]
@@ -122,7 +122,7 @@ def test_torchvision_verify_ok():
 
 
 def test_torchvision_image_size_defaults_to_its_weights_crop():
-    from greenmim_convert import models
+    from greenmim_convert.tools import models
 
     built = models.build(TV_SWIN)
     assert built.img_size == 224 == models.TORCHVISION_IMG_SIZE and built.kwargs == {}
@@ -135,7 +135,7 @@ def test_torchvision_builder_arguments():
     """Keywords the builder fixes reach the model class (once); the others go through the builder."""
     from torchvision.models.swin_transformer import SwinTransformer
 
-    from greenmim_convert import models
+    from greenmim_convert.tools import models
 
     init = SwinTransformer.__dict__["__init__"]
     tiny = models.build(TV_SWIN, {"depths": (1, 1, 1, 1), "embed_dim": 16, "num_classes": 7}).model
@@ -167,8 +167,8 @@ def test_torchvision_bad_model_arg_exits_2():
 
 
 def test_list_torchvision_family(monkeypatch, tmp_path):
-    import greenmim_convert.coverage as cov
-    from greenmim_convert import models
+    import greenmim_convert.tools.coverage as cov
+    from greenmim_convert.tools import models
 
     every = ["torchvision:" + n for n in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b", "maxvit_t")]
     assert cov.family_models(["torchvision"]) == every
@@ -182,7 +182,7 @@ def test_list_torchvision_family(monkeypatch, tmp_path):
 
 
 def test_list_verifies_smallest_of_each_family_and_fails_on_mismatch(monkeypatch, tmp_path):
-    import greenmim_convert.coverage as cov
+    import greenmim_convert.tools.coverage as cov
 
     res, text = run_list(monkeypatch, tmp_path, ["pvt_v2_b1", "pvt_v2_b0"], "--verify-smallest")
     assert res.exit_code == 0, res.output
@@ -212,13 +212,13 @@ def test_tagged_timm_name_converts_and_keeps_its_tag(tmp_path):
     res = runner.invoke(app, ["convert", name, *TINY, "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert f"passes run on {name}" in flat(res.output)
-    from greenmim_convert.io import load
+    from greenmim_convert.api.io import load
 
     assert load(str(out)).config.model_name == name
 
 
 def test_tagged_timm_names_resolve_as_timm_does():
-    from greenmim_convert import models
+    from greenmim_convert.tools import models
 
     built = models.build("vit_small_patch16_224.dino")
     assert built.model.pretrained_cfg["tag"] == "dino"
@@ -245,7 +245,7 @@ def test_hf_model_converts_and_loads(tmp_path):
     assert res.exit_code == 0, res.output
     text = flat(res.output)
     assert "passes run on hf:resnet" in text and "mask grid (8, 8) of 8px units" in text
-    from greenmim_convert.io import load
+    from greenmim_convert.api.io import load
 
     green = load(str(out))
     assert green.config.model_name == "hf:resnet" and green.img_size == (64, 64)
@@ -257,7 +257,7 @@ def test_hf_verify_hands_over_the_built_model(monkeypatch):
     """The CLI hands verify the built model (in the chosen dtype) and its conversion."""
     import importlib
 
-    verify_mod = importlib.import_module("greenmim_convert.verify")  # the package's ``verify`` is the function
+    verify_mod = importlib.import_module("greenmim_convert.oracle.verify")  # the package's ``verify`` is the function
     seen = {}
 
     def spy(model, green, images, visible):
@@ -339,7 +339,7 @@ def test_hf_bad_names_and_config_keys_exit_2():
 
 
 def test_hf_unsupported_model_exits_2_cleanly(monkeypatch):
-    from greenmim_convert import cli
+    from greenmim_convert.tools import cli
     from greenmim_convert.errors import UnsupportedOperationError
 
     def refuse(model, **kw):
@@ -351,7 +351,7 @@ def test_hf_unsupported_model_exits_2_cleanly(monkeypatch):
 
 
 def test_hf_build_config_and_image_size():
-    from greenmim_convert import models
+    from greenmim_convert.tools import models
 
     tiny = {"embedding_size": 8, "hidden_sizes": (8, 16), "depths": (1, 1)}
     built = models.build("hf:resnet", tiny)
@@ -375,7 +375,7 @@ def test_hf_names_without_transformers(monkeypatch):
     import subprocess
     import sys
 
-    from greenmim_convert import models
+    from greenmim_convert.tools import models
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(models.InvalidInputError, match="pip install transformers"):
@@ -383,8 +383,8 @@ def test_hf_names_without_transformers(monkeypatch):
     res = runner.invoke(app, ["convert", "hf:resnet"])
     assert res.exit_code == 2 and "pip install transformers" in flat(res.output)
     assert runner.invoke(app, ["list", "--family", "hf"]).exit_code == 2
-    code = ("import sys; import greenmim_convert, greenmim_convert.cli, greenmim_convert.coverage; "
-            "from greenmim_convert import models; models.build('resnet18'); models.build('torchvision:swin_t'); "
+    code = ("import sys; import greenmim_convert, greenmim_convert.tools.cli, greenmim_convert.tools.coverage; "
+            "from greenmim_convert.tools import models; models.build('resnet18'); models.build('torchvision:swin_t'); "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -393,8 +393,8 @@ def test_hf_names_without_transformers(monkeypatch):
 def test_list_hf_family(monkeypatch, tmp_path):
     """``list --family hf`` has one row per type of HF_VISION_BACKBONES (here two tiny ones), each converting or
     saying why not; --model-arg reaches every listed model."""
-    import greenmim_convert.coverage as cov
-    from greenmim_convert import models
+    import greenmim_convert.tools.coverage as cov
+    from greenmim_convert.tools import models
 
     assert cov.family_models(["hf"]) == ["hf:" + t for t in models.HF_VISION_BACKBONES]
     assert "hf" in cov.FAMILIES and cov.family_of("hf:swin/backbone") == "hf"
@@ -414,7 +414,7 @@ def test_list_hf_family(monkeypatch, tmp_path):
 
 
 def test_list_named_models(monkeypatch, tmp_path):
-    import greenmim_convert.coverage as cov
+    import greenmim_convert.tools.coverage as cov
 
     seen = []
 
@@ -434,7 +434,7 @@ def test_list_named_models(monkeypatch, tmp_path):
 
 
 def test_model_arg_values():
-    from greenmim_convert.model_args import parse_model_args
+    from greenmim_convert.tools.model_args import parse_model_args
 
     got = parse_model_args(["a=[8,16]", "b=[[1,2],[3]]", "c=[stage1, stage2]", "d=gelu", "e=None", "f=(4,4)",
                             "g=1e-3", "h=true", "i=x=y"])

@@ -9,9 +9,9 @@ import torch
 from torch._inductor.compile_fx import compile_fx
 
 import greenmim_convert as gmc
-from greenmim_convert.custom_ops import compiled_forward
+from greenmim_convert.runtime.compile import compiled_forward
 from greenmim_convert.errors import UnsupportedOperationError
-from greenmim_convert.masking import random_mask
+from greenmim_convert.api.masking import random_mask
 
 from conftest import TINY_SWIN, make_swin, masks_with_unequal_counts, rel_err
 from test_families import CASES, build
@@ -120,7 +120,7 @@ def test_attention_dropout_is_refused():
 @pytest.mark.slow
 def test_run_bench_compiled():
     """``bench --compile``: compiled step times of both sides, compile time apart, ratios against eager."""
-    from greenmim_convert.bench import run_bench
+    from greenmim_convert.tools.bench import run_bench
     from test_bench import TinyNet
 
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 import greenmim_convert as gmc
-from greenmim_convert.masking import random_mask
-from greenmim_convert.reference import dense_masked_reference
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.oracle.reference import dense_masked_reference
 
 from conftest import rel_err
 

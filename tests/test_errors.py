@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 import greenmim_convert as gmc
-from greenmim_convert.io import load, save
-from greenmim_convert.masking import random_mask
+from greenmim_convert.api.io import load, save
+from greenmim_convert.api.masking import random_mask
 
 from conftest import TINY_SWIN, make_swin, rel_err
 

@@ -14,7 +14,7 @@ from timm.models.gcvit import _create_gcvit
 from timm.models.nest import _create_nest
 
 import greenmim_convert as gmc
-from greenmim_convert.masking import random_mask
+from greenmim_convert.api.masking import random_mask
 
 from conftest import TINY_SWIN, check_against_reference, check_all_visible, masks_with_unequal_counts
 

@@ -12,11 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import greenmim_convert as gmc
-from greenmim_convert.bench import exact_attention_fraction, SimMIMDense
-from greenmim_convert.flops import (
+from greenmim_convert.tools.bench import exact_attention_fraction, SimMIMDense
+from greenmim_convert.tools.flops import (
     attention_pair_fraction, count_flops, split_counts, visible_fraction, visible_only_ideal,
 )
-from greenmim_convert.masking import random_mask
+from greenmim_convert.api.masking import random_mask
 
 aten = torch.ops.aten
 N, H, W = 2, 10, 12
@@ -106,7 +106,7 @@ def test_depthwise_gather_counts_a_multiply_add_per_tap_and_gradient():
     """The sparse depthwise conv's gather path: 2 FLOPs per tap, output row and channel forward, the same per input
     row for each gradient asked for (the reference's addcmul count: input and weight gradients)."""
     from greenmim_convert.kernels.sparse_conv import sparse_conv2d
-    from greenmim_convert.sites import Sites
+    from greenmim_convert.runtime.plan.sites import Sites
 
     sites = Sites.from_mask(random_mask(2, (3, 3), 0.5, generator=torch.Generator().manual_seed(0)), (6, 6), 1)
     t, c = sites.num_tokens, 4

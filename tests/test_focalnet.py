@@ -24,7 +24,7 @@ def test_focalnet_report(name):
 
 def test_global_context_is_the_visible_mean(seed):
     """Masked-dense differs from dense here: the dense mean over the grid would see masked positions."""
-    from greenmim_convert.reference import dense_masked_reference
+    from greenmim_convert.oracle.reference import dense_masked_reference
 
     model, green = build("focalnet_tiny_srf", seed)
     gen = torch.Generator().manual_seed(seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from greenmim_convert.gather import RowMap
+from greenmim_convert.runtime.gather import RowMap
 
 
 def _random_partial_permutation(num_src: int, num_out: int, hits: int, gen: torch.Generator) -> torch.Tensor:
@@ -89,13 +89,13 @@ def test_split_matches_split_of_the_gather(seed):
 @pytest.mark.parametrize("grid, shift", [((16, 16), (0, 0)), ((16, 16), (2, 2)), ((8, 8), (2, 2))])
 def test_grouping_slot_rows_closed_form(grid, shift, seed):
     """``Grouping.slot_rows`` equals the map from its definition: lane l of slot s reads row index[s] * width + l."""
-    from greenmim_convert import ops
-    from greenmim_convert.masking import random_mask
+    from greenmim_convert.runtime import ops, plan as planner
+    from greenmim_convert.api.masking import random_mask
 
     gen = torch.Generator().manual_seed(seed)
     visible = random_mask(3, (4, 4), 0.6, generator=gen)
-    sites = ops.visible_sites(visible, grid, 4)
-    grouping = ops.window_grouping(sites, (4, 4), shift, shift != (0, 0), "dp")
+    sites = planner.visible_sites(visible, grid, 4)
+    grouping = planner.window_grouping(sites, (4, 4), shift, shift != (0, 0), "dp")
     for heads, parts in ((1, 1), (2, 3), (3, 1)):
         width = heads * parts
         lanes = torch.arange(width)[:, None]

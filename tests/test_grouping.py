@@ -12,12 +12,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from greenmim_convert.kernels.grouping import (
+from greenmim_convert.runtime.plan.packing import (
     CALL_OVERHEAD, GROUP_OVERHEAD, STRATEGIES, Packing, group_cost, group_count_bound, lower_bound, pack_segments,
     pack_with_group_size, packing_cost, plan_buckets,
 )
-from greenmim_convert.kernels.windows import WindowSpec, window_segments
-from greenmim_convert.sites import Sites
+from greenmim_convert.runtime.plan.segments import WindowSpec, window_segments
+from greenmim_convert.runtime.plan.sites import Sites
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

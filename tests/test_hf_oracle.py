@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from greenmim_convert import reference_hf
+from greenmim_convert.oracle import transformers as reference_hf
 from greenmim_convert.errors import InvalidInputError
-from greenmim_convert.reference import dense_masked_reference, feature_layout, visibility_map
-from greenmim_convert.tokens import GreenOutput
+from greenmim_convert.oracle.reference import dense_masked_reference, feature_layout, visibility_map
+from greenmim_convert.runtime.tokens import GreenOutput
 
 from conftest import assert_same_grads, masks_with_unequal_counts, rel_err, weighted_loss_grads
 from hf_models import BACKBONES, CONFIGS, IMG, MODEL_TYPES, build_hf, clear_caches, import_transformers
@@ -384,6 +384,6 @@ def test_import_does_not_import_transformers():
         "m = nn.Sequential(nn.Conv2d(3, 4, 4, 4), nn.Conv2d(4, 4, 2, 2)).double()\n"
         "g.dense_masked_reference(m, torch.randn(1, 3, 32, 32, dtype=torch.float64), torch.ones(1, 2, 2, dtype=torch.bool),"
         " stages=[])\n"
-        "assert 'transformers' not in sys.modules and 'greenmim_convert.reference_hf' not in sys.modules\n"
+        "assert 'transformers' not in sys.modules and 'greenmim_convert.oracle.transformers' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

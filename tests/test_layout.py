@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from greenmim_convert.layout import Layout, LayoutError, space_to_depth_plan
+from greenmim_convert.compiler.layout import Layout, LayoutError, space_to_depth_plan
 
 
 def _coords_tensor(b, h, w, c):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import greenmim_convert as gmc
-from greenmim_convert.masking import random_mask
+from greenmim_convert.api.masking import random_mask
 
 from conftest import rel_err
 

@@ -5,9 +5,9 @@ import timm
 import torch
 
 import greenmim_convert as gmc
-from greenmim_convert import ops
-from greenmim_convert.bench import SavedTensorCounter
-from greenmim_convert.masking import random_mask
+from greenmim_convert.runtime import ops
+from greenmim_convert.tools.bench import SavedTensorCounter
+from greenmim_convert.api.masking import random_mask
 
 SMALL_SWINV2_CR = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 2, 2, 4), img_size=128, window_size=4)
 

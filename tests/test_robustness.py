@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import greenmim_convert as gmc
-from greenmim_convert.masking import random_mask
-from greenmim_convert.reference import dense_masked_reference
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.oracle.reference import dense_masked_reference
 
 from conftest import TINY_SWIN, make_swin, rel_err
 

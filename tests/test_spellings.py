@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import greenmim_convert as gmc
-from greenmim_convert.masking import random_mask
+from greenmim_convert.api.masking import random_mask
 
 from conftest import rel_err
 

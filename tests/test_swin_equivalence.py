@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 import greenmim_convert as gmc
-from greenmim_convert.masking import random_mask
-from greenmim_convert.reference import dense_masked_reference
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.oracle.reference import dense_masked_reference
 
 from conftest import SWIN_T, TINY_SWIN, make_swin, masks_with_unequal_counts, rel_err
 

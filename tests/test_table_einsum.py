@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from greenmim_convert.table_einsum import PositionBuckets, table_einsum
+from greenmim_convert.runtime.table_einsum import PositionBuckets, table_einsum
 
 
 @pytest.mark.parametrize("axes", [1, 2])

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import greenmim_convert as gmc
-from greenmim_convert.masking import random_mask
-from greenmim_convert.sites import Sites
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.runtime.plan.sites import Sites
 
 
 def _tokens(visible, grid=(8, 8), channels=5, gen=None):

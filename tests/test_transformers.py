@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import greenmim_convert as gmc
-from greenmim_convert.verify import reference_kwargs
+from greenmim_convert.oracle.verify import reference_kwargs
 
 from conftest import check_against_reference, masks_with_unequal_counts, rel_err
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import timm
 import torch.nn as nn
 
-from .errors import InvalidInputError
+from greenmim_convert.errors import InvalidInputError
 
 TORCHVISION = "torchvision"
 PREFIX = TORCHVISION + ":"

@@ -2,23 +2,22 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.infra.pass_manager import PassManager
 
-from . import passes as P
-from .capture import MissingStageError, OutputFn, capture, check_stage_names, example_images, is_timm_model, timm_stages
-from .errors import GreenMIMError, InvalidInputError, MaskUnitError, TraceError
-from .tokens import GreenOutput
+from greenmim_convert.compiler.pipeline import Compiled, compile_graph
+from greenmim_convert.compiler.capture import (
+    MissingStageError, OutputFn, check_stage_names, input_channels, is_timm_model, timm_stages,
+)
+from greenmim_convert.errors import InvalidInputError, MaskUnitError, TraceError
+from greenmim_convert.runtime.tokens import GreenOutput
 
 GROUPINGS = ("window", "dp", "max")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
-TRACE_BATCH = 2
 
 
 @dataclass
@@ -82,15 +81,6 @@ def default_img_size(model: nn.Module) -> Optional[Tuple[int, int]]:
     return int(size[0]), int(size[1])
 
 
-def input_channels(model: nn.Module) -> int:
-    """Image channels: timm's ``in_chans``, else the input channels of the first convolution."""
-    chans = getattr(model, "in_chans", None)
-    if isinstance(chans, int):
-        return chans
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else 3
-
-
 def _as_pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     if isinstance(size, int):
         return size, size
@@ -105,85 +95,6 @@ def _check_options(grouping: str, attention_backend: str) -> None:
         raise InvalidInputError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     if attention_backend not in ATTENTION_BACKENDS:
         raise InvalidInputError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
-
-
-def build_pipeline() -> List[P.GreenPass]:
-    """The passes in order. Passes that read layouts run before the one that removes layout ops."""
-    return [
-        P.FunctionalizePass(),
-        P.CanonicalizePass(),
-        P.RowGatherPass(),
-        P.EinsumPass(),
-        P.LayoutAnalysisPass(),
-        P.OutputsPass(),
-        P.DenseIslandPass(),
-        P.ConvPass(),
-        P.PoolingPass(),
-        P.PositionEinsumPass(),
-        P.AttentionPass(),
-        P.SampleMatmulPass(),
-        P.PatchMergingPass(),
-        P.ChannelSplitPass(),
-        P.PrefixTokensPass(),
-        P.GridPaddingPass(),
-        P.TokenwisePass(),
-        P.LayoutOpsPass(),
-        P.RecomputePass(),
-        P.CheckPass(),
-    ]
-
-
-@contextmanager
-def _recompile_once(gm: fx.GraphModule) -> Iterator[None]:
-    """Skip the pass manager's code generation after every pass: passes edit and read the graph, never the
-    generated code, and regenerating it ~20 times took a third of a conversion. The caller recompiles once."""
-    gm.recompile = lambda: None
-    try:
-        yield
-    finally:
-        del gm.recompile
-
-
-@dataclass
-class _Compiled:
-    gm: fx.GraphModule
-    ctx: P.ConvertContext
-    pipeline: List[P.GreenPass]
-    output_stages: int = 0  # stage maps read from the model's output (a BackboneOutput's feature_maps)
-
-
-def _compile(model: nn.Module, training: bool, size: Tuple[int, int], stages: Optional[List[str]], mask_unit: int,
-             grouping: str, attention_backend: str, output: Optional[OutputFn] = None) -> _Compiled:
-    """Capture in one train/eval mode and run the pipeline."""
-    chans = input_channels(model)
-    example = example_images(model, size, TRACE_BATCH, chans)
-    was_training = model.training
-    model.train(training)
-    try:
-        captured = capture(model, example, stages or [], output)
-        gm = captured.gm
-        with gm.graph.inserting_after(captured.images):
-            visible = gm.graph.placeholder("visible")
-        ctx = P.ConvertContext(size, mask_unit, TRACE_BATCH, chans, grouping, attention_backend, captured.images, visible)
-        ctx.default_stages = stages is None and not captured.output_stages
-        gm.meta["greenmim"] = ctx
-        pipeline = build_pipeline()
-        with _recompile_once(gm):
-            PassManager(passes=pipeline)(gm)
-        gm.recompile()
-    except GreenMIMError:
-        raise
-    except Exception as exc:
-        inner = exc
-        while not isinstance(inner, GreenMIMError) and inner.__cause__ is not None:
-            inner = inner.__cause__
-        if isinstance(inner, GreenMIMError):
-            raise inner from None
-        raise
-    finally:
-        model.train(was_training)
-    gm.meta.pop("greenmim")
-    return _Compiled(gm, ctx, pipeline, captured.output_stages)
 
 
 def convert(
@@ -225,7 +136,7 @@ def convert(
             stages = None  # the last value at each feature grid; checked against feature_info's strides below
     if output is not None and not callable(output):
         raise InvalidInputError(f"output must be a function of the model's output, got {type(output).__name__}")
-    compiled = {mode: _compile(model, mode, size, stages, mask_unit or 0, grouping, attention_backend, output)
+    compiled = {mode: compile_graph(model, mode, size, stages, mask_unit or 0, grouping, attention_backend, output)
                 for mode in (False, True)}
     ev = compiled[False]
     if stages is None and is_timm_model(model):
@@ -246,7 +157,7 @@ def convert(
     return green
 
 
-def _check_feature_strides(model: nn.Module, compiled: _Compiled) -> None:
+def _check_feature_strides(model: nn.Module, compiled: Compiled) -> None:
     """Stages found from the graph must have the strides timm's ``feature_info`` states."""
     want = [int(f["reduction"]) for f in model.feature_info]
     got = compiled.ctx.stage_strides
@@ -344,7 +255,7 @@ class GreenModel(nn.Module):
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
         self.check_inputs(images, visible)
         if torch.compiler.is_compiling():
-            from .custom_ops import compiled_forward
+            from greenmim_convert.runtime.compile import compiled_forward
 
             return compiled_forward(self, images, visible)
         return self.graph_module(images, visible)

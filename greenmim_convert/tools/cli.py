@@ -13,11 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import model_args, models
-from .convert import GreenModel, convert
-from .errors import GreenMIMError
-from .masking import random_mask
-from .models import suggest  # noqa: F401  (part of the CLI's interface)
+from greenmim_convert.tools import model_args
+from greenmim_convert.tools import models
+from greenmim_convert.api.convert import GreenModel, convert
+from greenmim_convert.errors import GreenMIMError
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.tools.models import suggest  # noqa: F401  (part of the CLI's interface)
 
 app = typer.Typer(
     add_completion=False,
@@ -118,7 +119,7 @@ def convert_cmd(
         f"minimal mask unit {rep.min_mask_unit}px"
     )
     if output:
-        from .io import save
+        from greenmim_convert.api.io import save
 
         save(green, output, built.kwargs)
         console.print(f"wrote {output}")
@@ -142,7 +143,7 @@ def verify_cmd(
     Example: greenmim-convert verify swin_tiny_patch4_window7_224 --mask-ratio 0.75
     Example: greenmim-convert verify hf:resnet --img-size 128
     """
-    from .verify import verify
+    from greenmim_convert.oracle.verify import verify
 
     if dtype not in DTYPES:
         _fail(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -179,7 +180,7 @@ PROFILE_TOP = 15  # ops listed per model by bench --profile
 
 def _print_census(res) -> None:
     """Bytes saved for backward per autograd node kind, dense against converted."""
-    from .bench import census_rows
+    from greenmim_convert.tools.bench import census_rows
 
     table = Table(title="activations saved for backward, by the autograd node that saved them", title_justify="left")
     for col in ("node", "dense", "converted", "converted share"):
@@ -226,8 +227,8 @@ def bench_cmd(
     """
     from rich.progress import Progress
 
-    from .bench import run_bench
-    from .capture import is_timm_model
+    from greenmim_convert.tools.bench import run_bench
+    from greenmim_convert.compiler.capture import is_timm_model
 
     if dtype not in DTYPES:
         _fail(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -331,7 +332,7 @@ def list_cmd(
     """
     from rich.progress import Progress
 
-    from .coverage import FAMILIES, coverage, family_models, markdown
+    from greenmim_convert.tools.coverage import FAMILIES, coverage, family_models, markdown
 
     unknown = [f for f in family if f not in FAMILIES]
     if unknown:

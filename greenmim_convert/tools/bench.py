@@ -3,9 +3,9 @@
 Both run forward + backward of a simple loss, alternating step by step so that machine drift hits
 both alike. Reported per model: wall time (median and spread), bytes of activations saved for
 backward (deduplicated by storage, parameters excluded), peak CUDA memory, FLOPs (counted with
-:func:`greenmim_convert.flops.flop_counter`, which counts grouped-convolution gradients and CPU
+:func:`greenmim_convert.tools.flops.flop_counter`, which counts grouped-convolution gradients and CPU
 fused attention correctly), the converted model's FLOPs against a visible-only ideal derived from
-the dense model alone (:func:`greenmim_convert.flops.visible_only_ideal`), and for the converted
+the dense model alone (:func:`greenmim_convert.tools.flops.visible_only_ideal`), and for the converted
 model the grouping time and padding overhead of every window grouping of its graph.
 """
 from __future__ import annotations
@@ -20,14 +20,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import attention, ops
-from .flops import attention_pair_fraction, count_flops, visible_fraction, visible_only_ideal
-from .capture import is_timm_model, output_values
-from .convert import GreenModel, input_channels
-from .kernels.windows import DigitWindows
-from .masking import random_mask
-from .sites import Sites
-from .timing import wall_times
+from greenmim_convert.runtime import attention
+from greenmim_convert.runtime import ops, plan as planner
+from greenmim_convert.tools.flops import attention_pair_fraction, count_flops, visible_fraction, visible_only_ideal
+from greenmim_convert.compiler.capture import is_timm_model, output_values
+from greenmim_convert.api.convert import GreenModel
+from greenmim_convert.compiler.capture import input_channels
+from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.runtime.plan.sites import Sites
+from greenmim_convert.tools.timing import wall_times
 
 
 class SavedTensorCounter:
@@ -312,11 +314,11 @@ def window_shape(windows: DigitWindows) -> List[int]:
 
 def _sites_of(node: fx.Node, visible: torch.Tensor) -> Sites:
     """The sites a ``visible_sites`` node (or a ``padded_sites`` node of one) computes for ``visible``."""
-    if node.target is ops.padded_sites:
+    if node.target is planner.padded_sites:
         image, border = node.args
-        return ops.padded_sites(_sites_of(image, visible), border)
+        return planner.padded_sites(_sites_of(image, visible), border)
     _, grid, stride = node.args
-    return ops.visible_sites(visible, grid, stride)
+    return planner.visible_sites(visible, grid, stride)
 
 
 def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5) -> List[StageGrouping]:
@@ -324,14 +326,14 @@ def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5)
     rows = []
     gm = green.graph_module
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not ops.digit_grouping:
+        if node.op != "call_function" or node.target is not planner.digit_grouping:
             continue
         site_node, windows, labels, strategy = node.args
         windows, labels = _constant(gm, windows), _constant(gm, labels)
         sites = _sites_of(site_node, visible)
         grid = sites.grid
-        times = wall_times(lambda: ops.digit_grouping(sites, windows, labels, strategy), repeats, visible.device)
-        grp = ops.digit_grouping(sites, windows, labels, strategy)
+        times = wall_times(lambda: planner.digit_grouping(sites, windows, labels, strategy), repeats, visible.device)
+        grp = planner.digit_grouping(sites, windows, labels, strategy)
         overhead = grp.logits / grp.lower_bound if grp.lower_bound else 1.0
         rows.append(StageGrouping(list(grid), window_shape(windows), list(windows.offset), grp.num_tokens, grp.describe(),
                                   grp.logits, grp.lower_bound, overhead, 1e3 * statistics.median(times)))
@@ -396,7 +398,7 @@ def run_bench(
 
     ``flops_ideal`` comes from the dense model alone: its FLOPs per op, token-wise work scaled by the visible
     fraction of positions and attention products by the fraction of (visible query, visible key) pairs of its
-    windows, read from one forward under the oracle's hooks (:func:`greenmim_convert.flops.visible_only_ideal`).
+    windows, read from one forward under the oracle's hooks (:func:`greenmim_convert.tools.flops.visible_only_ideal`).
     For Swin this is the value the converted graph's own census gave before (its token-wise FLOPs plus its
     attention FLOPs times needed / computed logits, :func:`exact_attention_fraction`): two independent routes
     that agree exactly (tests/test_flops.py). With ``compile``, both models are also timed under ``torch.compile``

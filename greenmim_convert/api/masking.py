@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import InvalidInputError
+from greenmim_convert.errors import InvalidInputError
 
 
 def random_mask(

@@ -17,21 +17,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .kernels.attention_dispatch import requested_backend
-from .kernels.windows import digit_sum
-from .sites import Sites
-
-Digit = Tuple[str, int, int, int]  # (kind h|w, size, inner, stride in the term)
-
-
-@dataclass(frozen=True)
-class TermPlan:
-    """Where a term's element for (head, query, key) lives: sum of head, query and key digit offsets."""
-
-    head: Tuple[Tuple[int, int, int], ...]  # (index among the head digits, size, stride)
-    query: Tuple[Digit, ...]
-    key: Tuple[Digit, ...]
-
+from greenmim_convert.kernels.attention_dispatch import requested_backend
+from greenmim_convert.runtime.plan.terms import TermPlan, head_offsets, head_offsets_cpu, term_offsets
+from greenmim_convert.runtime.plan.sites import Sites
 
 @dataclass(frozen=True)
 class Step:
@@ -59,33 +47,6 @@ class AttentionProgram:
     terms: Tuple[TermPlan, ...]
     backend: str = "auto"
     qterms: Tuple[TermPlan, ...] = ()  # query terms: packed per-query columns read per (head, key), see sample_attention
-
-
-def term_offsets(plan: TermPlan, head_sizes: Sequence[int], coords: torch.Tensor, grid, offset, key_coords=None,
-                 key_grid=None, key_offset=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Offsets of a term's elements: per head ``(heads,)``, per query token and per key token."""
-    heads = 1
-    for s in head_sizes:
-        heads *= s
-    key_coords = coords if key_coords is None else key_coords
-    q = digit_sum(coords, grid, offset, plan.query)
-    k = digit_sum(key_coords, key_grid or grid, offset if key_offset is None else key_offset, plan.key)
-    return _head_offsets(plan, heads, head_sizes, coords.device), q, k
-
-
-def _head_offsets(plan: TermPlan, heads: int, head_sizes: Sequence[int], device) -> torch.Tensor:
-    return _head_offsets_cpu(plan, heads, tuple(head_sizes)).to(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _head_offsets_cpu(plan: TermPlan, heads: int, head_sizes: Tuple[int, ...]) -> torch.Tensor:
-    """Offset of each head's first element in a term (static: cached per plan)."""
-    out = torch.zeros(heads, dtype=torch.long)
-    h = torch.arange(heads)
-    for index, size, stride in plan.head:
-        below = math.prod(head_sizes[index + 1:])
-        out += (torch.div(h, below, rounding_mode="floor") % size) * stride
-    return out
 
 
 def _apply(step: Step, x: torch.Tensor, other: Any) -> torch.Tensor:
@@ -174,7 +135,7 @@ def window_bias(term: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], w
     heads = 1
     for h in head_sizes:
         heads *= h
-    hoff = _head_offsets(plan, heads, head_sizes, term.device)
+    hoff = head_offsets(plan, heads, head_sizes, term.device)
     index = hoff[:, None, None] + q[None, :, None] + k[None, None, :]
     return term.reshape(-1)[index.reshape(-1)].view(heads, area, area)
 
@@ -255,18 +216,18 @@ def head_table(term: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int]) ->
     span = 1 + sum((size - 1) * stride for _, size, _, stride in plan.query + plan.key)
     if term.numel() == heads * span and _heads_stacked(plan, heads, tuple(head_sizes), span):
         return term.reshape(heads, span)  # heads one after the other, each span long: a view
-    rows = _head_offsets(plan, heads, head_sizes, term.device)[:, None] + torch.arange(span, device=term.device)
+    rows = head_offsets(plan, heads, head_sizes, term.device)[:, None] + torch.arange(span, device=term.device)
     return term.reshape(-1)[rows]
 
 
 @functools.lru_cache(maxsize=None)
 def _heads_stacked(plan: TermPlan, heads: int, head_sizes: Tuple[int, ...], span: int) -> bool:
-    return torch.equal(_head_offsets_cpu(plan, heads, head_sizes), torch.arange(heads) * span)
+    return torch.equal(head_offsets_cpu(plan, heads, head_sizes), torch.arange(heads) * span)
 
 
 def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Sequence[torch.Tensor]):
     """The fused Triton kernel for this program when the backend resolves to it, else None."""
-    from .kernels.attention_dispatch import resolve_backend
+    from greenmim_convert.kernels.attention_dispatch import resolve_backend
 
     choice = requested_backend(program.backend)
     if choice == "torch":
@@ -281,7 +242,7 @@ def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Seq
     probe = q.new_empty(0, heads, 0, q.shape[1] // heads)
     if resolve_backend(probe, 0.0, program.backend) != "triton":
         return None
-    from .kernels.triton_group_attention import group_attention_triton
+    from greenmim_convert.kernels.triton_group_attention import group_attention_triton
 
     scale, term = plan
     bias = None if term is None else window_bias(terms[term], program.terms[term], program.head_sizes, grouping.windows)

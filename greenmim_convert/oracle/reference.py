@@ -32,10 +32,10 @@ from torchvision.models import maxvit as tv_maxvit
 from torchvision.models import swin_transformer as tv_swin
 from torchvision.ops import SqueezeExcitation as TvSqueezeExcitation
 
-from .errors import InvalidInputError
-from .sites import Sites
-from .capture import module_tensor, timm_stages as feature_stages
-from .tokens import GreenOutput, VisibleTokens
+from greenmim_convert.errors import InvalidInputError
+from greenmim_convert.runtime.plan.sites import Sites
+from greenmim_convert.compiler.capture import module_tensor, timm_stages as feature_stages
+from greenmim_convert.runtime.tokens import GreenOutput, VisibleTokens
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -629,7 +629,7 @@ SDPA_MASKED = (pvt_v2.Attention, timm_layers.Attention, eva.EvaAttention, twins.
 # ``install(model, state)`` context manager hooks them for one forward, its ``feature_tensor(model, module, x)``
 # puts a captured stage (module None: the final output) into the layout the oracle reads. Imported only for a
 # model holding a module of that library, so that the library stays an optional dependency.
-EXTENSIONS: Dict[str, str] = {"transformers.": ".reference_hf"}
+EXTENSIONS: Dict[str, str] = {"transformers.": ".transformers"}
 
 
 def _extensions(model: nn.Module) -> List[Any]:

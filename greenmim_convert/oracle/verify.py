@@ -7,10 +7,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .capture import is_timm_model
-from .convert import GreenModel
-from .reference import dense_masked_reference
-from .tokens import GreenOutput, VisibleTokens
+from greenmim_convert.compiler.capture import is_timm_model
+from greenmim_convert.api.convert import GreenModel
+from greenmim_convert.oracle.reference import dense_masked_reference
+from greenmim_convert.runtime.tokens import GreenOutput, VisibleTokens
 
 DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 

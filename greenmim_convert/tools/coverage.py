@@ -10,11 +10,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import timm
 import torch
 
-from . import models
-from .convert import convert
-from .errors import GreenMIMError, UnsupportedOperationError
-from .masking import random_mask
-from .verify import verify
+from greenmim_convert.tools import models
+from greenmim_convert.api.convert import convert
+from greenmim_convert.errors import GreenMIMError, UnsupportedOperationError
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.oracle.verify import verify
 
 TIMM_FAMILIES = ("swin", "swinv2", "swinv2_cr", "twins_pcpvt", "twins_svt", "pvt_v2", "davit", "gcvit", "maxvit",
                  "focalnet", "hiera", "mvitv2", "nest", "convnext", "convnextv2")

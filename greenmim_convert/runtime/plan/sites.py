@@ -134,3 +134,34 @@ class PrefixedSites:
 
     def __repr__(self) -> str:
         return f"PrefixedSites({self.sites!r}, prefix={self.prefix})"
+
+
+def visible_sites(visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> Sites:
+    """The visible cells of a grid at ``stride`` pixels per cell."""
+    return Sites.from_mask(visible, grid, stride)
+
+
+def padded_sites(sites: Sites, border: Tuple[int, int, int, int]) -> Sites:
+    """The sites of a grid padded by ``border`` (rows before and after, columns before and after): the visible
+    sites, moved by the rows and columns added before them, and every padded position of every sample (the
+    constant tokens a pad adds are always present), in canonical order."""
+    top, bottom, left, right = border
+    h, w = sites.grid
+    grid = (h + top + bottom, w + left + right)
+
+    def pads() -> torch.Tensor:
+        inside = torch.zeros(grid, dtype=torch.bool, device=sites.device)
+        inside[top:top + h, left:left + w] = True
+        return (~inside).nonzero()
+
+    pad = sites.memo(("padded positions", tuple(border)), pads)
+    b = sites.batch_size
+    batch = torch.cat([sites.batch, torch.arange(b, device=sites.device).repeat_interleave(pad.shape[0])])
+    coords = torch.cat([sites.coords + torch.tensor([top, left], device=sites.device), pad.repeat(b, 1)])
+    order = torch.argsort((batch * grid[0] + coords[:, 0]) * grid[1] + coords[:, 1])
+    return Sites(batch[order], coords[order], grid, b, sites.stride)
+
+
+def prefixed_sites(sites: Sites, prefix: int) -> PrefixedSites:
+    """The sites of a grid followed by ``prefix`` tokens per sample (rows of a layout holding a class token)."""
+    return PrefixedSites(sites, prefix)

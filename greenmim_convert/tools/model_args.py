@@ -6,7 +6,7 @@ import ast
 import json
 from typing import Any, Dict, Sequence
 
-from .errors import InvalidInputError
+from greenmim_convert.errors import InvalidInputError
 
 
 def parse_model_args(pairs: Sequence[str]) -> Dict[str, Any]:

@@ -10,9 +10,9 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-from . import models
-from .convert import GreenModel, convert
-from .errors import GreenMIMError, LoadError
+from greenmim_convert.tools import models
+from greenmim_convert.api.convert import GreenModel, convert
+from greenmim_convert.errors import GreenMIMError, LoadError
 
 FORMAT = "greenmim-convert/1"
 

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from .kernels import depthwise_gather
+from greenmim_convert.kernels import depthwise_gather
 
 aten = torch.ops.aten
 Shape = Sequence[int]
@@ -261,7 +261,7 @@ def attention_pair_fraction(model: nn.Module, images: torch.Tensor, visible: tor
     (training-mode BatchNorm statistics) and the global random state are restored afterwards.
     ``key_mask_for``: as in ``dense_masked_reference``, for attention the oracle does not know.
     """
-    from .reference import masked_dense_hooks
+    from greenmim_convert.oracle.reference import masked_dense_hooks
 
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     probe = _PairProbe(visible)

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .gather import RowMap
+from greenmim_convert.runtime.gather import RowMap
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import InvalidInputError, TraceError
+from greenmim_convert.errors import InvalidInputError, TraceError
 
 ROOT = "m"  # the captured wrapper holds the model under this name
 
@@ -239,3 +239,12 @@ def example_images(model: nn.Module, img_size: Tuple[int, int], batch: int, chan
     device = p.device if p is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     return torch.randn(batch, chans, *img_size, generator=gen).to(device=device, dtype=dtype)
+
+
+def input_channels(model: nn.Module) -> int:
+    """Image channels: timm's ``in_chans``, else the input channels of the first convolution."""
+    chans = getattr(model, "in_chans", None)
+    if isinstance(chans, int):
+        return chans
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3

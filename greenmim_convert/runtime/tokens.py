@@ -6,7 +6,7 @@ from typing import List, Tuple
 
 import torch
 
-from .sites import Sites
+from greenmim_convert.runtime.plan.sites import Sites
 
 
 class VisibleTokens:

@@ -20,14 +20,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.fx as fx
 
-from . import ops
-from .errors import UnsupportedOperationError
-from .masking import random_mask
-from .sites import Sites
-from .tokens import GreenOutput, VisibleTokens
+from greenmim_convert.runtime import ops, plan as planner
+from greenmim_convert.errors import UnsupportedOperationError
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.runtime.plan.sites import Sites
+from greenmim_convert.runtime.tokens import GreenOutput, VisibleTokens
 
 NAMESPACE = "greenmim"
-PLAN_FUNCTIONS = (ops.visible_sites, ops.padded_sites, ops.digit_grouping, ops.window_grouping)
+PLAN_FUNCTIONS = (planner.visible_sites, planner.padded_sites, planner.digit_grouping, planner.window_grouping)
 # Rows of a grouping's bucket table: one per bucket (``plan_buckets`` makes at most 6), then the totals.
 TABLE_ROWS = 16
 
@@ -129,11 +129,11 @@ def _rebuild(spec: PlanSpec, plan: Dict[int, torch.Tensor], program: "CompilePro
             break
         end = start + g * n
         index, segment, position = (plan[i][start:end] for i in (spec.index, spec.segment, spec.position))
-        buckets.append(ops.Bucket(g, n, index, segment.view(n, g), position.view(n, g)))
+        buckets.append(planner.Bucket(g, n, index, segment.view(n, g), position.view(n, g)))
         start = end
     slot = plan[spec.slot]
     sites = _rebuild(spec.sites, plan, program) if spec.sites is not None else None
-    return ops.Grouping(buckets, slot, int(slot.shape[0]), rows[-1][0], rows[-1][1], sites, spec.windows)
+    return planner.Grouping(buckets, slot, int(slot.shape[0]), rows[-1][0], rows[-1][1], sites, spec.windows)
 
 
 def _invoke(call: Call, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -219,7 +219,7 @@ def _flatten(obj: Any, out: List[torch.Tensor], seen: Dict[int, PlanSpec]) -> Pl
     if isinstance(obj, Sites):
         spec = SitesSpec(len(out), len(out) + 1, obj.grid, obj.batch_size, obj.stride)
         out.extend((obj.batch, obj.coords))
-    elif isinstance(obj, ops.Grouping):
+    elif isinstance(obj, planner.Grouping):
         if len(obj.buckets) > TABLE_ROWS:
             raise UnsupportedOperationError(f"a grouping of {len(obj.buckets)} buckets exceeds {TABLE_ROWS}")
         table = torch.zeros(TABLE_ROWS + 1, 2, dtype=torch.long)
@@ -432,7 +432,7 @@ class CompileProgram:
 
 def _check_no_dropout(n: fx.Node, args: Any, kwargs: Any) -> None:
     """Attention dropout inside a runtime call would draw other numbers when the backward runs it again."""
-    from .attention import AttentionProgram
+    from greenmim_convert.runtime.attention import AttentionProgram
 
     for a in _leaves((args, kwargs)):
         if isinstance(a, AttentionProgram) and any(s.kind == "dropout" and s.value for s in a.post):

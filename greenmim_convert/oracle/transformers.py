@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import InvalidInputError
-from .reference import _GivenKeys, _HookState, visibility_map
+from greenmim_convert.errors import InvalidInputError
+from greenmim_convert.oracle.reference import _GivenKeys, _HookState, visibility_map
 
 
 def _mask_value(dtype: torch.dtype) -> float:

@@ -1,0 +1,1 @@
+"""The public API: ``convert`` and ``GreenModel``, masks, saving and loading."""
