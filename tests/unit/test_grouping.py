@@ -19,7 +19,7 @@ from greenmim_convert.runtime.plan.packing import (
 from greenmim_convert.runtime.plan.segments import WindowSpec, window_segments
 from greenmim_convert.runtime.plan.sites import Sites
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def check_packing(counts: torch.Tensor, p: Packing, tile: int = 1) -> None:

@@ -44,7 +44,7 @@ CHILD = textwrap.dedent(
 
 
 def test_converted_swin_triton_backend_equals_torch(seed):
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where conftest lives
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", CHILD.format(tests=here, seed=seed % 1000)], env=env,
                          capture_output=True, text=True, timeout=600)

@@ -31,7 +31,7 @@ from greenmim_convert.kernels.sparse_conv import (
 from greenmim_convert.kernels.spconv_backend import spconv_available, spconv_conv2d, torch_weight_to_spconv
 from greenmim_convert.runtime.plan.sites import Sites
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 F64_TOL = 1e-10
 
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import greenmim_convert as gmc
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 pytest.importorskip("skimage", reason="the demo data needs scikit-image (the examples extra)")
