@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
@@ -17,6 +18,9 @@ SWIN_T = "swin_tiny_patch4_window7_224"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+TIERS = ("unit", "equivalence", "tools")  # the folder of a test is its marker: pytest -m unit
+
+
 def pytest_collection_modifyitems(config, items):
     """Triton kernel tests need a process whose Triton started in interpreter mode.
 
@@ -27,6 +31,9 @@ def pytest_collection_modifyitems(config, items):
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     keep, drop = [], []
     for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(tier)
         needs = "interpret" in getattr(item, "fixturenames", ())
         spawner = item.name == "test_kernels_under_interpreter"
         needs_gpu = item.get_closest_marker("cuda") is not None and not torch.cuda.is_available()

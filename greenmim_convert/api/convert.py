@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -190,7 +191,7 @@ class GreenModel(nn.Module):
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
         self.__dict__["graph_modules"] = graphs
-        self.__dict__["timm_model"] = model
+        self.__dict__["source_model"] = model  # not a child: its modules are ours already
         self.config = config
         self.report = report
         self.stage_modules = list(stage_modules)
@@ -215,13 +216,13 @@ class GreenModel(nn.Module):
 
     def train(self, mode: bool = True) -> "GreenModel":
         super().train(mode)
-        self.timm_model.training = mode
+        self.source_model.training = mode
         return self
 
     def check_inputs(self, images: torch.Tensor, visible: torch.Tensor) -> None:
         """Raise InvalidInputError naming the first thing about the inputs that does not fit."""
         p = next(self.parameters())
-        chans = input_channels(self.timm_model)
+        chans = input_channels(self.source_model)
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise InvalidInputError(f"images must be a (B, {chans}, H, W) tensor, got {_describe(images)}")
         if images.shape[1] != chans or tuple(images.shape[2:]) != tuple(self.img_size):
@@ -249,8 +250,11 @@ class GreenModel(nn.Module):
         return self.graph_modules[self.training]
 
     @property
-    def source_model(self) -> nn.Module:
-        return self.timm_model
+    def timm_model(self) -> nn.Module:
+        """Deprecated name of ``source_model`` (the source may come from any library)."""
+        warnings.warn("GreenModel.timm_model is deprecated: use GreenModel.source_model", DeprecationWarning,
+                      stacklevel=2)
+        return self.source_model
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
         self.check_inputs(images, visible)
@@ -262,8 +266,8 @@ class GreenModel(nn.Module):
 
     def forward_head(self, out: GreenOutput) -> torch.Tensor:
         """Classifier logits from the mean of the visible final tokens (timm's avg-pool head)."""
-        head = getattr(self.timm_model, "head", None)
-        pool = getattr(self.timm_model, "global_pool", "avg")
+        head = getattr(self.source_model, "head", None)
+        pool = getattr(self.source_model, "global_pool", "avg")
         if head is None or getattr(head, "fc", None) is None or (isinstance(pool, str) and pool not in ("avg", "")):
             raise InvalidInputError(f"forward_head supports timm heads with average pooling and an fc, got {type(head).__name__}")
         x = out.last.mean()

@@ -142,7 +142,11 @@ class Layout:
                 a = pending.pop(0)
                 if a.size <= need:
                     if need % a.size:
-                        raise LayoutError(f"view {tuple(shape)} splits digit {a} unevenly")
+                        raise LayoutError(
+                            f"view {tuple(shape)} splits digit {a} unevenly ({need} entries left of an axis of {size} "
+                            f"are no whole multiple of its {a.size} values): the entries are no rows, columns or blocks of "
+                            "the image (tokens regrouped in an order that is not made of the grid's digits, e.g. "
+                            "windows of raster tokens that were never unrolled)")
                     taken.append(a)
                     need //= a.size
                 else:

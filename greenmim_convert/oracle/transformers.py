@@ -1,8 +1,8 @@
 """The dense masked reference for Hugging Face transformers vision backbones.
 
-``reference.masked_dense_hooks`` enters ``install(model, state)`` when the model holds a module of
+``hooks.masked_dense_hooks`` enters ``install(model, state)`` when the model holds a module of
 transformers (this module is imported only then: transformers stays optional). It adds, on the original
-module objects, what masked-dense semantics needs beyond the generic hooks of ``reference`` (convolutions
+module objects, what masked-dense semantics needs beyond the generic hooks of ``hooks`` (convolutions
 reading zeros at masked inputs, pooling, training-mode BatchNorm over visible positions):
 
 - the key mask of every attention, derived per family from the visibility map with the model's own
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from greenmim_convert.errors import InvalidInputError
-from greenmim_convert.oracle.reference import _GivenKeys, _HookState, visibility_map
+from greenmim_convert.oracle.hooks import Family, GivenKeys, HookState, visibility_map
 
 
 def _mask_value(dtype: torch.dtype) -> float:
@@ -38,7 +38,7 @@ def _mask_value(dtype: torch.dtype) -> float:
     return -0.25 * min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
 
 
-class _Keys(_GivenKeys):
+class _Keys(GivenKeys):
     """Key visibility of one attention call (True = visible), broadcastable to its logits."""
 
     used = False  # whether a softmax, SDPA or attention function added it
@@ -57,9 +57,9 @@ class _Keys(_GivenKeys):
 
 
 class _HFState:
-    """Per-forward state of the transformers hooks, next to the generic ``_HookState``."""
+    """Per-forward state of the transformers hooks, next to the generic ``HookState``."""
 
-    def __init__(self, state: _HookState):
+    def __init__(self, state: HookState):
         self.state = state
         self.handles: List[Any] = []
         self.masked: List[nn.Module] = []  # attention modules whose keys a hook masks
@@ -256,13 +256,13 @@ def _pvt_attention(module: nn.Module, hf: _HFState) -> None:
         hf.post(module.spatial_reduction, _dense_leave(hf.state))
 
 
-def _dense_enter(state: _HookState) -> Callable:
+def _dense_enter(state: HookState) -> Callable:
     def hook(mod, args):
         state.dense += 1
     return hook
 
 
-def _dense_leave(state: _HookState) -> Callable:
+def _dense_leave(state: HookState) -> Callable:
     def hook(mod, args, out):
         state.dense -= 1
     return hook
@@ -445,7 +445,7 @@ def _convnextv2_grn(module: nn.Module, hf: _HFState) -> None:
     hf.post(module, hook)
 
 
-def _group_norm(state: _HookState) -> Callable:
+def _group_norm(state: HookState) -> Callable:
     """``nn.GroupNorm`` of a (B, C, H, W) map (PoolFormer's) with per-sample, per-group statistics over visible
     positions only; masked positions are normalised with them too (their values are never read)."""
     def hook(module: nn.GroupNorm, args, out):
@@ -511,7 +511,7 @@ def _check_attentions_known(model: nn.Module, masked: List[nn.Module]) -> None:
                                     f"({name}) of {type(model).__name__}: its keys would not be masked")
 
 
-def _masked_softmax(state: _HookState, softmax: Callable) -> Callable:
+def _masked_softmax(state: HookState, softmax: Callable) -> Callable:
     """``Tensor.softmax`` that adds the key mask on top of the state's stack when it is one of this module's."""
     def run(self, *args, **kwargs):
         top = state.key_masks[-1] if state.key_masks else None
@@ -561,7 +561,7 @@ def _hiera_unroll(hf: _HFState, unroll: Callable) -> Callable:
 
 
 @contextmanager
-def install(model: nn.Module, state: _HookState) -> Iterator[None]:
+def install(model: nn.Module, state: HookState) -> Iterator[None]:
     """The transformers families' masked-dense hooks on ``model`` for one forward (see the module docstring)."""
     hf = _HFState(state)
     patched: List[Tuple[Any, str, Any]] = []  # (owner, attribute, original) to restore
@@ -619,3 +619,6 @@ def feature_tensor(model: nn.Module, module: Optional[nn.Module], x: torch.Tenso
             if math.prod(size) == x.shape[1]:
                 return encoder.reroll(x, stage).flatten(1, 2)
     return x
+
+
+FAMILY = Family(install=install, feature_tensor=feature_tensor)

@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 verification failed, 2 usage error or unsupported model
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -321,6 +322,8 @@ def list_cmd(
     verify_smallest: bool = typer.Option(False, "--verify-smallest", help="verify the smallest converting model of "
                                          "each family (by parameters)"),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="write the table as markdown to this file"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="write the rows as JSON to this file (the data of "
+                                           "docs/coverage.md: benchmarks/coverage.json)"),
 ) -> None:
     """Coverage matrix: every model of the hierarchical families (timm's, torchvision's under the family
     torchvision, transformers' vision backbones under the family hf), whether it converts, and why not.
@@ -370,6 +373,11 @@ def list_cmd(
         with open(markdown_out, "w") as f:
             f.write(markdown(rows) + "\n")
         console.print(f"wrote {markdown_out}")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        console.print(f"wrote {json_out}")
     if any(r.verified == "✗" for r in rows):
         raise typer.Exit(1)
 

@@ -162,6 +162,7 @@ def test_all_visible_matches_timm(family):
     check_all_visible(model, green, images)
 
 
+@pytest.mark.fast
 def test_masked_matches_reference(family):
     case, seed, model, green = family
     gen = torch.Generator().manual_seed(seed + 1)
