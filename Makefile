@@ -23,7 +23,7 @@ test: setup
 
 # the unit tier and the smallest equivalence case of every family
 test-fast: setup
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "(unit or fast) and not slow"
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "(unit or (fast and smallest)) and not slow"
 
 demo: setup
 	$(VENV)/bin/greenmim-convert convert $(MODEL) -o /tmp/green_swin_t.safetensors

@@ -148,7 +148,14 @@ class Built(NamedTuple):
     green: Any
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+# the smallest case of every family: make test-fast checks these (masked, against the oracle)
+SMALLEST = {"swin", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224", "davit_tiny", "focalnet_tiny_srf", "convnext_atto",
+            "convnextv2_atto", "maxvit_rmlp_pico_rw_256", "nest_tiny", "hiera_tiny_224", "gcvit_xxtiny", "mvitv2_tiny",
+            "vit_tiny_patch16_224", "eva02_tiny_patch14_224", "pvt_v2_b0", "twins_pcpvt_small", "twins_svt_small"}
+
+
+@pytest.fixture(scope="module", params=[pytest.param(c, marks=pytest.mark.smallest) if c in SMALLEST else c
+                                        for c in sorted(CASES)])
 def family(request) -> Built:
     """One case built once for both checks, from a fresh seed (shown by pytest's -l)."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -172,6 +179,10 @@ def test_masked_matches_reference(family):
     zero = [n for n, _ in model.named_parameters() if n.endswith(CASES[case].zero_grads)]
     assert bool(zero) == bool(CASES[case].zero_grads)
     check_against_reference(model, green, images, visible, gen=gen, zero_grads=zero)
+
+
+def test_smallest_cases_exist():
+    assert SMALLEST <= set(CASES)
 
 
 def test_masked_equal_counts_matches_reference(family):
