@@ -23,11 +23,11 @@ import torch.nn as nn
 from greenmim_convert.runtime import attention
 from greenmim_convert.runtime import ops, plan as planner
 from greenmim_convert.tools.flops import attention_pair_fraction, count_flops, visible_fraction, visible_only_ideal
-from greenmim_convert.compiler.capture import is_timm_model, output_values
 from greenmim_convert.api.convert import GreenModel
 from greenmim_convert.compiler.capture import input_channels
 from greenmim_convert.runtime.plan.segments import DigitWindows
 from greenmim_convert.api.masking import random_mask
+from greenmim_convert.mim.dense import SimMIMDense, dense_features
 from greenmim_convert.runtime.plan.sites import Sites
 from greenmim_convert.tools.timing import wall_times
 
@@ -103,51 +103,6 @@ def _saved_tensors(node: Any) -> List[torch.Tensor]:
             if isinstance(t, torch.Tensor):
                 out.append(t)
     return out
-
-
-def stem_conv(model: nn.Module) -> nn.Conv2d:
-    """The convolution that embeds the image (the first Conv2d reading the input channels)."""
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d) and mod.in_channels == 3:
-            return mod
-    raise ValueError(f"{type(model).__name__} has no Conv2d on the image to put a SimMIM mask token after")
-
-
-def dense_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The final features of the function ``convert`` captures (timm's ``forward_features``, else ``forward``),
-    read from the model's output as ``convert`` reads it (a ``ModelOutput``'s ``last_hidden_state``, the last
-    of a ``BackboneOutput``'s maps)."""
-    if is_timm_model(model):
-        return model.forward_features(images)
-    return output_values(model(images), type(model).__name__)[0]
-
-
-class SimMIMDense(nn.Module):
-    """The dense baseline: the function ``convert`` captures (timm's ``forward_features``, else ``forward``)
-    with masked stem outputs replaced by a learned token."""
-
-    def __init__(self, model: nn.Module, mask_unit: int):
-        super().__init__()
-        self.model = model
-        self.mask_unit = mask_unit
-        self.stem = stem_conv(model)
-        p = next(model.parameters())
-        self.mask_token = nn.Parameter(torch.zeros(1, self.stem.out_channels, 1, 1, device=p.device, dtype=p.dtype))
-        self._visible: Optional[torch.Tensor] = None
-
-    def _hook(self, module, args, out):
-        h, w = out.shape[-2:]
-        vis = self._visible.repeat_interleave(h // self._visible.shape[1], 1).repeat_interleave(w // self._visible.shape[2], 2)
-        return torch.where(vis[:, None], out, self.mask_token.to(out.dtype))
-
-    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        self._visible = visible
-        handle = self.stem.register_forward_hook(self._hook)
-        try:
-            return dense_features(self.model, images)
-        finally:
-            handle.remove()
-            self._visible = None
 
 
 @dataclass

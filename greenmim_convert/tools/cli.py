@@ -19,6 +19,7 @@ from greenmim_convert.tools import models
 from greenmim_convert.api.convert import GreenModel, convert
 from greenmim_convert.errors import GreenMIMError
 from greenmim_convert.api.masking import random_mask
+from greenmim_convert.mim.command import export_cmd, pretrain_cmd
 from greenmim_convert.tools.models import suggest  # noqa: F401  (part of the CLI's interface)
 
 app = typer.Typer(
@@ -33,8 +34,9 @@ EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MODEL_HELP = ("timm model name, a pretrained tag allowed (swin_tiny_patch4_window7_224.ms_in1k: its config, not its "
               "weights), torchvision:NAME for a torchvision classifier, or hf:TYPE for a transformers model type "
-              "(hf:swin, hf:convnextv2; hf:TYPE/backbone for its AutoBackbone), built from its default config; random "
-              "weights, nothing is downloaded")
+              "(hf:swin, hf:convnextv2; hf:TYPE/backbone for its AutoBackbone), built from its default config, or "
+              "package.module:factory, a Python callable returning an nn.Module (given --model-arg keywords and "
+              "img_size when it takes one); random weights, nothing is downloaded")
 IMG_SIZE_HELP = ("image size (default: the model's; for torchvision models, which do not state theirs, the crop size of "
                  "torchvision's default weights: 224, 256 for Swin V2; for hf:TYPE the config's image_size, which this "
                  "sets where the config has one, else 224)")
@@ -380,6 +382,10 @@ def list_cmd(
         console.print(f"wrote {json_out}")
     if any(r.verified == "✗" for r in rows):
         raise typer.Exit(1)
+
+
+app.command("pretrain")(pretrain_cmd)
+app.command("export")(export_cmd)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Model names of the command line: a timm name (a pretrained tag allowed: ``swin_tiny_patch4_window7_224.ms_in1k``),
-``torchvision:NAME`` for a torchvision classifier, or ``hf:TYPE`` / ``hf:TYPE/backbone`` for a transformers model type.
+``torchvision:NAME`` for a torchvision classifier, ``hf:TYPE`` / ``hf:TYPE/backbone`` for a transformers model type,
+or ``package.module:factory`` for a Python callable returning an ``nn.Module``.
 
 All are built with random weights (nothing is downloaded). torchvision models do not state their
 input size, so they get ``TORCHVISION_IMG_SIZE`` unless an image size is given. transformers is an
@@ -66,6 +67,49 @@ def is_hf(name: str) -> bool:
     return name.startswith(HF_PREFIX)
 
 
+FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def is_factory(name: str) -> bool:
+    """``package.module:factory``: a Python callable (``module:Class.method`` too) that returns an ``nn.Module``."""
+    head = name.split(":", 1)[0]
+    return bool(FACTORY.fullmatch(name)) and head not in NAMESPACES and head.lower() not in TIMM_SOURCES
+
+
+def _factory(name: str) -> Any:
+    """The callable ``package.module:attr.path`` names; InvalidInputError when it cannot be imported."""
+    module_name, _, path = name.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidInputError(f"{name!r}: cannot import module {module_name!r} ({exc})") from None
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise InvalidInputError(f"{name!r}: {module_name} has no attribute {path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InvalidInputError(f"{name!r} is {type(obj).__name__}, not a callable returning an nn.Module")
+    return obj
+
+
+def _build_factory(name: str, kwargs: Dict[str, Any], img_size: Optional[ImgSize]) -> BuiltModel:
+    """Call the factory with ``kwargs`` (and ``img_size`` when it takes one); the result must be an nn.Module."""
+    fn = _factory(name)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if img_size is not None and "img_size" in params:
+        kwargs.setdefault("img_size", img_size)
+    try:
+        model = fn(**kwargs)
+    except TypeError as exc:
+        raise InvalidInputError(f"{name}(**{kwargs}) failed: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"{name}() returned {type(model).__name__}, not an nn.Module")
+    return BuiltModel(name, model, kwargs, img_size)
+
+
 def namespace_of(name: str) -> Optional[str]:
     """``torchvision`` or ``hf`` for a name with that prefix, None for a timm name."""
     return next((ns for ns in NAMESPACES if name.startswith(ns + ":")), None)
@@ -82,6 +126,8 @@ def builder_of(name: str) -> str:
         return "torchvision.models.get_model"
     if is_hf(name):
         return f"transformers.{'AutoBackbone' if split_hf(name)[1] else 'AutoModel'}.from_config"
+    if is_factory(name):
+        return name
     return "timm.create_model"
 
 
@@ -116,6 +162,9 @@ def check_name(name: str) -> None:
         return
     if is_hf(name):
         _check_hf(name)
+        return
+    if is_factory(name):
+        _factory(name)
         return
     _check_timm(name)
 
@@ -157,6 +206,8 @@ def build(name: str, model_kwargs: Optional[Dict[str, Any]] = None, img_size: Op
     kwargs = dict(model_kwargs or {})
     if is_hf(name):
         return _build_hf(name, kwargs, img_size)
+    if is_factory(name):
+        return _build_factory(name, kwargs, img_size)
     if not is_torchvision(name):
         if img_size is not None:
             kwargs.setdefault("img_size", img_size)

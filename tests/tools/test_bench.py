@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 import greenmim_convert as gmc
 from greenmim_convert.tools import models
 from greenmim_convert.tools.bench import (
-    SavedTensorCounter, SimMIMDense, census_rows, exact_attention_fraction, measure_grouping, run_bench,
+    SavedTensorCounter, census_rows, exact_attention_fraction, measure_grouping, run_bench,
 )
 from greenmim_convert.tools.cli import app
 from greenmim_convert.api.masking import random_mask
+from greenmim_convert.mim.dense import SimMIMDense
 
 from test_cli import SWIN, TINY, TV_SWIN, TV_TINY
 
@@ -283,7 +284,6 @@ def test_simmim_baseline_masks_the_stem_of_any_family():
     import timm
 
     import greenmim_convert as gmc
-    from greenmim_convert.tools.bench import SimMIMDense
     from greenmim_convert.api.masking import random_mask
 
     small = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8))

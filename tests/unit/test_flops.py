@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import greenmim_convert as gmc
-from greenmim_convert.tools.bench import exact_attention_fraction, SimMIMDense
+from greenmim_convert.tools.bench import exact_attention_fraction
+from greenmim_convert.mim.dense import SimMIMDense
 from greenmim_convert.tools.flops import (
     attention_pair_fraction, count_flops, split_counts, visible_fraction, visible_only_ideal,
 )
