@@ -10,6 +10,7 @@ from typing import Any, Tuple
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree
 
 from greenmim_convert.errors import InvalidInputError
 from greenmim_convert.runtime.tokens import VisibleTokens
@@ -35,6 +36,9 @@ class MIMOutput:
 
     def keys(self) -> Tuple[str, ...]:
         return tuple(f.name for f in fields(self))
+
+
+torch.utils._pytree.register_dataclass(MIMOutput)  # FSDP2 finds the output's tensors to hook the backward
 
 
 def unit_tokens(tokens: VisibleTokens, mask_grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
