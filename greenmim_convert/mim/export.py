@@ -101,3 +101,14 @@ def _write(model: nn.Module, meta: Dict[str, Any], out: Path, step: int) -> List
     path = out / "state_dict.pt"
     torch.save(state, path)
     return [path]
+
+
+def load_mim(run: str) -> nn.Module:
+    """The MIM model of a run (a run folder or a checkpoint), rebuilt from its settings with its trained weights."""
+    from .build import build_mim
+    from .config import PretrainConfig
+
+    ckpt = load_checkpoint(find_checkpoint(run))
+    model = build_mim(PretrainConfig(**ckpt["settings"])).model
+    model.load_state_dict(ckpt["model"])
+    return model
