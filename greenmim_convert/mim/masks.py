@@ -55,7 +55,8 @@ class BlockMask:
                  attempts: int = 10):
         self.grid, self.ratio = _grid(grid), _ratio("mask ratio", ratio)
         if min_units < 1 or max_aspect < 1:
-            raise InvalidInputError(f"block masks need min_units >= 1 and max_aspect >= 1, got {min_units}, {max_aspect}")
+            raise InvalidInputError(f"block masks need min_units >= 1 and max_aspect >= 1, got {min_units}, "
+                                    f"{max_aspect}")
         self.min_units, self.log_aspect, self.attempts = int(min_units), math.log(max_aspect), int(attempts)
 
     @property

@@ -41,9 +41,9 @@ SOURCES = {
     "factory": ["scratch_models:ScratchViT", "--model-arg", "embed=24", "--model-arg", "depths=[1,1]",
                 "--model-arg", "heads=[1,2]", "--model-arg", "window=4"],
 }
-COMMON = ["--img-size", "64", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--batch-size", "8",
-          "--demo-size", "32", "--workers", "0", "--no-progress", "--threads", "1", "--no-malloc-tuning", "--no-plot",
-          "--no-tensorboard"]
+COMMON = ["--img-size", "64", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
+          "--batch-size", "8", "--demo-size", "32", "--workers", "0", "--no-progress", "--threads", "1",
+          "--no-malloc-tuning", "--no-plot", "--no-tensorboard"]
 TINY = dict(model="swin_tiny_patch4_window7_224", img_size=64, decoder_dim=32, decoder_depth=1, decoder_heads=2,
             model_args=dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4), batch_size=8, demo_size=32,
             workers=0, progress=False, threads=1, malloc_tuning=False, plot=False, tensorboard=False)
@@ -373,7 +373,8 @@ def test_command_reads_config_and_saves_the_resolved_one(tmp_path):
     pretrain(*SOURCES["timm"], *COMMON, "--config", str(tmp_path / "run.toml"), "--steps", "2", "--out",
              str(tmp_path / "out"), "--batch-size", "4")
     saved = read_file(str(tmp_path / "out" / "config.toml"))
-    assert saved["steps"] == 2 and saved["seed"] == 4 and saved["batch_size"] == 4 and saved["model_args"]["depths"] == [1, 1]
+    assert saved["steps"] == 2 and saved["seed"] == 4 and saved["batch_size"] == 4
+    assert saved["model_args"]["depths"] == [1, 1]
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -496,10 +497,11 @@ def test_other_families_learn(family, tmp_path):
 def test_trainer_example_runs(tmp_path, monkeypatch):
     """examples/pretrain_hf_trainer.py: the MIM model inside transformers' Trainer."""
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "examples"))
     import pretrain_hf_trainer
 
     with torch.random.fork_rng(devices=[]):
         trainer = pretrain_hf_trainer.main(["--steps", "3", "--batch-size", "4", "--out", str(tmp_path)])
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r] + [trainer.state.log_history[-1]["train_loss"]]
+    history = trainer.state.log_history
+    losses = [r["loss"] for r in history if "loss" in r] + [history[-1]["train_loss"]]
     assert trainer.state.global_step == 3 and all(math.isfinite(v) for v in losses)
