@@ -8,9 +8,10 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn as nn
 
-from greenmim_convert.tools import models
 from greenmim_convert.api.convert import convert, default_img_size
 from greenmim_convert.errors import GreenMIMError, InvalidInputError
+from greenmim_convert.tools import models
+
 from .config import PretrainConfig
 from .decoders import LinearDecoder, TransformerDecoder
 from .dense import dense_encoder

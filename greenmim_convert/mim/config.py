@@ -6,13 +6,15 @@ import dataclasses
 import difflib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import tomllib
+
 from greenmim_convert.errors import InvalidInputError
 from greenmim_convert.tools.model_args import _tuples
+
 from .decoders import DECODERS
 from .masks import MASKS
 

@@ -17,12 +17,22 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from greenmim_convert.errors import InvalidInputError
+
 from . import checkpoint as ck
 from .build import build_mim
 from .config import PretrainConfig, save_resolved
 from .data import ResumableSampler, build_dataset
-from .distributed import (Dist, all_mean, gather_objects, load_states, model_state, optimizer_state, setup_distributed,
-                          shard_fsdp, wrap_ddp)
+from .distributed import (
+    Dist,
+    all_mean,
+    gather_objects,
+    load_states,
+    model_state,
+    optimizer_state,
+    setup_distributed,
+    shard_fsdp,
+    wrap_ddp,
+)
 from .logs import Progress, TensorBoard, read_log, restart_log, write_loss_plot
 from .masks import mask_generator
 from .memory import minor_faults, tune_malloc

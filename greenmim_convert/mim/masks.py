@@ -10,8 +10,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from greenmim_convert.errors import InvalidInputError
 from greenmim_convert.api.masking import random_mask
+from greenmim_convert.errors import InvalidInputError
 
 Grid = Union[int, Sequence[int]]
 MASKS = ("random", "block", "ummae")

@@ -14,6 +14,7 @@ import torch.utils._pytree
 
 from greenmim_convert.errors import InvalidInputError
 from greenmim_convert.runtime.tokens import VisibleTokens
+
 from .targets import PixelTarget
 
 

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from greenmim_convert.errors import InvalidInputError
+
 from .build import build_mim
 from .config import PretrainConfig
 from .data import ResumableSampler, build_dataset

@@ -16,16 +16,25 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from greenmim_convert.tools import models
-from greenmim_convert.tools.cli import app
 from greenmim_convert.errors import InvalidInputError
-from greenmim_convert.mim import (BlockMask, LinearDecoder, MIMModel, PixelTarget, RandomMask, TransformerDecoder,
-                                  UniformMask, build_mim, export, patchify, resolve, run)
+from greenmim_convert.mim import (
+    BlockMask,
+    MIMModel,
+    RandomMask,
+    UniformMask,
+    build_mim,
+    export,
+    patchify,
+    resolve,
+    run,
+)
 from greenmim_convert.mim.checkpoint import prune_checkpoints
 from greenmim_convert.mim.config import read_file
 from greenmim_convert.mim.export import load_mim
 from greenmim_convert.mim.logs import TENSORBOARD_MISSING, TensorBoard
 from greenmim_convert.oracle.verify import reference_of
+from greenmim_convert.tools import models
+from greenmim_convert.tools.cli import app
 
 pytest.importorskip("skimage", reason="the demo data needs scikit-image (the examples extra)")
 
