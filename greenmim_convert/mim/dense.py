@@ -7,18 +7,19 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from greenmim_convert.compiler.capture import is_timm_model, output_values
+from greenmim_convert.compiler.capture import input_channels, is_timm_model, output_values
 from greenmim_convert.errors import InvalidInputError
 from greenmim_convert.oracle.reference import dense_to_tokens, feature_layout
 from greenmim_convert.runtime.tokens import GreenOutput
 
 
-def stem_conv(model: nn.Module) -> nn.Conv2d:
-    """The convolution that embeds the image (the first Conv2d reading the input channels)."""
+def stem_conv(model: nn.Module, in_chans: int) -> nn.Conv2d:
+    """The convolution that embeds the image: the first Conv2d reading the ``in_chans`` image channels."""
     for mod in model.modules():
-        if isinstance(mod, nn.Conv2d) and mod.in_channels == 3:
+        if isinstance(mod, nn.Conv2d) and mod.in_channels == in_chans:
             return mod
-    raise ValueError(f"{type(model).__name__} has no Conv2d on the image to put a SimMIM mask token after")
+    raise ValueError(f"{type(model).__name__} has no Conv2d reading {in_chans} image channels to put a SimMIM mask "
+                     "token after")
 
 
 def dense_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ class SimMIMDense(nn.Module):
         super().__init__()
         self.model = model
         self.mask_unit = mask_unit
-        self.stem = stem_conv(model)
+        self.stem = stem_conv(model, input_channels(model))
         p = next(model.parameters())
         self.mask_token = nn.Parameter(torch.zeros(1, self.stem.out_channels, 1, 1, device=p.device, dtype=p.dtype))
         self._visible: Optional[torch.Tensor] = None

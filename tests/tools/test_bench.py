@@ -226,6 +226,19 @@ def test_simmim_baseline_runs_forward_of_torchvision_models():
     assert not dense.stem._forward_hooks
 
 
+
+def test_simmim_baseline_finds_the_stem_of_a_one_channel_model():
+    """The mask token goes after the conv reading the model's own image channels (here 1), not 3."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", in_chans=1, img_size=64, embed_dim=16,
+                              depths=(1, 1), num_heads=(1, 1), window_size=2).eval()
+    dense = SimMIMDense(model, 32)
+    assert dense.stem is model.patch_embed.proj and dense.stem.in_channels == 1
+    visible = random_mask(2, (2, 2), 0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense.mask_token.normal_()
+        images = torch.randn(2, 1, 64, 64)
+        assert not torch.equal(dense(images, visible), dense(images, torch.ones_like(visible)))
+
 def _benchmark_script(name: str):
     """A script of ``benchmarks/`` loaded as a module."""
     import importlib.util
