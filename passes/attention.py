@@ -25,8 +25,10 @@ from greenmim_convert.runtime import ops, plan as planner
 from greenmim_convert.runtime.attention import AttentionProgram, Step
 from greenmim_convert.runtime.plan.terms import TermPlan
 from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.compiler.annotations import Property, QueryTerm, facts, peek
 from greenmim_convert.compiler.layout import Atom, Axis, Layout, LayoutError
 
+from . import rules
 from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
 from .block_masks import evaluate_constant, region_labels
 from .tokenwise import UNARY, BINARY
@@ -97,10 +99,10 @@ def _qk_rule(node: fx.Node) -> Optional[Layout]:
         return _pv_layout(node, la, lb)
     sample = sample_matmul_layout(la, lb)
     if sample is not None:
-        node.meta["sample_matmul"] = True
+        facts(node).sample_matmul = True
         return sample
     out = _pair_layout(la, lb, True)
-    node.meta["attention_qk"] = (a, b)
+    facts(node).attention_qk = (a, b)
     return out
 
 
@@ -140,7 +142,7 @@ def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:
     if len(key) != len(v.axes[-2]) or key != p.axes[-1] or not same_batch(p, v) or p.key_prefix != v.prefix \
             or p.border != v.border:
         raise LayoutError("probabilities @ v does not contract the key axis with the value tokens")
-    node.meta["attention_pv"] = True
+    facts(node).attention_pv = True
     out = Layout(_own_heads(p, v) + (p.axes[-2], v.axes[-1]), p.grid, p.stride, p.offset, p.prefix, border=p.border)
     out.check_packed()
     return out
@@ -163,7 +165,7 @@ def _sdpa_rule(node: fx.Node) -> Optional[Layout]:
         raise LayoutError("query and value do not share their batch (sample, window, head) digits")
     out = Layout(_own_heads(pair, lv) + (pair.axes[-2], lv.axes[-1]), lq.grid, lq.stride, lq.offset, lq.prefix,
                  border=lq.border)
-    node.meta["attention_sdpa"] = pair
+    facts(node).attention_sdpa = pair
     out.check_packed()
     return out
 
@@ -193,10 +195,11 @@ def _query_term_rule(node: fx.Node) -> Optional[Layout]:
         keys.extend((a, Atom(b.kind[1], b.size, b.inner)) for a, b in zip(oa, pa))
     if not keys:
         raise LayoutError("logits combined with image features that hold no key digits")
-    node.meta["query_term"] = (image[1] if pairs[0] else image[0], tuple(keys), not pairs[0])
+    facts(node).query_term = QueryTerm(image[1] if pairs[0] else image[0], tuple(keys), not pairs[0])
     return pair
 
 
+@rules.layout("attention", priority=70)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if is_op(node, aten.add, aten.sub):
         found = _query_term_rule(node)
@@ -341,21 +344,23 @@ def query_term_plan(lay: Layout, keys, heads: List[Atom]) -> TermPlan:
 class AttentionPass(GreenPass):
     name = "attention"
     description = "q @ kᵀ / softmax / @ v regions and SDPA -> attention over packed groups of visible tokens"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.ATTENTION})
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
-            if node.meta.get("attention_pv"):
+            if peek(node).attention_pv:
                 self._compile_matmul(gm, node)
-            elif "attention_sdpa" in node.meta:
+            elif peek(node).attention_sdpa is not None:
                 self._compile_sdpa(gm, node)
         gm.graph.eliminate_dead_code()
 
     def _compile_matmul(self, gm: fx.GraphModule, pv: fx.Node) -> None:
         chain, node, blocks, allowed = [], pv.args[0], {}, set()
-        while "attention_qk" not in node.meta:
+        while peek(node).attention_qk is None:
             if len(set(node.users) - allowed) != 1:
                 self.fail(node, "attention logits used or combined outside one softmax chain")
-            if "block_scatter" in node.meta:
+            if peek(node).block_scatter is not None:
                 base, inner, region = self._grid_block(node)
                 blocks[node] = inner
                 allowed = region - {node}
@@ -371,7 +376,7 @@ class AttentionPass(GreenPass):
         qk = node
         if len(set(qk.users) - allowed) != 1:
             self.fail(qk, "attention logits used outside one softmax chain")
-        q, kt = qk.meta["attention_qk"]
+        q, kt = peek(qk).attention_qk
         steps, terms, post, qterms = [], [], [], []
         seen_softmax = False
         for n in reversed(chain):
@@ -382,7 +387,7 @@ class AttentionPass(GreenPass):
                         self.fail(inner, "softmax over the grid part of attention logits")
                     steps.append(replace(self._step(gm, inner, layout_of(inner), qk, q, terms, qterms), block=True))
                 continue
-            if n.meta.get("layout_op"):
+            if peek(n).layout_op:
                 continue
             if is_op(n, *SOFTMAX):
                 if seen_softmax:
@@ -405,18 +410,18 @@ class AttentionPass(GreenPass):
         ``attn[:, :, 1:, 1:] = ...``): the logits, the ops of ``f`` after the slices (graph order) that act on
         the grid block only, and every node of the region (users of the logits it may have)."""
         base, value = scatter.args[0], scatter.args[1]
-        dims = [scatter.meta["block_scatter"]]
+        dims = [peek(scatter).block_scatter]
         region = {scatter}
-        if "block_scatter" in value.meta and is_op(value.args[0], aten.slice) and value.args[0].args[0] is base:
+        if peek(value).block_scatter is not None and is_op(value.args[0], aten.slice) and value.args[0].args[0] is base:
             region |= {value, value.args[0]}
-            dims.append(value.meta["block_scatter"])
+            dims.append(peek(value).block_scatter)
             value = value.args[1]
         lay = layout_of(base)
         if sorted(dims) != sorted(lay.prefixed_axes()):
             self.fail(scatter, "an update of attention logits that is not exactly their grid part")
         inner, node = [], value
         while True:
-            if is_op(node, aten.slice) and node.meta.get("prefix_slice"):
+            if is_op(node, aten.slice) and peek(node).prefix_slice is not None:
                 views, src = [], node
                 while is_op(src, aten.slice) and src is not base:
                     views.append(src)
@@ -433,11 +438,11 @@ class AttentionPass(GreenPass):
             inner.append(node)
             region.add(node)
             node = pair_inputs[0]
-        return base, [n for n in reversed(inner) if not n.meta.get("layout_op")], region
+        return base, [n for n in reversed(inner) if not peek(n).layout_op], region
 
     def _step(self, gm, n: fx.Node, lay: Layout, qk: fx.Node, q: fx.Node, terms: List, qterms: List) -> Step:
-        if "query_term" in n.meta:
-            operand, keys, swap = n.meta["query_term"]
+        if peek(n).query_term is not None:
+            operand, keys, swap = peek(n).query_term
             heads = _heads(layout_of(qk), layout_of(q))[1]
             qterms.append((operand, query_term_plan(layout_of(operand), keys, heads)))
             return Step("qterm", n.target, len(qterms) - 1, swap=swap)
@@ -464,7 +469,7 @@ class AttentionPass(GreenPass):
 
     def _compile_sdpa(self, gm: fx.GraphModule, node: fx.Node) -> None:
         a = args_of(node)
-        pair = node.meta["attention_sdpa"]
+        pair = peek(node).attention_sdpa
         q, k, v = a["query"], a["key"], a["value"]
         d = shape_of(q)[-1]
         scale = a.get("scale") or d ** -0.5
@@ -565,7 +570,7 @@ class AttentionPass(GreenPass):
                 new = gm.graph.call_function(runtime.sample_attention, args)
                 kind = ("per-sample attention" if lq.grid == lk.grid else
                         "reduced-key attention" if lq.stride < lk.stride else "subsampled-query attention")
-        new.meta["layout"] = at.meta["layout"]
+        facts(new).layout = layout_of(at)
         at.replace_all_uses_with(new)
         gm.graph.erase_node(at)
         self.report[kind] += 1

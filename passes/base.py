@@ -6,7 +6,7 @@ import traceback
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -15,6 +15,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from greenmim_convert.runtime import ops, plan as planner
 from greenmim_convert.errors import UnsupportedOperationError
+from greenmim_convert.compiler.annotations import Property, copy_meta, peek
 from greenmim_convert.compiler.layout import Layout, LayoutError
 
 aten = torch.ops.aten
@@ -54,7 +55,7 @@ def context_of(gm: fx.GraphModule) -> ConvertContext:
 
 def layout_of(node: Any) -> Optional[Layout]:
     """The symbolic layout of a node reachable from the images, or None for constants."""
-    return node.meta.get("layout") if isinstance(node, fx.Node) else None
+    return peek(node).layout
 
 
 def is_op(node: Any, *targets) -> bool:
@@ -121,7 +122,7 @@ def replace_with_call(gm: fx.GraphModule, node: fx.Node, fn: Any, args: Tuple, k
     """Replace ``node`` by ``fn(*args)`` in place: same position, same meta (layout), same users."""
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fn, args, kwargs or {})
-    new.meta.update(node.meta)
+    copy_meta(node, new)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return new
@@ -187,14 +188,24 @@ def _node_in_traceback(exc: BaseException, gm: fx.GraphModule) -> Optional[fx.No
 
 
 class GreenPass(PassBase):
-    """A pass that counts what it rewrote; the counts form the conversion report."""
+    """A pass that counts what it rewrote; the counts form the conversion report.
+
+    ``requires`` names the graph properties earlier passes must have ensured, ``ensures`` those that hold after it.
+    They replace torch's ``requires``/``ensures`` hook methods with declarations, which the pipeline's pass manager
+    checks for the whole order before any pass runs (``compiler.pipeline.check_order``).
+    """
 
     name = "pass"
     description = ""
+    requires: FrozenSet[Property] = frozenset()
+    ensures: FrozenSet[Property] = frozenset()
 
     def __init__(self):
         super().__init__()
         self.report: Counter = Counter()
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return self.call(gm)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.report = Counter()

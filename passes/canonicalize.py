@@ -25,10 +25,13 @@ one form, so the rules after it are written once:
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.fx as fx
+
+from . import rules
+from greenmim_convert.compiler.annotations import Property
 
 from .base import GreenPass, args_of, aten, emit_call as _emit, fetch_attr, is_op, shape_of
 
@@ -78,16 +81,15 @@ def _dims(dims, ndim: int) -> List[int]:
 class CanonicalizePass(GreenPass):
     name = "canonicalize"
     description = "one spelling per operation: aliases, splits, reductions, softmax, matmul by a weight, group norm"
+    requires = frozenset({Property.FUNCTIONAL})
+    ensures = frozenset({Property.CANONICAL})
 
     def run(self, gm: fx.GraphModule) -> None:
-        rules: Sequence[Callable[[fx.GraphModule, fx.Node], Optional[str]]] = (
-            self._assert, self._alias, self._split, self._max_values, self._group_norm, self._param_matmul,
-            self._degenerate_matmul, self._patch_views, self._variance,
-        )
+        spellings = rules.spelling.ordered()
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.graph is not gm.graph:
                 continue
-            for rule in rules:
+            for rule in spellings:
                 done = rule(gm, node)
                 if done:
                     self.report[done] += 1
@@ -102,6 +104,7 @@ class CanonicalizePass(GreenPass):
 
     # ---- one rule per spelling ---------------------------------------------------------------------------
     @staticmethod
+    @rules.spelling("assert", priority=10)
     def _assert(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         if _name(node) not in ASSERTS or node.users:
             return None
@@ -109,6 +112,7 @@ class CanonicalizePass(GreenPass):
         return "metadata assert dropped"
 
     @staticmethod
+    @rules.spelling("alias", priority=20)
     def _alias(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         name = _name(node)
         out = shape_of(node)
@@ -142,6 +146,7 @@ class CanonicalizePass(GreenPass):
         return f"{name} -> {str(new.target).split('.')[1] if new.op == 'call_function' else 'its input'}"
 
     @staticmethod
+    @rules.spelling("split", priority=30)
     def _split(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         """Parts of ``split``/``chunk``/``unbind`` read by ``getitem`` become slices (``select`` for unbind); ``narrow`` a slice."""
         name = _name(node)
@@ -184,6 +189,7 @@ class CanonicalizePass(GreenPass):
         return f"{name} -> {'select' if name == 'unbind' else 'slice'}"
 
     @staticmethod
+    @rules.spelling("max-values", priority=40)
     def _max_values(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         if not (is_op(node, aten.max, aten.min) and len(node.args) >= 2 and isinstance(node.args[1], int)):
             return None
@@ -201,6 +207,7 @@ class CanonicalizePass(GreenPass):
         return f"{_name(node)}(dim).values -> {str(target).split('.')[1]}"
 
     @staticmethod
+    @rules.spelling("degenerate-matmul", priority=70)
     def _degenerate_matmul(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         """``a @ b`` contracting an axis of size one -> ``a * b`` (an outer product); ``a @ b`` of one row by one
         column -> ``(aᵀ * b).sum(-2, keepdim=True)`` (a dot product): the same values, with the batch axes
@@ -223,6 +230,7 @@ class CanonicalizePass(GreenPass):
         return None
 
     @staticmethod
+    @rules.spelling("patch-views", priority=80)
     def _patch_views(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         """Space-to-depth and its inverse written as ``pixel_unshuffle``/``unfold`` and ``pixel_shuffle``/``fold`` of
         non-overlapping patches -> ``view``, ``permute``, ``reshape``: the channels of a patch are channel-major,
@@ -259,6 +267,7 @@ class CanonicalizePass(GreenPass):
         return f"{name} of patches -> views"
 
     @staticmethod
+    @rules.spelling("param-matmul", priority=60)
     def _param_matmul(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         """``x @ W`` with ``W`` a 2-D Parameter (a Linear written as a matmul) -> ``linear(x, Wᵀ)``."""
         if not is_op(node, aten.matmul, aten.mm) or len(node.args) != 2:
@@ -275,6 +284,7 @@ class CanonicalizePass(GreenPass):
         return "matmul by a weight -> linear"
 
     @staticmethod
+    @rules.spelling("group-norm", priority=50)
     def _group_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         """``group_norm(x, G, w, b, eps)`` -> mean and variance over each group's channels and positions."""
         if not is_op(node, aten.group_norm):
@@ -302,6 +312,7 @@ class CanonicalizePass(GreenPass):
         return "group_norm -> its mean and variance"
 
     @staticmethod
+    @rules.spelling("variance", priority=90)
     def _variance(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         """Population ``var``/``std`` (correction 0) -> ``mean((x - mean)²)`` (and its square root), so that a
         variance over grid positions is a mean over the visible ones like any other."""

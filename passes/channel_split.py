@@ -17,8 +17,10 @@ import torch
 import torch.fx as fx
 
 from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.annotations import Property, copy_meta, facts, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
+from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call
 
 Part = Tuple[Layout, List[int]]  # layout of the part and the packed columns it reads
@@ -95,10 +97,11 @@ def _new_digit_cat(node: fx.Node) -> Optional[Layout]:
     renamed = {a: a if a in later else Atom("c", a.size, a.inner * len(tensors)) for a in signature}
     axes = [tuple(renamed.get(a, a) for a in ax) for ax in base.axes]
     axes[dim] = (Atom("c", len(tensors), below),)
-    node.meta["new_digit"] = below
+    facts(node).new_digit = below
     return replace(base, axes=tuple(axes))
 
 
+@rules.layout("channel-split", priority=90)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if node.op != "call_function":
         return None
@@ -106,32 +109,33 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         return _new_digit_cat(node)
     src = node.args[0] if node.args else None
     if node.target is operator.getitem:
-        parts = src.meta.get("parts") if isinstance(src, fx.Node) else None
+        parts = peek(src).parts
         if parts is None:
             return None
         lay, columns = parts[node.args[1]]
-        node.meta["columns"] = columns
+        facts(node).columns = columns
         return lay
     lay = layout_of(src)
     if lay is None or not hasattr(node.target, "_schema"):
         return None
     parts = _parts(node, lay)
     if parts is not None:
-        node.meta["parts"] = parts
-        node.meta["layout_op"] = True
+        found = facts(node)
+        found.parts = parts
+        found.layout_op = True
         return lay
     a = args_of(node)
     if is_op(node, aten.select):
         dim = a["dim"] % len(lay.axes)
         index = a["index"] % lay.shape[dim]
-        out, node.meta["columns"] = select_digits(lay, dim, index, index + 1, True)
+        out, facts(node).columns = select_digits(lay, dim, index, index + 1, True)
         return out
     if is_op(node, aten.slice):
         dim = a["dim"] % len(lay.axes)
         start, stop, step = slice(a["start"], a["end"], a["step"]).indices(lay.shape[dim])
         if not all(x.kind == "c" for x in lay.axes[dim]):
             return None
-        out, node.meta["columns"] = select_digits(lay, dim, start, stop, False, step)
+        out, facts(node).columns = select_digits(lay, dim, start, stop, False, step)
         return out
     return None
 
@@ -139,21 +143,24 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
 class ChannelSplitPass(GreenPass):
     name = "channel-split"
     description = "unbind / split / chunk / select / slice over channel digits -> column slices of packed features"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.CHANNEL_SPLITS})
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
-            if "parts" in node.meta:
+            if peek(node).parts is not None:
                 self._split_whole(gm, node)
         for node in list(gm.graph.nodes):
-            if "new_digit" in node.meta:
-                replace_with_call(gm, node, ops.stack_columns, (list(node.args[0]), node.meta["new_digit"]))
+            new_digit = peek(node).new_digit
+            if new_digit is not None:
+                replace_with_call(gm, node, ops.stack_columns, (list(node.args[0]), new_digit))
                 self.report["stack -> columns interleaved as a new channel digit"] += 1
         for node in list(gm.graph.nodes):
-            columns = node.meta.get("columns")
-            if columns is None or node.meta.get("attention"):
+            columns = peek(node).columns
+            if columns is None:
                 continue
             src = node.args[0]
-            if "parts" in src.meta:
+            if peek(src).parts is not None:
                 src = src.args[0]
             lo = columns[0] if columns else 0
             if columns == list(range(lo, lo + len(columns))):
@@ -167,19 +174,18 @@ class ChannelSplitPass(GreenPass):
     def _split_whole(self, gm: fx.GraphModule, node: fx.Node) -> None:
         """A split whose parts are consecutive column ranges covering every column (q/k/v of a fused
         projection) becomes one ``split`` of the packed features, whose backward is one ``cat``."""
-        parts = node.meta["parts"]
+        parts = peek(node).parts
         sizes = [len(cols) for _, cols in parts]
         flat = [c for _, cols in parts for c in cols]
         items = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem]
-        if flat != list(range(len(flat))) or not items or any(u.meta.get("attention") for u in items):
+        if flat != list(range(len(flat))) or not items:
             return
         with gm.graph.inserting_after(node):
             whole = gm.graph.call_function(ops.channel_split, (node.args[0], tuple(sizes)))
         for item in items:
             with gm.graph.inserting_before(item):
                 new = gm.graph.call_function(operator.getitem, (whole, item.args[1]))
-            new.meta.update(item.meta)
-            new.meta.pop("columns", None)
+            copy_meta(item, new, columns=None)
             item.replace_all_uses_with(new)
             gm.graph.erase_node(item)
         self.report["channel split -> one split"] += 1

@@ -1,15 +1,22 @@
-"""Final check: nothing dense is left on the path from the images to the outputs."""
+"""The pipeline's postcondition: nothing dense is left on the path from the images to the outputs.
+
+The pass manager runs it after every pass of the pipeline, not as one of them; it requires every property, so a
+pipeline that leaves a rewrite out is refused before it runs.
+"""
 from __future__ import annotations
 
 import torch.fx as fx
 
 from greenmim_convert.runtime import is_runtime_function
+from greenmim_convert.compiler.annotations import Property, peek
 
 from .base import GreenPass, context_of, layout_of
+
 
 class CheckPass(GreenPass):
     name = "check"
     description = "every op reading the images runs on visible patches only"
+    requires = frozenset(Property)
 
     def run(self, gm: fx.GraphModule) -> None:
         ctx = context_of(gm)
@@ -17,7 +24,7 @@ class CheckPass(GreenPass):
             if not (user.op == "call_function" and is_runtime_function(user.target)):
                 self.fail(user, "the images are read by an op that is not a visible-patch op")
         for node in gm.graph.nodes:
-            if node.meta.get("layout_op"):
+            if peek(node).layout_op:
                 self.fail(node, "layout op left in the converted graph")
             lay = layout_of(node)
             if lay is not None and lay.is_pair():

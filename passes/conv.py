@@ -17,8 +17,10 @@ import torch.fx as fx
 
 from greenmim_convert.runtime import ops
 from greenmim_convert.kernels.sparse_conv import conv_output_grid
+from greenmim_convert.compiler.annotations import Property, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
+from . import rules
 from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, replace_with_call, shape_of, sites_node
 from .layout_ops import with_absorbed_pad
 
@@ -35,7 +37,7 @@ def conv_args(node: fx.Node) -> dict:
     shape = shape_of(a["weight"])
     pad = a["padding"]
     if isinstance(pad, str):
-        if isinstance(a["input"], fx.Node) and "absorbed_pad" in a["input"].meta:
+        if peek(a["input"]).absorbed_pad is not None:
             raise LayoutError(f"a zero pad before a convolution with padding={pad!r}")
     else:
         pad = with_absorbed_pad(a["input"], _pair(pad))
@@ -99,6 +101,7 @@ def _output_layout(c: dict, lay: Layout) -> Layout:
     return Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, grid, c["out_channels"], lay.stride * sh)
 
 
+@rules.layout("conv", priority=50)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if not is_op(node, aten.conv2d):
         return None
@@ -106,7 +109,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     c = conv_args(node)
     if layout_of(c["weight"]) is not None:
         raise LayoutError("convolution whose weight is computed from the images")
-    if isinstance(src, fx.Node) and src.meta.get("image"):
+    if peek(src).image:
         if is_patchify(c):
             ph, pw = c["kernel"]
             size = context_of(gm).img_size
@@ -139,16 +142,18 @@ def _folded_output_layout(c: dict, lay: Layout) -> Layout:
 class ConvPass(GreenPass):
     name = "conv"
     description = "convolutions -> patch linears, per-unit linears or sparse convolutions on visible sites"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.CONVS})
 
     def run(self, gm: fx.GraphModule) -> None:
         ctx = context_of(gm)
         for node in list(gm.graph.nodes):
-            if not is_op(node, aten.conv2d) or "layout" not in node.meta:
+            if not is_op(node, aten.conv2d) or layout_of(node) is None:
                 continue
             src, c = node.args[0], conv_args(node)
             w, b = c["weight"], c["bias"]
-            out_sites = sites_node(gm, node.meta["layout"])
-            on_image = isinstance(src, fx.Node) and src.meta.get("image")
+            out_sites = sites_node(gm, layout_of(node))
+            on_image = peek(src).image
             if on_image and is_patchify(c):
                 args, fn, kind = (ctx.images, out_sites, w, b), ops.patch_embed, "patch embedding"
             elif on_image:

@@ -19,8 +19,10 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch.fx as fx
 
 from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.annotations import DenseIsland, Property, copy_meta, facts, forget, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
+from . import rules
 from .base import GreenPass, args_of, aten, context_of, graph_order, is_op, layout_of, sites_node
 
 ORDER = {"b": 0, "h": 1, "w": 2, "c": 3}
@@ -70,6 +72,7 @@ def island_of(consumer: fx.Node) -> Tuple[Set[fx.Node], List[fx.Node]]:
     return island, boundary
 
 
+@rules.layout("dense-island", priority=110)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     """The broadcast's layout: the grid of its island's token map, the repeat axis its window digits."""
     if not is_broadcast(node) or layout_of(node.args[0]) is None:
@@ -90,7 +93,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         raise LayoutError(f"a {mh}x{mw} map repeated {repeats} times over samples does not tile in windows the "
                           f"{grid[0]}x{grid[1]} grid of {', '.join(b.name for b in boundary)}, the values outside "
                           "the ops that make only this map")
-    node.meta["dense_island"] = (island, boundary, whole_axes(src))
+    facts(node).dense_island = DenseIsland(island, boundary, whole_axes(src))
     windows = (Atom("b", src.axes[0][0].size), Atom("h", grid[0] // mh, mh), Atom("w", grid[1] // mw, mw))
     return Layout((windows,) + src.axes[1:], grid, stride)
 
@@ -101,15 +104,13 @@ def settle(gm: fx.GraphModule) -> Dict[fx.Node, Tuple[fx.Node, str]]:
     batch = context_of(gm).trace_batch
     failures: Dict[fx.Node, Tuple[fx.Node, str]] = {}
     for node in gm.graph.nodes:
-        found = node.meta.get("dense_island")
+        found = peek(node).dense_island
         if found is None:
             continue
-        for n in found[0]:
-            if n.meta.get("dense"):
+        for n in found.nodes:
+            if peek(n).dense:
                 continue
-            for key in n.meta.pop("analysis_keys", ()):
-                n.meta.pop(key, None)
-            n.meta["dense"] = True
+            forget(n, dense=True)
             if n.op == "call_function" and hasattr(n.target, "_schema") and any(
                     k in SIZE_ARGS and isinstance(v, (list, tuple)) and v and v[0] == batch for k, v in args_of(n).items()):
                 failures[node] = (n, "an op computed densely (it makes a map broadcast over windows) has the traced "
@@ -120,11 +121,13 @@ def settle(gm: fx.GraphModule) -> Dict[fx.Node, Tuple[fx.Node, str]]:
 class DenseIslandPass(GreenPass):
     name = "dense-island"
     description = "per-sample maps broadcast over windows -> computed densely from a scattered token map, read per token"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.DENSE_ISLANDS})
 
     def run(self, gm: fx.GraphModule) -> None:
         scattered: Dict[fx.Node, fx.Node] = {}
         for node in list(gm.graph.nodes):
-            found = node.meta.get("dense_island")
+            found = peek(node).dense_island
             if found is None:
                 continue
             island, boundary, perm = found
@@ -137,10 +140,10 @@ class DenseIslandPass(GreenPass):
                 for n in island:
                     n.replace_input_with(b, scattered[b])
             src = node.args[0]
-            lay = node.meta["layout"]
+            lay = layout_of(node)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(ops.gather_window_map, (src, sites_node(gm, lay), _dense_order(perm)))
-            new.meta.update({k: v for k, v in node.meta.items() if k != "dense_island"})
+            copy_meta(node, new, dense_island=None)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             self.report["map broadcast over windows -> per-token rows"] += 1

@@ -13,6 +13,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from greenmim_convert.compiler.annotations import Property, copy_meta
+
 from .base import GreenPass, aten, is_op
 from .layout_analysis import image_values
 
@@ -26,6 +28,8 @@ def _decomposition(equation: str, operands) -> fx.GraphModule:
 class EinsumPass(GreenPass):
     name = "einsum"
     description = "einsum on image values -> its permutes, views and bmm"
+    requires = frozenset({Property.CANONICAL})
+    ensures = frozenset({Property.EINSUMS_SPLIT})
 
     def run(self, gm: fx.GraphModule) -> None:
         images = next(n for n in gm.graph.nodes if n.op == "placeholder")
@@ -47,7 +51,9 @@ class EinsumPass(GreenPass):
                         result = env[inner.args[0]]
                     else:
                         copy = gm.graph.node_copy(inner, lambda n: env[n])
-                        copy.meta = {**node.meta, "val": inner.meta["val"]}
+                        copy.meta = {}
+                        copy_meta(node, copy)
+                        copy.meta["val"] = inner.meta["val"]
                         env[inner] = copy
             node.replace_all_uses_with(result)
             gm.graph.erase_node(node)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from greenmim_convert.compiler.annotations import Property
+
 from .base import GreenPass, args_of, aten, context_of, graph_order, is_op
 from .layout_analysis import image_values
 from .tokenwise import creates_per_sample
@@ -75,6 +77,7 @@ def _per_sample_values(gm: fx.GraphModule) -> set:
 class FunctionalizePass(GreenPass):
     name = "functionalize"
     description = "in-place ops -> out-of-place ops"
+    ensures = frozenset({Property.FUNCTIONAL})
 
     def run(self, gm: fx.GraphModule) -> None:
         order = graph_order(gm.graph)

@@ -32,8 +32,10 @@ from typing import List, Optional
 import torch.fx as fx
 
 from greenmim_convert.runtime import ops, plan as planner
+from greenmim_convert.compiler.annotations import GridMove, Property, facts, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
+from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, sites_node
 
 SIDES = {"h": (0, 1), "w": (2, 3)}  # the border entries (before, after) of rows and of columns
@@ -82,7 +84,7 @@ def _pad_rule(node: fx.Node, lay: Layout) -> Layout:
             raise LayoutError("pad of rolled tokens")
         shift["hw".index(kind)] = before
         out = _resized(out, dim, kind, before, after)
-    node.meta["grid_move"] = (tuple(shift), float(a.get("value") or 0.0))
+    facts(node).grid_move = GridMove(tuple(shift), float(a.get("value") or 0.0))
     return out
 
 
@@ -102,10 +104,11 @@ def _crop_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
         raise LayoutError("crop of rolled tokens")
     shift = [0, 0]
     shift["hw".index(kind)] = -start
-    node.meta["grid_move"] = (tuple(shift), 0.0)
+    facts(node).grid_move = GridMove(tuple(shift), 0.0)
     return _resized(lay, dim, kind, -start, stop - size)
 
 
+@rules.layout("grid-padding", priority=40)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     """Layout of a constant pad of grid sides (not absorbed by a convolution), or of a slice of a padded grid side
     that crops padded positions; None for other nodes."""
@@ -135,12 +138,15 @@ def check_kept(node: fx.Node, out: Layout) -> None:
 class GridPaddingPass(GreenPass):
     name = "grid-padding"
     description = "pads of the grid and crops of the padding -> rows moved between the visible and padded sites"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.GRID_PADDING})
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
-            if "grid_move" not in node.meta or "layout" not in node.meta:
+            move = peek(node).grid_move
+            if move is None or layout_of(node) is None:
                 continue
-            shift, fill = node.meta["grid_move"]
+            shift, fill = move
             src = node.args[0]
             what = "pad -> padded sites" if is_op(node, aten.pad, aten.constant_pad_nd) else "crop of the padding"
             args = (src, sites_node(gm, layout_of(src)), sites_node(gm, layout_of(node)), shift, fill)

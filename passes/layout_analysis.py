@@ -2,50 +2,30 @@
 
 Values reachable from the image input (networkx reachability over the FX graph) are the ones that
 become packed visible tokens; everything else (parameters, buffers, tables and masks computed from
-them) stays as it is. Each reachable node must be matched by one rule of ``LAYOUT_RULES``. A node
-no rule understands is recorded; ``OutputsPass`` reports it unless it lies past the last value that
-still has visible tokens (the global pool and head of a classifier).
+them) stays as it is. Each reachable node must be matched by one layout rule, registered with
+``@rules.layout`` by the pass modules and tried in priority order (``passes/rules.py``); the matching rule
+records its layout and facts on ``facts(node)``. A node no rule understands is recorded; ``OutputsPass``
+reports it unless it lies past the last value that still has visible tokens (the global pool and head of a
+classifier).
 """
 from __future__ import annotations
 
 import operator
-from typing import Callable, List, Optional, Tuple
+from typing import List
 
 import networkx as nx
 import torch.fx as fx
 
-from greenmim_convert.compiler.layout import Layout, LayoutError
+from greenmim_convert.compiler.annotations import Property, facts, peek
+from greenmim_convert.compiler.layout import LayoutError
 
-from . import (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging, pooling,
-               position_einsum, prefix_tokens, tokenwise)
+from . import (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging,  # noqa: F401
+               pooling, position_einsum, prefix_tokens, tokenwise)  # noqa: F401 (importing registers their rules)
 from .base import GreenPass, aten, context_of, is_op, layout_of, shape_of
+from .rules import Rule, layout
 
-LayoutRule = Callable[[fx.GraphModule, fx.Node], Optional[Layout]]
-
-
-def _pick(gm, node):
-    return patch_merging.pick_rule(node) if layout_of(node.args[0] if node.args else None) is not None else None
-
-
-def _cat(gm, node):
-    return patch_merging.cat_rule(node)
-
-
-# (name, rule): the first rule returning a layout wins
-LAYOUT_RULES: List[Tuple[str, LayoutRule]] = [
-    ("prefix-tokens", prefix_tokens.layout_rule),
-    ("strided-pick", _pick),
-    ("layout-ops", layout_ops.layout_rule),
-    ("grid-padding", grid_padding.layout_rule),
-    ("conv", conv.layout_rule),
-    ("pooling", pooling.layout_rule),
-    ("attention", attention.layout_rule),
-    ("position-einsum", position_einsum.layout_rule),
-    ("channel-split", channel_split.layout_rule),
-    ("cat", _cat),
-    ("dense-island", dense_island.layout_rule),
-    ("token-wise", tokenwise.layout_rule),
-]
+# the rules of the modules imported above (importing them registers them), in the order they are tried
+LAYOUT_RULES: List[Rule] = layout.ordered()
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -61,7 +41,7 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
 def image_passthrough(node: fx.Node) -> bool:
     """Ops that leave the image as it is: zero padding, copies and views of the same shape."""
     src = node.args[0] if node.args else None
-    if not (isinstance(src, fx.Node) and src.meta.get("image")):
+    if not peek(src).image:
         return False
     if is_op(node, aten.pad, aten.constant_pad_nd):
         return not any(node.args[1]) or layout_ops.absorbed_pad(node) is not None
@@ -108,17 +88,18 @@ def _describe_failure(node: fx.Node) -> str:
 class LayoutAnalysisPass(GreenPass):
     name = "layout-analysis"
     description = "annotate values computed from the images with their symbolic layout"
+    requires = frozenset({Property.CANONICAL, Property.EINSUMS_SPLIT})
+    ensures = frozenset({Property.LAYOUTS})
 
     def run(self, gm: fx.GraphModule) -> None:
         ctx = context_of(gm)
         reach = image_values(gm, ctx.images)
-        ctx.images.meta["image"] = True
-        captured = {node: set(node.meta) for node in gm.graph.nodes}
+        facts(ctx.images).image = True
         failed: dict = {}
         for node in gm.graph.nodes:
             created = tokenwise.per_sample_creation(node, ctx.trace_batch) if node.name not in reach else None
             if created is not None:
-                node.meta["layout"] = created
+                facts(node).layout = created
                 reach |= {n.name for n in _descendants(node)}
                 self.report["per-sample creation"] += 1
                 continue
@@ -129,14 +110,14 @@ class LayoutAnalysisPass(GreenPass):
                 failed[node] = failed[blocked[0]]
                 continue
             if image_passthrough(node):
-                node.meta["image"] = node.meta["layout_op"] = True
+                found = facts(node)
+                found.image = found.layout_op = True
                 self.report["image-ops"] += 1
                 continue
-            if constant_factory(gm, node) or not any(layout_of(a) is not None or a.meta.get("image") or a in failed
+            if constant_factory(gm, node) or not any(layout_of(a) is not None or peek(a).image or a in failed
                                                       for a in node.all_input_nodes):
-                node.meta["constant"] = True  # reads only the dtype/device of image values: a constant
-                continue
-            picked = any(a.meta.get("pick") is not None for a in node.all_input_nodes)
+                continue  # reads only the dtype/device of image values: a constant
+            picked = any(peek(a).pick is not None for a in node.all_input_nodes)
             if picked and not is_op(node, aten.slice, aten.select, aten.cat):
                 failed[node] = (node, "a strided slice of the rows or the columns only is used by an op other than a "
                                       "concatenation or a pick of the other axis")
@@ -151,12 +132,11 @@ class LayoutAnalysisPass(GreenPass):
             if lay is None:
                 failed[node] = (node, _describe_failure(node))
                 continue
-            node.meta["layout"] = lay
+            found = facts(node)
+            found.layout = lay
             if name == "layout-ops":
-                node.meta["layout_op"] = True
-            self.report["subsample" if "subsample" in node.meta else name] += 1
-        for node in gm.graph.nodes:
-            node.meta["analysis_keys"] = set(node.meta) - captured[node]
+                found.layout_op = True
+            self.report["subsample" if found.subsample is not None else name] += 1
         failed.update(dense_island.settle(gm))
         ctx.failures = failed
 
@@ -165,9 +145,9 @@ class LayoutAnalysisPass(GreenPass):
         if node.op != "call_function":
             return None, None
         if node.target is operator.getitem:
-            return channel_split.layout_rule(gm, node), "channel-split"
-        for name, rule in LAYOUT_RULES:
+            return channel_split.layout_rule(gm, node), "channel-split"  # the parts of a split: no other rule
+        for rule in LAYOUT_RULES:
             lay = rule(gm, node)
             if lay is not None:
-                return lay, name
+                return lay, rule.name
         return None, None

@@ -14,8 +14,10 @@ from typing import Optional, Tuple
 
 import torch.fx as fx
 
+from greenmim_convert.compiler.annotations import REWRITES, Property, facts, peek
 from greenmim_convert.compiler.layout import Layout, LayoutError
 
+from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, shape_of
 
 VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unflatten)
@@ -30,6 +32,7 @@ def _full_slice(node: fx.Node, lay: Layout) -> bool:
     return start == 0 and end >= size and a["step"] == 1
 
 
+@rules.layout("layout-ops", priority=30)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     """Layout after a layout-only op, or None when ``node`` is not one."""
     src = node.args[0] if node.args else None
@@ -102,14 +105,14 @@ def absorbed_pad(node: fx.Node):
     reader = aten.conv2d if value == 0.0 else aten.max_pool2d if value == float("-inf") else None
     if reader is None or not all(is_op(u, reader) and u.args[0] is node and node not in u.args[1:] for u in node.users):
         return None
-    node.meta["absorbed_pad"] = (pads[2], pads[3], pads[0], pads[1])
-    return node.meta["absorbed_pad"]
+    facts(node).absorbed_pad = (pads[2], pads[3], pads[0], pads[1])
+    return facts(node).absorbed_pad
 
 
 def with_absorbed_pad(src, padding: Tuple[int, int]) -> Tuple[int, ...]:
     """The ``(h, w)`` padding of a conv or max pool reading ``src``, plus the pad ``src`` absorbed
     (``absorbed_pad``), as ``(top, bottom, left, right)``; unchanged when ``src`` is no such pad."""
-    extra = src.meta.get("absorbed_pad") if isinstance(src, fx.Node) else None
+    extra = peek(src).absorbed_pad
     if extra is None:
         return padding
     return (padding[0] + extra[0], padding[0] + extra[1], padding[1] + extra[2], padding[1] + extra[3])
@@ -120,17 +123,18 @@ def expand_layout(node: fx.Node, lay: Layout) -> Layout:
     shape = shape_of(node)
     if len(shape) != len(lay.axes):
         raise LayoutError("expand that adds axes")
-    node.meta["broadcast_view"] = True
     return lay
 
 
 class LayoutOpsPass(GreenPass):
     name = "layout-ops"
     description = "views, permutes, rolls, zero pads and full slices become free on packed tokens"
+    requires = REWRITES  # every rewrite reads its inputs' layouts through the layout ops
+    ensures = frozenset({Property.NO_LAYOUT_OPS})
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
-            if node.meta.get("layout_op"):
+            if peek(node).layout_op:
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 self.report[str(getattr(node.target, "__name__", node.target)).split(".")[0]] += 1

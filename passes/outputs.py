@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from greenmim_convert.runtime import ops
 from greenmim_convert.errors import UnsupportedOperationError
+from greenmim_convert.compiler.annotations import Property, peek
 from greenmim_convert.compiler.layout import Layout
 
 from .base import GreenPass, context_of, layout_of, sites_node
@@ -81,6 +82,8 @@ def owning_module(gm: fx.GraphModule, node: fx.Node, ends: Optional[Dict[str, in
 class OutputsPass(GreenPass):
     name = "outputs"
     description = "final and per-stage features -> VisibleTokens; the classifier head past them is dropped"
+    requires = frozenset({Property.LAYOUTS})
+    ensures = frozenset({Property.OUTPUTS})
 
     def run(self, gm: fx.GraphModule) -> None:
         ctx = context_of(gm)
@@ -127,7 +130,7 @@ class OutputsPass(GreenPass):
         ancestors = nx.ancestors(graph, value.name)
         found = None
         for node in gm.graph.nodes:
-            if node.name in ancestors and layout_of(node) is not None and token_like(layout_of(node)) and not node.meta.get("pick"):
+            if node.name in ancestors and layout_of(node) is not None and token_like(layout_of(node)) and not peek(node).pick:
                 found = node
         if found is None:
             first = next(iter(ctx.failures.values()), None)
@@ -148,7 +151,7 @@ class OutputsPass(GreenPass):
             lay = layout_of(node)
             if node.name in ancestors and lay is not None and token_like(lay):
                 owner = _owner_at(node, i, ends)
-                if not owner and node.meta.get("layout_op"):
+                if not owner and peek(node).layout_op:
                     continue
                 rank = (0, -owner.count(".")) if owner else (-1, 0)  # module outputs first, shallowest first
                 key = (lay.stride, lay.grid)

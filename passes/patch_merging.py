@@ -14,24 +14,17 @@ A ``cat`` along the channels of ordinary tokens is a column concatenation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Tuple
+from dataclasses import replace
+from typing import Optional, Tuple
 
 import torch.fx as fx
 
 from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.annotations import Pick, Property, StridedMerge, Subsample, facts, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
+from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, sites_node
-
-
-@dataclass(frozen=True)
-class Pick:
-    """A strided spatial slice of ``src``: every ``factor``-th row/col starting at ``offset``."""
-
-    src: fx.Node
-    factor: Dict[str, int] = field(hash=False)
-    offset: Dict[str, int] = field(hash=False)
 
 
 def _spatial_axis(lay: Layout, dim: int) -> Optional[str]:
@@ -98,14 +91,15 @@ def coarse_layout(lay: Layout, factor: int) -> Layout:
     return Layout(tuple(axes), grid, lay.stride * factor)
 
 
-def pick_rule(node: fx.Node) -> Optional[Layout]:
+@rules.layout("strided-pick", priority=20)
+def pick_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     """A strided slice or lowest-digit select of the rows or columns: remember which cells it picks. Once rows and
     columns are both picked and the result is read by anything but a further pick or a concatenation, it is a
     subsampling: the picked cells form the coarser grid (``x[:, ::2, ::2]``, LeViT's subsampled queries)."""
-    if not is_op(node, aten.slice, aten.select):
+    if not is_op(node, aten.slice, aten.select) or layout_of(node.args[0]) is None:
         return None
     src = node.args[0]
-    prev: Optional[Pick] = src.meta.get("pick")
+    prev: Optional[Pick] = peek(src).pick
     found = _picked(node, layout_of(src))
     if found is None:
         return None
@@ -119,14 +113,16 @@ def pick_rule(node: fx.Node) -> Optional[Layout]:
         if factor["h"] != factor["w"]:
             raise LayoutError(f"subsampling by {factor['h']} rows and {factor['w']} columns: the grid has one stride")
         coarse = coarse_layout(lay, factor["h"])
-        node.meta["subsample"] = (coarse, factor["h"], (offset["h"], offset["w"]))
+        facts(node).subsample = Subsample(coarse, factor["h"], (offset["h"], offset["w"]))
         return coarse
-    node.meta["pick"] = pick
-    node.meta["layout_op"] = True
+    found = facts(node)
+    found.pick = pick
+    found.layout_op = True
     return lay
 
 
-def cat_rule(node: fx.Node) -> Optional[Layout]:
+@rules.layout("cat", priority=100)
+def cat_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     """``cat`` along the channel axis: a space-to-depth of picks, or a column concatenation."""
     if not is_op(node, aten.cat):
         return None
@@ -135,7 +131,7 @@ def cat_rule(node: fx.Node) -> Optional[Layout]:
     if any(lay is None for lay in lays):
         raise LayoutError("concatenation of image features with constants")
     dim %= len(lays[0].axes)
-    picks = [t.meta.get("pick") for t in tensors]
+    picks = [peek(t).pick for t in tensors]
     if any(p is not None for p in picks):
         if any(p is None for p in picks) or len({p.src for p in picks}) != 1:
             raise LayoutError("concatenation of strided slices of different tensors")
@@ -150,7 +146,7 @@ def cat_rule(node: fx.Node) -> Optional[Layout]:
         batch = fine.axes[0][0].size if fine.axes[0] else 1
         make = Layout.nhwc if dim == 3 else Layout.nchw
         coarse = make(batch, grid, fine.channels * len(picks), fine.stride * f)
-        node.meta["strided_merge"] = (src, fine, coarse, (f, f), offsets)
+        facts(node).strided_merge = StridedMerge(src, fine, coarse, (f, f), offsets)
         return coarse
     if any(lay.channel_axis() != dim for lay in lays):
         raise LayoutError(f"concatenation along axis {dim}, which is not the channel axis")
@@ -158,36 +154,39 @@ def cat_rule(node: fx.Node) -> Optional[Layout]:
     for lay in lays[1:]:
         if lay.with_channels(base.channels) != base:
             raise LayoutError("concatenation of tensors of different layouts")
-    node.meta["channel_cat"] = True
+    facts(node).channel_cat = True
     return base.with_channels(sum(lay.channels for lay in lays))
 
 
 class PatchMergingPass(GreenPass):
     name = "patch-merging"
     description = "space-to-depth views or strided slices -> neighbour gather onto the coarser grid of visible sites"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.PATCH_MERGES})
 
     def run(self, gm: fx.GraphModule) -> None:
         done = {}
         for node in list(gm.graph.nodes):
-            if "subsample" in node.meta:
+            found = peek(node)
+            if found.subsample is not None:
                 self._subsample(gm, node)
                 continue
-            merge = node.meta.get("strided_merge")
+            merge = found.strided_merge
             if merge is not None:
                 src, fine, coarse, factor, offsets = merge
                 with gm.graph.inserting_before(node):
                     new = gm.graph.call_function(ops.space_to_depth, (src, sites_node(gm, fine), sites_node(gm, coarse), factor, offsets, None))
-                new.meta["layout"] = coarse
+                facts(new).layout = coarse
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
                 self.report[f"strided slices -> space-to-depth {factor[0]}x{factor[1]}"] += 1
                 continue
-            if node.meta.get("channel_cat"):
+            if found.channel_cat:
                 node.target = aten.cat.default
                 node.args = (node.args[0], 1)
                 self.report["channel concatenation"] += 1
                 continue
-            plan = node.meta.get("space_to_depth")
+            plan = found.space_to_depth
             if plan is None:
                 continue
             fine_lay, coarse_lay, factor, features = plan
@@ -202,16 +201,16 @@ class PatchMergingPass(GreenPass):
                 fine, coarse = sites_node(gm, fine_lay), sites_node(gm, coarse_lay)
                 with gm.graph.inserting_after(src):
                     done[src] = gm.graph.call_function(ops.space_to_depth, (src, fine, coarse, factor, offsets, index))
-                done[src].meta["layout"] = coarse_lay
+                facts(done[src]).layout = coarse_lay
                 self.report[f"space-to-depth {factor[0]}x{factor[1]}"] += 1
             node.replace_input_with(src, done[src])
         gm.graph.eliminate_dead_code()
 
     def _subsample(self, gm: fx.GraphModule, node: fx.Node) -> None:
         """The picked cells of the fine tokens, gathered at the visible sites of the coarser grid."""
-        coarse, factor, offset = node.meta["subsample"]
+        coarse, factor, offset = peek(node).subsample
         src = node.args[0]
-        while src.meta.get("pick") is not None:  # the picks before this one, to the value they read
+        while peek(src).pick is not None:  # the picks before this one, to the value they read
             src = src.args[0]
         fine, coarse_sites = sites_node(gm, layout_of(src)), sites_node(gm, coarse)
         replace_with_call(gm, node, ops.space_to_depth, (src, fine, coarse_sites, (factor, factor), [offset], None))

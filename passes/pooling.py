@@ -20,10 +20,13 @@ from typing import Optional, Tuple
 import torch.fx as fx
 
 from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.annotations import (AvgPool, CellReduction, MaxPool, Property, SpatialReduction, facts,
+                                                   peek)
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
 from greenmim_convert.kernels.sparse_conv import conv_output_grid
 
+from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, shape_of, sites_node
 from .conv import is_nchw
 from .layout_ops import with_absorbed_pad
@@ -48,6 +51,7 @@ def _pool_factor(node: fx.Node, lay: Layout) -> Optional[int]:
     return None
 
 
+@rules.layout("pooling", priority=60)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     src = node.args[0] if node.args else None
     lay = layout_of(src)
@@ -59,7 +63,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if factor is not None:
         out = (lay.grid[0] // factor, lay.grid[1] // factor)
         if out == (1, 1):
-            node.meta["spatial_mean"] = True
+            facts(node).spatial_mean = True
             return Layout(((lay.axes[0]), lay.axes[1], (), ()), lay.grid, lay.stride)
         return Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, out, lay.channels, lay.stride * factor)
     if is_op(node, *SPATIAL_REDUCTIONS) and not lay.is_per_sample():
@@ -72,7 +76,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         kind = str(node.target).split(".")[1]
         cell = _cell_reduction(lay, reduced, kind, bool(args_of(node)["keepdim"]))
         if cell is not None:
-            node.meta["cell_reduction"] = (kind, cell.stride // lay.stride)
+            facts(node).cell_reduction = CellReduction(kind, cell.stride // lay.stride)
             return cell
         if any(a.kind in "hw" for i, ax in enumerate(lay.axes) if i not in reduced for a in ax) or any(not lay.axes[i] for i in reduced):
             raise LayoutError(f"reduction over axes {sorted(reduced)} of layout {lay.shape} is not over exactly the whole grid")
@@ -83,7 +87,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
             raise LayoutError(f"reduction over axes {sorted(reduced)} of layout {lay.shape} mixes samples into the grid")
         keep = bool(args_of(node)["keepdim"])
         signature = lay.channel_atoms()
-        node.meta["spatial_reduction"] = ([a.size for a in signature], [signature.index(a) for a in chans])
+        facts(node).spatial_reduction = SpatialReduction([a.size for a in signature], [signature.index(a) for a in chans])
         return Layout(tuple(() if i in reduced else ax for i, ax in enumerate(lay.axes) if keep or i not in reduced), lay.grid, lay.stride)
     if is_op(node, aten.max_pool2d, aten.avg_pool2d):
         return _window_pool_layout(node, lay)
@@ -158,7 +162,7 @@ def _folded_pool_layout(node: fx.Node, lay: Layout) -> Layout:
     if out is None:
         raise LayoutError(f"pooling of layout {lay.shape} does not pool cells of its grid: its pooled axes do not "
                           f"hold the low row and column digits")
-    node.meta["cell_reduction"] = (kind, f)
+    facts(node).cell_reduction = CellReduction(kind, f)
     return out
 
 
@@ -180,9 +184,9 @@ def _window_pool_layout(node: fx.Node, lay: Layout) -> Layout:
     if s[0] > 1 and (lay.grid[0] != grid[0] * s[0] or lay.grid[1] != grid[1] * s[1]):
         raise LayoutError(f"{kind} pooling from grid {lay.grid} to {grid} does not keep the grid aligned")
     if kind == "max":
-        node.meta["max_pool"] = (k, s, p, d)
+        facts(node).max_pool = MaxPool(k, s, p, d)
     else:
-        node.meta["avg_pool"] = (k, s, p, bool(a["count_include_pad"]), a["divisor_override"])
+        facts(node).avg_pool = AvgPool(k, s, p, bool(a["count_include_pad"]), a["divisor_override"])
     return Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, grid, lay.channels, lay.stride * s[0])
 
 
@@ -194,37 +198,40 @@ def _pair(v):
 class PoolingPass(GreenPass):
     name = "pooling"
     description = "pooling and grid reductions -> over the visible positions only"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.POOLS})
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
-            if "layout" not in node.meta:
+            found = peek(node)
+            if found.layout is None:
                 continue
             src = node.args[0] if node.args else None
-            if node.meta.get("spatial_mean"):
+            if found.spatial_mean:
                 replace_with_call(gm, node, ops.sample_mean, (src, sites_node(gm, layout_of(src))))
                 self.report["spatial mean -> per-sample mean"] += 1
-            elif node.meta.get("spatial_reduction"):
+            elif found.spatial_reduction is not None:
                 kwargs = {k: v for k, v in args_of(node).items() if k not in ("self", "input", "dim", "keepdim")}
-                sizes, digits = node.meta["spatial_reduction"]
+                sizes, digits = found.spatial_reduction
                 replace_with_call(gm, node, ops.sample_reduce, (node.target, src, sites_node(gm, layout_of(src)), kwargs, sizes, digits))
                 self.report[f"spatial {str(node.target).split('.')[1]} -> per-sample over visible positions"] += 1
-            elif node.meta.get("cell_reduction"):
-                kind, f = node.meta["cell_reduction"]
-                args = (kind, src, sites_node(gm, layout_of(src)), sites_node(gm, node.meta["layout"]), f)
+            elif found.cell_reduction is not None:
+                kind, f = found.cell_reduction
+                args = (kind, src, sites_node(gm, layout_of(src)), sites_node(gm, found.layout), f)
                 replace_with_call(gm, node, ops.cell_reduce, args)
                 self.report[f"{kind} over {f}x{f} cells of visible positions"] += 1
-            elif node.meta.get("max_pool"):
-                k, st, p, d = node.meta["max_pool"]
-                args = (src, sites_node(gm, layout_of(src)), sites_node(gm, node.meta["layout"]), k, st, p, d)
+            elif found.max_pool is not None:
+                k, st, p, d = found.max_pool
+                args = (src, sites_node(gm, layout_of(src)), sites_node(gm, found.layout), k, st, p, d)
                 replace_with_call(gm, node, ops.max_pool, args)
                 self.report[f"max pool {k[0]}x{k[1]}/{st[0]} over visible positions"] += 1
-            elif node.meta.get("avg_pool"):
-                k, st, p, with_pad, divisor = node.meta["avg_pool"]
-                args = (src, sites_node(gm, layout_of(src)), sites_node(gm, node.meta["layout"]), k, st, p, with_pad, divisor)
+            elif found.avg_pool is not None:
+                k, st, p, with_pad, divisor = found.avg_pool
+                args = (src, sites_node(gm, layout_of(src)), sites_node(gm, found.layout), k, st, p, with_pad, divisor)
                 replace_with_call(gm, node, ops.avg_pool, args)
                 self.report[f"average pool {k[0]}x{k[1]}/{st[0]} over visible positions"] += 1
             elif is_op(node, aten.adaptive_avg_pool2d, aten.avg_pool2d):
-                fine, coarse = layout_of(src), node.meta["layout"]
+                fine, coarse = layout_of(src), found.layout
                 factor = fine.grid[0] // coarse.grid[0]
                 replace_with_call(gm, node, ops.mean_pool, (src, sites_node(gm, fine), sites_node(gm, coarse), factor))
                 self.report[f"mean pool {factor}x{factor}"] += 1

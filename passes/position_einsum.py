@@ -19,8 +19,10 @@ from typing import Dict, Optional, Tuple
 import torch.fx as fx
 
 from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.annotations import Property
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 
+from . import rules
 from .base import GreenPass, aten, constant, is_op, layout_of, replace_with_call, shape_of, sites_node
 
 
@@ -120,6 +122,7 @@ def plan(node: fx.Node) -> Tuple[Layout, EinsumSpec]:
     return result, EinsumSpec(inputs, sizes, tuple(spatial), order, output, lay.offset)
 
 
+@rules.layout("position-einsum", priority=80)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if not is_op(node, aten.einsum):
         return None
@@ -129,10 +132,12 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
 class PositionEinsumPass(GreenPass):
     name = "position-einsum"
     description = "einsum of tokens with a table read at each token's row or column -> per-token product"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.POSITION_EINSUMS})
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
-            if not is_op(node, aten.einsum) or "layout" not in node.meta:
+            if not is_op(node, aten.einsum) or layout_of(node) is None:
                 continue
             lay, spec = plan(node)
             _, tab, _, x, table, _ = _operands(node)

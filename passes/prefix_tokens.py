@@ -17,8 +17,10 @@ from typing import Optional
 import torch.fx as fx
 
 from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.annotations import PrefixSlice, Property, facts, peek
 from greenmim_convert.compiler.layout import Layout, LayoutError
 
+from . import rules
 from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, replace_with_call, shape_of
 
 
@@ -37,14 +39,14 @@ def _slice_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
     if (start, stop, step) == (0, size, 1):
         return None  # a full slice: a layout op
     if (start, stop, step) == (count, size, 1):
-        node.meta["prefix_slice"] = ("grid", count)
+        facts(node).prefix_slice = PrefixSlice("grid", count)
         return lay.without_prefix(dim)
     if (start, stop, step) == (0, count, 1):
         if lay.is_pair():
             raise LayoutError("the prefix-token part of attention logits")
         if count != 1:
             raise LayoutError(f"{count} prefix tokens (one, a class token, is supported)")
-        node.meta["prefix_slice"] = ("prefix", count)
+        facts(node).prefix_slice = PrefixSlice("prefix", count)
         axes = list(lay.axes)
         axes[dim] = ()
         return replace(lay, axes=tuple(axes), prefix=0)
@@ -88,7 +90,7 @@ def _cat_rule(node: fx.Node) -> Optional[Layout]:
         if not token.is_per_sample() or token.padded_to(len(grid.axes)).axes != tuple(expected):
             raise LayoutError(f"concatenation of grid tokens {grid.shape} with tokens {token.shape} that are not one per sample")
         parts.append(None)
-    node.meta["prefix_cat"] = parts
+    facts(node).prefix_cat = parts
     return replace(grid, prefix=sum(1 if p is None else p[-1] for p in parts))
 
 
@@ -102,10 +104,11 @@ def _scatter_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
         raise LayoutError("slice_scatter into a token axis that is not its grid part")
     if layout_of(node.args[1]) != lay.without_prefix(dim):
         raise LayoutError("slice_scatter of a value whose layout is not the grid part of the target")
-    node.meta["block_scatter"] = dim
+    facts(node).block_scatter = dim
     return lay
 
 
+@rules.layout("prefix-tokens", priority=10)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     """Layout of a ``cat`` that puts a per-sample token before the grid tokens, or of a ``slice``/``slice_scatter``
     of a token axis holding prefix tokens; None for every other node."""
@@ -126,21 +129,23 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
 class PrefixTokensPass(GreenPass):
     name = "prefix-tokens"
     description = "class tokens: cat in front of the grid tokens and slices of them -> rows of the packed tokens"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS, Property.ATTENTION})  # attention reads prefix slices
+    ensures = frozenset({Property.PREFIX_TOKENS})
 
     def run(self, gm: fx.GraphModule) -> None:
         visible = context_of(gm).visible
         for node in list(gm.graph.nodes):
-            lay = node.meta.get("layout")
-            if lay is None or lay.is_pair():
+            found = peek(node)
+            if found.layout is None or found.layout.is_pair():
                 continue
-            if "prefix_slice" in node.meta:
-                part, count = node.meta["prefix_slice"]
+            if found.prefix_slice is not None:
+                part, count = found.prefix_slice
                 fn = ops.grid_rows if part == "grid" else ops.prefix_rows
                 replace_with_call(gm, node, fn, (node.args[0], visible, count))
                 self.report[f"slice -> {part} rows"] += 1
-            elif "prefix_cat" in node.meta:
+            elif found.prefix_cat is not None:
                 tokens = []
-                for part, constant in zip(node.args[0][:-1], node.meta["prefix_cat"]):
+                for part, constant in zip(node.args[0][:-1], found.prefix_cat):
                     if constant is not None:
                         with gm.graph.inserting_before(node):
                             part = gm.graph.call_function(ops.constant_prefix_rows, (*constant[:-1], visible))

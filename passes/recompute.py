@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from greenmim_convert.runtime import is_runtime_function, ops
+from greenmim_convert.compiler.annotations import Property, copy_meta, peek
 
 from .base import GreenPass, graph_order, is_view, layout_of
 
@@ -51,8 +52,8 @@ def _constant_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
 
 
 def _island_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
-    """The ops of dense islands (``meta["dense"]``) and the scatters that make their dense inputs."""
-    dense = {n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("dense")}
+    """The ops of dense islands (``NodeFacts.dense``) and the scatters that make their dense inputs."""
+    dense = {n for n in gm.graph.nodes if n.op == "call_function" and peek(n).dense}
     scatters = {n for n in gm.graph.nodes if n.target is ops.scatter_dense and n.users and set(n.users) <= dense}
     return dense | scatters
 
@@ -91,6 +92,8 @@ def _is_floating(node: fx.Node) -> bool:
 class RecomputePass(GreenPass):
     name = "recompute"
     description = "image-independent subgraphs with large intermediates -> recomputed in backward"
+    requires = frozenset({Property.NO_LAYOUT_OPS, Property.DENSE_ISLANDS})  # outlines the rewritten graph
+    ensures = frozenset({Property.RECOMPUTED})
 
     def run(self, gm: fx.GraphModule) -> None:
         for comp in _components(_constant_nodes(gm)):
@@ -138,7 +141,7 @@ class RecomputePass(GreenPass):
             call = gm.graph.call_function(ops.recompute, (module, *inputs, *noises))
             results = [gm.graph.call_function(operator.getitem, (call, k)) for k in range(len(outputs))]
         for out, res in zip(outputs, results):
-            res.meta.update(out.meta)
+            copy_meta(out, res)
             out.replace_all_uses_with(res)
         for n in reversed(comp):
             gm.graph.erase_node(n)

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from greenmim_convert.compiler.annotations import Property, copy_meta
+
 from .base import GreenPass, aten, is_op
 from .block_masks import evaluate_constant
 from .layout_analysis import image_values
@@ -51,6 +53,8 @@ def _fake_like(like: torch.Tensor, shape, dtype) -> torch.Tensor:
 class RowGatherPass(GreenPass):
     name = "row-gather"
     description = "image-independent table[index] -> index_select (backward: index_add_, not index_put_)"
+    requires = frozenset({Property.CANONICAL})
+    ensures = frozenset({Property.TABLE_ROWS})
 
     def run(self, gm: fx.GraphModule) -> None:
         image = image_values(gm, next(n for n in gm.graph.nodes if n.op == "placeholder"))
@@ -77,7 +81,7 @@ class RowGatherPass(GreenPass):
                 shape = list(tval.shape[:axis]) + [ival.numel()] + list(tval.shape[axis + 1:])
                 rows.meta["val"] = _fake_like(tval, shape, tval.dtype)
                 out = g.call_function(aten.view.default, (rows, list(node.meta["val"].shape)))
-            out.meta.update(node.meta)
+            copy_meta(node, out)
             node.replace_all_uses_with(out)
             g.erase_node(node)
             self.report["table[index] -> index_select"] += 1

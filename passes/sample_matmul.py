@@ -13,6 +13,7 @@ from typing import List, Tuple
 import torch.fx as fx
 
 from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.annotations import Property, facts, peek
 from greenmim_convert.compiler.layout import Layout, LayoutError
 
 from .base import GreenPass, layout_of, sites_node
@@ -39,12 +40,14 @@ def dense_spec(lay: Layout, ndim: int) -> Tuple[Tuple, ...]:
 class SampleMatmulPass(GreenPass):
     name = "sample-matmul"
     description = "matmuls summing over a sample's tokens -> matmuls on per-sample padded tensors"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.SAMPLE_MATMULS})
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
-            if not node.meta.get("sample_matmul"):
+            if not peek(node).sample_matmul:
                 continue
-            out = node.meta["layout"]
+            out = layout_of(node)
             ndim = max(len(layout_of(a).axes) for a in node.args[:2])
             grid_lay = next(layout_of(a) for a in node.args[:2] if not layout_of(a).is_per_sample())
             sites = sites_node(gm, grid_lay)
@@ -58,6 +61,6 @@ class SampleMatmulPass(GreenPass):
             with gm.graph.inserting_after(node):
                 packed = gm.graph.call_function(ops.from_padded_dense, (node, sites, dense_spec(out, len(out.axes)), sizes))
             node.replace_all_uses_with(packed, delete_user_cb=lambda u: u is not packed)
-            packed.meta["layout"] = out
-            node.meta.pop("layout")
+            facts(packed).layout = out
+            facts(node).layout = None
             self.report["per-sample padded matmul"] += 1

@@ -22,8 +22,10 @@ import torch
 import torch.fx as fx
 
 from greenmim_convert.runtime import ops
+from greenmim_convert.compiler.annotations import Property, SpaceToDepth, copy_meta, facts, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError, space_to_depth_plan
 
+from . import rules
 from .base import (GreenPass, args_of, aten, constant, context_of, emit_call, is_op, layout_of, replace_with_call,
                    shape_of, sites_node)
 
@@ -64,14 +66,14 @@ def channel_input(node: fx.Node, lay: Layout) -> Layout:
         return lay
     if lay.spatial_factor_in_last_axis() is not None:
         new, factor, plan = space_to_depth_plan(lay)
-        node.meta["space_to_depth"] = (lay, new, factor, plan)
+        facts(node).space_to_depth = SpaceToDepth(lay, new, factor, plan)
         return new
     last = lay.axes[-1] if lay.axes else ()
     if last and set(last) == set(lay.channel_atoms()):
         signature = lay.channel_atoms()
         columns = torch.arange(lay.channels).view([a.size for a in signature])
         order = columns.permute([signature.index(a) for a in last]).reshape(-1).tolist()
-        node.meta["channel_permute"] = tuple(order)  # heads moved behind head_dim: columns in the axis' order
+        facts(node).channel_permute = tuple(order)  # heads moved behind head_dim: columns in the axis' order
         return replace(lay, axes=lay.axes[:-1] + ((Atom("c", lay.channels),),))
     raise LayoutError(f"op over the last axis of layout {lay.shape}, which does not hold exactly the channels")
 
@@ -165,10 +167,11 @@ def per_sample_creation(node: fx.Node, batch: int) -> Optional[Layout]:
     if not creates_per_sample(node, batch):
         return None
     size = list(node.args[0])
-    node.meta["per_sample_creation"] = True
+    facts(node).per_sample_creation = True
     return Layout(((Atom("b", batch),),) + ((),) * (len(size) - 1), (1, 1), 1)
 
 
+@rules.layout("token-wise", priority=120)
 def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     """Output layout of a token-wise op, or None when ``node`` is not one."""
     if node.op != "call_function" or not hasattr(node.target, "_schema"):
@@ -188,25 +191,25 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         lay = layout_of(src)
         minor = _minor_channel_axis(lay)
         if minor is not None and tuple(args_of(node)["normalized_shape"]) == (minor,) and minor != lay.channels:
-            node.meta["minor_norm"] = minor  # per head: the norm of the minor channel digits of every head
+            facts(node).minor_norm = minor  # per head: the norm of the minor channel digits of every head
             return lay
         lay = channel_input(node, lay)
         if tuple(args_of(node)["normalized_shape"]) != (lay.channels,):
             raise LayoutError(f"layer_norm over {tuple(args_of(node)['normalized_shape'])} is not over the channels")
         return lay
     if is_op(node, *FACTORIES) and layout_of(src) is not None:
-        node.meta["per_sample_factory"] = True
+        facts(node).per_sample_factory = True
         return _per_sample_factory(node, layout_of(src), context_of(gm).trace_batch)
     if is_op(node, *ELEMENTWISE) and any(layout_of(a) is not None for a in node.all_input_nodes):
-        node.meta["elementwise"] = True
+        facts(node).elementwise = True
         return elementwise_layout(node)
     if is_op(node, *CHANNEL_REDUCTIONS) and layout_of(src) is not None:
         out = channel_reduction_layout(node, layout_of(src))
         if out is not None:
-            node.meta["channel_reduction"] = True
+            facts(node).channel_reduction = True
         return out
     if is_op(node, aten.softmax, aten._softmax, aten.log_softmax) and layout_of(src) is not None and not layout_of(src).is_pair():
-        node.meta["channel_reduction"] = True
+        facts(node).channel_reduction = True
         return _softmax_channel_layout(node, layout_of(src))
     return None
 
@@ -299,19 +302,21 @@ def _pack_prefixed_constant(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out
 class TokenwisePass(GreenPass):
     name = "token-wise"
     description = "token-wise ops run unchanged on packed tokens; per-sample values broadcast to their tokens"
+    requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
+    ensures = frozenset({Property.TOKENWISE})
 
     def run(self, gm: fx.GraphModule) -> None:
         for node in list(gm.graph.nodes):
-            lay = node.meta.get("layout")
-            if lay is None or node.meta.get("layout_op") or lay.is_pair() or node.meta.get("attention"):
+            found = peek(node)
+            if found.layout is None or found.layout_op or found.layout.is_pair():
                 continue
-            if node.meta.get("per_sample_factory"):
+            if found.per_sample_factory:
                 self._per_sample_factory(gm, node)
-            elif node.meta.get("per_sample_creation"):
+            elif found.per_sample_creation:
                 ctx = context_of(gm)
                 with gm.graph.inserting_before(node):
                     new = gm.graph.call_function(ops.per_sample_creation, (node.target, ctx.visible, tuple(node.args[1:]), dict(node.kwargs)))
-                new.meta.update(node.meta)
+                copy_meta(node, new)
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
                 self.report["per-sample random tensor"] += 1
@@ -319,48 +324,48 @@ class TokenwisePass(GreenPass):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 self.report["dropout that keeps everything removed"] += 1
-            elif node.meta.get("elementwise"):
+            elif found.elementwise:
                 self._elementwise(gm, node)
-            elif node.meta.get("channel_reduction"):
+            elif found.channel_reduction:
                 self._channel_op(gm, node)
-            elif "minor_norm" in node.meta:
+            elif found.minor_norm is not None:
                 self._minor_norm(gm, node)
             elif is_op(node, aten.linear, aten.layer_norm, aten.batch_norm):
-                if "channel_permute" in node.meta:
+                if found.channel_permute is not None:
                     with gm.graph.inserting_before(node):
-                        reordered = gm.graph.call_function(ops.channel_gather, (node.args[0], node.meta["channel_permute"]))
+                        reordered = gm.graph.call_function(ops.channel_gather, (node.args[0], found.channel_permute))
                     node.replace_input_with(node.args[0], reordered)
                     self.report["channels reordered"] += 1
                 self.report[f"{node.target.__name__.split('.')[0]} unchanged"] += 1
 
     def _minor_norm(self, gm: fx.GraphModule, node: fx.Node) -> None:
         """``layer_norm`` over the minor channel digits: packed rows viewed as ``(rows * groups, minor)``."""
-        channels = node.meta["layout"].channels
+        channels = layout_of(node).channels
         with gm.graph.inserting_before(node):
-            rows = gm.graph.call_function(aten.reshape.default, (node.args[0], [-1, node.meta["minor_norm"]]))
+            rows = gm.graph.call_function(aten.reshape.default, (node.args[0], [-1, peek(node).minor_norm]))
         node.replace_input_with(node.args[0], rows)
         with gm.graph.inserting_after(node):
             flat = gm.graph.call_function(aten.reshape.default, (node, [-1, channels]))
         node.replace_all_uses_with(flat, delete_user_cb=lambda u: u is not flat)
-        flat.meta["layout"] = node.meta["layout"]
+        facts(flat).layout = layout_of(node)
         self.report["layer_norm over the minor channel digits (per head)"] += 1
 
     def _per_sample_factory(self, gm: fx.GraphModule, node: fx.Node) -> None:
-        sites = sites_node(gm, node.meta["layout"])
+        sites = sites_node(gm, layout_of(node))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(ops.per_sample_factory, (node.target, node.args[0], sites, tuple(node.args[2:]), dict(node.kwargs)))
-        new.meta.update(node.meta)
+        copy_meta(node, new)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         self.report["per-sample random tensor"] += 1
 
     def _elementwise(self, gm: fx.GraphModule, node: fx.Node) -> None:
-        out = node.meta["layout"]
+        out = layout_of(node)
         for arg in [a for a in node.all_input_nodes if layout_of(a) is None]:
             axis = _prefixed_axis(arg, out)
             if axis is not None:
                 rows = _pack_prefixed_constant(gm, node, arg, out, axis)
-                rows.meta["layout"] = out
+                facts(rows).layout = out
                 node.replace_input_with(arg, rows)
                 self.report["position constant over prefix tokens -> prefix rows + visible grid rows"] += 1
         signature = out.channel_atoms()
@@ -391,7 +396,7 @@ class TokenwisePass(GreenPass):
             with gm.graph.inserting_after(node):
                 flat = gm.graph.call_function(aten.reshape.default, (node, [-1, prod(full)]))
             node.replace_all_uses_with(flat, delete_user_cb=lambda u: u is not flat)
-            flat.meta["layout"] = out
+            facts(flat).layout = out
         self.report[f"{str(node.target).split('.')[1]} unchanged"] += 1
 
     def _mul_per_sample(self, gm: fx.GraphModule, node: fx.Node, packed: list, constants: list, split: bool) -> bool:
@@ -400,10 +405,10 @@ class TokenwisePass(GreenPass):
         if not is_op(node, aten.mul) or split or constants or len(node.args) != 2 or node.kwargs or len(packed) != 2:
             return False
         per_sample = [a for a in node.args if layout_of(a).is_per_sample()]
-        if node.meta["layout"].is_per_sample() or len(per_sample) != 1 or node.args[0] is node.args[1]:
+        if layout_of(node).is_per_sample() or len(per_sample) != 1 or node.args[0] is node.args[1]:
             return False
         tokens = node.args[1] if per_sample[0] is node.args[0] else node.args[0]
-        replace_with_call(gm, node, ops.mul_per_sample, (tokens, per_sample[0], sites_node(gm, node.meta["layout"])))
+        replace_with_call(gm, node, ops.mul_per_sample, (tokens, per_sample[0], sites_node(gm, layout_of(node))))
         self.report["token x per-sample value"] += 1
         return True
 
@@ -413,12 +418,12 @@ class TokenwisePass(GreenPass):
         signature = lay.channel_atoms()
         dims = _reduced_axes(node, lay) if not is_op(node, aten.softmax, aten._softmax, aten.log_softmax) else [args_of(node)["dim"] % len(lay.axes)]
         positions = [1 + signature.index(a) for i in dims for a in lay.axes[i]]
-        out_sizes = [a.size for a in node.meta["layout"].channel_atoms()]
+        out_sizes = [a.size for a in layout_of(node).channel_atoms()]
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(ops.channel_op, (node.target, src, [a.size for a in signature], positions,
                                                           {k: v for k, v in args_of(node).items() if k not in ("self", "input", "dim")},
                                                           prod(out_sizes)))
-        new.meta.update(node.meta)
+        copy_meta(node, new)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         self.report[f"{str(node.target).split('.')[1]} over channel digits"] += 1

@@ -1,12 +1,18 @@
-"""The pass pipeline: capture one train/eval mode of a model, add the ``visible`` input, run the passes in order."""
+"""The pass pipeline: capture one train/eval mode of a model, add the ``visible`` input, run the passes in order.
+
+Each pass declares the graph properties it ``requires`` and ``ensures`` (``compiler.annotations.Property``); the
+pass manager refuses an order in which a pass runs before one that ensures what it requires, then runs the passes
+and the ``check`` postcondition after them.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from greenmim_convert import passes as P
@@ -16,8 +22,12 @@ from greenmim_convert.errors import GreenMIMError
 TRACE_BATCH = 2
 
 
+class PipelineOrderError(GreenMIMError):
+    """A pass placed where a property it requires does not hold yet."""
+
+
 def build_pipeline() -> List[P.GreenPass]:
-    """The passes in order. Passes that read layouts run before the one that removes layout ops."""
+    """The passes in order (the pass manager checks it against their ``requires`` and ``ensures``)."""
     return [
         P.FunctionalizePass(),
         P.CanonicalizePass(),
@@ -38,8 +48,47 @@ def build_pipeline() -> List[P.GreenPass]:
         P.TokenwisePass(),
         P.LayoutOpsPass(),
         P.RecomputePass(),
-        P.CheckPass(),
     ]
+
+
+def check_order(passes: Sequence[P.GreenPass], postcondition: Optional[P.GreenPass] = None) -> None:
+    """Raise ``PipelineOrderError`` naming the first pass (or the postcondition) that requires a property no earlier
+    pass ensures, and the pass that would ensure it."""
+    held: set = set()
+    for i, p in enumerate(list(passes) + ([postcondition] if postcondition is not None else [])):
+        missing = sorted(p.requires - held, key=lambda prop: prop.value)
+        if missing:
+            prop = missing[0]
+            by = [q.name for q in passes if prop in q.ensures]
+            where = f"'{by[0]}' ensures it and must run before it" if by else "no pass of the pipeline ensures it"
+            role = "the postcondition" if i == len(passes) else f"pass {i} ('{p.name}')"
+            raise PipelineOrderError(f"{role} requires '{prop.value}', which does not hold there: {where}")
+        held |= p.ensures
+
+
+class GreenPassManager(PassManager):
+    """torch's pass manager with an order checked against the passes' declarations before anything runs, and a
+    postcondition run after the passes."""
+
+    def __init__(self, passes: Sequence[P.GreenPass], postcondition: P.GreenPass):
+        super().__init__(passes=list(passes))
+        self.postcondition = postcondition
+        self.solve_constraints()
+
+    def solve_constraints(self) -> None:
+        """The order is the one given: check it rather than solve for one."""
+        check_order(self.passes, self.postcondition)
+        self._validated = True
+
+    def __call__(self, module: nn.Module) -> PassResult:
+        result = super().__call__(module)
+        self.postcondition(result.graph_module)
+        return result
+
+    @property
+    def ran(self) -> List[P.GreenPass]:
+        """The passes and the postcondition, in the order they run (their reports form the conversion report)."""
+        return list(self.passes) + [self.postcondition]
 
 
 @contextmanager
@@ -55,7 +104,7 @@ def recompile_once(gm: fx.GraphModule) -> Iterator[None]:
 
 @dataclass
 class Compiled:
-    """A captured graph after the pipeline, with its context and the passes that ran."""
+    """A captured graph after the pipeline, with its context and the passes that ran (the postcondition last)."""
 
     gm: fx.GraphModule
     ctx: P.ConvertContext
@@ -78,9 +127,9 @@ def compile_graph(model: nn.Module, training: bool, size: Tuple[int, int], stage
         ctx = P.ConvertContext(size, mask_unit, TRACE_BATCH, chans, grouping, attention_backend, captured.images, visible)
         ctx.default_stages = stages is None and not captured.output_stages
         gm.meta["greenmim"] = ctx
-        pipeline = build_pipeline()
+        manager = GreenPassManager(build_pipeline(), P.CheckPass())
         with recompile_once(gm):
-            PassManager(passes=pipeline)(gm)
+            manager(gm)
         gm.recompile()
     except GreenMIMError:
         raise
@@ -94,4 +143,4 @@ def compile_graph(model: nn.Module, training: bool, size: Tuple[int, int], stage
     finally:
         model.train(was_training)
     gm.meta.pop("greenmim")
-    return Compiled(gm, ctx, pipeline, captured.output_stages)
+    return Compiled(gm, ctx, manager.ran, captured.output_stages)
