@@ -92,7 +92,7 @@ def test_list_reports_status_and_reason(monkeypatch, tmp_path):
     from greenmim_convert.passes import layout_analysis
 
     # without its rule, GC ViT's broadcast of the global queries over windows is an op no pass converts
-    rules = [(name, rule) for name, rule in layout_analysis.LAYOUT_RULES if name != "dense-island"]
+    rules = [rule for rule in layout_analysis.LAYOUT_RULES if rule.name != "dense-island"]
     monkeypatch.setattr(layout_analysis, "LAYOUT_RULES", rules)
     res, text = run_list(monkeypatch, tmp_path, ["pvt_v2_b0", "gcvit_xxtiny"], "--verify")
     assert res.exit_code == 0, res.output

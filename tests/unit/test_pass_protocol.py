@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.fx as fx
+from timm.models.gcvit import _create_gcvit
 
 import greenmim_convert as gmc
 from greenmim_convert import passes as P
@@ -103,7 +104,8 @@ def _tiny_swin():
 
 
 def _gcvit():
-    return timm.create_model("gcvit_xxtiny", embed_dim=16, depths=(2, 2, 1, 1), num_heads=(1, 2, 4, 8), img_size=96), 96
+    model = _create_gcvit("gcvit_xxtiny", embed_dim=16, depths=(2, 2, 1, 1), num_heads=(1, 2, 4, 8), img_size=96)
+    return model, 96
 
 
 @pytest.mark.parametrize("build", [_tiny_swin, _gcvit], ids=["swin", "gcvit-dense-islands"])
