@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from greenmim_convert.runtime import is_runtime_function
 from greenmim_convert.compiler.annotations import Property, peek
+from greenmim_convert.runtime import is_runtime_function
 
 from .base import GreenPass, context_of, layout_of
 

@@ -19,12 +19,15 @@ import torch.fx as fx
 from greenmim_convert.compiler.annotations import Property, facts, peek
 from greenmim_convert.compiler.layout import LayoutError
 
-from . import (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging,  # noqa: F401
-               pooling, position_einsum, prefix_tokens, tokenwise)  # noqa: F401 (importing registers their rules)
+from . import (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging, pooling,
+               position_einsum, prefix_tokens, tokenwise)
 from .base import GreenPass, aten, context_of, is_op, layout_of, shape_of
 from .rules import Rule, layout
 
-# the rules of the modules imported above (importing them registers them), in the order they are tried
+# the modules whose layout rules analysis tries: importing them registers their rules
+RULE_MODULES = (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging, pooling,
+                position_einsum, prefix_tokens, tokenwise)
+# the registered rules in the order they are tried
 LAYOUT_RULES: List[Rule] = layout.ordered()
 
 

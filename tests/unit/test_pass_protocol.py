@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.fx as fx
+from conftest import TINY_SWIN
 from timm.models.gcvit import _create_gcvit
 
 import greenmim_convert as gmc
@@ -15,8 +16,6 @@ from greenmim_convert.compiler import annotations as A
 from greenmim_convert.compiler.capture import capture, example_images
 from greenmim_convert.compiler.pipeline import GreenPassManager, PipelineOrderError, build_pipeline, check_order
 from greenmim_convert.passes import layout_analysis, rules
-
-from conftest import TINY_SWIN
 
 LAYOUT_ORDER = ["prefix-tokens", "strided-pick", "layout-ops", "grid-padding", "conv", "pooling", "attention",
                 "position-einsum", "channel-split", "cat", "dense-island", "token-wise"]
@@ -65,7 +64,8 @@ def test_incomplete_pipeline_fails_the_postcondition():
 
 def test_layout_rules_in_registered_order():
     assert [r.name for r in layout_analysis.LAYOUT_RULES] == LAYOUT_ORDER
-    assert [r.priority for r in layout_analysis.LAYOUT_RULES] == sorted(r.priority for r in layout_analysis.LAYOUT_RULES)
+    priorities = [r.priority for r in layout_analysis.LAYOUT_RULES]
+    assert priorities == sorted(priorities)
 
 
 def test_rule_registration_refuses_clashes():
