@@ -185,6 +185,7 @@ class Call:
         return _fill(self.args, tensors, plan, cache), _fill(self.kwargs, tensors, plan, cache)
 
     def run(self, tensors: Sequence[Any]) -> Any:
+        """The function on these tensors."""
         args, kwargs = self.bind(tensors)
         return self.fn(*args, **kwargs)
 
@@ -201,8 +202,8 @@ def _fill(template: Any, tensors: Sequence[Any], plan: Dict[int, torch.Tensor], 
     return template
 
 
-# Site -> call, for the custom ops (which take the site, an int); a program's calls leave with it.
-_CALLS: Dict[int, Call] = {}
+# Site -> call, for the custom ops (which take the site, an int); weak: the compute graph module holds its calls.
+_CALLS: "weakref.WeakValueDictionary[int, Call]" = weakref.WeakValueDictionary()
 _SITES = itertools.count()
 _THROUGH_OPS = False
 
@@ -336,7 +337,6 @@ class Program:
         self.compile_key: Optional[Tuple] = None
         for call in self.calls:
             call.program = self
-        weakref.finalize(self, _forget, [c.site for c in self.calls])
 
     def plan(self, visible: torch.Tensor) -> List[torch.Tensor]:
         """The plan tensors of ``visible``."""
@@ -433,11 +433,6 @@ class Program:
             Probe(self.compute_gm).run(images, visible, *self.plan(visible))
         self.objects.clear()
         return record
-
-
-def _forget(sites: Sequence[int]) -> None:
-    for site in sites:
-        _CALLS.pop(site, None)
 
 
 @torch._dynamo.disable
