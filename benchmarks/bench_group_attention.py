@@ -1,10 +1,10 @@
-"""Fused Triton group attention vs the PyTorch reference path, forward and forward+backward, on CUDA.
+"""Window attention of the runtime on CUDA: the fused Triton kernel vs the runtime's PyTorch path, forward and
+forward+backward.
 
-Workloads are Swin-like packed groups (group size g in 16..64, 3..32 heads, head dim 32 by default):
-each group holds whole windows of random sizes (1..min(g, N) visible tokens of an N-token window)
-plus padding slots, with a trainable (heads, N, N) relative-position bias. The reference path
-materialises the (G, heads, g, g) bias + mask and calls ``scaled_dot_product_attention``; the fused
-kernel gathers the bias and mask on the fly. Prints numbers, asserts nothing about time.
+Workloads are Swin stages (grid, 7x7 windows, heads, head dim 32 by default) at mask ratio 0.75: the visible
+tokens of a random per-image mask, grouped by the planner (``digit_grouping``, DP packing), with a trainable
+``(heads, 49, 49)`` relative-position bias; both paths run ``attention.window_attention`` on the same grouping,
+with the program's backend "torch" or "triton". Prints numbers, asserts nothing about time.
 """
 from __future__ import annotations
 
@@ -15,45 +15,54 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from greenmim_convert.kernels.group_attention import group_attention_reference
+from greenmim_convert.api.masking import random_mask
+from greenmim_convert.runtime.attention import AttentionProgram, Step, window_attention
+from greenmim_convert.runtime.plan import Sites, digit_grouping
+from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.runtime.plan.terms import TermPlan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# (group size g, heads, window tokens N, total slots G * g): Swin-T/B stages at 75% masking, batch ~128.
-CONFIGS: List[Tuple[int, int, int, int]] = [
-    (16, 3, 49, 131072),
-    (32, 4, 49, 131072),
-    (49, 6, 49, 65536),
-    (64, 8, 64, 32768),
-    (32, 12, 49, 16384),
-    (49, 16, 49, 16384),
-    (64, 24, 64, 8192),
-    (64, 32, 64, 8192),
+WINDOW = 7
+# (grid, heads, batch): Swin-T and Swin-B stages at 224px (mask grid 7x7), batch 128.
+CONFIGS: List[Tuple[int, int, int]] = [
+    (56, 3, 128),
+    (28, 6, 128),
+    (14, 12, 128),
+    (56, 4, 128),
+    (28, 8, 128),
+    (14, 16, 128),
 ]
 
 
-def make_groups(num_groups: int, g: int, n: int, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``segment`` and ``position`` (G, g): whole windows of random sizes per group, then padding."""
-    segment = torch.empty(num_groups, g, dtype=torch.long)
-    position = torch.randint(0, n, (num_groups, g), generator=gen)
-    next_id = 0
-    for row in range(num_groups):
-        filled = 0
-        while filled < g:
-            size = int(torch.randint(1, min(g, n) + 1, (1,), generator=gen))
-            if filled + size > g:
-                break
-            segment[row, filled:filled + size] = next_id
-            position[row, filled:filled + size] = torch.randperm(n, generator=gen)[:size]
-            next_id += 1
-            filled += size
-        segment[row, filled:] = -1 - torch.arange(row * g + filled, (row + 1) * g)
-    return segment, position
+def swin_windows(grid: int, window: int = WINDOW) -> DigitWindows:
+    """Unshifted ``window x window`` windows of a square grid, positions raster inside a window."""
+    n = grid // window
+    shared, token = (("h", n, window), ("w", n, window)), (("h", window, 1), ("w", window, 1))
+    return DigitWindows((grid, grid), (0, 0), shared, token)
 
 
-def cuda_time_ms(fn: Callable[[], None], iters: int, warmup: int) -> float:
-    """Median of ``iters`` CUDA-event timings of ``fn`` in milliseconds."""
+def bias_program(heads: int, scale: float, backend: str, window: int = WINDOW) -> AttentionProgram:
+    """``softmax(scale * q kᵀ + bias[h, pos_q, pos_k]) v`` with a ``(heads, N, N)`` bias, ``N = window²``."""
+    n = window * window
+    plan = TermPlan(((0, heads, n * n),), (("h", window, 1, window * n), ("w", window, 1, n)),
+                    (("h", window, 1, window), ("w", window, 1, 1)))
+    steps = (Step("scalar", torch.ops.aten.mul.Tensor, scale), Step("term", torch.ops.aten.add.Tensor, 0))
+    return AttentionProgram(heads, (heads,), steps, (), (plan,), backend)
+
+
+def time_ms(fn: Callable[[], None], iters: int, warmup: int, device: torch.device) -> float:
+    """Median of ``iters`` timings of ``fn`` in milliseconds (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
+    if device.type != "cuda":
+        import time
+
+        samples = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            samples.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(samples)
     samples = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -65,39 +74,37 @@ def cuda_time_ms(fn: Callable[[], None], iters: int, warmup: int) -> float:
     return statistics.median(samples)
 
 
-def bench_config(
-    g: int, heads: int, n: int, slots: int, d: int, dtype: torch.dtype, iters: int, warmup: int, seed: int
-) -> dict:
+def bench_config(grid: int, heads: int, batch: int, d: int, dtype: torch.dtype, iters: int, warmup: int, seed: int,
+                 ratio: float = 0.75, device: str = "cuda") -> dict:
     """Times and accuracy of both paths on one workload."""
-    from greenmim_convert.kernels.triton_group_attention import group_attention_triton
-
     gen = torch.Generator().manual_seed(seed)
-    num_groups = max(1, slots // g)
-    segment, position = make_groups(num_groups, g, n, gen)
-    dev = torch.device("cuda")
-    segment, position = segment.to(dev), position.to(dev)
-    q, k, v = (torch.randn(num_groups, heads, g, d, generator=gen).to(dev, dtype).requires_grad_()
-               for _ in range(3))
-    bias = torch.randn(heads, n, n, generator=gen).to(dev).requires_grad_()
-    grad = torch.randn(num_groups, heads, g, d, generator=gen).to(dev, dtype)
-    scale = d ** -0.5
-    paths = {"torch": group_attention_reference, "triton": group_attention_triton}
-    row = {"G": num_groups}
+    dev = torch.device(device)
+    visible = random_mask(batch, (7, 7), ratio, generator=gen).to(dev)
+    sites = Sites.from_mask(visible, (grid, grid), 224 // grid)
+    grouping = digit_grouping(sites, swin_windows(grid), None, "dp")
+    tokens = sites.num_tokens
+    q, k, v = (torch.randn(tokens, heads * d, generator=gen).to(dev, dtype).requires_grad_() for _ in range(3))
+    bias = torch.randn(heads, WINDOW ** 2, WINDOW ** 2, generator=gen).to(dev).requires_grad_()
+    grad = torch.randn(tokens, heads * d, generator=gen).to(dev, dtype)
+    row = {"T": tokens, "groups": grouping.describe()}
     outs = {}
-    for name, fn in paths.items():
+    for name in ("torch", "triton"):
+        program = bias_program(heads, d ** -0.5, name)
+
         def forward() -> torch.Tensor:
-            return fn(q, k, v, segment, position, bias, scale)
+            return window_attention(q, k, v, grouping, program, [bias.to(dtype)], [])
 
         def forward_backward() -> None:
             torch.autograd.grad(forward(), (q, k, v, bias), grad)
 
         with torch.no_grad():
-            row[f"{name}_fwd"] = cuda_time_ms(forward, iters, warmup)
-        row[f"{name}_fb"] = cuda_time_ms(forward_backward, iters, warmup)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        forward_backward()
-        row[f"{name}_mem"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            row[f"{name}_fwd"] = time_ms(forward, iters, warmup, dev)
+        row[f"{name}_fb"] = time_ms(forward_backward, iters, warmup, dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            forward_backward()
+            row[f"{name}_mem"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         outs[name] = forward().float()
     ref = outs["torch"]
     row["err"] = ((outs["triton"] - ref).abs().max() / ref.abs().max()).item()
@@ -111,7 +118,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale-slots", type=float, default=1.0, help="multiply every workload's G * g")
+    parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every workload's batch size")
     return parser.parse_args(argv)
 
 
@@ -124,17 +131,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = DTYPES[args.dtype]
     print(f"device {torch.cuda.get_device_name()}  dtype {args.dtype}  head dim {args.head_dim}  "
           f"median of {args.iters} (ms)")
-    header = (f"{'g':>3} {'heads':>5} {'N':>3} {'G':>6} | {'fwd torch':>9} {'triton':>7} {'x':>5} | "
-              f"{'f+b torch':>9} {'triton':>7} {'x':>5} | {'MiB torch':>9} {'triton':>7} | {'rel err':>8}")
+    header = (f"{'grid':>4} {'heads':>5} {'T':>7} | {'fwd torch':>9} {'triton':>7} {'x':>5} | "
+              f"{'f+b torch':>9} {'triton':>7} {'x':>5} | {'MiB torch':>9} {'triton':>7} | {'rel err':>8} | groups")
     print(header)
     print("-" * len(header))
-    for g, heads, n, slots in CONFIGS:
-        r = bench_config(g, heads, n, int(slots * args.scale_slots), args.head_dim, dtype,
+    for grid, heads, batch in CONFIGS:
+        r = bench_config(grid, heads, max(1, int(batch * args.batch_scale)), args.head_dim, dtype,
                          args.iters, args.warmup, args.seed)
-        print(f"{g:>3} {heads:>5} {n:>3} {r['G']:>6} | {r['torch_fwd']:>9.3f} {r['triton_fwd']:>7.3f} "
+        print(f"{grid:>4} {heads:>5} {r['T']:>7} | {r['torch_fwd']:>9.3f} {r['triton_fwd']:>7.3f} "
               f"{r['torch_fwd'] / r['triton_fwd']:>5.2f} | {r['torch_fb']:>9.3f} {r['triton_fb']:>7.3f} "
               f"{r['torch_fb'] / r['triton_fb']:>5.2f} | {r['torch_mem']:>9.1f} {r['triton_mem']:>7.1f} | "
-              f"{r['err']:>8.1e}")
+              f"{r['err']:>8.1e} | {r['groups']}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Fused Triton group window attention, forward and backward.
 
-Computes the function of :func:`greenmim_convert.kernels.group_attention.group_attention_reference`
-(the PyTorch reference, which the tests compare against; dropout excluded)::
+Computes, per group, what the runtime's PyTorch path of ``greenmim_convert.runtime.attention.window_attention``
+computes for a bucket of a grouping (the tests' oracle; dropout excluded)::
 
     out[G, h] = softmax(scale * q k^T + bias[h, pos_i, pos_j] + (-inf where seg_i != seg_j)) v
 
@@ -339,7 +339,7 @@ def check_inputs(
     if q.device.type == "cpu" and not interpreter_active():
         raise RuntimeError("the fused Triton group attention needs GPU tensors; CPU tensors run only in "
                            "Triton's interpreter, which needs TRITON_INTERPRET=1 set before triton is first "
-                           "imported in the process (or use group_attention_reference)")
+                           "imported in the process (or use the PyTorch path: attention_backend='torch')")
     G, _, g, d = q.shape
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} exceeds the fused kernel's limit {MAX_HEAD_DIM}")
@@ -425,7 +425,7 @@ def group_attention_triton(
     bias: Optional[torch.Tensor],
     scale: float,
 ) -> torch.Tensor:
-    """Fused group window attention; same contract as ``group_attention_reference`` minus dropout.
+    """Fused group window attention: ``softmax(scale * q kᵀ + bias[pos_i, pos_j], -inf across segments) v``.
 
     ``q, k, v`` are ``(G, heads, g, d)`` in fp32/fp16/bf16 (any strides), ``segment`` and
     ``position`` integer ``(G, g)``, ``bias`` ``(heads, N, N)`` or None. Differentiable in q, k, v

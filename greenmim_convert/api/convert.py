@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from greenmim_convert.compiler.pipeline import Compiled, compile_graph
@@ -15,6 +14,7 @@ from greenmim_convert.compiler.capture import (
     MissingStageError, OutputFn, check_stage_names, input_channels, is_timm_model, timm_stages,
 )
 from greenmim_convert.errors import InvalidInputError, MaskUnitError, TraceError
+from greenmim_convert.runtime.program import Program
 from greenmim_convert.runtime.tokens import GreenOutput
 
 GROUPINGS = ("window", "dp", "max")
@@ -151,7 +151,7 @@ def convert(
     )
     config = GreenConfig(model_name_of(model), size, unit, grouping, attention_backend)
     names = list(stages) if stages is not None else ev.ctx.stage_paths
-    green = GreenModel(model, {False: ev.gm, True: compiled[True].gm}, config, report, names)
+    green = GreenModel(model, {False: ev.program, True: compiled[True].program}, config, report, names)
     green.last_module = ev.ctx.last_path
     green.stages_from_output = bool(ev.output_stages)
     green.output_fmt = ev.ctx.output_fmt
@@ -178,10 +178,11 @@ class GreenModel(nn.Module):
     """A converted model: ``forward(images, visible) -> GreenOutput`` computing on visible patches only.
 
     Its children are the source model's own children, so ``state_dict()`` has exactly the source
-    keys and tensors; the rewritten ``torch.fx.GraphModule`` of the current mode is ``graph_module``.
+    keys and tensors; ``program`` is the converted program of the current mode (plan and compute graphs,
+    ``runtime/program.py``), which ``forward`` runs eagerly and under ``torch.compile`` alike.
     """
 
-    def __init__(self, model: nn.Module, graphs: Dict[bool, fx.GraphModule], config: GreenConfig, report: ConversionReport,
+    def __init__(self, model: nn.Module, programs: Dict[bool, Program], config: GreenConfig, report: ConversionReport,
                  stage_modules: List[str]):
         super().__init__()
         for name, child in model.named_children():
@@ -190,7 +191,7 @@ class GreenModel(nn.Module):
             self.register_parameter(name, p)
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
-        self.__dict__["graph_modules"] = graphs
+        self.__dict__["programs"] = programs  # not submodules: the state dict keeps the source's keys
         self.__dict__["source_model"] = model  # not a child: its modules are ours already
         self.config = config
         self.report = report
@@ -245,9 +246,9 @@ class GreenModel(nn.Module):
             raise InvalidInputError(f"visible is on {visible.device} but the images are on {images.device}")
 
     @property
-    def graph_module(self) -> fx.GraphModule:
-        """The converted graph for the current mode (train and eval are captured separately)."""
-        return self.graph_modules[self.training]
+    def program(self) -> Program:
+        """The converted program of the current mode (train and eval are captured separately)."""
+        return self.programs[self.training]
 
     @property
     def timm_model(self) -> nn.Module:
@@ -258,11 +259,7 @@ class GreenModel(nn.Module):
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
         self.check_inputs(images, visible)
-        if torch.compiler.is_compiling():
-            from greenmim_convert.runtime.compile import compiled_forward
-
-            return compiled_forward(self, images, visible)
-        return self.graph_module(images, visible)
+        return self.program(images, visible)
 
     def forward_head(self, out: GreenOutput) -> torch.Tensor:
         """Classifier logits from the mean of the visible final tokens (timm's avg-pool head)."""

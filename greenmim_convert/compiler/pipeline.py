@@ -1,4 +1,5 @@
-"""The pass pipeline: capture one train/eval mode of a model, add the ``visible`` input, run the passes in order.
+"""The pass pipeline: capture one train/eval mode of a model, add the ``visible`` input, run the passes in order, and
+split the result into the program's plan and compute graphs (``compiler/split.py``).
 
 Each pass declares the graph properties it ``requires`` and ``ensures`` (``compiler.annotations.Property``); the
 pass manager refuses an order in which a pass runs before one that ensures what it requires, then runs the passes
@@ -17,7 +18,9 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from greenmim_convert import passes as P
 from greenmim_convert.compiler.capture import OutputFn, capture, example_images, input_channels
+from greenmim_convert.compiler.split import split_program
 from greenmim_convert.errors import GreenMIMError
+from greenmim_convert.runtime.program import Program
 
 TRACE_BATCH = 2
 
@@ -104,17 +107,19 @@ def recompile_once(gm: fx.GraphModule) -> Iterator[None]:
 
 @dataclass
 class Compiled:
-    """A captured graph after the pipeline, with its context and the passes that ran (the postcondition last)."""
+    """A captured graph after the pipeline, with its context, the passes that ran (the postcondition last) and the
+    program it splits into."""
 
     gm: fx.GraphModule
     ctx: P.ConvertContext
     pipeline: List[P.GreenPass]
+    program: Program
     output_stages: int = 0  # stage maps read from the model's output (a BackboneOutput's feature_maps)
 
 
 def compile_graph(model: nn.Module, training: bool, size: Tuple[int, int], stages: Optional[List[str]], mask_unit: int,
              grouping: str, attention_backend: str, output: Optional[OutputFn] = None) -> Compiled:
-    """Capture in one train/eval mode and run the pipeline."""
+    """Capture in one train/eval mode, run the pipeline and split the result into plan and compute."""
     chans = input_channels(model)
     example = example_images(model, size, TRACE_BATCH, chans)
     was_training = model.training
@@ -131,6 +136,7 @@ def compile_graph(model: nn.Module, training: bool, size: Tuple[int, int], stage
         with recompile_once(gm):
             manager(gm)
         gm.recompile()
+        program = split_program(gm)
     except GreenMIMError:
         raise
     except Exception as exc:
@@ -143,4 +149,4 @@ def compile_graph(model: nn.Module, training: bool, size: Tuple[int, int], stage
     finally:
         model.train(was_training)
     gm.meta.pop("greenmim")
-    return Compiled(gm, ctx, manager.ran, captured.output_stages)
+    return Compiled(gm, ctx, manager.ran, program, captured.output_stages)

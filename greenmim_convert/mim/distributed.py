@@ -67,11 +67,11 @@ def share_source_modules(encoder: nn.Module) -> None:
     graphs must read those modules for the swap to reach them. Every tensor a graph reads is checked to be the
     very object the source model holds at that path before the copy is replaced.
     """
-    graphs = getattr(encoder, "graph_modules", None)
+    programs = getattr(encoder, "programs", None)
     source = getattr(encoder, "source_model", None)
-    if not graphs or source is None:
+    if not programs or source is None:
         return
-    for gm in graphs.values():
+    for gm in [g for p in programs.values() for g in (p.plan_gm, p.compute_gm)]:
         for name, copy in list(gm.named_children()):
             if copy is source or not isinstance(copy, nn.Module):
                 continue

@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from greenmim_convert.kernels.attention_dispatch import requested_backend
+from greenmim_convert.runtime.attention_backend import requested_backend, resolve_backend
 from greenmim_convert.runtime.plan.terms import TermPlan, head_offsets, head_offsets_cpu, term_offsets
 from greenmim_convert.runtime.plan.sites import Sites
 
@@ -227,8 +227,6 @@ def _heads_stacked(plan: TermPlan, heads: int, head_sizes: Tuple[int, ...], span
 
 def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Sequence[torch.Tensor]):
     """The fused Triton kernel for this program when the backend resolves to it, else None."""
-    from greenmim_convert.kernels.attention_dispatch import resolve_backend
-
     choice = requested_backend(program.backend)
     if choice == "torch":
         return None

@@ -29,6 +29,7 @@ from greenmim_convert.runtime.plan.segments import DigitWindows
 from greenmim_convert.api.masking import random_mask
 from greenmim_convert.mim.dense import SimMIMDense, dense_features
 from greenmim_convert.runtime.plan.sites import Sites
+from greenmim_convert.runtime.program import Program
 from greenmim_convert.tools.timing import wall_times
 
 
@@ -277,9 +278,9 @@ def _sites_of(node: fx.Node, visible: torch.Tensor) -> Sites:
 
 
 def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5) -> List[StageGrouping]:
-    """Time every ``digit_grouping`` of the converted graph on this mask and report its padding."""
+    """Time every ``digit_grouping`` of the converted program's plan on this mask and report its padding."""
     rows = []
-    gm = green.graph_module
+    gm = green.program.plan_gm
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not planner.digit_grouping:
             continue
@@ -296,24 +297,27 @@ def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5)
 
 
 class _AttentionCensus(fx.Interpreter):
-    """Runs the converted graph and sums, over its attention calls, the logits computed and those an exact
-    attention needs, each weighted by the width of q (heads x head dim)."""
+    """Runs the converted program's compute graph and sums, over its attention calls, the logits computed and those
+    an exact attention needs, each weighted by the width of q (heads x head dim)."""
 
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+    def __init__(self, program: Program):
+        super().__init__(program.compute_gm)
+        self.program = program
         self.needed = 0
         self.computed = 0
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if n.op != "call_function":
+        call = self.program.call_of(n)
+        if call is None:
             return out
-        if n.target is attention.window_attention:
-            q, grp = self.env[n.args[0]], self.env[n.args[3]]
+        args, _ = call.bind([self.env[a] for a in n.args[1]])
+        if call.fn is attention.window_attention:
+            q, grp = args[0], args[3]
             self.needed += grp.lower_bound * q.shape[1]
             self.computed += grp.logits * q.shape[1]
-        elif n.target is attention.sample_attention:
-            q, q_sites, k_sites = self.env[n.args[0]], self.env[n.args[1]], self.env[n.args[3]]
+        elif call.fn is attention.sample_attention:
+            q, q_sites, k_sites = args[0], args[1], args[3]
             nq, nk = q_sites.counts(), k_sites.counts()
             if nq.numel():
                 self.needed += int((nq * nk).sum()) * q.shape[1]
@@ -331,9 +335,11 @@ def exact_attention_fraction(green: GreenModel, visible: torch.Tensor, images: O
         gen = torch.Generator().manual_seed(0)
         chans = input_channels(green.source_model)
         images = torch.randn(visible.shape[0], chans, *green.img_size, generator=gen).to(p.device, p.dtype)
-    census = _AttentionCensus(green.graph_module)
+    program = green.program
+    census = _AttentionCensus(program)
     with torch.no_grad():
-        census.run(images, visible)
+        census.run(images, visible, *program.plan(visible))
+    program.objects.clear()
     return census.needed / census.computed if census.computed else 1.0
 
 

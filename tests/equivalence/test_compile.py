@@ -9,7 +9,7 @@ import torch
 from torch._inductor.compile_fx import compile_fx
 
 import greenmim_convert as gmc
-from greenmim_convert.runtime.compile import compiled_forward
+from greenmim_convert.runtime.program import through_custom_ops
 from greenmim_convert.errors import UnsupportedOperationError
 from greenmim_convert.api.masking import random_mask
 
@@ -79,8 +79,7 @@ def test_new_masks_do_not_recompile(compiled, seed):
     for ratio in (0.75, 0.5, 0.625, 0.8125, 0.6875):  # same-ratio masks change only slots; these change token counts too
         visible = random_mask(2, green.mask_grid, ratio, generator=gen)
         compiled_green(images, visible)
-        program = green.compile_programs[(green.training, 2, images.dtype, images.device)]
-        sizes.add(tuple(t.shape[0] for t in program.plan(visible)))
+        sizes.add(tuple(t.shape[0] for t in green.program.plan(visible)))
     assert len(sizes) == 5
     assert backend.graphs - before <= 1
 
@@ -88,7 +87,8 @@ def test_new_masks_do_not_recompile(compiled, seed):
 @pytest.mark.parametrize("case", ["swin", "pvt_v2_b0", pytest.param("twins_pcpvt_small", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("training", [False, True])
 def test_custom_op_path_matches_eager(case, training, seed):
-    """The graph dynamo traces, run eagerly in float64: the custom ops and their recomputing backward are exact."""
+    """The program with its runtime calls through the custom ops (what the compiled graph runs), eagerly in float64:
+    the custom ops and their recomputing backward are exact."""
     model, green = build(case, seed)
     green.train(training)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -100,21 +100,23 @@ def test_custom_op_path_matches_eager(case, training, seed):
     torch.manual_seed(seed)
     want = _outputs_and_grads(green, green, images, visible, weights)
     torch.manual_seed(seed)
-    got = _outputs_and_grads(lambda x, v: compiled_forward(green, x, v), green, images, visible, weights)
+    with through_custom_ops():
+        got = _outputs_and_grads(green, green, images, visible, weights)
     assert len(got) == len(want) > len(weights)
     for g, w in zip(got, want):
         assert rel_err(g, w) <= 1e-10
 
 
 def test_attention_dropout_is_refused():
-    """The recomputing backward would draw other dropout numbers than the forward: conversion for compile says so."""
+    """The recomputing backward would draw other dropout numbers than the forward: compiling says so."""
     torch.manual_seed(0)
     model = make_swin(dtype=torch.float32, attn_drop_rate=0.1, **TINY_SWIN)
     green = gmc.convert(model).train()
     images = torch.randn(2, 3, *green.img_size)
     visible = random_mask(2, green.mask_grid, 0.75)
     with pytest.raises(UnsupportedOperationError, match="attention dropout"):
-        compiled_forward(green, images, visible)
+        green.program.prepare_compile(images, visible)
+    green(images, visible)  # eagerly it runs
 
 
 @pytest.mark.slow

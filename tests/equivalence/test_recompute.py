@@ -21,6 +21,25 @@ def _saved_census(green, images, visible):
     return census
 
 
+
+def _recompute_calls(green) -> list:
+    """Where the compute graph runs ``ops.recompute``: its nodes, and its runtime calls (a subgraph reading plan
+    objects, such as a dense island's scatter)."""
+    program = green.program
+    return [program.call_of(n) or n for n in program.compute_gm.graph.nodes
+            if getattr(program.call_of(n), "fn", None) is ops.recompute
+            or (n.op == "call_function" and n.target is ops.recompute)]
+
+
+def _inline(green, recomputes: list) -> None:
+    """Run the recomputed subgraphs directly: their intermediates saved as usual."""
+    for r in recomputes:
+        if isinstance(r, torch.fx.Node):
+            r.target = lambda sub, *args: sub(*args)
+        else:
+            r.fn = lambda sub, *args: sub(*args)
+    green.program.compute_gm.recompile()
+
 def test_position_mlp_is_recomputed_and_keeps_its_gradients():
     """Swin V2 CR's position MLP (pairs x hidden units, with dropout in training) reads parameters and a buffer only:
     each block's MLP becomes one recomputed subgraph, its ReLU and dropout save nothing, and the gradients of its
@@ -28,8 +47,7 @@ def test_position_mlp_is_recomputed_and_keeps_its_gradients():
     torch.manual_seed(0)
     model = timm.create_model("swinv2_cr_tiny_224", pretrained=False, **SMALL_SWINV2_CR).train()
     green = gmc.convert(model).train()
-    gm = green.graph_module
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.recompute]
+    calls = _recompute_calls(green)
     counts = {r.name: r.counts for r in green.report.passes}
     assert len(calls) == 4 and counts["recompute"] == {"subgraph recomputed in backward": 4}
     gen = torch.Generator().manual_seed(3)
@@ -41,9 +59,7 @@ def test_position_mlp_is_recomputed_and_keeps_its_gradients():
     assert "ReluBackward0" not in census
     recomputed = {n: p.grad.clone() for n, p in model.named_parameters() if "meta_mlp" in n}
     model.zero_grad()
-    for node in calls:  # inline: the same subgraph, run directly, its intermediates saved as usual
-        node.target = lambda sub, *args: sub(*args)
-    gm.recompile()
+    _inline(green, calls)  # the same subgraph, run directly, its intermediates saved as usual
     torch.manual_seed(7)
     assert "ReluBackward0" in _saved_census(green, images, visible)
     for name, p in model.named_parameters():
@@ -59,7 +75,6 @@ def test_dense_island_is_recomputed_and_keeps_its_gradients():
     torch.manual_seed(0)
     model = _create_gcvit("gcvit_xxtiny", embed_dim=32, depths=(2, 2, 1, 1), num_heads=(1, 2, 4, 8), img_size=96)
     green = gmc.convert(model.eval(), img_size=96)
-    gm = green.graph_module
     counts = {r.name: r.counts for r in green.report.passes}
     islands = counts["recompute"]["dense island recomputed in backward"]
     assert islands == counts["dense-island"]["token map -> dense map"] >= 2
@@ -69,10 +84,7 @@ def test_dense_island_is_recomputed_and_keeps_its_gradients():
     recomputed = sum(_saved_census(green, images, visible).values())
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is ops.recompute:
-            node.target = lambda sub, *args: sub(*args)
-    gm.recompile()
+    _inline(green, _recompute_calls(green))
     inlined = sum(_saved_census(green, images, visible).values())
     assert recomputed < 0.9 * inlined
     assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-5, atol=1e-6) for n, p in model.named_parameters()

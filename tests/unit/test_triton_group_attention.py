@@ -1,4 +1,10 @@
-"""Fused Triton group attention against the PyTorch reference, and the backend dispatcher.
+"""Fused Triton group attention against the runtime's own PyTorch path, and the backend choice.
+
+The oracle is ``attention.window_attention`` with backend "torch" (what the converted model runs without the
+kernel), on a ``Grouping`` of exactly the groups a kernel test describes: ``runtime_path`` places window ``w``
+on row ``w`` of a grid whose columns are in-window positions, so the runtime reads the bias table at the same
+(query position, key position) pairs as the kernel. Padding slots are not tokens of the runtime (their output is
+dropped), so outputs are compared on real slots, with zero output gradient on padding slots.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter, which Triton fixes when it is
 first imported (``TRITON_INTERPRET=1`` must precede ``import triton``). Other test files may import
@@ -8,9 +14,9 @@ the kernel-launching tests (those using the ``interpret`` fixture) are collected
 interpreter is slow.
 
 Tolerances (relative: max |error| / max |reference|):
-- fp32: forward and every gradient (dq, dk, dv, dbias) within 1e-5 of the reference;
+- fp32: forward and every gradient (dq, dk, dv, dbias) within 1e-5 of the PyTorch path;
 - fp16 / bf16: the kernel and the PyTorch path both run on the same rounded inputs and are compared
-  with an fp32 reference on those inputs; the kernel must be within 4e-3 (fp16) / 4e-2 (bf16)
+  with the fp32 PyTorch path on those inputs; the kernel must be within 4e-3 (fp16) / 4e-2 (bf16)
   and no worse than 3x the PyTorch low-precision path's own error plus a small slack (the kernel
   rounds probabilities and their gradients to the input type before its tensor-core dots, as GPU
   flash attention does, while PyTorch's CPU path keeps them in fp32).
@@ -22,17 +28,20 @@ import secrets
 import subprocess
 import sys
 import types
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from greenmim_convert.kernels import attention_dispatch as dispatch  # noqa: E402
 from greenmim_convert.kernels import triton_group_attention as tga  # noqa: E402
-from greenmim_convert.kernels.group_attention import group_attention_reference  # noqa: E402
 from greenmim_convert.kernels.triton_group_attention import group_attention_triton  # noqa: E402
+from greenmim_convert.runtime import attention_backend as dispatch  # noqa: E402
+from greenmim_convert.runtime.attention import AttentionProgram, Step, window_attention  # noqa: E402
+from greenmim_convert.runtime.plan import Bucket, Grouping, Sites  # noqa: E402
+from greenmim_convert.runtime.plan.segments import DigitWindows  # noqa: E402
+from greenmim_convert.runtime.plan.terms import TermPlan  # noqa: E402
 
 INTERPRETER = tga.interpreter_active()
 FP32_TOL = 1e-5
@@ -93,6 +102,39 @@ def make_groups(
     return segment, position
 
 
+def runtime_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor,
+                 position: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: float, n: int,
+                 backend: str = "auto", dropout: float = 0.0) -> torch.Tensor:
+    """``window_attention`` of the runtime on the groups of ``segment`` and ``position`` ``(G, g)`` (window ids,
+    unique negative ids on padding; in-window positions below ``n``), q, k, v ``(G, heads, g, d)`` per slot: the
+    logits ``scale * q kᵀ`` plus ``bias[h, pos_q, pos_k]`` (a term read by in-window positions). Returns
+    ``(G, heads, g, d)``, zero on padding slots."""
+    groups, heads, g, d = q.shape
+    slots = (segment.reshape(-1) >= 0).nonzero().squeeze(1)
+    tokens = slots.shape[0]
+    windows_count = int(segment.max()) + 1
+    pos = position if position is not None else torch.zeros_like(segment)
+    coords = torch.stack([segment.reshape(-1)[slots], pos.reshape(-1)[slots]], 1)
+    windows = DigitWindows((windows_count, n), (0, 0), (("h", windows_count, 1),), (("w", n, 1),))
+    index = torch.zeros(groups * g, dtype=torch.long).index_copy(0, slots, torch.arange(tokens))
+    sites = Sites(torch.zeros(tokens, dtype=torch.long), coords, (windows_count, n), 1)
+    grouping = Grouping([Bucket(g, groups, index, segment, pos)], slots, tokens, groups * g * g, 0, sites, windows)
+    steps = [Step("scalar", torch.ops.aten.mul.Tensor, scale)]
+    terms = ()
+    if bias is not None:
+        steps.append(Step("term", torch.ops.aten.add.Tensor, 0))
+        terms = (TermPlan(((0, heads, n * n),), (("w", n, 1, n),), (("w", n, 1, 1),)),)
+    post = (Step("dropout", None, dropout),) if dropout else ()
+    program = AttentionProgram(heads, (heads,), tuple(steps), post, terms, backend)
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 1, 3).reshape(groups * g, -1).index_select(0, slots)
+
+    out = window_attention(rows(q), rows(k), rows(v), grouping, program, [bias] if bias is not None else [], [])
+    full = out.new_zeros(groups * g, out.shape[1]).index_copy(0, slots, out)
+    return full.view(groups, g, heads, -1).permute(0, 2, 1, 3)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| in float64."""
     a, b = a.double(), b.double()
@@ -110,7 +152,8 @@ def run_both(
     shuffle: bool = False,
     strided: bool = False,
 ) -> List[Tuple[str, float]]:
-    """Forward + backward of kernel and reference on one random fp32 problem; relative errors."""
+    """Forward + backward of the kernel and the runtime's PyTorch path on one random fp32 problem; relative errors
+    (on real slots: the output gradient is zero on padding slots, whose kernel gradients are then zero too)."""
     gen = torch.Generator().manual_seed(seed)
     segment, position = make_groups(windows, g, n, gen, shuffle)
     G = len(windows)
@@ -125,13 +168,14 @@ def run_both(
     def split(t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return t.permute(2, 0, 3, 1, 4).unbind(0) if strided else t.unbind(0)
 
-    grad_out = torch.randn(G, heads, g, d, generator=gen)
+    real = (segment >= 0)[:, None, :, None]
+    grad_out = torch.randn(G, heads, g, d, generator=gen) * real
     out_t = group_attention_triton(*split(qkv), segment, position if with_bias else None, bias, scale)
     grads_t = torch.autograd.grad(out_t, leaves, grad_out)
-    out_r = group_attention_reference(*split(qkv), segment, position, bias, scale)
+    out_r = runtime_path(*split(qkv), segment, position, bias, scale, n, backend="torch")
     grads_r = torch.autograd.grad(out_r, leaves, grad_out)
 
-    errors = [("out", rel_err(out_t, out_r))]
+    errors = [("out", rel_err(out_t * real, out_r))]
     dq_t, dk_t, dv_t = split(grads_t[0])
     dq_r, dk_r, dv_r = split(grads_r[0])
     errors += [("dq", rel_err(dq_t, dq_r)), ("dk", rel_err(dk_t, dk_r)), ("dv", rel_err(dv_t, dv_r))]
@@ -157,7 +201,7 @@ FP32_CASES = {
 
 @pytest.mark.parametrize("case", list(FP32_CASES), ids=list(FP32_CASES))
 def test_fp32_matches_reference(interpret: None, case: str) -> None:
-    """fp32 output and dq, dk, dv, dbias equal the reference within 1e-5 relative."""
+    """fp32 output and dq, dk, dv, dbias equal the runtime's PyTorch path within 1e-5 relative."""
     windows, heads, g, d, n, with_bias, shuffle, strided = FP32_CASES[case]
     seed = fresh_seed()
     errors = run_both(windows, heads, g, d, n, with_bias, seed, shuffle, strided)
@@ -167,24 +211,28 @@ def test_fp32_matches_reference(interpret: None, case: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_forward_and_backward(interpret: None, dtype: torch.dtype) -> None:
-    """fp16/bf16: fp32 accumulation keeps the kernel near an fp32 reference and PyTorch's own half path."""
+    """fp16/bf16: fp32 accumulation keeps the kernel near the fp32 PyTorch path and the PyTorch path in half."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     heads, g, d, n = 2, 20, 32, 25
     segment, position = make_groups([[9, 8], [20], [1, 5]], g, n, gen)
     q, k, v = torch.randn(3, 3, heads, g, d, generator=gen).to(dtype).unbind(0)
     bias = torch.randn(heads, n, n, generator=gen)
-    grad_out = torch.randn(3, heads, g, d, generator=gen).to(dtype)
+    real = (segment >= 0)[:, None, :, None]
+    grad_out = (torch.randn(3, heads, g, d, generator=gen) * real).to(dtype)
     scale = d ** -0.5
 
     def fwd_bwd(fn, qq, kk, vv, bb, go):
         leaves = [t.detach().requires_grad_() for t in (qq, kk, vv, bb)]
         out = fn(*leaves[:3], segment, position, leaves[3], scale)
-        return [out] + list(torch.autograd.grad(out, leaves, go))
+        return [out * real] + list(torch.autograd.grad(out, leaves, go))
 
-    exact = fwd_bwd(group_attention_reference, q.float(), k.float(), v.float(), bias, grad_out.float())
+    def torch_path(*args):
+        return runtime_path(*args, n=n, backend="torch")
+
+    exact = fwd_bwd(torch_path, q.float(), k.float(), v.float(), bias, grad_out.float())
     fused = fwd_bwd(group_attention_triton, q, k, v, bias, grad_out)
-    torch_low = fwd_bwd(group_attention_reference, q, k, v, bias.to(dtype), grad_out)
+    torch_low = fwd_bwd(torch_path, q, k, v, bias.to(dtype), grad_out)
     for name, f, t, e in zip(("out", "dq", "dk", "dv", "dbias"), fused, torch_low, exact):
         assert f.dtype == (dtype if name != "dbias" else torch.float32)
         err, err_torch = rel_err(f, e), rel_err(t, e)
@@ -240,7 +288,7 @@ def test_kernel_on_cpu_without_interpreter_raises(monkeypatch: pytest.MonkeyPatc
 
 
 # --------------------------------------------------------------------------------------------
-# dispatcher
+# backend choice
 
 
 def fake_cuda(dtype: torch.dtype = torch.float32, d: int = 32) -> types.SimpleNamespace:
@@ -296,39 +344,39 @@ def test_env_overrides_auto_only(no_env: pytest.MonkeyPatch) -> None:
 
 
 def test_forced_triton_errors(no_env: pytest.MonkeyPatch) -> None:
-    """Forced Triton never falls back: dropout and CPU-without-interpreter raise."""
+    """Forced Triton never falls back: an unknown backend, dropout and CPU-without-interpreter raise."""
     q, k, v, segment, position, bias = small_problem(fresh_seed())
     with pytest.raises(ValueError, match="backend"):
-        dispatch.group_attention(q, k, v, segment, position, bias, 0.2, backend="fast")
-    with pytest.raises(ValueError, match="dropout"):
-        dispatch.group_attention(q, k, v, segment, position, bias, 0.2, dropout_p=0.1, backend="triton")
+        runtime_path(q, k, v, segment, position, bias, 0.2, 5, backend="fast")
+    with pytest.raises(RuntimeError, match="dropout"):
+        runtime_path(q, k, v, segment, position, bias, 0.2, 5, backend="triton", dropout=0.1)
     no_env.setenv(dispatch.ENV_VAR, "triton")
-    with pytest.raises(ValueError, match="dropout"):
-        dispatch.group_attention(q, k, v, segment, position, bias, 0.2, dropout_p=0.1)
+    with pytest.raises(RuntimeError, match="dropout"):
+        runtime_path(q, k, v, segment, position, bias, 0.2, 5, dropout=0.1)
     no_env.setattr(tga, "interpreter_active", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        dispatch.group_attention(q, k, v, segment, position, bias, 0.2)
+        runtime_path(q, k, v, segment, position, bias, 0.2, 5)
     no_env.delenv(dispatch.ENV_VAR)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        dispatch.group_attention(q, k, v, segment, position, bias, 0.2, backend="triton")
+        runtime_path(q, k, v, segment, position, bias, 0.2, 5, backend="triton")
 
 
-def test_dispatch_on_cpu_defaults_to_reference(no_env: pytest.MonkeyPatch) -> None:
-    """CPU tensors take the reference path, bit for bit, without touching the kernel."""
+def test_auto_on_cpu_runs_the_pytorch_path(no_env: pytest.MonkeyPatch) -> None:
+    """CPU tensors take the PyTorch path under "auto" (argument or environment), without touching the kernel."""
     q, k, v, segment, position, bias = small_problem(fresh_seed())
-    ref = group_attention_reference(q, k, v, segment, position, bias, 0.2)
+    ref = runtime_path(q, k, v, segment, position, bias, 0.2, 5, backend="torch")
     no_env.setattr(tga, "group_attention_triton", pytest.fail)
-    out = dispatch.group_attention(q, k, v, segment, position, bias, 0.2)
+    out = runtime_path(q, k, v, segment, position, bias, 0.2, 5)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     no_env.setenv(dispatch.ENV_VAR, "torch")
-    out = dispatch.group_attention(q, k, v, segment, position, bias, 0.2, backend="auto")
+    out = runtime_path(q, k, v, segment, position, bias, 0.2, 5, backend="auto")
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-def test_dispatch_forced_triton_runs_kernel(interpret: None, no_env: pytest.MonkeyPatch) -> None:
-    """Forced Triton (argument or environment) runs the fused kernel and matches the reference."""
+def test_forced_triton_runs_kernel(interpret: None, no_env: pytest.MonkeyPatch) -> None:
+    """Forced Triton (argument or environment) runs the fused kernel inside the runtime, equal to its PyTorch path."""
     q, k, v, segment, position, bias = small_problem(fresh_seed())
-    ref = group_attention_reference(q, k, v, segment, position, bias, 0.2)
+    ref = runtime_path(q, k, v, segment, position, bias, 0.2, 5, backend="torch")
     calls: List[str] = []
     real = tga.group_attention_triton
 
@@ -337,20 +385,20 @@ def test_dispatch_forced_triton_runs_kernel(interpret: None, no_env: pytest.Monk
         return real(*args)
 
     no_env.setattr(tga, "group_attention_triton", spy)
-    out = dispatch.group_attention(q, k, v, segment, position, bias, 0.2, backend="triton")
+    out = runtime_path(q, k, v, segment, position, bias, 0.2, 5, backend="triton")
     assert calls == ["triton"] and rel_err(out, ref) <= FP32_TOL
     no_env.setenv(dispatch.ENV_VAR, "triton")
-    out = dispatch.group_attention(q, k, v, segment, position, bias, 0.2)
+    out = runtime_path(q, k, v, segment, position, bias, 0.2, 5)
     assert calls == ["triton", "triton"] and rel_err(out, ref) <= FP32_TOL
 
 
-def test_auto_with_dropout_uses_reference(no_env: pytest.MonkeyPatch) -> None:
-    """auto with dropout_p > 0 runs the reference, dropout included."""
+def test_auto_with_dropout_runs_the_pytorch_path(no_env: pytest.MonkeyPatch) -> None:
+    """"auto" with attention dropout runs the PyTorch path, dropout included."""
     q, k, v, segment, position, bias = small_problem(fresh_seed())
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        out = dispatch.group_attention(q, k, v, segment, position, bias, 0.2, dropout_p=0.5)
+        out = runtime_path(q, k, v, segment, position, bias, 0.2, 5, dropout=0.5)
         torch.manual_seed(1)
-        ref = group_attention_reference(q, k, v, segment, position, bias, 0.2, dropout_p=0.5)
+        ref = runtime_path(q, k, v, segment, position, bias, 0.2, 5, backend="torch", dropout=0.5)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    assert not torch.allclose(out, group_attention_reference(q, k, v, segment, position, bias, 0.2))
+    assert not torch.allclose(out, runtime_path(q, k, v, segment, position, bias, 0.2, 5))

@@ -14,14 +14,15 @@ class Sites:
     lookups of several ops on the same grid share it.
     """
 
-    def __init__(self, batch: torch.Tensor, coords: torch.Tensor, grid: Tuple[int, int], batch_size: int, stride: int = 1):
+    def __init__(self, batch: torch.Tensor, coords: torch.Tensor, grid: Tuple[int, int], batch_size: int,
+                 stride: int = 1, counts: Optional[torch.Tensor] = None):
         self.batch = batch
         self.coords = coords
         self.grid = (int(grid[0]), int(grid[1]))
         self.batch_size = int(batch_size)
         self.stride = int(stride)
         self._index_grid: Optional[torch.Tensor] = None
-        self._counts: Optional[torch.Tensor] = None
+        self._counts = counts  # visible positions per sample, when the caller has them
         self._rank: Optional[torch.Tensor] = None
         self._memo: Dict[Hashable, Any] = {}
 

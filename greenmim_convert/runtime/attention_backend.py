@@ -1,25 +1,21 @@
-"""Choosing the group attention implementation: fused Triton kernel or the PyTorch reference.
+"""Choosing how window attention runs: the fused Triton kernel or the runtime's PyTorch path (``attention.py``).
 
 Rules (``backend`` argument, or the ``GREENMIM_ATTENTION_BACKEND`` environment variable, which
 replaces ``"auto"`` when set; both take ``"auto" | "torch" | "triton"``):
 
-- ``"torch"``: always :func:`group_attention_reference` (any device, supports dropout).
+- ``"torch"``: always the PyTorch path (any device, supports dropout).
 - ``"triton"``: always the fused kernel. Raises instead of falling back when it cannot run: Triton
   missing, ``dropout_p > 0`` (the kernel has no dropout), or CPU tensors outside Triton's CPU
   interpreter (``TRITON_INTERPRET=1`` set before triton is imported; slow, meant for tests).
 - ``"auto"``: the fused kernel for CUDA tensors when Triton is installed, ``dropout_p == 0`` and
-  the dtype/head dim are supported; the reference otherwise (so attention dropout during training
-  silently takes the reference path, which is the only one implementing it).
+  the dtype/head dim are supported; the PyTorch path otherwise (so attention dropout during training
+  takes the PyTorch path, the only one implementing it).
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
-
 import torch
-
-from .group_attention import group_attention_reference
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "GREENMIM_ATTENTION_BACKEND"
@@ -38,7 +34,7 @@ def triton_available() -> bool:
 
 def _interpreter_active() -> bool:
     """Whether the fused kernels run in Triton's CPU interpreter in this process."""
-    from .triton_group_attention import interpreter_active
+    from greenmim_convert.kernels.triton_group_attention import interpreter_active
 
     return interpreter_active()
 
@@ -62,7 +58,7 @@ def requested_backend(backend: str = "auto") -> str:
 
 
 def resolve_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "auto") -> str:
-    """The implementation ``group_attention`` runs for ``q``: "torch" or "triton" (see module doc).
+    """The implementation window attention runs for ``q`` ``(G, heads, g, d)``: "torch" or "triton" (see module doc).
 
     Raises ``RuntimeError``/``ValueError`` when "triton" is forced but cannot run.
     """
@@ -72,13 +68,13 @@ def resolve_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "aut
     if choice == "auto":
         if q.device.type != "cuda" or dropout_p > 0.0 or not triton_available():
             return "torch"
-        from .triton_group_attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
+        from greenmim_convert.kernels.triton_group_attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
         fits = q.dtype in SUPPORTED_DTYPES and q.dim() == 4 and q.shape[-1] <= MAX_HEAD_DIM
         return "triton" if fits else "torch"
     if dropout_p > 0.0:
         raise ValueError(f"the Triton group attention has no dropout (dropout_p={dropout_p}); use "
-                         f"backend='torch' or 'auto' (which takes the reference when dropout_p > 0)")
+                         f"backend='torch' or 'auto' (which takes the PyTorch path when dropout_p > 0)")
     if not triton_available():
         raise RuntimeError("backend 'triton' requested but Triton is not installed "
                            "(pip install 'greenmim-convert[triton]')")
@@ -88,21 +84,3 @@ def resolve_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "aut
                            "GPU, or use backend='torch'")
     return "triton"
 
-
-def group_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segment: torch.Tensor,
-    position: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    scale: float,
-    dropout_p: float = 0.0,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Group window attention (contract of ``group_attention_reference``) on the chosen backend."""
-    if resolve_backend(q, dropout_p, backend) == "triton":
-        from .triton_group_attention import group_attention_triton
-
-        return group_attention_triton(q, k, v, segment, position, bias, scale)
-    return group_attention_reference(q, k, v, segment, position, bias, scale, dropout_p)
