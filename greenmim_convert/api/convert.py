@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from greenmim_convert.compiler.pipeline import Compiled, compile_graph
@@ -249,6 +250,13 @@ class GreenModel(nn.Module):
     def program(self) -> Program:
         """The converted program of the current mode (train and eval are captured separately)."""
         return self.programs[self.training]
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """Deprecated: the converted graph is now a program of two graphs; this is its compute graph."""
+        warnings.warn("GreenModel.graph_module is deprecated: use GreenModel.program (plan_gm and compute_gm)",
+                      DeprecationWarning, stacklevel=2)
+        return self.program.compute_gm
 
     @property
     def timm_model(self) -> nn.Module:

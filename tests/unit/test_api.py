@@ -16,6 +16,8 @@ def test_source_model_is_the_model_converted():
     assert green.source_model is model
     with pytest.warns(DeprecationWarning, match="source_model"):
         assert green.timm_model is model
+    with pytest.warns(DeprecationWarning, match="program"):
+        assert green.graph_module is green.program.compute_gm
 
 
 def test_import_does_not_load_the_oracle():

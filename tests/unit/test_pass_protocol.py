@@ -122,7 +122,8 @@ def test_no_project_meta_key_but_the_annotation(build, one_thread):
         torch_keys |= {k for n in capture(model, example, []).gm.graph.nodes for k in n.meta}
     model.eval()
     assert A.KEY not in torch_keys
-    found = {k for gm in green.graph_modules.values() for m in _graph_modules(gm) for n in m.graph.nodes
+    found = {k for prog in green.programs.values() for gm in (prog.plan_gm, prog.compute_gm)
+             for m in _graph_modules(gm) for n in m.graph.nodes
              for k in n.meta}
     assert found - torch_keys == {A.KEY}
     assert not found & {f.name for f in dataclasses.fields(A.NodeFacts)}
