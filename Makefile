@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.greenmim-installed
 MODEL ?= swin_tiny_patch4_window7_224
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup lint test test-fast demo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +18,11 @@ setup: $(STAMP)
 
 # pytest itself, not `python -m pytest`: the latter puts the repository root on sys.path, where the top-level
 # kernels/ folder would shadow the `kernels` package transformers looks for
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 # the unit tier and the smallest equivalence case of every family

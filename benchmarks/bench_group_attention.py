@@ -6,6 +6,7 @@ tokens of a random per-image mask, grouped by the planner (``digit_grouping``, D
 ``(heads, 49, 49)`` relative-position bias; both paths run ``attention.window_attention`` on the same grouping,
 with the program's backend "torch" or "triton". Prints numbers, asserts nothing about time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,11 @@ def swin_windows(grid: int, window: int = WINDOW) -> DigitWindows:
 def bias_program(heads: int, scale: float, backend: str, window: int = WINDOW) -> AttentionProgram:
     """``softmax(scale * q kᵀ + bias[h, pos_q, pos_k]) v`` with a ``(heads, N, N)`` bias, ``N = window²``."""
     n = window * window
-    plan = TermPlan(((0, heads, n * n),), (("h", window, 1, window * n), ("w", window, 1, n)),
-                    (("h", window, 1, window), ("w", window, 1, 1)))
+    plan = TermPlan(
+        ((0, heads, n * n),),
+        (("h", window, 1, window * n), ("w", window, 1, n)),
+        (("h", window, 1, window), ("w", window, 1, 1)),
+    )
     steps = (Step("scalar", torch.ops.aten.mul.Tensor, scale), Step("term", torch.ops.aten.add.Tensor, 0))
     return AttentionProgram(heads, (heads,), steps, (), (plan,), backend)
 
@@ -74,8 +78,18 @@ def time_ms(fn: Callable[[], None], iters: int, warmup: int, device: torch.devic
     return statistics.median(samples)
 
 
-def bench_config(grid: int, heads: int, batch: int, d: int, dtype: torch.dtype, iters: int, warmup: int, seed: int,
-                 ratio: float = 0.75, device: str = "cuda") -> dict:
+def bench_config(
+    grid: int,
+    heads: int,
+    batch: int,
+    d: int,
+    dtype: torch.dtype,
+    iters: int,
+    warmup: int,
+    seed: int,
+    ratio: float = 0.75,
+    device: str = "cuda",
+) -> dict:
     """Times and accuracy of both paths on one workload."""
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device(device)
@@ -84,12 +98,12 @@ def bench_config(grid: int, heads: int, batch: int, d: int, dtype: torch.dtype, 
     grouping = digit_grouping(sites, swin_windows(grid), None, "dp")
     tokens = sites.num_tokens
     q, k, v = (torch.randn(tokens, heads * d, generator=gen).to(dev, dtype).requires_grad_() for _ in range(3))
-    bias = torch.randn(heads, WINDOW ** 2, WINDOW ** 2, generator=gen).to(dev).requires_grad_()
+    bias = torch.randn(heads, WINDOW**2, WINDOW**2, generator=gen).to(dev).requires_grad_()
     grad = torch.randn(tokens, heads * d, generator=gen).to(dev, dtype)
     row = {"T": tokens, "groups": grouping.describe()}
     outs = {}
     for name in ("torch", "triton"):
-        program = bias_program(heads, d ** -0.5, name)
+        program = bias_program(heads, d**-0.5, name)
 
         def forward() -> torch.Tensor:
             return window_attention(q, k, v, grouping, program, [bias.to(dtype)], [])
@@ -125,23 +139,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_group_attention needs a CUDA GPU (the fused kernel is timed against the PyTorch path "
-              "on CUDA); none found, nothing to do.")
+        print(
+            "bench_group_attention needs a CUDA GPU (the fused kernel is timed against the PyTorch path "
+            "on CUDA); none found, nothing to do."
+        )
         return 0
     dtype = DTYPES[args.dtype]
-    print(f"device {torch.cuda.get_device_name()}  dtype {args.dtype}  head dim {args.head_dim}  "
-          f"median of {args.iters} (ms)")
-    header = (f"{'grid':>4} {'heads':>5} {'T':>7} | {'fwd torch':>9} {'triton':>7} {'x':>5} | "
-              f"{'f+b torch':>9} {'triton':>7} {'x':>5} | {'MiB torch':>9} {'triton':>7} | {'rel err':>8} | groups")
+    print(
+        f"device {torch.cuda.get_device_name()}  dtype {args.dtype}  head dim {args.head_dim}  "
+        f"median of {args.iters} (ms)"
+    )
+    header = (
+        f"{'grid':>4} {'heads':>5} {'T':>7} | {'fwd torch':>9} {'triton':>7} {'x':>5} | "
+        f"{'f+b torch':>9} {'triton':>7} {'x':>5} | {'MiB torch':>9} {'triton':>7} | {'rel err':>8} | groups"
+    )
     print(header)
     print("-" * len(header))
     for grid, heads, batch in CONFIGS:
-        r = bench_config(grid, heads, max(1, int(batch * args.batch_scale)), args.head_dim, dtype,
-                         args.iters, args.warmup, args.seed)
-        print(f"{grid:>4} {heads:>5} {r['T']:>7} | {r['torch_fwd']:>9.3f} {r['triton_fwd']:>7.3f} "
-              f"{r['torch_fwd'] / r['triton_fwd']:>5.2f} | {r['torch_fb']:>9.3f} {r['triton_fb']:>7.3f} "
-              f"{r['torch_fb'] / r['triton_fb']:>5.2f} | {r['torch_mem']:>9.1f} {r['triton_mem']:>7.1f} | "
-              f"{r['err']:>8.1e} | {r['groups']}")
+        r = bench_config(
+            grid, heads, max(1, int(batch * args.batch_scale)), args.head_dim, dtype, args.iters, args.warmup, args.seed
+        )
+        print(
+            f"{grid:>4} {heads:>5} {r['T']:>7} | {r['torch_fwd']:>9.3f} {r['triton_fwd']:>7.3f} "
+            f"{r['torch_fwd'] / r['triton_fwd']:>5.2f} | {r['torch_fb']:>9.3f} {r['triton_fb']:>7.3f} "
+            f"{r['torch_fb'] / r['triton_fb']:>5.2f} | {r['torch_mem']:>9.1f} {r['triton_mem']:>7.1f} | "
+            f"{r['err']:>8.1e} | {r['groups']}"
+        )
     return 0
 
 

@@ -21,6 +21,7 @@ Times are medians of ``pack_segments`` (``plan_buckets`` for ``dp K``) over all 
 batches, in milliseconds, on the chosen device. The targets apply to ``dp K``, the grouping the
 product uses. Prints numbers, asserts nothing about time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from greenmim_convert.tools.timing import wall_times
-
+from greenmim_convert.api.masking import random_mask
 from greenmim_convert.runtime.plan.packing import (
-    STRATEGIES, group_count_bound, lower_bound, pack_segments, packing_cost, plan_buckets,
+    STRATEGIES,
+    group_count_bound,
+    lower_bound,
+    pack_segments,
+    packing_cost,
+    plan_buckets,
 )
 from greenmim_convert.runtime.plan.segments import WindowSpec, window_segments
-from greenmim_convert.api.masking import random_mask
 from greenmim_convert.runtime.plan.sites import Sites
+from greenmim_convert.tools.timing import wall_times
 
 # (image size, window, stage grids); the mask unit is 32 px, i.e. 8 tokens at patch 4.
 SWIN_B: List[Tuple[int, int, Tuple[int, ...]]] = [(224, 7, (56, 28, 14, 7)), (384, 12, (96, 48, 24, 12))]
@@ -86,8 +91,8 @@ def run_stage(
         counts = stage_counts(visible, grid, window, shift)
         lb = lower_bound(counts)
         nonempty = int((counts > 0).sum())
-        ratios["dense"].append(args.batch * (grid // window) ** 2 * capacity ** 2 / lb)
-        ratios["pad ws2"].append(nonempty * capacity ** 2 / lb)
+        ratios["dense"].append(args.batch * (grid // window) ** 2 * capacity**2 / lb)
+        ratios["pad ws2"].append(nonempty * capacity**2 / lb)
         ratios["floor"].append(single_size_floor(counts, capacity, args.tile) / lb)
         for strategy in STRATEGIES:
             packing = pack_segments(counts, capacity, strategy, tile=args.tile)
@@ -117,7 +122,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.75)
     parser.add_argument("--batches", type=int, default=20, help="random batches averaged per row")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch and strategy")
-    parser.add_argument("--tile", type=int, default=1, help="group sizes are multiples of it (16 for the Triton kernel)")
+    parser.add_argument(
+        "--tile", type=int, default=1, help="group sizes are multiples of it (16 for the Triton kernel)"
+    )
     parser.add_argument("--max-buckets", type=int, default=6, help="buckets of the dp K column")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
@@ -154,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print("-" * len(header))
     for size, window, grids in configs:
         for grid in grids:
-            for shift in ((0, window // 2) if grid > window else (0,)):
+            for shift in (0, window // 2) if grid > window else (0,):
                 r = run_stage(size, window, grid, shift, args, device)
                 notes = []
                 if size == 224 and not args.small and r["ms dp K"] >= TIME_TARGET_MS:

@@ -9,6 +9,7 @@ path (``tiles``). Build times of the sites, the neighbour map and the tile
 plan are reported too: a converted model pays them once per grid and mask, not per conv. Prints
 numbers, asserts nothing about time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,11 @@ import statistics
 from typing import Callable, Optional, Sequence
 
 import torch
-
-from greenmim_convert.tools.timing import wall_times
 import torch.nn.functional as F
 
 from greenmim_convert.kernels.sparse_conv import build_neighbor_map, build_tile_plan, sparse_conv2d
 from greenmim_convert.runtime.plan.sites import Sites
+from greenmim_convert.tools.timing import wall_times
 
 
 def random_visible(batch: int, units: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -104,16 +104,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     def step(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
         """Forward + backward of ``fn`` with fresh gradients."""
+
         def run() -> None:
             for t in leaves:
                 t.grad = None
             fn().backward(grad)
+
         return run
 
     def sparse(name: str) -> Callable[[], torch.Tensor]:
         """Forward of the sparse conv on backend ``name``, with the prebuilt map and plan."""
-        return lambda: sparse_conv2d(feats, sites, sites, weight, bias, padding=pad, groups=c,
-                                     neighbor_map=nmap, tile_plan=plan, backend=name)
+        return lambda: sparse_conv2d(
+            feats, sites, sites, weight, bias, padding=pad, groups=c, neighbor_map=nmap, tile_plan=plan, backend=name
+        )
 
     runs = {
         "dense NCHW": (lambda: F.conv2d(dense, weight, bias, padding=pad, groups=c), grad_dense),
@@ -125,12 +128,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with torch.no_grad():
         ref = runs["dense NCHW"][0]().permute(0, 2, 3, 1)[at_sites]
     ms = 1e3
-    print(f"depthwise {k}x{k} conv, map {n}x{n}x{c}, batch {b}, mask ratio {args.mask_ratio} "
-          f"(units {args.unit}x{args.unit} cells), device {device}, threads {torch.get_num_threads()}")
-    print(f"visible tokens: {sites.num_tokens} of {b * n * n} ({sites.num_tokens / (b * n * n):.3f}); "
-          f"tiles {plan.tile[0]}x{plan.tile[1]}: {plan.num_tiles}, occupancy {plan.occupancy:.3f}")
-    print(f"build: sites + index grid {t_sites * ms:.3f} ms, neighbour map {t_map * ms:.3f} ms, "
-          f"tile plan {t_plan * ms:.3f} ms")
+    print(
+        f"depthwise {k}x{k} conv, map {n}x{n}x{c}, batch {b}, mask ratio {args.mask_ratio} "
+        f"(units {args.unit}x{args.unit} cells), device {device}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"visible tokens: {sites.num_tokens} of {b * n * n} ({sites.num_tokens / (b * n * n):.3f}); "
+        f"tiles {plan.tile[0]}x{plan.tile[1]}: {plan.num_tiles}, occupancy {plan.occupancy:.3f}"
+    )
+    print(
+        f"build: sites + index grid {t_sites * ms:.3f} ms, neighbour map {t_map * ms:.3f} ms, "
+        f"tile plan {t_plan * ms:.3f} ms"
+    )
     results = {}
     for name, (fwd, grad) in runs.items():
         with torch.no_grad():
@@ -139,14 +148,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             t_f = timed(fwd, args.repeats, args.warmup, device)
         t_fb = timed(step(fwd, grad), args.repeats, args.warmup, device)
         results[name] = (t_f, t_fb)
-        print(f"{name:22s} forward {t_f * ms:9.3f} ms   forward+backward {t_fb * ms:9.3f} ms   "
-              f"max |diff| vs dense {diff:.2e}")
+        print(
+            f"{name:22s} forward {t_f * ms:9.3f} ms   forward+backward {t_fb * ms:9.3f} ms   "
+            f"max |diff| vs dense {diff:.2e}"
+        )
     base_f, base_fb = results["dense NCHW"]
     cl_f, cl_fb = results["dense channels_last"]
     for name, (t_f, t_fb) in results.items():
         if name.startswith("sparse"):
-            print(f"{name:22s} sparse/dense time ratio: forward {t_f / base_f:.3f}, forward+backward {t_fb / base_fb:.3f} "
-                  f"(vs channels_last: {t_f / cl_f:.3f}, {t_fb / cl_fb:.3f})")
+            print(
+                f"{name:22s} sparse/dense time ratio: forward {t_f / base_f:.3f}, "
+                f"forward+backward {t_fb / base_fb:.3f} "
+                f"(vs channels_last: {t_f / cl_f:.3f}, {t_fb / cl_fb:.3f})"
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ in this process). Writes a JSON with every measurement and a PNG with two panels
     python benchmarks/sweep.py --models swin_tiny_patch4_window7_224 swin_base_patch4_window7_224 \\
         --ratios 0.5 0.6 0.7 0.75 0.8 0.9 --batch-sizes 4 8 --out benchmarks/sweep
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,25 @@ def sweep(models: List[str], ratios: List[float], batch_sizes: List[int], steps:
         for batch in batch_sizes:
             for ratio in ratios:
                 res = run_bench(model, green, batch, ratio, steps)
-                rows.append(dict(model=name, batch_size=batch, mask_ratio=ratio, speedup=res.speedup,
-                                 memory_ratio=res.dense.saved_bytes / res.green.saved_bytes,
-                                 saved_bytes_reduction=res.saved_bytes_reduction, flops_ratio=res.flops_ratio,
-                                 dense_ms=1e3 * res.dense.time_median_s, green_ms=1e3 * res.green.time_median_s))
-                print(f"{name} batch {batch} ratio {ratio:.2f}: {res.speedup:.2f}x faster, "
-                      f"{100 * res.saved_bytes_reduction:.0f}% fewer activation bytes, {res.flops_ratio:.2f}x fewer FLOPs",
-                      flush=True)
+                rows.append(
+                    dict(
+                        model=name,
+                        batch_size=batch,
+                        mask_ratio=ratio,
+                        speedup=res.speedup,
+                        memory_ratio=res.dense.saved_bytes / res.green.saved_bytes,
+                        saved_bytes_reduction=res.saved_bytes_reduction,
+                        flops_ratio=res.flops_ratio,
+                        dense_ms=1e3 * res.dense.time_median_s,
+                        green_ms=1e3 * res.green.time_median_s,
+                    )
+                )
+                print(
+                    f"{name} batch {batch} ratio {ratio:.2f}: {res.speedup:.2f}x faster, "
+                    f"{100 * res.saved_bytes_reduction:.0f}% fewer activation bytes, {res.flops_ratio:.2f}x fewer "
+                    f"FLOPs",
+                    flush=True,
+                )
     return rows
 
 
@@ -49,7 +62,9 @@ def plot(rows: List[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     keys = sorted({(r["model"], r["batch_size"]) for r in rows})
     for model, batch in keys:
-        pts = sorted((r for r in rows if r["model"] == model and r["batch_size"] == batch), key=lambda r: r["mask_ratio"])
+        pts = sorted(
+            (r for r in rows if r["model"] == model and r["batch_size"] == batch), key=lambda r: r["mask_ratio"]
+        )
         label = f"{model.split('_patch')[0]}, batch {batch}"
         axes[0].plot([p["mask_ratio"] for p in pts], [p["speedup"] for p in pts], marker="o", label=label)
         axes[1].plot([p["mask_ratio"] for p in pts], [p["memory_ratio"] for p in pts], marker="o", label=label)

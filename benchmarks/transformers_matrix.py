@@ -10,6 +10,7 @@ training mode (the same seed on both sides).
     python benchmarks/transformers_matrix.py
     python benchmarks/transformers_matrix.py --types swin convnext --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ import greenmim_convert as gmc  # noqa: E402
 from greenmim_convert.errors import UnsupportedOperationError  # noqa: E402
 from greenmim_convert.oracle.verify import compare_tokens, reference_of  # noqa: E402
 
-HEADER = ("| model | converts | convert s | canonicalize rewrote | masked max rel err eval / train |\n"
-          "| --- | --- | --- | --- | --- |")
+HEADER = (
+    "| model | converts | convert s | canonicalize rewrote | masked max rel err eval / train |\n"
+    "| --- | --- | --- | --- | --- |"
+)
 
 
 def refusal(exc: Exception) -> str:

@@ -7,6 +7,7 @@ normalised pixels of the hidden units. The data are random crops of the photogra
 
 The full-featured command (DDP/FSDP2, resuming, configs, TensorBoard, export) is ``greenmim-convert pretrain``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,15 @@ from greenmim_convert.mim.vis import reconstruction_grid, save_png
 
 def build(img_size: int) -> MIMModel:
     """A tiny Swin (no classifier), converted, with a 2-layer decoder and the per-unit normalised pixel target."""
-    net = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, embed_dim=32, depths=(2, 2, 2, 2),
-                            num_heads=(1, 2, 4, 8), window_size=4, img_size=img_size)
+    net = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        num_classes=0,
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=4,
+        img_size=img_size,
+    )
     encoder = gmc.convert(net)
     decoder = TransformerDecoder(net.num_features, encoder.mask_grid, encoder.mask_unit, dim=128, depth=2, heads=4)
     return MIMModel(encoder, decoder, PixelTarget(norm_pix=True))

@@ -5,6 +5,7 @@
 Needs transformers and accelerate (``pip install 'transformers[torch]'``). The encoder is a transformers Swin
 (hf:swin, random weights), converted to compute on visible units only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,30 @@ def main(argv=None) -> Trainer:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="runs/trainer")
     args = p.parse_args(argv)
-    cfg = PretrainConfig(model="hf:swin", img_size=64, decoder_dim=64, decoder_depth=1, decoder_heads=2,
-                         model_args=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4))
+    cfg = PretrainConfig(
+        model="hf:swin",
+        img_size=64,
+        decoder_dim=64,
+        decoder_depth=1,
+        decoder_heads=2,
+        model_args=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4),
+    )
     model = build_mim(cfg).model
     data = MaskedCrops(64, RandomMask(model.mask_grid, 0.75))
     training = TrainingArguments(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=2e-3,
-        lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20), weight_decay=0.05, max_grad_norm=1.0,
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False,
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=2e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.steps // 20),
+        weight_decay=0.05,
+        max_grad_norm=1.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
         dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=training, train_dataset=data)

@@ -5,6 +5,7 @@ pass pipeline; the passes themselves are ``greenmim_convert.passes``), ``runtime
 support; kernels are ``greenmim_convert.kernels``), ``oracle`` (the masked dense reference and ``verify``) and
 ``tools`` (command line, benchmarks, FLOPs, coverage). The oracle is imported on first use only.
 """
+
 from importlib import import_module
 from typing import Any
 
@@ -12,7 +13,12 @@ from greenmim_convert.api.convert import ConversionReport, GreenConfig, GreenMod
 from greenmim_convert.api.io import load, save
 from greenmim_convert.api.masking import random_mask
 from greenmim_convert.errors import (
-    GreenMIMError, InvalidInputError, LoadError, MaskUnitError, TraceError, UnsupportedOperationError,
+    GreenMIMError,
+    InvalidInputError,
+    LoadError,
+    MaskUnitError,
+    TraceError,
+    UnsupportedOperationError,
 )
 from greenmim_convert.runtime.plan.sites import Sites
 from greenmim_convert.runtime.tokens import GreenOutput, VisibleTokens
@@ -24,9 +30,25 @@ _LAZY = {
 }
 
 __all__ = [
-    "convert", "random_mask", "dense_masked_reference", "verify", "VerifyReport", "save", "load", "GreenModel",
-    "GreenConfig", "ConversionReport", "GreenOutput", "VisibleTokens", "Sites",
-    "GreenMIMError", "InvalidInputError", "LoadError", "MaskUnitError", "TraceError", "UnsupportedOperationError",
+    "convert",
+    "random_mask",
+    "dense_masked_reference",
+    "verify",
+    "VerifyReport",
+    "save",
+    "load",
+    "GreenModel",
+    "GreenConfig",
+    "ConversionReport",
+    "GreenOutput",
+    "VisibleTokens",
+    "Sites",
+    "GreenMIMError",
+    "InvalidInputError",
+    "LoadError",
+    "MaskUnitError",
+    "TraceError",
+    "UnsupportedOperationError",
 ]
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
 """Exception types: every failure the user can cause has its own type and names the offending value."""
+
 from __future__ import annotations
 
 import os

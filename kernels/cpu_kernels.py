@@ -7,6 +7,7 @@ each gathered row once and accumulate in place, on PyTorch's own OpenMP threads.
 through ``ctypes`` (which releases the GIL). ``GREENMIM_CPU_KERNELS=0`` turns them off. Where they cannot
 be built, :func:`cpu_kernel_problem` says why and the depthwise ops warn once and run their PyTorch loops.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -43,7 +44,9 @@ def _cpu_model() -> str:
 
 def _library_path(real: str, compiler: str) -> Path:
     cache = Path(os.environ.get("GREENMIM_CACHE", Path.home() / ".cache" / "greenmim_convert"))
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), real, compiler, *FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), real, compiler, *FLAGS, _cpu_model()]).encode()).hexdigest()[
+        :16
+    ]
     return cache / f"cpu_depthwise-{real}-{key}.so"
 
 
@@ -58,8 +61,9 @@ def _build(real: str) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         try:
-            result = subprocess.run([compiler, *FLAGS, f"-DREAL={real}", str(SOURCE), "-o", tmp],
-                                    capture_output=True, text=True)
+            result = subprocess.run(
+                [compiler, *FLAGS, f"-DREAL={real}", str(SOURCE), "-o", tmp], capture_output=True, text=True
+            )
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
             os.replace(tmp, path)  # atomic: concurrent builders (one per DDP rank) all land one complete file
@@ -111,13 +115,23 @@ def taps(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Option
         return None
     src, index, weight = src.contiguous(), index.contiguous(), weight.contiguous()
     out = src.new_empty(index.shape[0], src.shape[1])
-    lib.taps(_ptr(src), src.shape[0], _ptr(index), _ptr(weight), _ptr(out), index.shape[0], index.shape[1],
-             src.shape[1], torch.get_num_threads())
+    lib.taps(
+        _ptr(src),
+        src.shape[0],
+        _ptr(index),
+        _ptr(weight),
+        _ptr(out),
+        index.shape[0],
+        index.shape[1],
+        src.shape[1],
+        torch.get_num_threads(),
+    )
     return out
 
 
-def taps_backward(x: torch.Tensor, grad_src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
-                  need_x: bool = True) -> Optional[Tuple[Optional[torch.Tensor], torch.Tensor]]:
+def taps_backward(
+    x: torch.Tensor, grad_src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, need_x: bool = True
+) -> Optional[Tuple[Optional[torch.Tensor], torch.Tensor]]:
     """``(dx, dw)`` with ``dw[k] = sum_i x[i] * grad_src[index[i, k]]`` and ``dx[i] = sum_k weight[k] *
     grad_src[index[i, k]]`` (None unless ``need_x``), both from one pass of the native loop over the gathered rows
     (an index ``len(grad_src)`` reads zero); None when the loop cannot run."""
@@ -127,8 +141,23 @@ def taps_backward(x: torch.Tensor, grad_src: torch.Tensor, index: torch.Tensor, 
     x, grad_src, index, weight = x.contiguous(), grad_src.contiguous(), index.contiguous(), weight.contiguous()
     dw = x.new_empty(index.shape[1], x.shape[1])
     dx = x.new_empty(index.shape[0], x.shape[1]) if need_x else None
-    if lib.taps_backward(_ptr(x), _ptr(grad_src), grad_src.shape[0], _ptr(index), _ptr(weight),
-                         _ptr(dx) if dx is not None else None, _ptr(dw), index.shape[0], index.shape[1], x.shape[1],
-                         torch.get_num_threads()) != 0:
-        raise MemoryError(f"taps_backward could not allocate {torch.get_num_threads()} partial sums of {tuple(dw.shape)}")
+    if (
+        lib.taps_backward(
+            _ptr(x),
+            _ptr(grad_src),
+            grad_src.shape[0],
+            _ptr(index),
+            _ptr(weight),
+            _ptr(dx) if dx is not None else None,
+            _ptr(dw),
+            index.shape[0],
+            index.shape[1],
+            x.shape[1],
+            torch.get_num_threads(),
+        )
+        != 0
+    ):
+        raise MemoryError(
+            f"taps_backward could not allocate {torch.get_num_threads()} partial sums of {tuple(dw.shape)}"
+        )
     return dx, dw

@@ -17,6 +17,7 @@ gradient into a zero-filled scatter-add. Here:
 On the CPU both directions run the native loops of :mod:`.cpu_kernels` (no temporaries at all, and one pass over
 the gradient for both gradients) where the system's C compiler could build them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,8 +97,14 @@ def _(src: torch.Tensor, rows: torch.Tensor, taps_weight: torch.Tensor) -> torch
     return src.new_empty(rows.shape[0], src.shape[1])
 
 
-def _taps_backward_torch(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
-                         need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _taps_backward_torch(
+    grad_src: torch.Tensor,
+    inverse: torch.Tensor,
+    taps_weight: torch.Tensor,
+    feats: torch.Tensor,
+    need_x: bool,
+    need_w: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The portable loop of :func:`depthwise_taps_backward`: one gather of ``grad_src`` per chunk of input rows."""
     grad_src = _with_zero_row(grad_src)
     num_in, taps = inverse.shape
@@ -116,16 +123,28 @@ def _taps_backward_torch(grad_src: torch.Tensor, inverse: torch.Tensor, taps_wei
 
 
 @torch.library.custom_op("greenmim_kernels::depthwise_taps_backward", mutates_args=())
-def depthwise_taps_backward(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
-                            need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def depthwise_taps_backward(
+    grad_src: torch.Tensor,
+    inverse: torch.Tensor,
+    taps_weight: torch.Tensor,
+    feats: torch.Tensor,
+    need_x: bool,
+    need_w: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Input and tap-weight gradients ``(T_in, C)`` and ``(K, C)`` from ``grad_src`` (the output gradient) read
     through ``inverse`` (an index ``len(grad_src)`` reads zero); a gradient not asked for comes back empty."""
     return _taps_backward_torch(grad_src, inverse, taps_weight, feats, need_x, need_w)
 
 
 @depthwise_taps_backward.register_kernel("cpu")
-def _(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
-      need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _(
+    grad_src: torch.Tensor,
+    inverse: torch.Tensor,
+    taps_weight: torch.Tensor,
+    feats: torch.Tensor,
+    need_x: bool,
+    need_w: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     chans = feats.shape[1]
     if need_w:
         both = cpu_kernels.taps_backward(feats, grad_src, inverse, taps_weight, need_x)
@@ -139,21 +158,43 @@ def _(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, 
 
 
 @depthwise_taps_backward.register_fake
-def _(grad_src: torch.Tensor, inverse: torch.Tensor, taps_weight: torch.Tensor, feats: torch.Tensor,
-      need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return (feats.new_empty(inverse.shape[0] if need_x else 0, feats.shape[1]),
-            feats.new_empty(inverse.shape[1] if need_w else 0, feats.shape[1]))
+def _(
+    grad_src: torch.Tensor,
+    inverse: torch.Tensor,
+    taps_weight: torch.Tensor,
+    feats: torch.Tensor,
+    need_x: bool,
+    need_w: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (
+        feats.new_empty(inverse.shape[0] if need_x else 0, feats.shape[1]),
+        feats.new_empty(inverse.shape[1] if need_w else 0, feats.shape[1]),
+    )
 
 
-def depthwise_taps_flop(src: Tuple[int, ...], rows: Tuple[int, ...], taps_weight: Tuple[int, ...], *args: object,
-                        out_shape: object = None, **kwargs: object) -> int:
+def depthwise_taps_flop(
+    src: Tuple[int, ...],
+    rows: Tuple[int, ...],
+    taps_weight: Tuple[int, ...],
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
     """A multiply-add per tap, output row and channel."""
     return 2 * rows[0] * rows[1] * src[1]
 
 
-def depthwise_taps_backward_flop(grad_src: Tuple[int, ...], inverse: Tuple[int, ...], taps_weight: Tuple[int, ...],
-                                 feats: Tuple[int, ...], need_x: bool, need_w: bool, *args: object,
-                                 out_shape: object = None, **kwargs: object) -> int:
+def depthwise_taps_backward_flop(
+    grad_src: Tuple[int, ...],
+    inverse: Tuple[int, ...],
+    taps_weight: Tuple[int, ...],
+    feats: Tuple[int, ...],
+    need_x: bool,
+    need_w: bool,
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
     """A multiply-add per tap, input row and channel for each gradient asked for."""
     return 2 * inverse[0] * inverse[1] * feats[1] * (int(need_x) + int(need_w))
 
@@ -162,8 +203,14 @@ class _DepthwiseGather(torch.autograd.Function):
     """Autograd of :func:`depthwise_conv_gather`: saves ``x`` and the plan's inverse table only."""
 
     @staticmethod
-    def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor,
-                inverse: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx,
+        feats: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        rows: torch.Tensor,
+        inverse: torch.Tensor,
+    ) -> torch.Tensor:
         out = depthwise_taps(feats, rows, weight.reshape(weight.shape[0], -1).t())
         if bias is not None:
             out.add_(bias)
@@ -179,15 +226,24 @@ class _DepthwiseGather(torch.autograd.Function):
         taps_weight = weight.reshape(weight.shape[0], -1).t()
         dx, dw = depthwise_taps_backward(grad.contiguous(), inverse, taps_weight, feats, need_x, need_w)
         dbias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (dx if need_x else None), (like_param(dw.t().reshape(weight.shape), weight) if need_w else None), dbias, None, None
+        return (
+            (dx if need_x else None),
+            (like_param(dw.t().reshape(weight.shape), weight) if need_w else None),
+            dbias,
+            None,
+            None,
+        )
 
 
-def depthwise_conv_gather(feats: torch.Tensor, plan: DepthwisePlan, weight: torch.Tensor,
-                          bias: Optional[torch.Tensor]) -> torch.Tensor:
+def depthwise_conv_gather(
+    feats: torch.Tensor, plan: DepthwisePlan, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Depthwise conv (``weight`` ``(C, 1, kh, kw)``) of packed ``feats`` ``(T_in, C)`` at the plan's output rows."""
     if weight.shape[0] != feats.shape[1] or weight.shape[1] != 1:
         raise ValueError(f"not a depthwise weight for {feats.shape[1]} channels: {tuple(weight.shape)}")
     if plan.inverse.shape[0] != feats.shape[0] or plan.rows.shape[1] != weight.shape[2] * weight.shape[3]:
-        raise ValueError(f"plan for {plan.inverse.shape[0]} inputs and {plan.rows.shape[1]} taps, got "
-                         f"{feats.shape[0]} inputs and a {tuple(weight.shape[2:])} kernel")
+        raise ValueError(
+            f"plan for {plan.inverse.shape[0]} inputs and {plan.rows.shape[1]} taps, got "
+            f"{feats.shape[0]} inputs and a {tuple(weight.shape[2:])} kernel"
+        )
     return _DepthwiseGather.apply(feats.contiguous(), weight, bias, plan.rows, plan.inverse)

@@ -1,4 +1,5 @@
 """Weight gradients in their parameter's layout, so DDP's buckets take them without a copy or a warning."""
+
 from __future__ import annotations
 
 import torch

@@ -21,6 +21,7 @@ when its native loops are built (:mod:`.cpu_kernels`), else tiles when the tiles
 else the depthwise gather for depthwise convs, else the reference. Naming a backend that cannot run the call raises
 :class:`BackendUnavailableError` rather than falling back silently.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -164,8 +165,14 @@ def build_neighbor_map(
     return torch.where(inside, found, torch.full_like(found, -1)).reshape(k[0] * k[1], out_sites.num_tokens)
 
 
-def _geometry_key(kind: str, out_sites: Sites, kernel: Tuple[int, int], stride: Tuple[int, int], padding: Padding,
-                  dilation: Tuple[int, int]) -> tuple:
+def _geometry_key(
+    kind: str,
+    out_sites: Sites,
+    kernel: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Padding,
+    dilation: Tuple[int, int],
+) -> tuple:
     """Memo key (on the input sites) of a table built for ``out_sites`` and one conv geometry. The memo keeps
     ``out_sites`` alive beside the table, so its ``id`` is not reused while the key exists."""
     pad = padding if isinstance(padding, str) else padding_sides(padding)
@@ -173,7 +180,11 @@ def _geometry_key(kind: str, out_sites: Sites, kernel: Tuple[int, int], stride: 
 
 
 def cached_neighbor_map(
-    in_sites: Sites, out_sites: Sites, kernel_size: IntPair, stride: IntPair = 1, padding: Padding = 0,
+    in_sites: Sites,
+    out_sites: Sites,
+    kernel_size: IntPair,
+    stride: IntPair = 1,
+    padding: Padding = 0,
     dilation: IntPair = 1,
 ) -> torch.Tensor:
     """:func:`build_neighbor_map`, built once per pair of sites and geometry (kept on ``in_sites``), so that the
@@ -209,7 +220,9 @@ def sparse_conv2d_reference(
     if c_in_group == 1 and groups == c_in and groups > 1:
         mult = c_out // c_in
         w = weight.reshape(c_in, mult, taps)
-        out = bias.view(c_in, mult).expand(t_out, c_in, mult) if bias is not None else feats.new_zeros(t_out, c_in, mult)
+        out = (
+            bias.view(c_in, mult).expand(t_out, c_in, mult) if bias is not None else feats.new_zeros(t_out, c_in, mult)
+        )
         for k in range(taps):
             out = torch.addcmul(out, padded.index_select(0, index[k]).unsqueeze(2), w[:, :, k])
         return out.reshape(t_out, c_out)
@@ -220,7 +233,11 @@ def sparse_conv2d_reference(
         return torch.addmm(bias, cols, w.t()) if bias is not None else cols @ w.t()
     c_out_group = c_out // groups
     cols = cols.view(t_out, taps, groups, c_in_group).permute(2, 0, 1, 3).reshape(groups, t_out, taps * c_in_group)
-    w = weight.view(groups, c_out_group, c_in_group, taps).permute(0, 3, 2, 1).reshape(groups, taps * c_in_group, c_out_group)
+    w = (
+        weight.view(groups, c_out_group, c_in_group, taps)
+        .permute(0, 3, 2, 1)
+        .reshape(groups, taps * c_in_group, c_out_group)
+    )
     if bias is not None:
         out = torch.baddbmm(bias.view(groups, 1, c_out_group), cols, w)
     else:
@@ -355,8 +372,9 @@ class _TiledConv(torch.autograd.Function):
     """Autograd of :func:`sparse_conv2d_tiles`: saves the packed input, re-gathers the patches in backward."""
 
     @staticmethod
-    def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: TilePlan,
-                groups: int) -> torch.Tensor:
+    def forward(
+        ctx, feats: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], plan: TilePlan, groups: int
+    ) -> torch.Tensor:
         patches = _gather_patches(feats, plan)
         out = F.conv2d(patches, weight, bias, stride=plan.stride, dilation=plan.dilation, groups=groups)
         th, tw = plan.tile
@@ -378,8 +396,18 @@ class _TiledConv(torch.autograd.Function):
         patches = _gather_patches(feats, plan)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
         dpatch, dweight, dbias = torch.ops.aten.convolution_backward(
-            grad_tiles, patches, weight, [c_out] if has_bias else None, list(plan.stride), [0, 0],
-            list(plan.dilation), False, [0, 0], groups, mask)
+            grad_tiles,
+            patches,
+            weight,
+            [c_out] if has_bias else None,
+            list(plan.stride),
+            [0, 0],
+            list(plan.dilation),
+            False,
+            [0, 0],
+            groups,
+            mask,
+        )
         dfeats = None
         if mask[0]:
             c_in = feats.shape[1]
@@ -432,8 +460,9 @@ def _triton_problem(feats: torch.Tensor, weight: torch.Tensor, groups: int) -> O
     return None
 
 
-def _spconv_problem(feats: torch.Tensor, groups: int, stride: Tuple[int, int], dilation: Tuple[int, int],
-                    padding: Padding = 0) -> Optional[str]:
+def _spconv_problem(
+    feats: torch.Tensor, groups: int, stride: Tuple[int, int], dilation: Tuple[int, int], padding: Padding = 0
+) -> Optional[str]:
     """Why the spconv backend cannot run this call, or None when it can."""
     from greenmim_convert.kernels.spconv_backend import spconv_available
 
@@ -457,8 +486,14 @@ def _native_cpu_ready(dtype: torch.dtype) -> bool:
     return cpu_kernel_problem(dtype) is None
 
 
-def _auto_kernel(feats: torch.Tensor, weight: torch.Tensor, groups: int, stride: Tuple[int, int], dilation: Tuple[int, int],
-                 padding: Padding = 0) -> Optional[str]:
+def _auto_kernel(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    stride: Tuple[int, int],
+    dilation: Tuple[int, int],
+    padding: Padding = 0,
+) -> Optional[str]:
     """The device kernel ``"auto"`` uses for this call, or None when it runs a PyTorch path."""
     if not feats.is_cuda:
         if feats.device.type == "cpu" and _is_depthwise(feats, weight, groups) and _native_cpu_ready(feats.dtype):
@@ -466,7 +501,11 @@ def _auto_kernel(feats: torch.Tensor, weight: torch.Tensor, groups: int, stride:
         return None
     if _is_depthwise(feats, weight, groups) and _triton_problem(feats, weight, groups) is None:
         return "triton"
-    if groups == 1 and weight.shape[2] * weight.shape[3] > 1 and _spconv_problem(feats, groups, stride, dilation, padding) is None:
+    if (
+        groups == 1
+        and weight.shape[2] * weight.shape[3] > 1
+        and _spconv_problem(feats, groups, stride, dilation, padding) is None
+    ):
         return "spconv"
     return None
 
@@ -551,10 +590,14 @@ def sparse_conv2d(
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
     s, d = as_pair(stride, "stride"), as_pair(dilation, "dilation")
-    wants_plan = backend == "tiles" or (backend == "auto" and _auto_kernel(feats, weight, groups, s, d, padding) is None)
+    wants_plan = backend == "tiles" or (
+        backend == "auto" and _auto_kernel(feats, weight, groups, s, d, padding) is None
+    )
     if wants_plan and tile_plan is None:
         key = _geometry_key("tile plan", out_sites, (kh, kw), s, padding, d)
-        tile_plan = in_sites.memo(key, lambda: (out_sites, build_tile_plan(in_sites, out_sites, (kh, kw), s, padding, d)))[1]
+        tile_plan = in_sites.memo(
+            key, lambda: (out_sites, build_tile_plan(in_sites, out_sites, (kh, kw), s, padding, d))
+        )[1]
     chosen = select_backend(feats, weight, groups, s, d, backend, tile_plan, padding)
     if chosen == "spconv":
         from greenmim_convert.kernels.spconv_backend import spconv_conv2d
@@ -570,7 +613,9 @@ def sparse_conv2d(
                 f"{tile_plan.padding}, dilation {tile_plan.dilation}; this conv has {(kh, kw)}, {s}, {pad}, {d}"
             )
         if tile_plan.out_rows.shape[0] != out_sites.num_tokens:
-            raise ValueError(f"tile_plan covers {tile_plan.out_rows.shape[0]} output sites, expected {out_sites.num_tokens}")
+            raise ValueError(
+                f"tile_plan covers {tile_plan.out_rows.shape[0]} output sites, expected {out_sites.num_tokens}"
+            )
         return sparse_conv2d_tiles(feats, tile_plan, weight, bias, groups)
     if neighbor_map is None:
         neighbor_map = cached_neighbor_map(in_sites, out_sites, (kh, kw), s, padding, d)
@@ -586,7 +631,8 @@ def sparse_conv2d(
         from greenmim_convert.kernels.depthwise_gather import DepthwisePlan, depthwise_conv_gather
 
         key = _geometry_key("depthwise plan", out_sites, (kh, kw), s, padding, d) + (id(neighbor_map),)
-        plan = in_sites.memo(key, lambda: (out_sites, neighbor_map,
-                                           DepthwisePlan.from_neighbor_map(neighbor_map, in_sites.num_tokens)))[2]
+        plan = in_sites.memo(
+            key, lambda: (out_sites, neighbor_map, DepthwisePlan.from_neighbor_map(neighbor_map, in_sites.num_tokens))
+        )[2]
         return depthwise_conv_gather(feats, plan, weight, bias)
     return sparse_conv2d_reference(feats, neighbor_map, weight, bias, groups)

@@ -20,14 +20,21 @@ spconv's submanifold conv; any other conv runs as a regular sparse conv, whose o
 cell with a visible input in its receptive field) is then looked up at ``out_sites``; a site it
 lacks has no visible input, so its value is the bias.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from greenmim_convert.kernels.sparse_conv import (BackendUnavailableError, IntPair, Padding, as_pair, is_asymmetric,
-                                                  resolve_padding)
+from greenmim_convert.kernels.sparse_conv import (
+    BackendUnavailableError,
+    IntPair,
+    Padding,
+    as_pair,
+    is_asymmetric,
+    resolve_padding,
+)
 from greenmim_convert.runtime.plan.sites import Sites
 
 _SPCONV: Optional[Any] = None
@@ -79,16 +86,31 @@ def _layout_of(module: torch.nn.Module, c_out: int, c_in: int, kernel: Tuple[int
 
 
 def _module(
-    subm: bool, c_in: int, c_out: int, kernel: Tuple[int, int], stride: Tuple[int, int],
-    padding: Tuple[int, int], dilation: Tuple[int, int], has_bias: bool, device: torch.device, dtype: torch.dtype,
+    subm: bool,
+    c_in: int,
+    c_out: int,
+    kernel: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    has_bias: bool,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.nn.Module:
     """A cached spconv conv module of this geometry; its parameters are replaced at every call."""
     key = (subm, c_in, c_out, kernel, stride, padding, dilation, has_bias, str(device), dtype)
     if key not in _MODULES:
         sp = _import_spconv()
         cls = sp.SubMConv2d if subm else sp.SparseConv2d
-        module = cls(c_in, c_out, list(kernel), stride=list(stride), padding=list(padding),
-                     dilation=list(dilation), bias=has_bias)
+        module = cls(
+            c_in,
+            c_out,
+            list(kernel),
+            stride=list(stride),
+            padding=list(padding),
+            dilation=list(dilation),
+            bias=has_bias,
+        )
         _MODULES[key] = module.to(device=device, dtype=dtype).train()
     return _MODULES[key]
 
@@ -137,7 +159,9 @@ def spconv_conv2d(
         raise RuntimeError(f"spconv produced a {tuple(y.spatial_shape)} grid, expected {(ho, wo)}")
     out_idx = y.indices.long()
     lookup = torch.full((out_sites.batch_size * ho * wo,), -1, dtype=torch.long, device=feats.device)
-    lookup[(out_idx[:, 0] * ho + out_idx[:, 1]) * wo + out_idx[:, 2]] = torch.arange(out_idx.shape[0], device=feats.device)
+    lookup[(out_idx[:, 0] * ho + out_idx[:, 1]) * wo + out_idx[:, 2]] = torch.arange(
+        out_idx.shape[0], device=feats.device
+    )
     rows = lookup[(out_sites.batch * ho + out_sites.coords[:, 0]) * wo + out_sites.coords[:, 1]]
     fill = bias if bias is not None else y.features.new_zeros(int(c_out))
     padded = torch.cat([y.features, fill.to(y.features.dtype)[None]], dim=0)

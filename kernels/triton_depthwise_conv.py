@@ -19,6 +19,7 @@ Backward without atomics:
 Accumulation is in float32 (float64 for float64 inputs). On the CPU the kernels only run under
 ``TRITON_INTERPRET=1``, which must be set before ``triton`` is first imported in the process.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -127,7 +128,9 @@ def _blocks(n_ch: int) -> Tuple[int, int]:
     return block_t, block_c
 
 
-def _gather(src: torch.Tensor, nmap: torch.Tensor, weight2d: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _gather(
+    src: torch.Tensor, nmap: torch.Tensor, weight2d: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Launch :func:`_depthwise_gather_kernel`: ``(T_map, C)`` output of ``src`` read through ``nmap``."""
     n_taps, n_out = nmap.shape
     n_ch = src.shape[1]
@@ -138,9 +141,18 @@ def _gather(src: torch.Tensor, nmap: torch.Tensor, weight2d: torch.Tensor, bias:
     acc, _ = _acc_dtype(src.dtype)
     grid = (triton.cdiv(n_out, block_t), triton.cdiv(n_ch, block_c))
     _depthwise_gather_kernel[grid](
-        src, nmap, weight2d, bias if bias is not None else weight2d, out,
-        n_out, n_ch, n_taps,
-        HAS_BIAS=bias is not None, ACC=acc, BLOCK_T=block_t, BLOCK_C=block_c,
+        src,
+        nmap,
+        weight2d,
+        bias if bias is not None else weight2d,
+        out,
+        n_out,
+        n_ch,
+        n_taps,
+        HAS_BIAS=bias is not None,
+        ACC=acc,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
     )
     return out
 
@@ -158,9 +170,18 @@ def _weight_grad(
     bpart = torch.zeros((max(tiles, 1), n_ch), dtype=acc_torch, device=src.device)
     if n_out > 0:
         _depthwise_weight_grad_kernel[(tiles, triton.cdiv(n_ch, block_c))](
-            src, nmap, grad, wpart, bpart,
-            n_out, n_ch, n_taps,
-            HAS_BIAS=with_bias, ACC=acc, BLOCK_T=block_t, BLOCK_C=block_c,
+            src,
+            nmap,
+            grad,
+            wpart,
+            bpart,
+            n_out,
+            n_ch,
+            n_taps,
+            HAS_BIAS=with_bias,
+            ACC=acc,
+            BLOCK_T=block_t,
+            BLOCK_C=block_c,
         )
     grad_w = wpart.sum(0).t()
     grad_b = bpart.sum(0) if with_bias else None
@@ -185,7 +206,9 @@ class DepthwiseSparseConvFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels: inputs ``feats (T_in, C)``, ``weight (C, K)``, ``bias (C,)``."""
 
     @staticmethod
-    def forward(ctx, feats: torch.Tensor, weight2d: torch.Tensor, bias: Optional[torch.Tensor], nmap: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx, feats: torch.Tensor, weight2d: torch.Tensor, bias: Optional[torch.Tensor], nmap: torch.Tensor
+    ) -> torch.Tensor:  # type: ignore[override]
         """Run the gather kernel; keep the inputs (not the K gathered copies) for the backward."""
         feats = feats.contiguous()
         weight2d = weight2d.contiguous()

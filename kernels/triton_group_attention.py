@@ -17,6 +17,7 @@ the table with float32 atomic adds), another walks every query tile over all key
 On machines without a GPU the kernels run on CPU tensors in Triton's interpreter, which requires
 ``TRITON_INTERPRET=1`` before ``triton`` is first imported (see :func:`interpreter_active`).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
@@ -31,14 +32,41 @@ MAX_HEAD_DIM = 128
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, SEG, POS, BIAS, O, LSE,
-    stride_qg, stride_qh, stride_qm, stride_qd,
-    stride_kg, stride_kh, stride_kn, stride_kd,
-    stride_vg, stride_vh, stride_vn, stride_vd,
-    stride_og, stride_oh, stride_om, stride_od,
-    H, g, d, N, scale,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    SEG,
+    POS,
+    BIAS,
+    O,
+    LSE,
+    stride_qg,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kg,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vg,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_og,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H,
+    g,
+    d,
+    N,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One (group * head, query tile): online-softmax attention over all key tiles of the group."""
     pid_gh = tl.program_id(0)
@@ -53,7 +81,8 @@ def _fwd_kernel(
 
     q = tl.load(
         Q + grp * stride_qg + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
     ).to(DOT_DTYPE)
     seg_i = tl.load(SEG + grp * g + offs_m, mask=row_ok, other=0)
     if HAS_BIAS:
@@ -72,11 +101,13 @@ def _fwd_kernel(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(
             K + grp * stride_kg + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=kv_mask, other=0.0,
+            mask=kv_mask,
+            other=0.0,
         ).to(DOT_DTYPE)
         v = tl.load(
             V + grp * stride_vg + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=kv_mask, other=0.0,
+            mask=kv_mask,
+            other=0.0,
         ).to(DOT_DTYPE)
         seg_j = tl.load(SEG + grp * g + offs_n, mask=col_ok, other=0)
         keep = (seg_i[:, None] == seg_j[None, :]) & row_ok[:, None] & col_ok[None, :]
@@ -106,15 +137,50 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, SEG, POS, BIAS, LSE, DELTA, DK, DV, DBIAS,
-    stride_qg, stride_qh, stride_qm, stride_qd,
-    stride_kg, stride_kh, stride_kn, stride_kd,
-    stride_vg, stride_vh, stride_vn, stride_vd,
-    stride_dog, stride_doh, stride_dom, stride_dod,
-    stride_gg, stride_gh, stride_gn, stride_gd,
-    H, g, d, N, scale,
-    HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    SEG,
+    POS,
+    BIAS,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DBIAS,
+    stride_qg,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kg,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vg,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dog,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_gg,
+    stride_gh,
+    stride_gn,
+    stride_gd,
+    H,
+    g,
+    d,
+    N,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    NEED_DBIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One (group * head, key tile): dk, dv over all query tiles; dbias scattered atomically."""
     pid_gh = tl.program_id(0)
@@ -130,11 +196,13 @@ def _bwd_dkdv_kernel(
 
     k = tl.load(
         K + grp * stride_kg + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask, other=0.0,
+        mask=kv_mask,
+        other=0.0,
     ).to(DOT_DTYPE)
     v = tl.load(
         V + grp * stride_vg + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask, other=0.0,
+        mask=kv_mask,
+        other=0.0,
     ).to(DOT_DTYPE)
     seg_j = tl.load(SEG + grp * g + offs_n, mask=col_ok, other=0)
     if HAS_BIAS:
@@ -149,11 +217,13 @@ def _bwd_dkdv_kernel(
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(
             Q + grp * stride_qg + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-            mask=q_mask, other=0.0,
+            mask=q_mask,
+            other=0.0,
         ).to(DOT_DTYPE)
         do = tl.load(
             DO + grp * stride_dog + head * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-            mask=q_mask, other=0.0,
+            mask=q_mask,
+            other=0.0,
         ).to(DOT_DTYPE)
         seg_i = tl.load(SEG + grp * g + offs_m, mask=row_ok, other=0)
         lse = tl.load(LSE + pid_gh.to(tl.int64) * g + offs_m, mask=row_ok, other=0.0)
@@ -181,15 +251,47 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, SEG, POS, BIAS, LSE, DELTA, DQ,
-    stride_qg, stride_qh, stride_qm, stride_qd,
-    stride_kg, stride_kh, stride_kn, stride_kd,
-    stride_vg, stride_vh, stride_vn, stride_vd,
-    stride_dog, stride_doh, stride_dom, stride_dod,
-    stride_gg, stride_gh, stride_gm, stride_gd,
-    H, g, d, N, scale,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    SEG,
+    POS,
+    BIAS,
+    LSE,
+    DELTA,
+    DQ,
+    stride_qg,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kg,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vg,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dog,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_gg,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    H,
+    g,
+    d,
+    N,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One (group * head, query tile): dq over all key tiles."""
     pid_gh = tl.program_id(0)
@@ -205,11 +307,13 @@ def _bwd_dq_kernel(
 
     q = tl.load(
         Q + grp * stride_qg + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=q_mask, other=0.0,
+        mask=q_mask,
+        other=0.0,
     ).to(DOT_DTYPE)
     do = tl.load(
         DO + grp * stride_dog + head * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=q_mask, other=0.0,
+        mask=q_mask,
+        other=0.0,
     ).to(DOT_DTYPE)
     seg_i = tl.load(SEG + grp * g + offs_m, mask=row_ok, other=0)
     lse = tl.load(LSE + pid_gh.to(tl.int64) * g + offs_m, mask=row_ok, other=0.0)
@@ -225,11 +329,13 @@ def _bwd_dq_kernel(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(
             K + grp * stride_kg + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            mask=kv_mask, other=0.0,
+            mask=kv_mask,
+            other=0.0,
         ).to(DOT_DTYPE)
         v = tl.load(
             V + grp * stride_vg + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=kv_mask, other=0.0,
+            mask=kv_mask,
+            other=0.0,
         ).to(DOT_DTYPE)
         seg_j = tl.load(SEG + grp * g + offs_n, mask=col_ok, other=0)
         keep = (seg_i[:, None] == seg_j[None, :]) & row_ok[:, None] & col_ok[None, :]
@@ -330,16 +436,19 @@ def check_inputs(
     """Raise ``ValueError`` for inputs outside what the fused kernel handles, ``RuntimeError`` for
     CPU tensors outside the interpreter."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share a (G, heads, g, d) shape, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must share a (G, heads, g, d) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q, k, v must share one of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device == segment.device):
         raise ValueError("q, k, v and segment must be on one device")
     if q.device.type == "cpu" and not interpreter_active():
-        raise RuntimeError("the fused Triton group attention needs GPU tensors; CPU tensors run only in "
-                           "Triton's interpreter, which needs TRITON_INTERPRET=1 set before triton is first "
-                           "imported in the process (or use the PyTorch path: attention_backend='torch')")
+        raise RuntimeError(
+            "the fused Triton group attention needs GPU tensors; CPU tensors run only in "
+            "Triton's interpreter, which needs TRITON_INTERPRET=1 set before triton is first "
+            "imported in the process (or use the PyTorch path: attention_backend='torch')"
+        )
     G, _, g, d = q.shape
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} exceeds the fused kernel's limit {MAX_HEAD_DIM}")
@@ -373,11 +482,30 @@ class _GroupAttention(torch.autograd.Function):
         lse = torch.empty((G, H, g), dtype=torch.float32, device=q.device)
         if out.numel():
             _fwd_kernel[(G * H, triton.cdiv(g, cfg.block))](
-                q, k, v, segment, position, bias_c, out, lse,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                H, g, d, n, float(scale),
-                HAS_BIAS=has_bias, PRECISION=cfg.precision, DOT_DTYPE=_dot_dtype(q.dtype),
-                BLOCK_M=cfg.block, BLOCK_N=cfg.block, BLOCK_D=cfg.block_d, num_warps=cfg.warps_fwd,
+                q,
+                k,
+                v,
+                segment,
+                position,
+                bias_c,
+                out,
+                lse,
+                *_strides(q),
+                *_strides(k),
+                *_strides(v),
+                *_strides(out),
+                H,
+                g,
+                d,
+                n,
+                float(scale),
+                HAS_BIAS=has_bias,
+                PRECISION=cfg.precision,
+                DOT_DTYPE=_dot_dtype(q.dtype),
+                BLOCK_M=cfg.block,
+                BLOCK_N=cfg.block,
+                BLOCK_D=cfg.block_d,
+                num_warps=cfg.warps_fwd,
             )
         ctx.save_for_backward(q, k, v, segment, position, bias_c, out, lse)
         ctx.cfg = cfg
@@ -400,17 +528,55 @@ class _GroupAttention(torch.autograd.Function):
         dbias = torch.zeros(bias_c.shape, dtype=torch.float32, device=q.device) if need_dbias else dq
         if dq.numel():
             grid = (G * H, triton.cdiv(g, cfg.block))
-            common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-                      H, g, d, ctx.n, ctx.scale)
+            common = (
+                *_strides(q),
+                *_strides(k),
+                *_strides(v),
+                *_strides(dout),
+                *_strides(dq),
+                H,
+                g,
+                d,
+                ctx.n,
+                ctx.scale,
+            )
             tiles = dict(BLOCK_M=cfg.block, BLOCK_N=cfg.block, BLOCK_D=cfg.block_d, num_warps=cfg.warps_bwd)
             _bwd_dkdv_kernel[grid](
-                q, k, v, dout, segment, position, bias_c, lse, delta, dk, dv, dbias, *common,
-                HAS_BIAS=ctx.has_bias, NEED_DBIAS=need_dbias, PRECISION=cfg.precision,
-                DOT_DTYPE=_dot_dtype(q.dtype), **tiles,
+                q,
+                k,
+                v,
+                dout,
+                segment,
+                position,
+                bias_c,
+                lse,
+                delta,
+                dk,
+                dv,
+                dbias,
+                *common,
+                HAS_BIAS=ctx.has_bias,
+                NEED_DBIAS=need_dbias,
+                PRECISION=cfg.precision,
+                DOT_DTYPE=_dot_dtype(q.dtype),
+                **tiles,
             )
             _bwd_dq_kernel[grid](
-                q, k, v, dout, segment, position, bias_c, lse, delta, dq, *common,
-                HAS_BIAS=ctx.has_bias, PRECISION=cfg.precision, DOT_DTYPE=_dot_dtype(q.dtype), **tiles,
+                q,
+                k,
+                v,
+                dout,
+                segment,
+                position,
+                bias_c,
+                lse,
+                delta,
+                dq,
+                *common,
+                HAS_BIAS=ctx.has_bias,
+                PRECISION=cfg.precision,
+                DOT_DTYPE=_dot_dtype(q.dtype),
+                **tiles,
             )
         grad_bias = dbias.to(ctx.bias_dtype) if need_dbias else None
         return dq, dk, dv, None, None, grad_bias, None

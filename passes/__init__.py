@@ -1,4 +1,6 @@
-"""The passes of greenmim-convert over captured ATen graphs, in pipeline order (see ``greenmim_convert.compiler.pipeline.build_pipeline``)."""
+"""The passes of greenmim-convert over captured ATen graphs, in pipeline order (see
+``greenmim_convert.compiler.pipeline.build_pipeline``)."""
+
 from .attention import AttentionPass
 from .base import ConvertContext, GreenPass
 from .canonicalize import CanonicalizePass
@@ -22,8 +24,28 @@ from .sample_matmul import SampleMatmulPass
 from .tokenwise import TokenwisePass
 
 __all__ = [
-    "AttentionPass", "CanonicalizePass", "ConvertContext", "GreenPass", "ChannelSplitPass", "CheckPass", "ConvPass",
-    "DenseIslandPass", "EinsumPass", "FunctionalizePass", "GridPaddingPass", "LayoutAnalysisPass", "LayoutOpsPass",
-    "OutputsPass", "PatchMergingPass", "PoolingPass", "PositionEinsumPass", "PrefixTokensPass", "RecomputePass",
-    "RowGatherPass", "SampleMatmulPass", "TokenwisePass", "LAYOUT_RULES", "to_networkx",
+    "AttentionPass",
+    "CanonicalizePass",
+    "ConvertContext",
+    "GreenPass",
+    "ChannelSplitPass",
+    "CheckPass",
+    "ConvPass",
+    "DenseIslandPass",
+    "EinsumPass",
+    "FunctionalizePass",
+    "GridPaddingPass",
+    "LayoutAnalysisPass",
+    "LayoutOpsPass",
+    "OutputsPass",
+    "PatchMergingPass",
+    "PoolingPass",
+    "PositionEinsumPass",
+    "PrefixTokensPass",
+    "RecomputePass",
+    "RowGatherPass",
+    "SampleMatmulPass",
+    "TokenwisePass",
+    "LAYOUT_RULES",
+    "to_networkx",
 ]

@@ -11,6 +11,7 @@ term. Each such region becomes one runtime op that gathers every term per (query
 packed groups: group window attention when query and key share window digits, per-sample
 attention (keys possibly on a reduced grid) when they share only the sample.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -20,18 +21,18 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from greenmim_convert.runtime import attention as runtime
-from greenmim_convert.runtime import ops, plan as planner
-from greenmim_convert.runtime.attention import AttentionProgram, Step
-from greenmim_convert.runtime.plan.terms import TermPlan
-from greenmim_convert.runtime.plan.segments import DigitWindows
 from greenmim_convert.compiler.annotations import Property, QueryTerm, facts, peek
 from greenmim_convert.compiler.layout import Atom, Axis, Layout, LayoutError
+from greenmim_convert.runtime import attention as runtime
+from greenmim_convert.runtime import plan as planner
+from greenmim_convert.runtime.attention import AttentionProgram, Step
+from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.runtime.plan.terms import TermPlan
 
 from . import rules
 from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
 from .block_masks import evaluate_constant, region_labels
-from .tokenwise import UNARY, BINARY
+from .tokenwise import BINARY, UNARY
 
 KEY = {"h": "kh", "w": "kw"}
 KEY_KINDS = ("kh", "kw")
@@ -66,10 +67,12 @@ def _batch_key(lay: Layout, absolute: bool) -> tuple:
     """The batch axes (all but the last two) as comparable digits: a channel digit (a head) by its size only, since
     batch axes of a matmul pair by position and each operand reads its own columns; spatial digits in pixels
     (``inner * stride``) when ``absolute``, to compare digits across grids."""
+
     def key(a: Atom) -> tuple:
         if a.kind == "c":
             return ("c", a.size)
         return (a.kind, a.size, a.inner * (lay.stride if absolute and a.kind in "hw" else 1))
+
     return tuple(tuple(key(a) for a in ax) for ax in lay.axes[:-2])
 
 
@@ -115,8 +118,11 @@ def sample_matmul_layout(la: Layout, lb: Layout) -> Optional[Layout]:
     """
     n = max(len(la.axes), len(lb.axes))
     la, lb = la.padded_to(n), lb.padded_to(n)
-    whole = lambda lay, axis: bool(lay.axes[axis]) and all(a.kind in "hw" for a in lay.axes[axis]) and sum(
-        a.kind in "hw" for ax in lay.axes for a in ax) == len(lay.axes[axis])
+    whole = lambda lay, axis: (
+        bool(lay.axes[axis])
+        and all(a.kind in "hw" for a in lay.axes[axis])
+        and sum(a.kind in "hw" for ax in lay.axes for a in ax) == len(lay.axes[axis])
+    )
     if not la.is_per_sample() and not lb.is_per_sample() and whole(la, -1) and whole(lb, -2):
         if la.axes[-1] != lb.axes[-2] or la.axes[:-2] != lb.axes[:-2]:
             raise LayoutError("token sum of two operands over different positions")
@@ -139,8 +145,13 @@ def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:
     n = max(len(p.axes), len(v.axes))
     p, v = p.padded_to(n), v.padded_to(n)
     key = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in v.axes[-2] if a.kind in KEY)
-    if len(key) != len(v.axes[-2]) or key != p.axes[-1] or not same_batch(p, v) or p.key_prefix != v.prefix \
-            or p.border != v.border:
+    if (
+        len(key) != len(v.axes[-2])
+        or key != p.axes[-1]
+        or not same_batch(p, v)
+        or p.key_prefix != v.prefix
+        or p.border != v.border
+    ):
         raise LayoutError("probabilities @ v does not contract the key axis with the value tokens")
     facts(node).attention_pv = True
     out = Layout(_own_heads(p, v) + (p.axes[-2], v.axes[-1]), p.grid, p.stride, p.offset, p.prefix, border=p.border)
@@ -163,8 +174,9 @@ def _sdpa_rule(node: fx.Node) -> Optional[Layout]:
     lv = lv.padded_to(len(pair.axes))
     if not same_batch(pair, lv):
         raise LayoutError("query and value do not share their batch (sample, window, head) digits")
-    out = Layout(_own_heads(pair, lv) + (pair.axes[-2], lv.axes[-1]), lq.grid, lq.stride, lq.offset, lq.prefix,
-                 border=lq.border)
+    out = Layout(
+        _own_heads(pair, lv) + (pair.axes[-2], lv.axes[-1]), lq.grid, lq.stride, lq.offset, lq.prefix, border=lq.border
+    )
     facts(node).attention_sdpa = pair
     out.check_packed()
     return out
@@ -188,10 +200,14 @@ def _query_term_rule(node: fx.Node) -> Optional[Layout]:
     for pa, oa in zip(pair.axes, other.axes):
         if not oa or oa == pa:
             continue
-        aligned = len(pa) == len(oa) and all(a.kind == "c" and b.kind in KEY_KINDS and a.size == b.size for a, b in zip(oa, pa))
+        aligned = len(pa) == len(oa) and all(
+            a.kind == "c" and b.kind in KEY_KINDS and a.size == b.size for a, b in zip(oa, pa)
+        )
         if not aligned:
-            raise LayoutError(f"a term computed from the queries of layout {other.shape} that does not broadcast against "
-                              f"the logits {pair.shape}")
+            raise LayoutError(
+                f"a term computed from the queries of layout {other.shape} that does not broadcast against "
+                f"the logits {pair.shape}"
+            )
         keys.extend((a, Atom(b.kind[1], b.size, b.inner)) for a, b in zip(oa, pa))
     if not keys:
         raise LayoutError("logits combined with image features that hold no key digits")
@@ -256,8 +272,12 @@ def _windows(pair: Layout, q: Layout, k: Layout) -> Optional[DigitWindows]:
         raise LayoutError("keys and queries cover different positions of their window")
     if not shared:
         return None
-    return DigitWindows(q.grid, q.offset, tuple((a.kind, a.size, a.inner) for a in shared),
-                        tuple((a.kind, a.size, a.inner) for a in token))
+    return DigitWindows(
+        q.grid,
+        q.offset,
+        tuple((a.kind, a.size, a.inner) for a in shared),
+        tuple((a.kind, a.size, a.inner) for a in token),
+    )
 
 
 def _cross_windows(pair: Layout, q: Layout, k: Layout) -> Optional[Tuple[DigitWindows, DigitWindows]]:
@@ -336,7 +356,9 @@ def query_term_plan(lay: Layout, keys, heads: List[Atom]) -> TermPlan:
         elif a in heads:
             head.append((heads.index(a), a.size, stride))
         else:
-            raise LayoutError("a term computed from the queries holds channels that are neither heads nor key positions")
+            raise LayoutError(
+                "a term computed from the queries holds channels that are neither heads nor key positions"
+            )
         stride *= a.size
     return TermPlan(tuple(head), (), tuple(key))
 
@@ -472,7 +494,7 @@ class AttentionPass(GreenPass):
         pair = peek(node).attention_sdpa
         q, k, v = a["query"], a["key"], a["value"]
         d = shape_of(q)[-1]
-        scale = a.get("scale") or d ** -0.5
+        scale = a.get("scale") or d**-0.5
         steps, terms = [Step("scalar", aten.mul.Tensor, scale)], []
         mask = a["attn_mask"]
         if mask is not None:
@@ -495,7 +517,7 @@ class AttentionPass(GreenPass):
             found = region_labels(value, plan, program_heads, windows) if value is not None else None
             if found is not None:
                 labels = found
-                steps = steps[:i] + steps[i + 1:]
+                steps = steps[:i] + steps[i + 1 :]
                 self.report["block mask -> window regions"] += 1
         if labels is None:
             return steps, terms, None
@@ -507,13 +529,19 @@ class AttentionPass(GreenPass):
     def _fold_query_scale(self, q: fx.Node, steps: List[Step]) -> Tuple[fx.Node, List[Step]]:
         """``(q * s) @ kᵀ`` -> ``s * (q @ kᵀ)``: the scale joins the logits' steps (one ``baddbmm`` alpha)
         instead of a pass over every query."""
-        if is_op(q, aten.mul) and len(q.users) == 1 and isinstance(q.args[1], (int, float)) \
-                and layout_of(q.args[0]) == layout_of(q):
+        if (
+            is_op(q, aten.mul)
+            and len(q.users) == 1
+            and isinstance(q.args[1], (int, float))
+            and layout_of(q.args[0]) == layout_of(q)
+        ):
             self.report["query scale -> logits"] += 1
             return q.args[0], [Step("scalar", aten.mul.Tensor, q.args[1])] + list(steps)
         return q, steps
 
-    def _emit(self, gm, at: fx.Node, q, k, v, pair: Layout, steps, post, terms, key_transposed: bool, qterms=()) -> None:
+    def _emit(
+        self, gm, at: fx.Node, q, k, v, pair: Layout, steps, post, terms, key_transposed: bool, qterms=()
+    ) -> None:
         ctx = context_of(gm)
         lq, lk = layout_of(q), layout_of(k)
         if key_transposed:
@@ -529,9 +557,18 @@ class AttentionPass(GreenPass):
         q, steps = self._fold_query_scale(q, steps)
         labels = None
         if windows is not None:
-            steps, terms, labels = self._split_block_masks(gm, steps, terms, program_heads=tuple(a.size for a in head_atoms), windows=windows)
-        program = AttentionProgram(heads, tuple(a.size for a in head_atoms), tuple(steps), tuple(post),
-                                   tuple(p for _, p in terms), ctx.attention_backend, tuple(p for _, p in qterms))
+            steps, terms, labels = self._split_block_masks(
+                gm, steps, terms, program_heads=tuple(a.size for a in head_atoms), windows=windows
+            )
+        program = AttentionProgram(
+            heads,
+            tuple(a.size for a in head_atoms),
+            tuple(steps),
+            tuple(post),
+            tuple(p for _, p in terms),
+            ctx.attention_backend,
+            tuple(p for _, p in qterms),
+        )
         term_nodes = [t for t, _ in terms]
         program_node = constant(gm, program, at, "attention_program")
         if windows is not None:
@@ -541,16 +578,21 @@ class AttentionPass(GreenPass):
                 spec = constant(gm, windows, ctx.visible.next, "windows")
                 label_node = constant(gm, labels, ctx.visible.next, "regions") if labels is not None else None
                 with gm.graph.inserting_after(sites):
-                    ctx.grouping_nodes[key] = gm.graph.call_function(planner.digit_grouping, (sites, spec, label_node, ctx.grouping))
+                    ctx.grouping_nodes[key] = gm.graph.call_function(
+                        planner.digit_grouping, (sites, spec, label_node, ctx.grouping)
+                    )
                 self.report["groupings"] += 1
         cross = _cross_windows(pair, lq, lk) if windows is None else None
         if (pair.prefix or pair.key_prefix) and (windows is not None or cross is not None):
-            self.fail(at, "prefix tokens (a class token) in window attention (supported: attention over a whole sample)")
+            self.fail(
+                at, "prefix tokens (a class token) in window attention (supported: attention over a whole sample)"
+            )
         if (pair.prefix or pair.key_prefix) and any(s.kind == "term" and not s.block for s in steps):
             self.fail(at, "an attention term over the prefix tokens' logits (supported: terms on the grid part)")
         if qterms and cross is not None:
-            self.fail(at, "a term computed from the queries in windows whose queries live on a coarser grid than "
-                          "their keys")
+            self.fail(
+                at, "a term computed from the queries in windows whose queries live on a coarser grid than their keys"
+            )
         if cross is not None and terms:
             self.fail(at, "attention terms in windows whose queries live on a coarser grid than their keys")
         with gm.graph.inserting_before(at):
@@ -560,16 +602,33 @@ class AttentionPass(GreenPass):
                 kind = "window attention"
             elif cross is not None:
                 specs = [constant(gm, w, at, "windows") for w in cross]
-                new = gm.graph.call_function(runtime.cross_window_attention, (q, sites_node(gm, lq), specs[0], k, sites_node(gm, lk),
-                                                                              specs[1], v, program_node, tensors))
+                new = gm.graph.call_function(
+                    runtime.cross_window_attention,
+                    (q, sites_node(gm, lq), specs[0], k, sites_node(gm, lk), specs[1], v, program_node, tensors),
+                )
                 kind = "pooled-query window attention"
             else:
-                args = (q, sites_node(gm, lq), k, sites_node(gm, lk), v, program_node, term_nodes, tensors, (lq.offset, lk.offset))
+                args = (
+                    q,
+                    sites_node(gm, lq),
+                    k,
+                    sites_node(gm, lk),
+                    v,
+                    program_node,
+                    term_nodes,
+                    tensors,
+                    (lq.offset, lk.offset),
+                )
                 if qterms:
                     args += ([t for t, _ in qterms],)
                 new = gm.graph.call_function(runtime.sample_attention, args)
-                kind = ("per-sample attention" if lq.grid == lk.grid else
-                        "reduced-key attention" if lq.stride < lk.stride else "subsampled-query attention")
+                kind = (
+                    "per-sample attention"
+                    if lq.grid == lk.grid
+                    else "reduced-key attention"
+                    if lq.stride < lk.stride
+                    else "subsampled-query attention"
+                )
         facts(new).layout = layout_of(at)
         at.replace_all_uses_with(new)
         gm.graph.erase_node(at)

@@ -1,4 +1,5 @@
 """Shared pieces of the passes: the pass base class, the conversion context and ATen-graph helpers."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +14,10 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from greenmim_convert.runtime import ops, plan as planner
-from greenmim_convert.errors import UnsupportedOperationError
 from greenmim_convert.compiler.annotations import Property, copy_meta, peek
 from greenmim_convert.compiler.layout import Layout, LayoutError
+from greenmim_convert.errors import UnsupportedOperationError
+from greenmim_convert.runtime import plan as planner
 
 aten = torch.ops.aten
 
@@ -67,7 +68,8 @@ def is_op(node: Any, *targets) -> bool:
 
 
 def is_view(node: fx.Node) -> bool:
-    """Ops whose result shares its input's storage (``view``, ``reshape``, ``permute``, ...): same values, no memory of their own."""
+    """Ops whose result shares its input's storage (``view``, ``reshape``, ``permute``, ...): same values, no memory
+    of their own."""
     schema = getattr(node.target, "_schema", None)
     return bool(schema and schema.returns and schema.returns[0].alias_info is not None)
 
@@ -113,12 +115,16 @@ def sites_node(gm: fx.GraphModule, layout: Layout) -> fx.Node:
     key = (layout.grid, layout.stride)
     if key not in ctx.site_nodes:
         with gm.graph.inserting_after(ctx.visible):
-            ctx.site_nodes[key] = gm.graph.call_function(planner.visible_sites, (ctx.visible, layout.grid, layout.stride))
+            ctx.site_nodes[key] = gm.graph.call_function(
+                planner.visible_sites, (ctx.visible, layout.grid, layout.stride)
+            )
         ctx.grid_strides.add(layout.stride)
     return ctx.site_nodes[key]
 
 
-def replace_with_call(gm: fx.GraphModule, node: fx.Node, fn: Any, args: Tuple, kwargs: Optional[Dict] = None) -> fx.Node:
+def replace_with_call(
+    gm: fx.GraphModule, node: fx.Node, fn: Any, args: Tuple, kwargs: Optional[Dict] = None
+) -> fx.Node:
     """Replace ``node`` by ``fn(*args)`` in place: same position, same meta (layout), same users."""
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fn, args, kwargs or {})

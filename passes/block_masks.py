@@ -8,6 +8,7 @@ splits each window into those regions and the term is dropped: across regions th
 softmax weight is below ``exp(MASKED)`` of the largest (about 2e-22), beneath float64 rounding.
 Any other term stays a gathered term, exact.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from greenmim_convert.runtime.plan.terms import TermPlan, term_offsets
 from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.runtime.plan.terms import TermPlan, term_offsets
 
 from .base import fetch_attr, graph_order, is_view
 
@@ -50,8 +51,9 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node, random_parameters: bool
         if n in keep:
             continue
         keep.add(n)
-        if n.op == "placeholder" or (n.op == "get_attr" and isinstance(fetch_attr(gm, n.target), torch.nn.Parameter)
-                                     and not random_parameters):
+        if n.op == "placeholder" or (
+            n.op == "get_attr" and isinstance(fetch_attr(gm, n.target), torch.nn.Parameter) and not random_parameters
+        ):
             return None
         todo.extend(n.all_input_nodes[1:] if _factory(n) else n.all_input_nodes)
         for user in n.users:

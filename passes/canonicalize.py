@@ -22,21 +22,28 @@ one form, so the rules after it are written once:
 - ``group_norm`` becomes its definition: a mean and a variance over each group's channels and positions;
 - population ``var``/``std`` become means of squared deviations.
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.fx as fx
 
-from . import rules
 from greenmim_convert.compiler.annotations import Property
 
-from .base import GreenPass, args_of, aten, emit_call as _emit, fetch_attr, is_op, shape_of
+from . import rules
+from .base import GreenPass, args_of, aten, fetch_attr, is_op, shape_of
+from .base import emit_call as _emit
 
-ASSERTS = ("_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range_for_size",
-           "sym_constrain_range")
+ASSERTS = (
+    "_assert_tensor_metadata",
+    "_assert_scalar",
+    "_assert_async",
+    "sym_constrain_range_for_size",
+    "sym_constrain_range",
+)
 REDUCTIONS = (aten.mean, aten.sum, aten.amax, aten.amin)
 
 
@@ -69,8 +76,14 @@ def _broadcast_repeat(node: fx.Node) -> bool:
 def _same_value(node: fx.Node) -> bool:
     """A cast to the dtype, device and layout its input already has: the input itself."""
     src, out = _val(node.args[0]) if node.args else None, _val(node)
-    return (src is not None and out is not None and src.dtype == out.dtype and src.device == out.device
-            and src.shape == out.shape and not node.kwargs.get("memory_format"))
+    return (
+        src is not None
+        and out is not None
+        and src.dtype == out.dtype
+        and src.device == out.device
+        and src.shape == out.shape
+        and not node.kwargs.get("memory_format")
+    )
 
 
 def _dims(dims, ndim: int) -> List[int]:
@@ -148,7 +161,8 @@ class CanonicalizePass(GreenPass):
     @staticmethod
     @rules.spelling("split", priority=30)
     def _split(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
-        """Parts of ``split``/``chunk``/``unbind`` read by ``getitem`` become slices (``select`` for unbind); ``narrow`` a slice."""
+        """Parts of ``split``/``chunk``/``unbind`` read by ``getitem`` become slices (``select`` for unbind);
+        ``narrow`` a slice."""
         name = _name(node)
         val = _val(node.args[0]) if node.args else None
         if val is None:
@@ -414,4 +428,3 @@ def _unshifted(y: fx.Node, dim: int) -> Optional[fx.Node]:
         if _single_keepdim(y.args[1]) == dim:
             return y.args[0]
     return y if isinstance(y, fx.Node) else None
-

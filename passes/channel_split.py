@@ -6,6 +6,7 @@ Attention layers compute q/k/v with one Linear and split its output by viewing t
 ``split`` or slices. On packed tokens each part is a set of columns: a slice when the split digit
 is the most significant one, a column gather otherwise.
 """
+
 from __future__ import annotations
 
 import operator
@@ -16,9 +17,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
 from greenmim_convert.compiler.annotations import Property, copy_meta, facts, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops
 
 from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call
@@ -90,8 +91,8 @@ def _new_digit_cat(node: fx.Node) -> Optional[Layout]:
     if any(lay != base for lay in lays[1:]):
         raise LayoutError("stack of tensors of different layouts")
     signature = base.channel_atoms()
-    later = [a for ax in base.axes[dim + 1:] for a in ax if a.kind == "c"]
-    if set(later) != set(signature[len(signature) - len(later):]):
+    later = [a for ax in base.axes[dim + 1 :] for a in ax if a.kind == "c"]
+    if set(later) != set(signature[len(signature) - len(later) :]):
         raise LayoutError("stack along an axis placed between channel digits of other significance")
     below = prod(a.size for a in later)
     renamed = {a: a if a in later else Atom("c", a.size, a.inner * len(tensors)) for a in signature}

@@ -3,6 +3,7 @@
 The pass manager runs it after every pass of the pipeline, not as one of them; it requires every property, so a
 pipeline that leaves a rewrite out is refused before it runs.
 """
+
 from __future__ import annotations
 
 import torch.fx as fx

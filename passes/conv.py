@@ -6,8 +6,10 @@ image conv (an overlapping stem) reads the visible pixels as sites. On features,
 Linear on every token; a kernel == stride conv never straddles a mask unit and becomes a per-unit
 gather + GEMM; every other geometry (depthwise, overlapping, strided, dilated) runs
 ``kernels.sparse_conv``; a depthwise conv whose batch axis holds heads (channel digits folded into the
-batch) is one depthwise conv over every packed column, its filters repeated per head. The original weight and bias Parameters are read by the new ops.
+batch) is one depthwise conv over every packed column, its filters repeated per head. The original weight and bias
+Parameters are read by the new ops.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -15,10 +17,10 @@ from typing import Optional, Tuple
 import torch
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
-from greenmim_convert.kernels.sparse_conv import conv_output_grid
 from greenmim_convert.compiler.annotations import Property, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
+from greenmim_convert.kernels.sparse_conv import conv_output_grid
+from greenmim_convert.runtime import ops
 
 from . import rules
 from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, replace_with_call, shape_of, sites_node
@@ -41,25 +43,46 @@ def conv_args(node: fx.Node) -> dict:
             raise LayoutError(f"a zero pad before a convolution with padding={pad!r}")
     else:
         pad = with_absorbed_pad(a["input"], _pair(pad))
-    return dict(out_channels=shape[0], kernel=(shape[2], shape[3]), stride=_pair(a["stride"]), padding=pad,
-                dilation=_pair(a["dilation"]), groups=int(a["groups"]), weight=a["weight"], bias=a["bias"])
+    return dict(
+        out_channels=shape[0],
+        kernel=(shape[2], shape[3]),
+        stride=_pair(a["stride"]),
+        padding=pad,
+        dilation=_pair(a["dilation"]),
+        groups=int(a["groups"]),
+        weight=a["weight"],
+        bias=a["bias"],
+    )
 
 
 def is_patchify(c: dict) -> bool:
     """Kernel == stride, no padding, no dilation, one group: each output reads one patch."""
-    return c["kernel"] == c["stride"] and c["padding"] in ((0, 0), "valid") and c["dilation"] == (1, 1) and c["groups"] == 1
+    return (
+        c["kernel"] == c["stride"]
+        and c["padding"] in ((0, 0), "valid")
+        and c["dilation"] == (1, 1)
+        and c["groups"] == 1
+    )
 
 
 def is_pointwise(c: dict) -> bool:
     """1x1, stride 1, no padding, one group: a Linear over the channels of every position."""
-    return c["kernel"] == (1, 1) and c["stride"] == (1, 1) and c["padding"] in ((0, 0), "valid", "same") and c["groups"] == 1
+    return (
+        c["kernel"] == (1, 1)
+        and c["stride"] == (1, 1)
+        and c["padding"] in ((0, 0), "valid", "same")
+        and c["groups"] == 1
+    )
 
 
 def is_nchw(lay: Layout) -> bool:
     kinds = [[a.kind for a in ax] for ax in lay.axes]
-    return kinds == [["b"], ["c"], ["h"], ["w"]] and lay.offset == (0, 0) and all(
-        a.inner == 1 for ax in lay.axes for a in ax
-    ) and lay.shape[2:] == lay.grid
+    return (
+        kinds == [["b"], ["c"], ["h"], ["w"]]
+        and lay.offset == (0, 0)
+        and all(a.inner == 1 for ax in lay.axes for a in ax)
+        and lay.shape[2:] == lay.grid
+    )
 
 
 def folded_heads(lay: Layout) -> Optional[Tuple[Atom, ...]]:
@@ -133,7 +156,9 @@ def _folded_output_layout(c: dict, lay: Layout) -> Layout:
     """A depthwise conv on a map whose batch axis holds heads: the same conv on every head's channels."""
     chans = lay.axes[1][0].size
     if not (c["groups"] == chans == c["out_channels"]):
-        raise LayoutError("a convolution over a batch axis holding channels that is not depthwise (one filter per channel)")
+        raise LayoutError(
+            "a convolution over a batch axis holding channels that is not depthwise (one filter per channel)"
+        )
     out = _output_layout(c, Layout.nchw(1, lay.grid, chans, lay.stride))
     h, w = out.grid
     return Layout((lay.axes[0], lay.axes[1], (Atom("h", h),), (Atom("w", w),)), out.grid, out.stride)
@@ -163,10 +188,24 @@ class ConvPass(GreenPass):
             elif is_pointwise(c):
                 args, fn, kind = (src, w, b), ops.pointwise_conv, "pointwise linear"
             elif is_patchify(c):
-                args, fn, kind = (src, sites_node(gm, layout_of(src)), out_sites, w, b), ops.conv_per_unit, "per-unit linear"
+                args, fn, kind = (
+                    (src, sites_node(gm, layout_of(src)), out_sites, w, b),
+                    ops.conv_per_unit,
+                    "per-unit linear",
+                )
             elif folded_heads(layout_of(src)) is not None:
                 index = folded_channel_index(layout_of(src))
-                args = (src, sites_node(gm, layout_of(src)), out_sites, w, b, index, c["stride"], c["padding"], c["dilation"])
+                args = (
+                    src,
+                    sites_node(gm, layout_of(src)),
+                    out_sites,
+                    w,
+                    b,
+                    index,
+                    c["stride"],
+                    c["padding"],
+                    c["dilation"],
+                )
                 fn, kind = ops.folded_depthwise_conv, "sparse conv, heads in the batch"
             else:
                 in_sites = sites_node(gm, layout_of(src))
@@ -174,4 +213,6 @@ class ConvPass(GreenPass):
                 fn, kind = ops.sparse_conv, "sparse conv"
             replace_with_call(gm, node, fn, args)
             depthwise = c["groups"] > 1 and c["groups"] == shape_of(w)[0]
-            self.report[f"{kind}{' (depthwise)' if depthwise else ''} {c['kernel'][0]}x{c['kernel'][1]}/{c['stride'][0]}"] += 1
+            self.report[
+                f"{kind}{' (depthwise)' if depthwise else ''} {c['kernel'][0]}x{c['kernel'][1]}/{c['stride'][0]}"
+            ] += 1

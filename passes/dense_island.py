@@ -12,15 +12,16 @@ visible token of the grid reads the row of its sample and in-window position. Th
 result then holds one value per grid position, a token layout, and attention treats it as any
 other query.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
 from greenmim_convert.compiler.annotations import DenseIsland, Property, copy_meta, facts, forget, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops
 
 from . import rules
 from .base import GreenPass, args_of, aten, context_of, graph_order, is_op, layout_of, sites_node
@@ -67,8 +68,10 @@ def island_of(consumer: fx.Node) -> Tuple[Set[fx.Node], List[fx.Node]]:
         if n in reached and n.op == "call_function" and all(u in island or is_broadcast(u) for u in n.users):
             island.add(n)
             reached.update(n.all_input_nodes)
-    boundary = sorted({a for n in island for a in n.all_input_nodes if a not in island and layout_of(a) is not None},
-                      key=order.__getitem__)
+    boundary = sorted(
+        {a for n in island for a in n.all_input_nodes if a not in island and layout_of(a) is not None},
+        key=order.__getitem__,
+    )
     return island, boundary
 
 
@@ -79,20 +82,24 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         return None
     src = layout_of(node.args[0])
     if whole_axes(src) is None or src.axes[0][0].kind != "b":
-        raise LayoutError(f"repeat over samples of a value of layout {src.shape} that is no (sample, row, column, channel) map")
+        raise LayoutError(
+            f"repeat over samples of a value of layout {src.shape} that is no (sample, row, column, channel) map"
+        )
     island, boundary = island_of(node)
     if node.args[0] not in island:
         raise LayoutError("a map broadcast over windows is also used per position: it cannot be computed densely")
     grids = {(layout_of(b).grid, layout_of(b).stride) for b in boundary}
     if len(grids) != 1 or any(whole_axes(layout_of(b)) is None for b in boundary):
         raise LayoutError("a map broadcast over windows is not computed from the token map of one grid")
-    (grid, stride), = grids
+    ((grid, stride),) = grids
     mh, mw = src.grid
     repeats = args_of(node)["repeats"]
     if grid[0] % mh or grid[1] % mw or repeats != (grid[0] // mh) * (grid[1] // mw):
-        raise LayoutError(f"a {mh}x{mw} map repeated {repeats} times over samples does not tile in windows the "
-                          f"{grid[0]}x{grid[1]} grid of {', '.join(b.name for b in boundary)}, the values outside "
-                          "the ops that make only this map")
+        raise LayoutError(
+            f"a {mh}x{mw} map repeated {repeats} times over samples does not tile in windows the "
+            f"{grid[0]}x{grid[1]} grid of {', '.join(b.name for b in boundary)}, the values outside "
+            "the ops that make only this map"
+        )
     facts(node).dense_island = DenseIsland(island, boundary, whole_axes(src))
     windows = (Atom("b", src.axes[0][0].size), Atom("h", grid[0] // mh, mh), Atom("w", grid[1] // mw, mw))
     return Layout((windows,) + src.axes[1:], grid, stride)
@@ -100,7 +107,8 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
 
 def settle(gm: fx.GraphModule) -> Dict[fx.Node, Tuple[fx.Node, str]]:
     """After layout analysis: island nodes lose what analysis recorded on them (no pass rewrites them) and are
-    marked dense. Returns failures: an island op whose size argument fixes the traced batch (islands run at any batch)."""
+    marked dense. Returns failures: an island op whose size argument fixes the traced batch (islands run at any
+    batch)."""
     batch = context_of(gm).trace_batch
     failures: Dict[fx.Node, Tuple[fx.Node, str]] = {}
     for node in gm.graph.nodes:
@@ -111,16 +119,27 @@ def settle(gm: fx.GraphModule) -> Dict[fx.Node, Tuple[fx.Node, str]]:
             if peek(n).dense:
                 continue
             forget(n, dense=True)
-            if n.op == "call_function" and hasattr(n.target, "_schema") and any(
-                    k in SIZE_ARGS and isinstance(v, (list, tuple)) and v and v[0] == batch for k, v in args_of(n).items()):
-                failures[node] = (n, "an op computed densely (it makes a map broadcast over windows) has the traced "
-                                     "batch size in its size argument")
+            if (
+                n.op == "call_function"
+                and hasattr(n.target, "_schema")
+                and any(
+                    k in SIZE_ARGS and isinstance(v, (list, tuple)) and v and v[0] == batch
+                    for k, v in args_of(n).items()
+                )
+            ):
+                failures[node] = (
+                    n,
+                    "an op computed densely (it makes a map broadcast over windows) has the traced "
+                    "batch size in its size argument",
+                )
     return failures
 
 
 class DenseIslandPass(GreenPass):
     name = "dense-island"
-    description = "per-sample maps broadcast over windows -> computed densely from a scattered token map, read per token"
+    description = (
+        "per-sample maps broadcast over windows -> computed densely from a scattered token map, read per token"
+    )
     requires = frozenset({Property.LAYOUTS, Property.OUTPUTS})
     ensures = frozenset({Property.DENSE_ISLANDS})
 
@@ -135,7 +154,9 @@ class DenseIslandPass(GreenPass):
                 if b not in scattered:
                     lay = layout_of(b)
                     with gm.graph.inserting_after(b):
-                        scattered[b] = gm.graph.call_function(ops.scatter_dense, (b, sites_node(gm, lay), whole_axes(lay)))
+                        scattered[b] = gm.graph.call_function(
+                            ops.scatter_dense, (b, sites_node(gm, lay), whole_axes(lay))
+                        )
                     self.report["token map -> dense map"] += 1
                 for n in island:
                     n.replace_input_with(b, scattered[b])

@@ -1,10 +1,12 @@
-"""``einsum`` of two image values -> the permutes, views and ``bmm`` it stands for, so the layout rules see plain matmuls.
+"""``einsum`` of two image values -> the permutes, views and ``bmm`` it stands for, so the layout rules see plain
+matmuls.
 
 An einsum between values computed from the images (``"bghid,bghjd->bghij"`` for the logits of an attention,
 ``"bghij,bghjd->bghid"`` for its output) is replaced by ATen's own decomposition of that equation, traced
 at the node's concrete operand shapes. The attention and token-wise rules then recognise the result as
 they recognise a hand-written ``q @ k.transpose(-2, -1)``. Ops rewritten: ``einsum``.
 """
+
 from __future__ import annotations
 
 from typing import Dict

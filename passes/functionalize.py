@@ -8,6 +8,7 @@ and dtype becomes its source, and a ``copy_`` into ``slice`` views of a tensor (
 becomes nested ``slice_scatter`` ops whose result later readers of the tensor read. In-place ops on
 constants (masks filled slice by slice) stay: they run as written.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,9 @@ def _functional(target):
 def _same_tensor_type(a, b) -> bool:
     """Both values are tensors of the same shape and dtype (copying one over the other changes nothing else)."""
     va, vb = (x.meta.get("val") if isinstance(x, fx.Node) else None for x in (a, b))
-    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
+    return (
+        isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
+    )
 
 
 def _scatter_into_slices(gm: fx.GraphModule, node: fx.Node, order: dict) -> bool:
@@ -53,7 +56,9 @@ def _scatter_into_slices(gm: fx.GraphModule, node: fx.Node, order: dict) -> bool
     with gm.graph.inserting_before(node):
         for view in views:
             a = args_of(view)
-            value = gm.graph.call_function(aten.slice_scatter.default, (view.args[0], value, a["dim"], a["start"], a["end"], a["step"]))
+            value = gm.graph.call_function(
+                aten.slice_scatter.default, (view.args[0], value, a["dim"], a["start"], a["end"], a["step"])
+            )
             value.meta["val"] = view.args[0].meta["val"]
             value.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
     for user in list(base.users):
@@ -96,7 +101,9 @@ class FunctionalizePass(GreenPass):
             bound = args_of(node)
             schema = node.target._schema
             node.args = tuple(bound[a.name] for a in schema.arguments if not a.kwarg_only)
-            node.kwargs = {a.name: bound[a.name] for a in schema.arguments if a.kwarg_only and bound[a.name] is not None}
+            node.kwargs = {
+                a.name: bound[a.name] for a in schema.arguments if a.kwarg_only and bound[a.name] is not None
+            }
             node.target = functional
             for user in list(mutated.users):
                 if user is not node and order.get(user, -1) > order[node]:

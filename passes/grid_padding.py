@@ -24,6 +24,7 @@ permutation whose backward is a gather). A padded value is the input of nothing 
 convolutions, pooling and patch merging of a padded grid are refused (``check_kept``), as are pads of
 rolled tokens, of channels, of tokens holding a class token, and crops of image positions.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -31,9 +32,9 @@ from typing import List, Optional
 
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops, plan as planner
 from greenmim_convert.compiler.annotations import GridMove, Property, facts, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops
 
 from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, sites_node
@@ -98,8 +99,10 @@ def _crop_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
     start, stop, step = slice(a["start"], a["end"], a["step"]).indices(size)
     lo, hi = (lay.border[i] for i in SIDES[kind])
     if step != 1 or start > lo or stop < size - hi or stop <= start:
-        raise LayoutError(f"slice {start}:{stop}:{step} of a grid side of {size} positions, {lo} before and {hi} after "
-                          "the image padded, that does not remove padded positions only")
+        raise LayoutError(
+            f"slice {start}:{stop}:{step} of a grid side of {size} positions, {lo} before and {hi} after "
+            "the image padded, that does not remove padded positions only"
+        )
     if lay.offset["hw".index(kind)]:
         raise LayoutError("crop of rolled tokens")
     shift = [0, 0]
@@ -129,10 +132,16 @@ def check_kept(node: fx.Node, out: Layout) -> None:
         return
     for arg in node.all_input_nodes:
         lay = layout_of(arg)
-        if lay is not None and any(lay.border) and not lay.is_per_sample() \
-                and (lay.grid, lay.stride, lay.border) != (out.grid, out.stride, out.border):
-            raise LayoutError(f"{getattr(node.target, '__name__', node.target)} of a padded grid onto another grid "
-                              "(padded positions are supported in token-wise ops and window attention, then cropped)")
+        if (
+            lay is not None
+            and any(lay.border)
+            and not lay.is_per_sample()
+            and (lay.grid, lay.stride, lay.border) != (out.grid, out.stride, out.border)
+        ):
+            raise LayoutError(
+                f"{getattr(node.target, '__name__', node.target)} of a padded grid onto another grid "
+                "(padded positions are supported in token-wise ops and window attention, then cropped)"
+            )
 
 
 class GridPaddingPass(GreenPass):

@@ -8,6 +8,7 @@ records its layout and facts on ``facts(node)``. A node no rule understands is r
 reports it unless it lies past the last value that still has visible tokens (the global pool and head of a
 classifier).
 """
+
 from __future__ import annotations
 
 import operator
@@ -19,14 +20,36 @@ import torch.fx as fx
 from greenmim_convert.compiler.annotations import Property, facts, peek
 from greenmim_convert.compiler.layout import LayoutError
 
-from . import (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging, pooling,
-               position_einsum, prefix_tokens, tokenwise)
+from . import (
+    attention,
+    channel_split,
+    conv,
+    dense_island,
+    grid_padding,
+    layout_ops,
+    patch_merging,
+    pooling,
+    position_einsum,
+    prefix_tokens,
+    tokenwise,
+)
 from .base import GreenPass, aten, context_of, is_op, layout_of, shape_of
 from .rules import Rule, layout
 
 # the modules whose layout rules analysis tries: importing them registers their rules
-RULE_MODULES = (attention, channel_split, conv, dense_island, grid_padding, layout_ops, patch_merging, pooling,
-                position_einsum, prefix_tokens, tokenwise)
+RULE_MODULES = (
+    attention,
+    channel_split,
+    conv,
+    dense_island,
+    grid_padding,
+    layout_ops,
+    patch_merging,
+    pooling,
+    position_einsum,
+    prefix_tokens,
+    tokenwise,
+)
 # the registered rules in the order they are tried
 LAYOUT_RULES: List[Rule] = layout.ordered()
 
@@ -117,13 +140,17 @@ class LayoutAnalysisPass(GreenPass):
                 found.image = found.layout_op = True
                 self.report["image-ops"] += 1
                 continue
-            if constant_factory(gm, node) or not any(layout_of(a) is not None or peek(a).image or a in failed
-                                                      for a in node.all_input_nodes):
+            if constant_factory(gm, node) or not any(
+                layout_of(a) is not None or peek(a).image or a in failed for a in node.all_input_nodes
+            ):
                 continue  # reads only the dtype/device of image values: a constant
             picked = any(peek(a).pick is not None for a in node.all_input_nodes)
             if picked and not is_op(node, aten.slice, aten.select, aten.cat):
-                failed[node] = (node, "a strided slice of the rows or the columns only is used by an op other than a "
-                                      "concatenation or a pick of the other axis")
+                failed[node] = (
+                    node,
+                    "a strided slice of the rows or the columns only is used by an op other than a "
+                    "concatenation or a pick of the other axis",
+                )
                 continue
             try:
                 lay, name = self._match(gm, node)

@@ -8,6 +8,7 @@ Ops rewritten: ``view``, ``reshape``, ``_unsafe_view``, ``permute``, ``transpose
 which absorb them; other pads of the grid: ``grid_padding``), ``slice`` (full), ``expand`` (of size-one axes, feeding
 elementwise ops), ``unfold`` into adjacent blocks (``x.unfold(d, k, k)``), ``_to_copy`` within one dtype.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -84,10 +85,11 @@ def unfold_layout(lay: Layout, dim: int, size: int, step: int) -> Layout:
     n = len(lay.axes)
     dim %= n
     if step != size or lay.shape[dim] % size:
-        raise LayoutError(f"unfold of {lay.shape[dim]} positions into blocks of {size} every {step}, which do not "
-                          "tile them")
+        raise LayoutError(
+            f"unfold of {lay.shape[dim]} positions into blocks of {size} every {step}, which do not tile them"
+        )
     shape = list(lay.shape)
-    split = lay.view(shape[:dim] + [shape[dim] // size, size] + shape[dim + 1:])
+    split = lay.view(shape[:dim] + [shape[dim] // size, size] + shape[dim + 1 :])
     return split.permute(list(range(dim + 1)) + list(range(dim + 2, n + 1)) + [dim + 1])
 
 

@@ -10,6 +10,7 @@ Prefix tokens (a class token) are left out of every output, as timm's ``forward_
 them out of its feature maps. Every op the model's output depends on must be understood, the head past the final value
 included: a classifier whose head has an op no rule knows fails rather than being cut short.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -18,10 +19,10 @@ from typing import Dict, List, Optional, Tuple
 import networkx as nx
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
-from greenmim_convert.errors import UnsupportedOperationError
 from greenmim_convert.compiler.annotations import Property, peek
 from greenmim_convert.compiler.layout import Layout
+from greenmim_convert.errors import UnsupportedOperationError
+from greenmim_convert.runtime import ops
 
 from .base import GreenPass, context_of, layout_of, sites_node
 from .layout_analysis import to_networkx
@@ -45,8 +46,14 @@ def token_like(lay: Layout) -> bool:
     spatial = [a for a in atoms if a.kind in "hw"]
     chans = [a for a in atoms if a.kind == "c"]
     grid_ok = bool(spatial) and all(_covers([a for a in spatial if a.kind == k], n) for k, n in zip("hw", lay.grid))
-    return (grid_ok and len(chans) <= 1 and all(a.inner == 1 for a in chans) and lay.offset == (0, 0)
-            and not lay.is_pair() and not any(lay.border))
+    return (
+        grid_ok
+        and len(chans) <= 1
+        and all(a.inner == 1 for a in chans)
+        and lay.offset == (0, 0)
+        and not lay.is_pair()
+        and not any(lay.border)
+    )
 
 
 def _channels_last(lay: Layout) -> bool:
@@ -102,7 +109,9 @@ class OutputsPass(GreenPass):
                 raise UnsupportedOperationError(reason, where)
         for s in stages:
             if layout_of(s) is None or not token_like(layout_of(s)):
-                self.fail(s, f"stage output is not a per-position feature map (layout {getattr(layout_of(s), 'shape', None)})")
+                self.fail(
+                    s, f"stage output is not a per-position feature map (layout {getattr(layout_of(s), 'shape', None)})"
+                )
         ends = module_ends(gm)
         ctx.stage_paths = [owning_module(gm, s, ends) for s in stages]
         ctx.stage_strides = [layout_of(s).stride for s in stages]
@@ -130,7 +139,12 @@ class OutputsPass(GreenPass):
         ancestors = nx.ancestors(graph, value.name)
         found = None
         for node in gm.graph.nodes:
-            if node.name in ancestors and layout_of(node) is not None and token_like(layout_of(node)) and not peek(node).pick:
+            if (
+                node.name in ancestors
+                and layout_of(node) is not None
+                and token_like(layout_of(node))
+                and not peek(node).pick
+            ):
                 found = node
         if found is None:
             first = next(iter(ctx.failures.values()), None)

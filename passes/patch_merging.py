@@ -12,6 +12,7 @@ The mask unit, a multiple of every grid's stride, is then a multiple of the coar
 visible exactly when its picked fine position is.
 A ``cat`` along the channels of ordinary tokens is a column concatenation.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -19,9 +20,9 @@ from typing import Optional, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
 from greenmim_convert.compiler.annotations import Pick, Property, StridedMerge, Subsample, facts, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops
 
 from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, sites_node
@@ -53,8 +54,9 @@ def _picked(node: fx.Node, lay: Layout) -> Optional[Tuple[str, int, int, Layout]
         size = lay.shape[dim]
         start, stop, step = slice(a["start"], a["end"], a["step"]).indices(size)
         if size % step or start >= step or len(range(start, stop, step)) != size // step:
-            raise LayoutError(f"strided slice {start}:{stop}:{step} of a spatial axis of size {size} is not one cell "
-                              f"of every {step}")
+            raise LayoutError(
+                f"strided slice {start}:{stop}:{step} of a spatial axis of size {size} is not one cell of every {step}"
+            )
         axes = list(lay.axes)
         axes[dim] = (Atom(kind, size // step, step),)
         return kind, step, start, replace(lay, axes=tuple(axes))
@@ -63,7 +65,7 @@ def _picked(node: fx.Node, lay: Layout) -> Optional[Tuple[str, int, int, Layout]
         if kind is None:
             return None
         size = lay.axes[dim][0].size
-        return kind, size, a["index"] % size, replace(lay, axes=lay.axes[:dim] + lay.axes[dim + 1:])
+        return kind, size, a["index"] % size, replace(lay, axes=lay.axes[:dim] + lay.axes[dim + 1 :])
     return None
 
 
@@ -175,7 +177,9 @@ class PatchMergingPass(GreenPass):
             if merge is not None:
                 src, fine, coarse, factor, offsets = merge
                 with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(ops.space_to_depth, (src, sites_node(gm, fine), sites_node(gm, coarse), factor, offsets, None))
+                    new = gm.graph.call_function(
+                        ops.space_to_depth, (src, sites_node(gm, fine), sites_node(gm, coarse), factor, offsets, None)
+                    )
                 facts(new).layout = coarse
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)

@@ -13,18 +13,25 @@ windows or heads folded into the batch axis included, reduces the visible positi
 Ops rewritten: ``adaptive_avg_pool2d``, ``avg_pool2d``, ``max_pool2d``, and ``mean``, ``sum``,
 ``linalg_vector_norm``, ``amax``, ``amin`` over the grid.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
-from greenmim_convert.compiler.annotations import (AvgPool, CellReduction, MaxPool, Property, SpatialReduction, facts,
-                                                   peek)
+from greenmim_convert.compiler.annotations import (
+    AvgPool,
+    CellReduction,
+    MaxPool,
+    Property,
+    SpatialReduction,
+    facts,
+    peek,
+)
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
-
 from greenmim_convert.kernels.sparse_conv import conv_output_grid
+from greenmim_convert.runtime import ops
 
 from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, shape_of, sites_node
@@ -72,23 +79,37 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         if not any(a.kind in "hw" for i in reduced for a in lay.axes[i]):
             return None
         if lay.prefixed_axes():
-            raise LayoutError("reduction over the grid of tokens that hold prefix tokens: slice the prefix tokens off first")
+            raise LayoutError(
+                "reduction over the grid of tokens that hold prefix tokens: slice the prefix tokens off first"
+            )
         kind = str(node.target).split(".")[1]
         cell = _cell_reduction(lay, reduced, kind, bool(args_of(node)["keepdim"]))
         if cell is not None:
             facts(node).cell_reduction = CellReduction(kind, cell.stride // lay.stride)
             return cell
-        if any(a.kind in "hw" for i, ax in enumerate(lay.axes) if i not in reduced for a in ax) or any(not lay.axes[i] for i in reduced):
-            raise LayoutError(f"reduction over axes {sorted(reduced)} of layout {lay.shape} is not over exactly the whole grid")
+        if any(a.kind in "hw" for i, ax in enumerate(lay.axes) if i not in reduced for a in ax) or any(
+            not lay.axes[i] for i in reduced
+        ):
+            raise LayoutError(
+                f"reduction over axes {sorted(reduced)} of layout {lay.shape} is not over exactly the whole grid"
+            )
         chans = [a for i in reduced for a in lay.axes[i] if a.kind == "c"]
         if chans and not is_op(node, aten.mean, aten.sum, aten.amax, aten.amin):
             raise LayoutError(f"{node.target} over the grid and channel digits together")
         if any(a.kind not in "hwc" for i in reduced for a in lay.axes[i]):
-            raise LayoutError(f"reduction over axes {sorted(reduced)} of layout {lay.shape} mixes samples into the grid")
+            raise LayoutError(
+                f"reduction over axes {sorted(reduced)} of layout {lay.shape} mixes samples into the grid"
+            )
         keep = bool(args_of(node)["keepdim"])
         signature = lay.channel_atoms()
-        facts(node).spatial_reduction = SpatialReduction([a.size for a in signature], [signature.index(a) for a in chans])
-        return Layout(tuple(() if i in reduced else ax for i, ax in enumerate(lay.axes) if keep or i not in reduced), lay.grid, lay.stride)
+        facts(node).spatial_reduction = SpatialReduction(
+            [a.size for a in signature], [signature.index(a) for a in chans]
+        )
+        return Layout(
+            tuple(() if i in reduced else ax for i, ax in enumerate(lay.axes) if keep or i not in reduced),
+            lay.grid,
+            lay.stride,
+        )
     if is_op(node, aten.max_pool2d, aten.avg_pool2d):
         return _window_pool_layout(node, lay)
     return None
@@ -142,8 +163,10 @@ def _folded_pool(node: fx.Node) -> Tuple[str, int]:
         kind, padding, plain = "mean", _pair(a["padding"]), not a["divisor_override"]
     if k != s or k[0] != k[1] or any(padding) or not plain:
         name = "max" if kind == "amax" else "average"
-        raise LayoutError(f"{name} pooling of a map that is not NCHW (windows or heads folded into its batch axis) "
-                          f"with a kernel {k} that is not its stride {s}, with padding, dilation or a divisor")
+        raise LayoutError(
+            f"{name} pooling of a map that is not NCHW (windows or heads folded into its batch axis) "
+            f"with a kernel {k} that is not its stride {s}, with padding, dilation or a divisor"
+        )
     return kind, k[0]
 
 
@@ -160,8 +183,10 @@ def _folded_pool_layout(node: fx.Node, lay: Layout) -> Layout:
     split = lay.view(shape[:-2] + (shape[-2] // f, f, shape[-1] // f, f))
     out = _cell_reduction(split, {len(shape) - 1, len(shape) + 1}, kind, keep=False)
     if out is None:
-        raise LayoutError(f"pooling of layout {lay.shape} does not pool cells of its grid: its pooled axes do not "
-                          f"hold the low row and column digits")
+        raise LayoutError(
+            f"pooling of layout {lay.shape} does not pool cells of its grid: its pooled axes do not "
+            f"hold the low row and column digits"
+        )
     facts(node).cell_reduction = CellReduction(kind, f)
     return out
 
@@ -213,7 +238,12 @@ class PoolingPass(GreenPass):
             elif found.spatial_reduction is not None:
                 kwargs = {k: v for k, v in args_of(node).items() if k not in ("self", "input", "dim", "keepdim")}
                 sizes, digits = found.spatial_reduction
-                replace_with_call(gm, node, ops.sample_reduce, (node.target, src, sites_node(gm, layout_of(src)), kwargs, sizes, digits))
+                replace_with_call(
+                    gm,
+                    node,
+                    ops.sample_reduce,
+                    (node.target, src, sites_node(gm, layout_of(src)), kwargs, sizes, digits),
+                )
                 self.report[f"spatial {str(node.target).split('.')[1]} -> per-sample over visible positions"] += 1
             elif found.cell_reduction is not None:
                 kind, f = found.cell_reduction

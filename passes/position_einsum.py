@@ -11,6 +11,7 @@ table does not read may hold any digits, channel digits among them, and pass thr
 axes become new channel digits of the result (above the ones kept), which the attention pass may later
 align with key positions (a query-dependent term).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ from typing import Dict, Optional, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
 from greenmim_convert.compiler.annotations import Property
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
+from greenmim_convert.runtime import ops
 
 from . import rules
 from .base import GreenPass, aten, constant, is_op, layout_of, replace_with_call, shape_of, sites_node

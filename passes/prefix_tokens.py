@@ -9,6 +9,7 @@ grid rows in canonical order followed by each sample's prefix rows: token-wise o
 ``attn[:, :, 1:, 1:] = ...`` after functionalization) is read by the attention pass.
 Ops rewritten: ``cat``, ``slice`` (of the prefix or the grid part of a token axis).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -16,9 +17,9 @@ from typing import Optional
 
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
 from greenmim_convert.compiler.annotations import PrefixSlice, Property, facts, peek
 from greenmim_convert.compiler.layout import Layout, LayoutError
+from greenmim_convert.runtime import ops
 
 from . import rules
 from .base import GreenPass, args_of, aten, context_of, is_op, layout_of, replace_with_call, shape_of
@@ -50,7 +51,9 @@ def _slice_rule(node: fx.Node, lay: Layout) -> Optional[Layout]:
         axes = list(lay.axes)
         axes[dim] = ()
         return replace(lay, axes=tuple(axes), prefix=0)
-    raise LayoutError(f"slice {start}:{stop}:{step} of a token axis holding {count} prefix token(s) and the grid tokens")
+    raise LayoutError(
+        f"slice {start}:{stop}:{step} of a token axis holding {count} prefix token(s) and the grid tokens"
+    )
 
 
 def _constant_tokens(node: fx.Node, grid: Layout, dim: int) -> tuple:
@@ -65,8 +68,10 @@ def _constant_tokens(node: fx.Node, grid: Layout, dim: int) -> tuple:
     for i, size in enumerate(shape):
         want = grid.shape[i] if i == channel_axis else 1
         if size != want and i != dim:
-            raise LayoutError(f"concatenation of image tokens with a constant of shape {shape_of(node)} that is not "
-                              "tokens equal for every sample")
+            raise LayoutError(
+                f"concatenation of image tokens with a constant of shape {shape_of(node)} that is not "
+                "tokens equal for every sample"
+            )
     return src, dim, channel_axis, shape[dim]
 
 
@@ -88,7 +93,9 @@ def _cat_rule(node: fx.Node) -> Optional[Layout]:
         expected = list(grid.axes)
         expected[dim] = ()
         if not token.is_per_sample() or token.padded_to(len(grid.axes)).axes != tuple(expected):
-            raise LayoutError(f"concatenation of grid tokens {grid.shape} with tokens {token.shape} that are not one per sample")
+            raise LayoutError(
+                f"concatenation of grid tokens {grid.shape} with tokens {token.shape} that are not one per sample"
+            )
         parts.append(None)
     facts(node).prefix_cat = parts
     return replace(grid, prefix=sum(1 if p is None else p[-1] for p in parts))

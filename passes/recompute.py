@@ -9,13 +9,15 @@ ops that read no image-derived value is moved into its own ``torch.fx.GraphModul
 :func:`greenmim_convert.ops.recompute`, which keeps only its inputs (parameters, buffers) for backward
 and runs it again when its gradient is needed. A training-mode ``dropout`` inside is split: its scaled keep mask is
 drawn once in the forward, outside the subgraph, exactly as ``aten.dropout`` draws it, and enters as one more
-input that the subgraph multiplies by, so the backward neither draws again nor pays the draw twice. Subgraphs whose intermediates are
+input that the subgraph multiplies by, so the backward neither draws again nor pays the draw twice. Subgraphs whose
+intermediates are
 no larger than their outputs (a bias-table gather, a logit-scale ``exp``) stay.
 
 A dense island (:mod:`.dense_island`: GC ViT's global-query generator) computes every position of its
 maps from a scattered token map; outlined with its scatter, it keeps only the visible tokens it starts from,
 and its dense intermediates are made again in backward.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +27,8 @@ from typing import Dict, List, Set
 import torch
 import torch.fx as fx
 
-from greenmim_convert.runtime import is_runtime_function, ops
 from greenmim_convert.compiler.annotations import Property, copy_meta, peek
+from greenmim_convert.runtime import is_runtime_function, ops
 
 from .base import GreenPass, graph_order, is_view, layout_of
 
@@ -80,8 +82,13 @@ def _components(nodes: Set[fx.Node]) -> List[List[fx.Node]]:
 
 def _is_training_dropout(node: fx.Node) -> bool:
     """``aten.dropout(x, p, train=True)`` with ``0 < p < 1``: the one random op whose draws move out of the subgraph."""
-    return (node.target is torch.ops.aten.dropout.default and len(node.args) == 3 and bool(node.args[2])
-            and 0 < float(node.args[1]) < 1 and isinstance(node.meta.get("val"), torch.Tensor))
+    return (
+        node.target is torch.ops.aten.dropout.default
+        and len(node.args) == 3
+        and bool(node.args[2])
+        and 0 < float(node.args[1]) < 1
+        and isinstance(node.meta.get("val"), torch.Tensor)
+    )
 
 
 def _is_floating(node: fx.Node) -> bool:
@@ -132,12 +139,16 @@ class RecomputePass(GreenPass):
         gm.add_submodule(name, fx.GraphModule(torch.nn.Module(), sub))
         pos = graph_order(gm.graph).__getitem__
         # where the first member ran (random draws keep their order) unless an input is defined later
-        at = comp[0] if all(pos(m) < pos(comp[0]) for m in inputs) else \
-            min((u for n in outputs for u in n.users if u not in members), key=pos)
+        at = (
+            comp[0]
+            if all(pos(m) < pos(comp[0]) for m in inputs)
+            else min((u for n in outputs for u in n.users if u not in members), key=pos)
+        )
         with gm.graph.inserting_before(at):
             module = gm.graph.get_attr(name)
-            noises = [gm.graph.call_function(ops.dropout_noise, (like, tuple(n.meta["val"].shape), n.args[1]))
-                      for n in drops]
+            noises = [
+                gm.graph.call_function(ops.dropout_noise, (like, tuple(n.meta["val"].shape), n.args[1])) for n in drops
+            ]
             call = gm.graph.call_function(ops.recompute, (module, *inputs, *noises))
             results = [gm.graph.call_function(operator.getitem, (call, k)) for k in range(len(outputs))]
         for out, res in zip(outputs, results):

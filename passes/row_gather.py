@@ -10,6 +10,7 @@ on either). The mask does not shrink this work, so it weighs four times more in 
 the dense one. Only image-independent gathers are rewritten; an index that may hold negative entries
 (which ``aten.index`` counts from the end) is wrapped first, so every index means what it meant.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -78,7 +79,7 @@ class RowGatherPass(GreenPass):
                     flat = g.call_function(aten.where.self, (negative, wrapped, flat))
                     flat.meta["val"] = wrapped.meta["val"]
                 rows = g.call_function(aten.index_select.default, (table, axis, flat))
-                shape = list(tval.shape[:axis]) + [ival.numel()] + list(tval.shape[axis + 1:])
+                shape = list(tval.shape[:axis]) + [ival.numel()] + list(tval.shape[axis + 1 :])
                 rows.meta["val"] = _fake_like(tval, shape, tval.dtype)
                 out = g.call_function(aten.view.default, (rows, list(node.meta["val"].shape)))
             copy_meta(node, out)

@@ -24,6 +24,7 @@ claims but cannot convert. Its facts go on ``facts(node)`` (``greenmim_convert.c
 Spelling rules are tried the same way; their priorities (at their definitions in ``canonicalize.py``) keep the
 order in which they were written.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,14 +57,18 @@ class Registry:
 
     def __call__(self, name: str, priority: int) -> Callable[[RuleFn], RuleFn]:
         """Register the decorated function as the rule ``name``, tried in ascending ``priority``."""
+
         def register(fn: RuleFn) -> RuleFn:
             for other in self._rules.values():
                 same = (other.fn.__module__, other.fn.__qualname__) == (fn.__module__, fn.__qualname__)
                 if (other.name == name or other.priority == priority) and not same:
-                    raise ValueError(f"{self.kind} rule {name!r} (priority {priority}) clashes with {other.name!r} "
-                                     f"(priority {other.priority})")
+                    raise ValueError(
+                        f"{self.kind} rule {name!r} (priority {priority}) clashes with {other.name!r} "
+                        f"(priority {other.priority})"
+                    )
             self._rules[name] = Rule(name, priority, fn)
             return fn
+
         return register
 
     def ordered(self) -> List[Rule]:

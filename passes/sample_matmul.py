@@ -6,15 +6,16 @@ semantics masked tokens are absent from the sum. Token operands are padded per s
 rows (which add nothing to the sum) and laid out as the dense operand with its token axis replaced
 by the padded one; the original ``matmul`` runs on them, and a token-valued result is unpadded.
 """
+
 from __future__ import annotations
 
 from typing import List, Tuple
 
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
 from greenmim_convert.compiler.annotations import Property, facts, peek
 from greenmim_convert.compiler.layout import Layout, LayoutError
+from greenmim_convert.runtime import ops
 
 from .base import GreenPass, layout_of, sites_node
 
@@ -59,7 +60,9 @@ class SampleMatmulPass(GreenPass):
                 node.replace_input_with(arg, dense)
             sizes = tuple(a.size for a in out.channel_atoms())
             with gm.graph.inserting_after(node):
-                packed = gm.graph.call_function(ops.from_padded_dense, (node, sites, dense_spec(out, len(out.axes)), sizes))
+                packed = gm.graph.call_function(
+                    ops.from_padded_dense, (node, sites, dense_spec(out, len(out.axes)), sizes)
+                )
             node.replace_all_uses_with(packed, delete_user_cb=lambda u: u is not packed)
             facts(packed).layout = out
             facts(node).layout = None

@@ -1,6 +1,7 @@
 """Token-wise ops run unchanged on packed ``(rows, C)`` tensors: one generic rule for every model.
 
-``linear`` and ``layer_norm`` over the channels (or over the minor channel digits of every head), ``batch_norm`` (in training mode its statistics
+``linear`` and ``layer_norm`` over the channels (or over the minor channel digits of every head), ``batch_norm`` (in
+training mode its statistics
 are taken over the visible tokens of the batch, and update the running statistics: the sparse
 BatchNorm of SparK and FCMAE), elementwise ops (activations, residual adds,
 per-channel scales, dropout, dtype casts), and reductions or softmax over channel digits act on
@@ -12,6 +13,7 @@ gathers and reshapes them so the op broadcasts on packed rows exactly as it did 
 tensor of one value per sample (``new_empty((B, 1, 1)).bernoulli_``, stochastic depth) stays one
 value per sample.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -21,24 +23,90 @@ from typing import List, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from greenmim_convert.runtime import ops
 from greenmim_convert.compiler.annotations import Property, SpaceToDepth, copy_meta, facts, peek
 from greenmim_convert.compiler.layout import Atom, Layout, LayoutError, space_to_depth_plan
+from greenmim_convert.runtime import ops
 
 from . import rules
-from .base import (GreenPass, args_of, aten, constant, context_of, emit_call, is_op, layout_of, replace_with_call,
-                   shape_of, sites_node)
+from .base import (
+    GreenPass,
+    args_of,
+    aten,
+    constant,
+    context_of,
+    emit_call,
+    is_op,
+    layout_of,
+    replace_with_call,
+    shape_of,
+    sites_node,
+)
 
 UNARY = (
-    aten.gelu, aten.relu, aten.silu, aten.sigmoid, aten.tanh, aten.hardswish, aten.hardsigmoid, aten.mish,
-    aten.leaky_relu, aten.elu, aten.exp, aten.log, aten.sqrt, aten.rsqrt, aten.abs, aten.neg, aten.erf,
-    aten.clamp, aten.clamp_min, aten.clamp_max, aten.hardtanh, aten.softplus, aten.reciprocal, aten.square,
-    aten.dropout, aten.bernoulli, aten._to_copy, aten.to, aten.type_as, aten.pow, aten.sign, aten.relu6,
-    aten.floor, aten.ceil, aten.round, aten.trunc, aten.frac, aten.logical_not, aten.bitwise_not,
+    aten.gelu,
+    aten.relu,
+    aten.silu,
+    aten.sigmoid,
+    aten.tanh,
+    aten.hardswish,
+    aten.hardsigmoid,
+    aten.mish,
+    aten.leaky_relu,
+    aten.elu,
+    aten.exp,
+    aten.log,
+    aten.sqrt,
+    aten.rsqrt,
+    aten.abs,
+    aten.neg,
+    aten.erf,
+    aten.clamp,
+    aten.clamp_min,
+    aten.clamp_max,
+    aten.hardtanh,
+    aten.softplus,
+    aten.reciprocal,
+    aten.square,
+    aten.dropout,
+    aten.bernoulli,
+    aten._to_copy,
+    aten.to,
+    aten.type_as,
+    aten.pow,
+    aten.sign,
+    aten.relu6,
+    aten.floor,
+    aten.ceil,
+    aten.round,
+    aten.trunc,
+    aten.frac,
+    aten.logical_not,
+    aten.bitwise_not,
 )
-BINARY = (aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.where, aten.rsub,
-          aten.addcmul, aten.addcdiv, aten.lerp, aten.lt, aten.le, aten.gt, aten.ge, aten.eq, aten.ne,
-          aten.logical_and, aten.logical_or, aten.floor_divide, aten.remainder, aten.fmod)
+BINARY = (
+    aten.add,
+    aten.sub,
+    aten.mul,
+    aten.div,
+    aten.maximum,
+    aten.minimum,
+    aten.where,
+    aten.rsub,
+    aten.addcmul,
+    aten.addcdiv,
+    aten.lerp,
+    aten.lt,
+    aten.le,
+    aten.gt,
+    aten.ge,
+    aten.eq,
+    aten.ne,
+    aten.logical_and,
+    aten.logical_or,
+    aten.floor_divide,
+    aten.remainder,
+    aten.fmod,
+)
 IN_PLACE = (aten.add_, aten.sub_, aten.mul_, aten.div_, aten.bernoulli_, aten.clamp_, aten.relu_, aten.fill_)
 ELEMENTWISE = UNARY + BINARY + IN_PLACE
 CREATION = (aten.empty, aten.zeros, aten.ones, aten.full, aten.rand, aten.randn)
@@ -51,7 +119,7 @@ def _minor_channel_axis(lay: Layout) -> Optional[int]:
     head_dim axis with the heads on another axis); else None."""
     last = list(lay.axes[-1]) if lay.axes else []
     chans = lay.channel_atoms()
-    if not last or any(a.kind != "c" for a in last) or chans[len(chans) - len(last):] != last:
+    if not last or any(a.kind != "c" for a in last) or chans[len(chans) - len(last) :] != last:
         return None
     return prod(a.size for a in last)
 
@@ -150,7 +218,10 @@ def _per_sample_factory(node: fx.Node, lay: Layout, batch: int) -> Layout:
     size = list(args_of(node)["size"])
     b = [a for ax in lay.axes for a in ax if a.kind == "b"]
     if not size or size[0] != batch or any(s != 1 for s in size[1:]) or len(b) != 1:
-        raise LayoutError(f"tensor factory of size {tuple(size)} from image features (only (batch, 1, ...) per-sample tensors are supported)")
+        raise LayoutError(
+            f"tensor factory of size {tuple(size)} from image features (only (batch, 1, ...) per-sample tensors are "
+            f"supported)"
+        )
     return Layout(((b[0],),) + ((),) * (len(size) - 1), lay.grid, lay.stride)
 
 
@@ -208,7 +279,11 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         if out is not None:
             facts(node).channel_reduction = True
         return out
-    if is_op(node, aten.softmax, aten._softmax, aten.log_softmax) and layout_of(src) is not None and not layout_of(src).is_pair():
+    if (
+        is_op(node, aten.softmax, aten._softmax, aten.log_softmax)
+        and layout_of(src) is not None
+        and not layout_of(src).is_pair()
+    ):
         facts(node).channel_reduction = True
         return _softmax_channel_layout(node, layout_of(src))
     return None
@@ -245,7 +320,9 @@ def _constant_strides(arg: fx.Node, out: Layout) -> List[tuple]:
     return out_list
 
 
-def _gather_position_constant(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out: Layout, split_channels: bool) -> fx.Node:
+def _gather_position_constant(
+    gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out: Layout, split_channels: bool
+) -> fx.Node:
     """Nodes reading a position-dependent constant (a position embedding) at every visible token."""
     strides = _constant_strides(arg, out)
     spatial = tuple((a.kind, a.size, a.inner, st) for a, st in strides if a.kind in "hw")
@@ -284,14 +361,17 @@ def _pack_prefixed_constant(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, out
     count = out.prefixed_axes()[axis]
     grid = out.without_prefix(axis)
     if {a for a in _constant_atoms(arg, grid) if a.kind == "c"} != set(grid.channel_atoms()):
-        raise LayoutError(f"constant of shape {shape_of(arg)} over prefix and grid tokens that does not vary along "
-                          "every channel")
+        raise LayoutError(
+            f"constant of shape {shape_of(arg)} over prefix and grid tokens that does not vary along every channel"
+        )
     shape = shape_of(arg)
     dim = axis - (len(out.axes) - len(shape))
     part = emit_call(gm, node, aten.slice.Tensor, (arg, dim, count, shape[dim]))
     rows = _pack_constant(gm, node, part, grid, split_channels=False)
-    tokens = [_pack_constant(gm, node, emit_call(gm, node, aten.slice.Tensor, (arg, dim, j, j + 1)), grid, False)
-              for j in range(count)]
+    tokens = [
+        _pack_constant(gm, node, emit_call(gm, node, aten.slice.Tensor, (arg, dim, j, j + 1)), grid, False)
+        for j in range(count)
+    ]
     visible = context_of(gm).visible
     with gm.graph.inserting_before(node):
         own = gm.graph.call_function(aten.cat.default, (tokens,))
@@ -315,7 +395,9 @@ class TokenwisePass(GreenPass):
             elif found.per_sample_creation:
                 ctx = context_of(gm)
                 with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(ops.per_sample_creation, (node.target, ctx.visible, tuple(node.args[1:]), dict(node.kwargs)))
+                    new = gm.graph.call_function(
+                        ops.per_sample_creation, (node.target, ctx.visible, tuple(node.args[1:]), dict(node.kwargs))
+                    )
                 copy_meta(node, new)
                 node.replace_all_uses_with(new)
                 gm.graph.erase_node(node)
@@ -353,7 +435,9 @@ class TokenwisePass(GreenPass):
     def _per_sample_factory(self, gm: fx.GraphModule, node: fx.Node) -> None:
         sites = sites_node(gm, layout_of(node))
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(ops.per_sample_factory, (node.target, node.args[0], sites, tuple(node.args[2:]), dict(node.kwargs)))
+            new = gm.graph.call_function(
+                ops.per_sample_factory, (node.target, node.args[0], sites, tuple(node.args[2:]), dict(node.kwargs))
+            )
         copy_meta(node, new)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -372,13 +456,18 @@ class TokenwisePass(GreenPass):
         full = [a.size for a in signature]
         constants = [a for a in node.all_input_nodes if layout_of(a) is None and prod(shape_of(a) or (1,)) > 1]
         packed = [a for a in node.all_input_nodes if layout_of(a) is not None]
-        const_sizes = [_sizes(Layout((tuple(_constant_atoms(c, out)),), out.grid, out.stride), signature) for c in constants]
-        split = any(_sizes(layout_of(a), signature) != full for a in packed) or any(s != full for s in const_sizes
-                                                                                     if prod(s) > 1 or len(full) > 1)
+        const_sizes = [
+            _sizes(Layout((tuple(_constant_atoms(c, out)),), out.grid, out.stride), signature) for c in constants
+        ]
+        split = any(_sizes(layout_of(a), signature) != full for a in packed) or any(
+            s != full for s in const_sizes if prod(s) > 1 or len(full) > 1
+        )
         for arg in constants:
             node.replace_input_with(arg, _pack_constant(gm, node, arg, out, split))
             positional = any(a.kind in "hw" for a in _constant_atoms(arg, out))
-            self.report["position constant gathered at visible tokens" if positional else "per-channel constant packed"] += 1
+            self.report[
+                "position constant gathered at visible tokens" if positional else "per-channel constant packed"
+            ] += 1
         if self._mul_per_sample(gm, node, packed, constants, split):
             return
         for arg in packed:
@@ -416,13 +505,25 @@ class TokenwisePass(GreenPass):
         src = node.args[0]
         lay = layout_of(src)
         signature = lay.channel_atoms()
-        dims = _reduced_axes(node, lay) if not is_op(node, aten.softmax, aten._softmax, aten.log_softmax) else [args_of(node)["dim"] % len(lay.axes)]
+        dims = (
+            _reduced_axes(node, lay)
+            if not is_op(node, aten.softmax, aten._softmax, aten.log_softmax)
+            else [args_of(node)["dim"] % len(lay.axes)]
+        )
         positions = [1 + signature.index(a) for i in dims for a in lay.axes[i]]
         out_sizes = [a.size for a in layout_of(node).channel_atoms()]
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(ops.channel_op, (node.target, src, [a.size for a in signature], positions,
-                                                          {k: v for k, v in args_of(node).items() if k not in ("self", "input", "dim")},
-                                                          prod(out_sizes)))
+            new = gm.graph.call_function(
+                ops.channel_op,
+                (
+                    node.target,
+                    src,
+                    [a.size for a in signature],
+                    positions,
+                    {k: v for k, v in args_of(node).items() if k not in ("self", "input", "dim")},
+                    prod(out_sizes),
+                ),
+            )
         copy_meta(node, new)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

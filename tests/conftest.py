@@ -1,4 +1,5 @@
 """Shared fixtures: small Swin configurations, fresh random inputs and masks, comparison helpers."""
+
 from __future__ import annotations
 
 import os
@@ -93,8 +94,17 @@ def masks_with_unequal_counts(batch: int, grid, ratio: float, gen: torch.Generat
 
 
 def check_against_reference(
-    model, green, images, visible, tol: float = 1e-10, grads: bool = True, gen=None, zero_grads=(), rng_seed=None,
-    grad_floor: float = 0.0, **oracle
+    model,
+    green,
+    images,
+    visible,
+    tol: float = 1e-10,
+    grads: bool = True,
+    gen=None,
+    zero_grads=(),
+    rng_seed=None,
+    grad_floor: float = 0.0,
+    **oracle,
 ):
     """Outputs of every stage, and (optionally) parameter gradients of a random weighted loss, vs the oracle.
 
@@ -147,8 +157,9 @@ def _feats(out) -> List[torch.Tensor]:
 Grads = Dict[str, torch.Tensor]
 
 
-def weighted_loss_grads(model: torch.nn.Module, runs: Sequence[Callable[[], List[torch.Tensor]]],
-                        gen: Optional[torch.Generator] = None) -> List[Tuple[List[torch.Tensor], Grads]]:
+def weighted_loss_grads(
+    model: torch.nn.Module, runs: Sequence[Callable[[], List[torch.Tensor]]], gen: Optional[torch.Generator] = None
+) -> List[Tuple[List[torch.Tensor], Grads]]:
     """For each run (a function giving output tensors of ``model``): its outputs, detached, and the parameter
     gradients of ``sum(w * output)``, one set of random weights ``w`` for all runs (drawn for the first run's
     output shapes): one random direction in which the runs' gradients are compared."""
@@ -160,13 +171,16 @@ def weighted_loss_grads(model: torch.nn.Module, runs: Sequence[Callable[[], List
             weights = [torch.randn(f.shape, generator=gen, dtype=f.dtype) for f in feats]
         assert [f.shape for f in feats] == [w.shape for w in weights]
         sum((w * f).sum() for w, f in zip(weights, feats)).backward()
-        results.append(([f.detach() for f in feats], {n: p.grad.clone() for n, p in model.named_parameters()
-                                                        if p.grad is not None}))
+        results.append(
+            (
+                [f.detach() for f in feats],
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
+        )
     return results
 
 
-def assert_same_grads(got: Grads, want: Grads, tol: float, zero_grads: Sequence[str] = (),
-                      floor: float = 0.0) -> None:
+def assert_same_grads(got: Grads, want: Grads, tol: float, zero_grads: Sequence[str] = (), floor: float = 0.0) -> None:
     """The same parameters have gradients, each within ``tol`` of ``want``'s, relative to its own size or to
     ``floor`` times the largest gradient, whichever is larger (a gradient that is rounding noise, analytically
     zero, or formed by cancellation carries rounding of that size).
@@ -189,7 +203,7 @@ def _timm_dense_nchw(model, x: torch.Tensor, grid) -> torch.Tensor:
     """A timm feature map as NCHW: it may be NCHW, NHWC (the model's ``output_fmt``) or (B, N, C) tokens, whose
     ``num_prefix_tokens`` leading tokens (a class token) are no grid position."""
     if x.dim() == 3:
-        x = x[:, getattr(model, "num_prefix_tokens", 0):]
+        x = x[:, getattr(model, "num_prefix_tokens", 0) :]
         return x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
     return x.permute(0, 3, 1, 2) if getattr(model, "output_fmt", "NCHW") == "NHWC" else x
 

@@ -1,9 +1,10 @@
 """Small random-weight transformers vision backbones for the oracle tests (64x64 images, a few layers each)."""
+
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 import sys
+from pathlib import Path
 from typing import Any, Dict
 
 import torch
@@ -12,13 +13,29 @@ import torch.nn as nn
 IMG = 64
 
 # one shifted-window block (the first stage's second): the rules for it are the same at every stage
-_SWIN = dict(image_size=IMG, patch_size=4, embed_dim=16, depths=[2, 1, 1, 1], num_heads=[1, 2, 2, 4], window_size=4,
-             mlp_ratio=2.0)
+_SWIN = dict(
+    image_size=IMG,
+    patch_size=4,
+    embed_dim=16,
+    depths=[2, 1, 1, 1],
+    num_heads=[1, 2, 2, 4],
+    window_size=4,
+    mlp_ratio=2.0,
+)
 _CVT_STAGES = 3
-_SAM2 = dict(hidden_size=16, num_attention_heads=1, image_size=[IMG, IMG], blocks_per_stage=[1, 1, 2, 1],
-             embed_dim_per_stage=[16, 32, 48, 64], num_attention_heads_per_stage=[1, 2, 2, 4],
-             window_size_per_stage=[4, 4, 2, 2], global_attention_blocks=[4],
-             window_positional_embedding_background_size=[4, 4], num_query_pool_stages=2, mlp_ratio=2.0)
+_SAM2 = dict(
+    hidden_size=16,
+    num_attention_heads=1,
+    image_size=[IMG, IMG],
+    blocks_per_stage=[1, 1, 2, 1],
+    embed_dim_per_stage=[16, 32, 48, 64],
+    num_attention_heads_per_stage=[1, 2, 2, 4],
+    window_size_per_stage=[4, 4, 2, 2],
+    global_attention_blocks=[4],
+    window_positional_embedding_background_size=[4, 4],
+    num_query_pool_stages=2,
+    mlp_ratio=2.0,
+)
 
 # test case (a model type, or a name in MODEL_TYPES) -> AutoConfig.for_model kwargs
 CONFIGS: Dict[str, Dict[str, Any]] = {
@@ -30,44 +47,110 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "maskformer-swin": _SWIN,
     # windows of 3 pad every grid (16, 8, 4, 2 -> 18, 9, 6, 3), and every second block shifts the padded grid by one
     "maskformer-swin-window3": dict(_SWIN, depths=[2, 2, 2, 2], window_size=3),
-    "focalnet": dict(image_size=IMG, embed_dim=16, depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 128],
-                     focal_levels=[2, 2, 2, 2], focal_windows=[3, 3, 3, 3], use_conv_embed=True, use_layerscale=True,
-                     normalize_modulator=True, mlp_ratio=2.0),
+    "focalnet": dict(
+        image_size=IMG,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[32, 64, 128, 128],
+        focal_levels=[2, 2, 2, 2],
+        focal_windows=[3, 3, 3, 3],
+        use_conv_embed=True,
+        use_layerscale=True,
+        normalize_modulator=True,
+        mlp_ratio=2.0,
+    ),
     "convnext": dict(image_size=IMG, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
     "convnextv2": dict(image_size=IMG, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
-    "pvt": dict(image_size=IMG, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4],
-                mlp_ratios=[2, 2, 2, 2]),
-    "pvt_v2": dict(image_size=IMG, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
-                   num_attention_heads=[1, 2, 2, 4], mlp_ratios=[2, 2, 2, 2]),
-    "segformer": dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4],
-                      mlp_ratios=[2, 2, 2, 2]),
+    "pvt": dict(
+        image_size=IMG,
+        hidden_sizes=[16, 32, 48, 64],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 2, 2, 4],
+        mlp_ratios=[2, 2, 2, 2],
+    ),
+    "pvt_v2": dict(
+        image_size=IMG,
+        hidden_sizes=[16, 32, 48, 64],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 2, 2, 4],
+        mlp_ratios=[2, 2, 2, 2],
+    ),
+    "segformer": dict(
+        hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 2, 4], mlp_ratios=[2, 2, 2, 2]
+    ),
     # 3 stages, 2 query pools: the final tokens are back in raster order; stage 2's second layer attends globally
-    "hiera": dict(image_size=[IMG, IMG], embed_dim=16, depths=[1, 2, 1], num_heads=[1, 2, 4], num_query_pool=2,
-                  masked_unit_size=[8, 8], masked_unit_attention=[True, False, False], query_stride=[2, 2],
-                  mlp_ratio=2.0),
+    "hiera": dict(
+        image_size=[IMG, IMG],
+        embed_dim=16,
+        depths=[1, 2, 1],
+        num_heads=[1, 2, 4],
+        num_query_pool=2,
+        masked_unit_size=[8, 8],
+        masked_unit_attention=[True, False, False],
+        query_stride=[2, 2],
+        mlp_ratio=2.0,
+    ),
     # CvT's drop-path schedule indexes stage i of a depth-long list: depth[i] > i
-    "cvt": dict(patch_sizes=[7, 3, 3], patch_stride=[4, 2, 2], patch_padding=[2, 1, 1], embed_dim=[16, 32, 48],
-                num_heads=[1, 2, 3], depth=[1, 2, 3], mlp_ratio=[2.0] * _CVT_STAGES,
-                attention_drop_rate=[0.0] * _CVT_STAGES, drop_rate=[0.0] * _CVT_STAGES,
-                qkv_bias=[True] * _CVT_STAGES, cls_token=[False, False, True],
-                qkv_projection_method=["dw_bn"] * _CVT_STAGES, kernel_qkv=[3] * _CVT_STAGES,
-                padding_kv=[1] * _CVT_STAGES, stride_kv=[2] * _CVT_STAGES, padding_q=[1] * _CVT_STAGES,
-                stride_q=[1] * _CVT_STAGES),
+    "cvt": dict(
+        patch_sizes=[7, 3, 3],
+        patch_stride=[4, 2, 2],
+        patch_padding=[2, 1, 1],
+        embed_dim=[16, 32, 48],
+        num_heads=[1, 2, 3],
+        depth=[1, 2, 3],
+        mlp_ratio=[2.0] * _CVT_STAGES,
+        attention_drop_rate=[0.0] * _CVT_STAGES,
+        drop_rate=[0.0] * _CVT_STAGES,
+        qkv_bias=[True] * _CVT_STAGES,
+        cls_token=[False, False, True],
+        qkv_projection_method=["dw_bn"] * _CVT_STAGES,
+        kernel_qkv=[3] * _CVT_STAGES,
+        padding_kv=[1] * _CVT_STAGES,
+        stride_kv=[2] * _CVT_STAGES,
+        padding_q=[1] * _CVT_STAGES,
+        stride_q=[1] * _CVT_STAGES,
+    ),
     "poolformer": dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], mlp_ratio=2.0),
     "resnet": dict(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic"),
     # the last transformer's 2x2 grid is one patch: each in-patch position attends to itself. No element dropout:
     # the converted model draws it per visible element, so one seed cannot give the dense model's draws
-    "mobilevit": dict(image_size=IMG, hidden_sizes=[16, 16, 24], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
-                      num_attention_heads=2, mlp_ratio=2.0, expand_ratio=2.0, hidden_dropout_prob=0.0),
+    "mobilevit": dict(
+        image_size=IMG,
+        hidden_sizes=[16, 16, 24],
+        neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
+        num_attention_heads=2,
+        mlp_ratio=2.0,
+        expand_ratio=2.0,
+        hidden_dropout_prob=0.0,
+    ),
     # 4x4 tokens at stride 16, subsampled to 2x2
-    "levit": dict(image_size=IMG, patch_size=16, hidden_sizes=[16, 32], num_attention_heads=[2, 2], depths=[1, 1],
-                  key_dim=[4, 4], mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 4, 2, 2, 2, 2]]),
+    "levit": dict(
+        image_size=IMG,
+        patch_size=16,
+        hidden_sizes=[16, 32],
+        num_attention_heads=[2, 2],
+        depths=[1, 1],
+        key_dim=[4, 4],
+        mlp_ratio=[2, 2],
+        attention_ratio=[2, 2],
+        down_ops=[["Subsample", 4, 2, 2, 2, 2]],
+    ),
     # a stage of depth d: d - 1 convolutional encoders, then the attention block
     "swiftformer": dict(depths=[2, 1, 1, 1], embed_dims=[8, 16, 24, 32], mlp_ratio=2),
     # windows of 3 on a 4x4 grid: the layer pads them
-    "vitdet": dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, image_size=IMG,
-                   pretrain_image_size=IMG, patch_size=16, window_block_indices=[0, 2], residual_block_indices=[1],
-                   use_relative_position_embeddings=True, window_size=3, mlp_ratio=2),
+    "vitdet": dict(
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=IMG,
+        pretrain_image_size=IMG,
+        patch_size=16,
+        window_block_indices=[0, 2],
+        residual_block_indices=[1],
+        use_relative_position_embeddings=True,
+        window_size=3,
+        mlp_ratio=2,
+    ),
     # blocks 1 and 2 pool their queries 2x2 inside 4x4 windows folded into the batch; block 4 attends globally
     "sam2_hiera_det_model": _SAM2,
     # block 3's windows of 3 pad its 4x4 grid
@@ -75,14 +158,23 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 
 # test cases that are a second configuration of one transformers model type: case name -> model type
-MODEL_TYPES: Dict[str, str] = {"sam2-padded-windows": "sam2_hiera_det_model",
-                               "maskformer-swin-window3": "maskformer-swin"}
+MODEL_TYPES: Dict[str, str] = {
+    "sam2-padded-windows": "sam2_hiera_det_model",
+    "maskformer-swin-window3": "maskformer-swin",
+}
 
 # model types whose AutoBackbone the tests build, with config kwargs that differ from the model's
 BACKBONES: Dict[str, Dict[str, Any]] = {
     "swin": dict(window_size=4),  # the backbone partitions always: its 2x2 grid is padded to a window
-    "swinv2": {}, "maskformer-swin": {}, "focalnet": {}, "convnext": {}, "convnextv2": {}, "pvt_v2": {},
-    "hiera": {}, "resnet": {}, "vitdet": {},
+    "swinv2": {},
+    "maskformer-swin": {},
+    "focalnet": {},
+    "convnext": {},
+    "convnextv2": {},
+    "pvt_v2": {},
+    "hiera": {},
+    "resnet": {},
+    "vitdet": {},
 }
 
 
@@ -152,8 +244,14 @@ def randomise(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_hf(model_type: str, backbone: bool = False, drop_path: float = 0.1, dtype: torch.dtype = torch.float64,
-             attn_implementation: str | None = None, **overrides: Any) -> nn.Module:
+def build_hf(
+    model_type: str,
+    backbone: bool = False,
+    drop_path: float = 0.1,
+    dtype: torch.dtype = torch.float64,
+    attn_implementation: str | None = None,
+    **overrides: Any,
+) -> nn.Module:
     """``AutoModel`` (``AutoBackbone`` with every stage as an output feature) of ``CONFIGS[model_type]`` (with
     ``overrides``), random weights (``randomise``), BatchNorm statistics of random images, in ``dtype`` and eval
     mode. ``model_type`` is a test case: a transformers model type or a name in ``MODEL_TYPES``."""

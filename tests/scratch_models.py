@@ -4,6 +4,7 @@ It is the "researcher's own model" of the equivalence tests: channels-last token
 ``attn_mask`` (a full learned bias plus the shift seam mask built in ``forward``), qkv split with
 ``chunk``, and patch merging by a 2x2 stride-2 conv. ``scratch_masked_reference`` is its oracle.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -129,15 +130,20 @@ class ScratchViT(nn.Module):
     """
 
     def __init__(
-        self, embed: int = 24, depths: Sequence[int] = (2, 2, 2), heads: Sequence[int] = (1, 2, 4), window: int = 4,
-        img_size: int = 128, merge: type = ConvMerge,
+        self,
+        embed: int = 24,
+        depths: Sequence[int] = (2, 2, 2),
+        heads: Sequence[int] = (1, 2, 4),
+        window: int = 4,
+        img_size: int = 128,
+        merge: type = ConvMerge,
     ):
         super().__init__()
         self.img_size = img_size
         self.patchify = nn.Conv2d(3, embed, kernel_size=4, stride=4)
         self.patch_norm = nn.LayerNorm(embed)
         self.stages = nn.ModuleList(
-            Stage(embed * 2 ** i, d, h, window, merge if i > 0 else None) for i, (d, h) in enumerate(zip(depths, heads))
+            Stage(embed * 2**i, d, h, window, merge if i > 0 else None) for i, (d, h) in enumerate(zip(depths, heads))
         )
         self.final_norm = nn.LayerNorm(embed * 2 ** (len(depths) - 1))
         self.stage_names = [f"stages.{i}" for i in range(len(depths))]
@@ -160,10 +166,10 @@ def scratch_key_mask_for(module: nn.Module) -> Optional[KeyMaskFn]:
         vis = torch.roll(visibility_map(visible, (height, width)), shifts=(-s, -s), dims=(1, 2))
         vis = vis.view(b, height // w, w, width // w, w).transpose(2, 3).reshape(b, -1, 1, 1, w * w)
         return vis  # (B, tiles, 1, 1, area) against logits (B, tiles, heads, area, area)
+
     return keys
 
 
 def scratch_masked_reference(model: ScratchViT, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
     """The dense masked oracle of a ``ScratchViT``: its SDPA calls get the key mask, its convs the zeroing hook."""
     return dense_masked_reference(model, images, visible, stages=model.stage_names, key_mask_for=scratch_key_mask_for)
-

@@ -1,4 +1,5 @@
 """``convert``: capture any hierarchical vision model and run the pass pipeline; ``GreenModel``: the result."""
+
 from __future__ import annotations
 
 import math
@@ -10,10 +11,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from greenmim_convert.compiler.pipeline import Compiled, compile_graph
 from greenmim_convert.compiler.capture import (
-    MissingStageError, OutputFn, check_stage_names, input_channels, is_timm_model, timm_stages,
+    MissingStageError,
+    OutputFn,
+    check_stage_names,
+    input_channels,
+    is_timm_model,
+    timm_stages,
 )
+from greenmim_convert.compiler.pipeline import Compiled, compile_graph
 from greenmim_convert.errors import InvalidInputError, MaskUnitError, TraceError
 from greenmim_convert.runtime.program import Program
 from greenmim_convert.runtime.tokens import GreenOutput
@@ -128,7 +134,9 @@ def convert(
     _check_options(grouping, attention_backend)
     size = _as_pair(img_size) if img_size is not None else default_img_size(model)
     if size is None:
-        raise InvalidInputError(f"{type(model).__name__} does not state its input size: pass img_size=(H, W) to convert()")
+        raise InvalidInputError(
+            f"{type(model).__name__} does not state its input size: pass img_size=(H, W) to convert()"
+        )
     if stages is not None:
         stages = check_stage_names(model, list(stages))
     elif is_timm_model(model):
@@ -138,8 +146,10 @@ def convert(
             stages = None  # the last value at each feature grid; checked against feature_info's strides below
     if output is not None and not callable(output):
         raise InvalidInputError(f"output must be a function of the model's output, got {type(output).__name__}")
-    compiled = {mode: compile_graph(model, mode, size, stages, mask_unit or 0, grouping, attention_backend, output)
-                for mode in (False, True)}
+    compiled = {
+        mode: compile_graph(model, mode, size, stages, mask_unit or 0, grouping, attention_backend, output)
+        for mode in (False, True)
+    }
     ev = compiled[False]
     if stages is None and is_timm_model(model):
         _check_feature_strides(model, ev)
@@ -148,7 +158,10 @@ def convert(
     unit = mask_unit if mask_unit is not None else max(strides[-1] if strides else 1, min_unit)
     _check_unit(unit, min_unit, size)
     report = ConversionReport(
-        model_name_of(model), [PassRecord(p.name, p.description, dict(p.report)) for p in ev.pipeline], min_unit, strides
+        model_name_of(model),
+        [PassRecord(p.name, p.description, dict(p.report)) for p in ev.pipeline],
+        min_unit,
+        strides,
     )
     config = GreenConfig(model_name_of(model), size, unit, grouping, attention_backend)
     names = list(stages) if stages is not None else ev.ctx.stage_paths
@@ -164,13 +177,17 @@ def _check_feature_strides(model: nn.Module, compiled: Compiled) -> None:
     want = [int(f["reduction"]) for f in model.feature_info]
     got = compiled.ctx.stage_strides
     if list(got) != list(want):
-        raise TraceError(f"feature_info names modules {type(model).__name__} does not have, and the feature grids "
-                         f"found have strides {list(got)} instead of its reductions {list(want)}: pass stages=")
+        raise TraceError(
+            f"feature_info names modules {type(model).__name__} does not have, and the feature grids "
+            f"found have strides {list(got)} instead of its reductions {list(want)}: pass stages="
+        )
 
 
 def _check_unit(unit: int, min_unit: int, size: Tuple[int, int]) -> None:
     if not isinstance(unit, int) or unit <= 0 or unit % min_unit:
-        raise MaskUnitError(f"mask_unit {unit} is not a positive multiple of the model's minimal mask unit {min_unit}px")
+        raise MaskUnitError(
+            f"mask_unit {unit} is not a positive multiple of the model's minimal mask unit {min_unit}px"
+        )
     if size[0] % unit or size[1] % unit:
         raise MaskUnitError(f"image size {size} is not divisible by the mask unit {unit}px")
 
@@ -183,8 +200,14 @@ class GreenModel(nn.Module):
     ``runtime/program.py``), which ``forward`` runs eagerly and under ``torch.compile`` alike.
     """
 
-    def __init__(self, model: nn.Module, programs: Dict[bool, Program], config: GreenConfig, report: ConversionReport,
-                 stage_modules: List[str]):
+    def __init__(
+        self,
+        model: nn.Module,
+        programs: Dict[bool, Program],
+        config: GreenConfig,
+        report: ConversionReport,
+        stage_modules: List[str],
+    ):
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -229,7 +252,8 @@ class GreenModel(nn.Module):
             raise InvalidInputError(f"images must be a (B, {chans}, H, W) tensor, got {_describe(images)}")
         if images.shape[1] != chans or tuple(images.shape[2:]) != tuple(self.img_size):
             raise InvalidInputError(
-                f"images of shape {tuple(images.shape)} do not fit the converted model: expected (B, {chans}, {self.img_size[0]}, {self.img_size[1]})"
+                f"images of shape {tuple(images.shape)} do not fit the converted model: expected (B, {chans}, "
+                f"{self.img_size[0]}, {self.img_size[1]})"
             )
         if not images.is_floating_point():
             raise InvalidInputError(f"images must be floating point, got dtype {images.dtype}")
@@ -238,10 +262,13 @@ class GreenModel(nn.Module):
         if images.device != p.device:
             raise InvalidInputError(f"images are on {images.device} but the model is on {p.device}")
         if not isinstance(visible, torch.Tensor) or visible.dtype != torch.bool:
-            raise InvalidInputError(f"visible must be a bool tensor (B, {self.mask_grid[0]}, {self.mask_grid[1]}), got {_describe(visible)}")
+            raise InvalidInputError(
+                f"visible must be a bool tensor (B, {self.mask_grid[0]}, {self.mask_grid[1]}), got {_describe(visible)}"
+            )
         if tuple(visible.shape) != (images.shape[0], *self.mask_grid):
             raise InvalidInputError(
-                f"visible has shape {tuple(visible.shape)}; expected {(images.shape[0], *self.mask_grid)} (batch, H/{self.mask_unit}, W/{self.mask_unit})"
+                f"visible has shape {tuple(visible.shape)}; expected {(images.shape[0], *self.mask_grid)} (batch, "
+                f"H/{self.mask_unit}, W/{self.mask_unit})"
             )
         if visible.device != images.device:
             raise InvalidInputError(f"visible is on {visible.device} but the images are on {images.device}")
@@ -254,15 +281,19 @@ class GreenModel(nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule:
         """Deprecated: the converted graph is now a program of two graphs; this is its compute graph."""
-        warnings.warn("GreenModel.graph_module is deprecated: use GreenModel.program (plan_gm and compute_gm)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "GreenModel.graph_module is deprecated: use GreenModel.program (plan_gm and compute_gm)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.program.compute_gm
 
     @property
     def timm_model(self) -> nn.Module:
         """Deprecated name of ``source_model`` (the source may come from any library)."""
-        warnings.warn("GreenModel.timm_model is deprecated: use GreenModel.source_model", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "GreenModel.timm_model is deprecated: use GreenModel.source_model", DeprecationWarning, stacklevel=2
+        )
         return self.source_model
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
@@ -274,7 +305,9 @@ class GreenModel(nn.Module):
         head = getattr(self.source_model, "head", None)
         pool = getattr(self.source_model, "global_pool", "avg")
         if head is None or getattr(head, "fc", None) is None or (isinstance(pool, str) and pool not in ("avg", "")):
-            raise InvalidInputError(f"forward_head supports timm heads with average pooling and an fc, got {type(head).__name__}")
+            raise InvalidInputError(
+                f"forward_head supports timm heads with average pooling and an fc, got {type(head).__name__}"
+            )
         x = out.last.mean()
         drop = getattr(head, "drop", None)
         return head.fc(drop(x) if drop is not None else x)

@@ -4,15 +4,16 @@ weights as safetensors.
 Loading re-creates the source model, loads the weights and converts it again, so no Python object is
 ever unpickled from the file.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from typing import Any, Dict, Optional
 
-from greenmim_convert.tools import models
 from greenmim_convert.api.convert import GreenModel, convert
 from greenmim_convert.errors import GreenMIMError, LoadError
+from greenmim_convert.tools import models
 
 FORMAT = "greenmim-convert/1"
 
@@ -55,7 +56,9 @@ def load(path: str, map_location: str = "cpu") -> GreenModel:
         model = model.to(first.dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise LoadError(f"{path}: weights do not match {name} (missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+        raise LoadError(
+            f"{path}: weights do not match {name} (missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
+        )
     green = convert(
         model,
         img_size=tuple(config["img_size"]),

@@ -1,4 +1,5 @@
 """Random per-sample masks of mask units, as MIM pre-training draws them."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -15,7 +16,8 @@ def random_mask(
     generator: Optional[torch.Generator] = None,
     device: Union[str, torch.device, None] = None,
 ) -> torch.Tensor:
-    """``(B, gh, gw)`` bool, True = visible; every sample hides exactly ``round(ratio * gh * gw)`` units of its own choosing."""
+    """``(B, gh, gw)`` bool, True = visible; every sample hides exactly ``round(ratio * gh * gw)`` units of its own
+    choosing."""
     if isinstance(mask_grid, int):
         mask_grid = (mask_grid, mask_grid)
     gh, gw = (int(v) for v in mask_grid)

@@ -7,6 +7,7 @@ Read facts with ``peek(node)`` (an empty read-only record when the node has none
 Layout analysis and its rules (``passes/rules.py``) write the facts; the rewriting passes read them.
 A pass states the graph properties it ``requires`` and ``ensures``; the pipeline refuses an order that breaks them.
 """
+
 from __future__ import annotations
 
 import enum
@@ -47,11 +48,21 @@ class Property(enum.Enum):
 
 
 # What the rewriting passes ensure: all of them read layouts through the layout ops, so they run before those go.
-REWRITES = frozenset({
-    Property.DENSE_ISLANDS, Property.CONVS, Property.POOLS, Property.POSITION_EINSUMS, Property.ATTENTION,
-    Property.SAMPLE_MATMULS, Property.PATCH_MERGES, Property.CHANNEL_SPLITS, Property.PREFIX_TOKENS,
-    Property.GRID_PADDING, Property.TOKENWISE,
-})
+REWRITES = frozenset(
+    {
+        Property.DENSE_ISLANDS,
+        Property.CONVS,
+        Property.POOLS,
+        Property.POSITION_EINSUMS,
+        Property.ATTENTION,
+        Property.SAMPLE_MATMULS,
+        Property.PATCH_MERGES,
+        Property.CHANNEL_SPLITS,
+        Property.PREFIX_TOKENS,
+        Property.GRID_PADDING,
+        Property.TOKENWISE,
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ roll, matmul, scaled_dot_product_attention, conv2d, ...) that keep the model's o
 objects and name their module in ``meta["nn_module_stack"]``. The graph returns the features
 followed by the output of every stage module (captured with forward hooks during export).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,8 @@ import difflib
 import io
 import logging
 import traceback
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -48,7 +49,8 @@ class _Features(nn.Module):
         stash: List[Optional[torch.Tensor]] = [None] * len(self.stages)
         handles = [
             _called_module(self.m.get_submodule(name)).register_forward_hook(
-                lambda mod, args, out, i=i: stash.__setitem__(i, module_tensor(out)))
+                lambda mod, args, out, i=i: stash.__setitem__(i, module_tensor(out))
+            )
             for i, name in enumerate(self.stages)
         ]
         try:
@@ -82,13 +84,17 @@ def output_values(out: Any, model: str = "the model") -> Tuple[torch.Tensor, Lis
             return output_values(tuple(maps), model)
         if isinstance(out.get("last_hidden_state"), torch.Tensor):
             return out["last_hidden_state"], []
-        raise TraceError(f"{model} returned {type(out).__name__} with keys {list(out.keys())}, none of them "
-                         "'last_hidden_state' or 'feature_maps': pass output= (a function of the output giving a tensor)")
+        raise TraceError(
+            f"{model} returned {type(out).__name__} with keys {list(out.keys())}, none of them "
+            "'last_hidden_state' or 'feature_maps': pass output= (a function of the output giving a tensor)"
+        )
     if isinstance(out, (tuple, list)) and out and all(isinstance(v, torch.Tensor) for v in out):
         return out[-1], list(out)
     kinds = [type(v).__name__ for v in out] if isinstance(out, (tuple, list)) else type(out).__name__
-    raise TraceError(f"{model} returned {type(out).__name__} ({kinds}); greenmim-convert reads a tensor, a tuple or "
-                     "list of tensors, or a ModelOutput: pass output= (a function of the output giving one of these)")
+    raise TraceError(
+        f"{model} returned {type(out).__name__} ({kinds}); greenmim-convert reads a tensor, a tuple or "
+        "list of tensors, or a ModelOutput: pass output= (a function of the output giving one of these)"
+    )
 
 
 def module_tensor(out):
@@ -125,11 +131,15 @@ def timm_stages(model: nn.Module) -> Tuple[List[str], List[int]]:
     for i, f in enumerate(info):
         path = f["module"]
         if path not in names:
-            close = [n for n in names if len(n) == len(path) + 1 and difflib.SequenceMatcher(None, n, path).ratio() > 0.9]
+            close = [
+                n for n in names if len(n) == len(path) + 1 and difflib.SequenceMatcher(None, n, path).ratio() > 0.9
+            ]
             if len(close) != 1:
                 close = _indexed_stage(model, path, i, len(info))
             if len(close) != 1:
-                raise MissingStageError(f"feature_info names module '{path}', which {type(model).__name__} does not have")
+                raise MissingStageError(
+                    f"feature_info names module '{path}', which {type(model).__name__} does not have"
+                )
             path = close[0]
         paths.append(path)
     return paths, [int(f["reduction"]) for f in info]
@@ -201,11 +211,13 @@ def _essentials(exc: BaseException) -> str:
     out = lines[:1]
     if "The following call raised this error:" in lines:
         i = lines.index("The following call raised this error:")
-        out += [ln.strip() for ln in lines[i + 1:i + 3] if ln.strip()]
+        out += [ln.strip() for ln in lines[i + 1 : i + 3] if ln.strip()]
     return " | ".join(out)
 
 
-def capture(model: nn.Module, images: torch.Tensor, stages: Sequence[str], output: Optional[OutputFn] = None) -> Captured:
+def capture(
+    model: nn.Module, images: torch.Tensor, stages: Sequence[str], output: Optional[OutputFn] = None
+) -> Captured:
     """Export the model's features function on ``images`` in its current train/eval mode; ``output`` maps the
     model's output to what ``output_values`` reads."""
     wrapper = _Features(model, stages, output)
@@ -216,7 +228,9 @@ def capture(model: nn.Module, images: torch.Tensor, stages: Sequence[str], outpu
         raise
     except Exception as exc:  # export raises many types; report them as one, naming the module
         where = _failing_module(model, exc)
-        raise TraceError(f"torch.export could not capture {type(model).__name__}{where}: {type(exc).__name__}: {_essentials(exc)}") from exc
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__}{where}: {type(exc).__name__}: {_essentials(exc)}"
+        ) from exc
     exported = program.module()
     graph = fx.Graph()
     remap = graph.graph_copy(exported.graph, {})

@@ -15,6 +15,7 @@ row and column digits (a class token), ``key_prefix`` the same on the key axis o
 before and after): ``grid`` is then the padded grid, whose padded positions are constant tokens of the
 source model, always present (see ``passes.grid_padding``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -144,9 +145,11 @@ class Layout:
                     if need % a.size:
                         raise LayoutError(
                             f"view {tuple(shape)} splits digit {a} unevenly ({need} entries left of an axis of {size} "
-                            f"are no whole multiple of its {a.size} values): the entries are no rows, columns or blocks of "
+                            f"are no whole multiple of its {a.size} values): the entries are no rows, columns or "
+                            f"blocks of "
                             "the image (tokens regrouped in an order that is not made of the grid's digits, e.g. "
-                            "windows of raster tokens that were never unrolled)")
+                            "windows of raster tokens that were never unrolled)"
+                        )
                     taken.append(a)
                     need //= a.size
                 else:
@@ -197,10 +200,13 @@ class Layout:
     def flatten(self, start: int = 0, end: int = -1) -> "Layout":
         n = len(self.axes)
         start, end = start % n, end % n
-        if any(start <= i <= end for i in self.prefixed_axes()) and sum(bool(ax) for ax in self.axes[start:end + 1]) > 1:
+        if (
+            any(start <= i <= end for i in self.prefixed_axes())
+            and sum(bool(ax) for ax in self.axes[start : end + 1]) > 1
+        ):
             raise LayoutError("flatten merges an axis holding prefix tokens with another axis")
-        merged = tuple(a for ax in self.axes[start:end + 1] for a in ax)
-        return replace(self, axes=self.axes[:start] + (merged,) + self.axes[end + 1:])
+        merged = tuple(a for ax in self.axes[start : end + 1] for a in ax)
+        return replace(self, axes=self.axes[:start] + (merged,) + self.axes[end + 1 :])
 
     def unsqueeze(self, dim: int) -> "Layout":
         n = len(self.axes) + 1
@@ -262,7 +268,9 @@ class Layout:
             place = 1
             for a in sorted((a for ax in self.axes for a in ax if a.kind == k), key=lambda a: a.inner):
                 if a.inner != place:
-                    raise LayoutError(f"layout {self.shape} does not hold every {'row' if k == 'h' else 'column'} of its grid")
+                    raise LayoutError(
+                        f"layout {self.shape} does not hold every {'row' if k == 'h' else 'column'} of its grid"
+                    )
                 place *= a.size
             if place != n:
                 raise LayoutError(f"layout {self.shape} holds a part of the {self.grid} grid")
@@ -287,8 +295,10 @@ class Layout:
         n = max(len(self.axes), len(other.axes))
         self, other = self.padded_to(n), other.padded_to(n)
         sample = self.is_per_sample() or other.is_per_sample()
-        if not sample and ((self.grid, self.stride, self.offset, self.prefix, self.key_prefix, self.border)
-                           != (other.grid, other.stride, other.offset, other.prefix, other.key_prefix, other.border)):
+        if not sample and (
+            (self.grid, self.stride, self.offset, self.prefix, self.key_prefix, self.border)
+            != (other.grid, other.stride, other.offset, other.prefix, other.key_prefix, other.border)
+        ):
             raise LayoutError(f"elementwise op on tensors of different layouts {self.shape} and {other.shape}")
         axes = []
         for a, b in zip(self.axes, other.axes):
@@ -301,8 +311,12 @@ class Layout:
     def is_canonical_tokens(self) -> bool:
         """Batch, then rows, then columns (raster), then channels; no roll offset."""
         kinds = [a.kind for ax in self.axes for a in ax]
-        return kinds == ["b", "h", "w", "c"] and self.offset == (0, 0) and not self.prefix and self.channel_last() and all(
-            a.inner == 1 for ax in self.axes for a in ax
+        return (
+            kinds == ["b", "h", "w", "c"]
+            and self.offset == (0, 0)
+            and not self.prefix
+            and self.channel_last()
+            and all(a.inner == 1 for ax in self.axes for a in ax)
         )
 
     def spatial_factor_in_last_axis(self) -> Optional[Tuple[int, int]]:

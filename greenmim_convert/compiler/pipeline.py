@@ -5,6 +5,7 @@ Each pass declares the graph properties it ``requires`` and ``ensures`` (``compi
 pass manager refuses an order in which a pass runs before one that ensures what it requires, then runs the passes
 and the ``check`` postcondition after them.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -117,8 +118,16 @@ class Compiled:
     output_stages: int = 0  # stage maps read from the model's output (a BackboneOutput's feature_maps)
 
 
-def compile_graph(model: nn.Module, training: bool, size: Tuple[int, int], stages: Optional[List[str]], mask_unit: int,
-             grouping: str, attention_backend: str, output: Optional[OutputFn] = None) -> Compiled:
+def compile_graph(
+    model: nn.Module,
+    training: bool,
+    size: Tuple[int, int],
+    stages: Optional[List[str]],
+    mask_unit: int,
+    grouping: str,
+    attention_backend: str,
+    output: Optional[OutputFn] = None,
+) -> Compiled:
     """Capture in one train/eval mode, run the pipeline and split the result into plan and compute."""
     chans = input_channels(model)
     example = example_images(model, size, TRACE_BATCH, chans)
@@ -129,7 +138,9 @@ def compile_graph(model: nn.Module, training: bool, size: Tuple[int, int], stage
         gm = captured.gm
         with gm.graph.inserting_after(captured.images):
             visible = gm.graph.placeholder("visible")
-        ctx = P.ConvertContext(size, mask_unit, TRACE_BATCH, chans, grouping, attention_backend, captured.images, visible)
+        ctx = P.ConvertContext(
+            size, mask_unit, TRACE_BATCH, chans, grouping, attention_backend, captured.images, visible
+        )
         ctx.default_stages = stages is None and not captured.output_stages
         gm.meta["greenmim"] = ctx
         manager = GreenPassManager(build_pipeline(), P.CheckPass())

@@ -6,6 +6,7 @@ of the converted graph with inputs ``(images, visible, *plan tensors)``: a call 
 ``runtime_call(call, tensors)`` (``call`` an attribute of the compute graph module), and it returns the features
 of the converted model's outputs.
 """
+
 from __future__ import annotations
 
 import operator
@@ -16,24 +17,41 @@ import torch
 import torch.fx as fx
 
 from greenmim_convert.errors import UnsupportedOperationError
-from greenmim_convert.runtime import ops, plan as planner
+from greenmim_convert.runtime import ops
+from greenmim_convert.runtime import plan as planner
 from greenmim_convert.runtime.attention import AttentionProgram
 from greenmim_convert.runtime.program import (
-    Call, GroupingSpec, InputRef, PlanRef, PlanSpec, PrefixSpec, Program, SitesSpec, grouping_tensors, register,
-    runtime_call, sites_tensors,
+    Call,
+    GroupingSpec,
+    InputRef,
+    PlanRef,
+    PlanSpec,
+    PrefixSpec,
+    Program,
+    SitesSpec,
+    grouping_tensors,
+    register,
+    runtime_call,
+    sites_tensors,
 )
 
 GROUPING_FIELDS = ("slot", "index", "segment", "position", "table")
-PLAN_FUNCTIONS = (planner.visible_sites, planner.padded_sites, planner.prefixed_sites, planner.digit_grouping,
-                  planner.window_grouping)
+PLAN_FUNCTIONS = (
+    planner.visible_sites,
+    planner.padded_sites,
+    planner.prefixed_sites,
+    planner.digit_grouping,
+    planner.window_grouping,
+)
 
 
 def split_program(gm: fx.GraphModule) -> Program:
     """The program of a converted graph ``(images, visible) -> green_output(...)``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 2:
-        raise UnsupportedOperationError(f"a converted graph takes (images, visible), this one takes "
-                                        f"{len(placeholders)} inputs")
+        raise UnsupportedOperationError(
+            f"a converted graph takes (images, visible), this one takes {len(placeholders)} inputs"
+        )
     images, visible = placeholders
     plan_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PLAN_FUNCTIONS]
     for n in plan_nodes:
@@ -46,8 +64,9 @@ def split_program(gm: fx.GraphModule) -> Program:
     return Program(plan_gm, compute.gm, dynamic, compute.outputs, compute.last, compute.stages, compute.calls)
 
 
-def _plan_graph(gm: fx.GraphModule, visible: fx.Node, plan_nodes: List[fx.Node]
-                ) -> Tuple[fx.GraphModule, Dict[fx.Node, PlanSpec], List[int]]:
+def _plan_graph(
+    gm: fx.GraphModule, visible: fx.Node, plan_nodes: List[fx.Node]
+) -> Tuple[fx.GraphModule, Dict[fx.Node, PlanSpec], List[int]]:
     """The plan graph ``visible -> flat tensors``, each plan node's spec, and the tensors whose size is the mask's."""
     graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {visible: graph.placeholder("visible")}
@@ -110,12 +129,20 @@ def _spec(node: fx.Node, value: Any, first: int, by_object: Dict[int, PlanSpec])
 class _ComputeGraph:
     """The graph after the plan: inputs ``(images, visible, *plan tensors)``, output the features of every output."""
 
-    def __init__(self, gm: fx.GraphModule, images: fx.Node, visible: fx.Node, specs: Dict[fx.Node, PlanSpec],
-                 plan_names: List[str]):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        images: fx.Node,
+        visible: fx.Node,
+        specs: Dict[fx.Node, PlanSpec],
+        plan_names: List[str],
+    ):
         self.source, self.specs = gm, specs
         self.graph = fx.Graph()
-        self.env: Dict[fx.Node, Any] = {images: self.graph.placeholder("images"),
-                                        visible: self.graph.placeholder("visible")}
+        self.env: Dict[fx.Node, Any] = {
+            images: self.graph.placeholder("images"),
+            visible: self.graph.placeholder("visible"),
+        }
         self.plan = [self.graph.placeholder(name) for name in plan_names]
         self.outputs: List[PlanSpec] = []
         self.calls: List[Call] = []
@@ -187,8 +214,10 @@ def _dropout_refusal(name: str, template: Any) -> Optional[str]:
     """Attention dropout inside a runtime call would draw other numbers when the custom op's backward runs it again."""
     for a in _leaves(template):
         if isinstance(a, AttentionProgram) and any(s.kind == "dropout" and s.value for s in a.post):
-            return (f"{name}: attention dropout inside a runtime call is not supported under torch.compile "
-                    "(set attn_drop_rate=0 or run eagerly)")
+            return (
+                f"{name}: attention dropout inside a runtime call is not supported under torch.compile "
+                "(set attn_drop_rate=0 or run eagerly)"
+            )
     return None
 
 

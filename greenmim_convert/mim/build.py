@@ -1,5 +1,6 @@
 """Building the MIM model of a configuration: the source model (any name ``convert`` accepts on the command line),
 its converted encoder (or the dense SimMIM baseline), the decoder and the target."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Pre-training checkpoints: atomic writes, ``last.pt``, pruning, resuming, and the random states of every rank."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Every option defaults to unset, so that only what the command line gives overrides the ``--config`` file, which
 overrides the defaults of :class:`~greenmim_convert.mim.config.PretrainConfig`.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -16,17 +17,22 @@ O = typer.Option
 
 
 def pretrain_cmd(
-    model: Optional[str] = typer.Argument(None, help="timm name, torchvision:NAME, hf:TYPE or package.module:factory "
-                                          "(default: the config file's, else swin_tiny_patch4_window7_224)"),
+    model: Optional[str] = typer.Argument(
+        None,
+        help="timm name, torchvision:NAME, hf:TYPE or package.module:factory "
+        "(default: the config file's, else swin_tiny_patch4_window7_224)",
+    ),
     data: Optional[str] = O(None, help="ImageFolder root (labels ignored); default: scikit-image's demo photographs"),
-    config: Optional[str] = O(None, "--config", help="settings file (.toml, .yaml, .json); the options given here "
-                              "override it"),
+    config: Optional[str] = O(
+        None, "--config", help="settings file (.toml, .yaml, .json); the options given here override it"
+    ),
     model_arg: List[str] = O([], "--model-arg", help="model builder argument key=value (repeatable)"),
     img_size: Optional[int] = O(None, help="image size (default: the model's)"),
     mask_unit: Optional[int] = O(None, help="mask unit in pixels (default: the model's total stride)"),
     grouping: Optional[str] = O(None, help="window packing of the converted model: dp | max | window"),
-    dense: Optional[bool] = O(None, "--dense/--no-dense", help="SimMIM baseline: the unconverted encoder with a "
-                              "mask token at hidden units"),
+    dense: Optional[bool] = O(
+        None, "--dense/--no-dense", help="SimMIM baseline: the unconverted encoder with a mask token at hidden units"
+    ),
     decoder: Optional[str] = O(None, help="transformer (GreenMIM/MAE) or linear (SimMIM's head; --dense only)"),
     decoder_dim: Optional[int] = O(None, help="decoder width [256]"),
     decoder_depth: Optional[int] = O(None, help="decoder layers [2]"),
@@ -53,8 +59,13 @@ def pretrain_cmd(
     out: Optional[str] = O(None, help="run folder [runs/pretrain]"),
     ckpt_every: Optional[int] = O(None, help="checkpoint every N steps, 0: at the end only [100]"),
     keep_ckpts: Optional[int] = O(None, help="keep the newest K checkpoints, 0: all [3]"),
-    resume: Optional[str] = O(None, is_flag=False, flag_value="auto", metavar="[CKPT]",
-                              help="continue from CKPT, or with no value from OUT/last.pt when there is one"),
+    resume: Optional[str] = O(
+        None,
+        is_flag=False,
+        flag_value="auto",
+        metavar="[CKPT]",
+        help="continue from CKPT, or with no value from OUT/last.pt when there is one",
+    ),
     stop_after: Optional[int] = O(None, help="stop with a checkpoint after this step (the schedule stays --steps')"),
     device: Optional[str] = O(None, help="auto, cpu or cuda"),
     threads: Optional[int] = O(None, help="torch intra-op threads per process"),
@@ -64,8 +75,9 @@ def pretrain_cmd(
     tensorboard: Optional[bool] = O(None, "--tensorboard/--no-tensorboard", help="TensorBoard events [on]"),
     vis_every: Optional[int] = O(None, help="reconstruction PNG (and TensorBoard image) every N steps, 0: none"),
     bench_steps: Optional[int] = O(None, help="instead of training: time N whole steps of converted vs --dense"),
-    malloc_tuning: Optional[bool] = O(None, "--malloc-tuning/--no-malloc-tuning", help="keep freed memory in the "
-                                      "process (glibc mallopt) [on]"),
+    malloc_tuning: Optional[bool] = O(
+        None, "--malloc-tuning/--no-malloc-tuning", help="keep freed memory in the process (glibc mallopt) [on]"
+    ),
 ) -> None:
     """MIM pre-training (GreenMIM / MAE style) of any model convert takes, on visible units only.
 
@@ -91,7 +103,6 @@ def pretrain_cmd(
         _fail(str(exc))
 
 
-
 def export_cmd(
     run_dir: str = typer.Argument(..., metavar="RUN", help="run folder (its last.pt) or a checkpoint file"),
     to: str = O(..., "--to", help="folder to write the encoder to"),
@@ -112,8 +123,10 @@ def export_cmd(
     except (GreenMIMError, ValueError) as exc:
         _fail(str(exc))
     console = Console()
-    console.print(f"wrote {report.num_tensors} tensors of {report.model_name} (pre-training step {report.step}): "
-                  f"{', '.join(str(f) for f in report.files)}")
+    console.print(
+        f"wrote {report.num_tensors} tensors of {report.model_name} (pre-training step {report.step}): "
+        f"{', '.join(str(f) for f in report.files)}"
+    )
     console.print(f"load with: {report.load_with}")
 
 

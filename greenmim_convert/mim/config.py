@@ -1,5 +1,6 @@
 """The pre-training configuration: defaults, a TOML / YAML / JSON file, command-line overrides (in that order of
 precedence, last wins), validation, and the resolved configuration written to the run folder."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,8 +105,9 @@ def read_file(path: str) -> Dict[str, Any]:
         try:
             import yaml
         except ImportError:
-            raise InvalidInputError(f"{path}: YAML config files need pyyaml (pip install pyyaml); or write it as "
-                                    "TOML, which needs nothing") from None
+            raise InvalidInputError(
+                f"{path}: YAML config files need pyyaml (pip install pyyaml); or write it as TOML, which needs nothing"
+            ) from None
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:

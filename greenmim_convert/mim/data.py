@@ -1,6 +1,7 @@
 """Pre-training data: an ImageFolder tree or the photographs bundled with scikit-image, with augmentation seeded
 per (seed, epoch, index) and a sampler that can start in the middle of an epoch, so that a resumed run reads the
 same crops in the same order as an uninterrupted one."""
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # are repeated over three channels. Images that are mostly flat background (hubble, retina, moon) are left out:
 # per-unit normalisation turns a flat unit's quantisation noise into an unpredictable unit-variance target.
 DEMO_IMAGES = (
-    "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "stereo_motorcycle",
-    "camera", "coins", "grass", "gravel", "brick", "cell", "clock", "page",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "stereo_motorcycle",
+    "camera",
+    "coins",
+    "grass",
+    "gravel",
+    "brick",
+    "cell",
+    "clock",
+    "page",
 )
 
 
@@ -45,7 +58,7 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         order = list(super().__iter__())
-        return iter([(i, self.epoch) for i in order[self.start:]])
+        return iter([(i, self.epoch) for i in order[self.start :]])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -78,8 +91,9 @@ def load_demo_photos(max_side: int = 512) -> Tuple[torch.Tensor, ...]:
     try:
         import skimage.data as skdata
     except ImportError:
-        raise InvalidInputError("the built-in demo data needs scikit-image (pip install 'greenmim-convert[examples]'), "
-                                "or pass --data DIR") from None
+        raise InvalidInputError(
+            "the built-in demo data needs scikit-image (pip install 'greenmim-convert[examples]'), or pass --data DIR"
+        ) from None
     photos = []
     for name in DEMO_IMAGES:
         try:
@@ -119,8 +133,9 @@ def build_transform(img_size: Tuple[int, int], min_scale: float, tensor_input: b
 
     steps = [] if tensor_input else [T.PILToTensor()]
     steps += [
-        T.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC,
-                            antialias=True),
+        T.RandomResizedCrop(
+            img_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC, antialias=True
+        ),
         T.RandomHorizontalFlip(),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -128,8 +143,9 @@ def build_transform(img_size: Tuple[int, int], min_scale: float, tensor_input: b
     return T.Compose(steps)
 
 
-def build_dataset(data: Optional[str], img_size: Tuple[int, int], seed: int, demo_size: int = 1024,
-                  min_crop_scale: float = 0.2) -> SeededAugment:
+def build_dataset(
+    data: Optional[str], img_size: Tuple[int, int], seed: int, demo_size: int = 1024, min_crop_scale: float = 0.2
+) -> SeededAugment:
     """ImageFolder under ``data`` (labels ignored), else the scikit-image demo photographs; seeded augmentation."""
     if data:
         from torchvision.datasets import ImageFolder

@@ -3,6 +3,7 @@
 A decoder maps one feature per visible unit (``feats (V, C)`` at flat positions ``index``: b * N + u) to pixel
 predictions ``(B, N, P)``, or, given ``rows`` (flat positions), to those units' predictions ``(len(rows), P)``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -17,8 +18,9 @@ def sincos_2d(grid: Tuple[int, int], dim: int) -> torch.Tensor:
         raise ValueError(f"decoder width {dim} must be a multiple of 4 for 2-D sin-cos positions")
     quarter = dim // 4
     freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
-                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
 
     def enc(pos: torch.Tensor) -> torch.Tensor:
         angle = pos.reshape(-1, 1) * freq[None]
@@ -33,15 +35,24 @@ class TransformerDecoder(nn.Module):
 
     reads_hidden = False  # predicts hidden units from mask tokens: the encoder need not compute them
 
-    def __init__(self, enc_dim: int, grid: Tuple[int, int], unit: int, dim: int = 256, depth: int = 2,
-                 heads: int = 8, in_chans: int = 3):
+    def __init__(
+        self,
+        enc_dim: int,
+        grid: Tuple[int, int],
+        unit: int,
+        dim: int = 256,
+        depth: int = 2,
+        heads: int = 8,
+        in_chans: int = 3,
+    ):
         super().__init__()
         self.grid = tuple(grid)
         self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
         self.register_buffer("pos_embed", sincos_2d(self.grid, dim), persistent=False)
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, unit * unit * in_chans)
@@ -50,8 +61,9 @@ class TransformerDecoder(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, feats: torch.Tensor, index: torch.Tensor, batch_size: int,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, feats: torch.Tensor, index: torch.Tensor, batch_size: int, rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Predictions ``(B, N, P)``, or ``(len(rows), P)`` of the units ``rows`` (the pixel head is per unit)."""
         n = self.grid[0] * self.grid[1]
         emb = self.embed(feats)
@@ -76,8 +88,9 @@ class LinearDecoder(nn.Module):
         self.grid = tuple(grid)
         self.pred = nn.Linear(enc_dim, unit * unit * in_chans)
 
-    def forward(self, feats: torch.Tensor, index: torch.Tensor, batch_size: int,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, feats: torch.Tensor, index: torch.Tensor, batch_size: int, rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         n = self.grid[0] * self.grid[1]
         out = self.pred(feats)
         full = out.new_zeros(batch_size * n, out.shape[1]).index_put((index,), out)

@@ -1,5 +1,6 @@
 """The dense SimMIM baseline: the unconverted model on the full image, a learned mask token in place of the
 patch embedding's output at hidden units."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -18,8 +19,9 @@ def stem_conv(model: nn.Module, in_chans: int) -> nn.Conv2d:
     for mod in model.modules():
         if isinstance(mod, nn.Conv2d) and mod.in_channels == in_chans:
             return mod
-    raise ValueError(f"{type(model).__name__} has no Conv2d reading {in_chans} image channels to put a SimMIM mask "
-                     "token after")
+    raise ValueError(
+        f"{type(model).__name__} has no Conv2d reading {in_chans} image channels to put a SimMIM mask token after"
+    )
 
 
 def dense_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -98,8 +100,9 @@ def final_stride(model: nn.Module, img_size: Tuple[int, int], fmt: Optional[str]
     return feature_layout(out, img_size, fmt)[1]
 
 
-def dense_encoder(model: nn.Module, img_size: Union[int, Tuple[int, int]], mask_unit: Optional[int] = None,
-                  fmt: Optional[str] = None) -> DenseEncoder:
+def dense_encoder(
+    model: nn.Module, img_size: Union[int, Tuple[int, int]], mask_unit: Optional[int] = None, fmt: Optional[str] = None
+) -> DenseEncoder:
     """The SimMIM baseline with the defaults ``convert`` takes: the mask unit is the final map's stride."""
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     unit = mask_unit if mask_unit is not None else final_stride(model, size, fmt)

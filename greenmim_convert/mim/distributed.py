@@ -1,5 +1,6 @@
 """Processes of a pre-training job: rank and device under torchrun, DistributedDataParallel, FSDP2 sharding, and
 the full (unsharded) states that checkpoints hold."""
+
 from __future__ import annotations
 
 import inspect
@@ -48,7 +49,8 @@ def wrap_ddp(model: nn.Module, d: Dist) -> nn.Module:
     """DistributedDataParallel without per-step buffer syncing (the buffers are constant index tables)."""
     ddp_cls = nn.parallel.DistributedDataParallel
     no_sync_buffers = (
-        {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters
         else {"broadcast_buffers": False}
     )
     return ddp_cls(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **no_sync_buffers)
@@ -76,11 +78,13 @@ def share_source_modules(encoder: nn.Module) -> None:
             if copy is source or not isinstance(copy, nn.Module):
                 continue
             for target in _tensor_targets(gm, name):
-                path = target[len(name) + 1:]
+                path = target[len(name) + 1 :]
                 mod, _, attr = path.rpartition(".")
                 if getattr(source.get_submodule(mod), attr, None) is not getattr(copy.get_submodule(mod), attr):
-                    raise RuntimeError(f"the converted graph's {target} is not the source model's {path}: "
-                                       "FSDP2 cannot shard this encoder")
+                    raise RuntimeError(
+                        f"the converted graph's {target} is not the source model's {path}: "
+                        "FSDP2 cannot shard this encoder"
+                    )
             setattr(gm, name, source)
 
 
@@ -141,8 +145,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bo
     return get_optimizer_state_dict(model, optimizer, options=_options())
 
 
-def load_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: Dict[str, Any],
-                optim_sd: Dict[str, Any], fsdp: bool) -> None:
+def load_states(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: Dict[str, Any], optim_sd: Dict[str, Any], fsdp: bool
+) -> None:
     """Load full model and optimizer states (sharding them under FSDP2)."""
     if not fsdp:
         model.load_state_dict(model_sd)

@@ -1,6 +1,7 @@
 """The pre-training engine: one process or many (DDP, or FSDP2 with ``fsdp``), gradient accumulation, bf16
 autocast, AdamW with a warm-up + cosine schedule, clipping, checkpoints every N steps with bit-identical resuming,
 and the run's reports (log.jsonl, TensorBoard, progress bar, loss plot, reconstruction pictures)."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,15 @@ class TrainResult:
 
 
 def _loader(cfg: PretrainConfig, dataset, sampler: ResumableSampler, d: Dist) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
-                      pin_memory=d.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.workers,
+        pin_memory=d.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 def _vis_batch(cfg: PretrainConfig, dataset, model: MIMModel, mask, d: Dist):
@@ -75,8 +83,9 @@ def _check_resume(ckpt: dict, cfg: PretrainConfig, path: str, d: Dist) -> None:
         kind = "the dense baseline (--dense)" if ckpt["config"].get("dense") else "a converted encoder"
         raise InvalidInputError(f"{path} trains {kind}: resume it with the same --dense setting")
     if bool(ckpt.get("fsdp", False)) != bool(cfg.fsdp):
-        raise InvalidInputError(f"{path} was written {'with' if ckpt.get('fsdp') else 'without'} --fsdp: resume it "
-                                "the same way")
+        raise InvalidInputError(
+            f"{path} was written {'with' if ckpt.get('fsdp') else 'without'} --fsdp: resume it the same way"
+        )
 
 
 def train(cfg: PretrainConfig) -> TrainResult:
@@ -145,11 +154,21 @@ def train(cfg: PretrainConfig) -> TrainResult:
         state, optim = model_state(model, cfg.fsdp), optimizer_state(model, optimizer, cfg.fsdp)
         path = out_dir / f"ckpt-{at:07d}.pt"
         if d.main:
-            ck.save_checkpoint(path, {
-                "format": ck.CHECKPOINT_FORMAT, "step": at, "world_size": d.world, "config": built.meta,
-                "settings": cfg.to_dict(), "fsdp": cfg.fsdp, "model": state, "optimizer": optim,
-                "scheduler": scheduler.state_dict(), "rng": rng,
-            })
+            ck.save_checkpoint(
+                path,
+                {
+                    "format": ck.CHECKPOINT_FORMAT,
+                    "step": at,
+                    "world_size": d.world,
+                    "config": built.meta,
+                    "settings": cfg.to_dict(),
+                    "fsdp": cfg.fsdp,
+                    "model": state,
+                    "optimizer": optim,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng,
+                },
+            )
             ck.prune_checkpoints(out_dir, cfg.keep_ckpts, path)
         return path
 
@@ -167,7 +186,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
     t_start = time.perf_counter()
     done_images = 0
     try:
-        with (log_path.open("a") if d.main else nullcontext()) as log:
+        with log_path.open("a") if d.main else nullcontext() as log:
             while step < end:
                 t0, faults0 = time.perf_counter(), minor_faults()
                 total = torch.zeros((), device=d.device)
@@ -175,12 +194,13 @@ def train(cfg: PretrainConfig) -> TrainResult:
                     images = next(stream).to(d.device, non_blocking=True)
                     visible = mask(images.shape[0], mask_gen).to(d.device)
                     sync = k == cfg.accum_steps - 1 or not d.enabled or cfg.fsdp
-                    with (nullcontext() if sync else net.no_sync()), autocast:
+                    with nullcontext() if sync else net.no_sync(), autocast:
                         loss = net(images, visible).loss
                     (loss / cfg.accum_steps).backward()
                     total += loss.detach() / cfg.accum_steps
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0
-                             else torch.zeros(()))
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0 else torch.zeros(())
+                )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]
@@ -197,12 +217,20 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 step_ips.append(ips)
                 step_faults.append(faults)
                 if d.main:
-                    record = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                              "images_per_s": ips, "minor_faults": faults, "time": time.time()}
+                    record = {
+                        "step": step,
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "images_per_s": ips,
+                        "minor_faults": faults,
+                        "time": time.time(),
+                    }
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    board.scalars(step, {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                                         "images_per_s": ips})
+                    board.scalars(
+                        step, {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": ips}
+                    )
                     eta = (end - step) * (time.perf_counter() - t_start) / len(losses)
                     progress.update(step, mean_loss, ips, eta)
                 if vis is not None and (step % cfg.vis_every == 0 or step == end):
@@ -219,18 +247,31 @@ def train(cfg: PretrainConfig) -> TrainResult:
     return TrainResult(model, losses, step, out_dir, throughput, last_ckpt)
 
 
-def _summary(cfg: PretrainConfig, d: Dist, step: int, losses: List[float], step_ips: List[float],
-             step_faults: List[int], throughput: float, log_path: Path, out_dir: Path) -> None:
+def _summary(
+    cfg: PretrainConfig,
+    d: Dist,
+    step: int,
+    losses: List[float],
+    step_ips: List[float],
+    step_faults: List[int],
+    throughput: float,
+    log_path: Path,
+    out_dir: Path,
+) -> None:
     """Print the run's loss and speed, and write the loss plot."""
     if losses:
         median = statistics.median(step_ips)
-        print(f"steps {step - len(losses) + 1}..{step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
-              f"{throughput:.1f} images/s overall, {median:.1f} images/s median step, "
-              f"{statistics.median(step_faults):.0f} minor page faults median step "
-              f"({d.world} process{'es' if d.world > 1 else ''}{', dense baseline' if cfg.dense else ''})")
+        print(
+            f"steps {step - len(losses) + 1}..{step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+            f"{throughput:.1f} images/s overall, {median:.1f} images/s median step, "
+            f"{statistics.median(step_faults):.0f} minor page faults median step "
+            f"({d.world} process{'es' if d.world > 1 else ''}{', dense baseline' if cfg.dense else ''})"
+        )
     if cfg.plot and read_log(log_path):
-        title = (f"{cfg.model}, {d.world}x{cfg.batch_size}x{cfg.accum_steps} images/step, "
-                 f"{cfg.mask} mask, ratio {cfg.mask_ratio:g}")
+        title = (
+            f"{cfg.model}, {d.world}x{cfg.batch_size}x{cfg.accum_steps} images/step, "
+            f"{cfg.mask} mask, ratio {cfg.mask_ratio:g}"
+        )
         png = write_loss_plot(log_path, out_dir / "loss.png", title)
         if png:
             print(f"loss curve: {png}")
@@ -247,4 +288,3 @@ def run(cfg: PretrainConfig):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-

@@ -5,6 +5,7 @@ pretrained_cfg_overlay=dict(file=...), **the run's model arguments)``; transform
 ``AutoModel.from_pretrained(DIR)``); torchvision and ``module:factory`` models: ``state_dict.pt``, a plain state
 dict with the source model's keys. ``export.json`` beside it says how to load it.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ class ExportReport:
 def encoder_state(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The encoder's tensors under the source model's own keys (the MIM model's encoder prefix removed)."""
     prefix = checkpoint["config"]["encoder_prefix"]
-    return {k[len(prefix):]: v.detach().contiguous() for k, v in checkpoint["model"].items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.detach().contiguous() for k, v in checkpoint["model"].items() if k.startswith(prefix)}
 
 
 def source_model(checkpoint: Dict[str, Any]) -> nn.Module:
@@ -54,8 +55,10 @@ def _load_with(meta: Dict[str, Any], out_dir: Path) -> str:
     """The Python line that loads the export into the source model."""
     kwargs = "".join(f", {k}={v!r}" for k, v in meta["model_kwargs"].items() if k != "num_classes")
     if meta["source"] == "timm":
-        return (f"timm.create_model({meta['model_name']!r}, pretrained=True, pretrained_cfg_overlay=dict("
-                f"file={str(out_dir / 'model.safetensors')!r}), num_classes=NUM_CLASSES{kwargs})")
+        return (
+            f"timm.create_model({meta['model_name']!r}, pretrained=True, pretrained_cfg_overlay=dict("
+            f"file={str(out_dir / 'model.safetensors')!r}), num_classes=NUM_CLASSES{kwargs})"
+        )
     if meta["source"] == "hf":
         return f"transformers.AutoModel.from_pretrained({str(out_dir)!r})"
     return f"model.load_state_dict(torch.load({str(out_dir / 'state_dict.pt')!r}))"
@@ -73,13 +76,23 @@ def export(run: str, out_dir: str) -> ExportReport:
     model = source_model(ckpt)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or result.missing_keys:
-        raise ValueError(f"the checkpoint's encoder does not fit {meta['model_name']}: missing "
-                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"the checkpoint's encoder does not fit {meta['model_name']}: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = _write(model, meta, out, int(ckpt["step"]))
-    report = ExportReport(out, files, meta["source"], meta["model_name"], dict(meta["model_kwargs"]),
-                          int(ckpt["step"]), len(state), load_with=_load_with(meta, out))
+    report = ExportReport(
+        out,
+        files,
+        meta["source"],
+        meta["model_name"],
+        dict(meta["model_kwargs"]),
+        int(ckpt["step"]),
+        len(state),
+        load_with=_load_with(meta, out),
+    )
     info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(report).items() if k != "files"}
     (out / EXPORT_INFO).write_text(json.dumps({**info, "files": [f.name for f in files]}, indent=2, default=list))
     return report
@@ -95,8 +108,9 @@ def _write(model: nn.Module, meta: Dict[str, Any], out: Path, step: int) -> List
         from safetensors.torch import save_file
 
         path = out / "model.safetensors"
-        save_file(state, str(path), metadata={"format": "pt", "model_name": meta["model_name"],
-                                              "pretrain_step": str(step)})
+        save_file(
+            state, str(path), metadata={"format": "pt", "model_name": meta["model_name"], "pretrain_step": str(step)}
+        )
         return [path]
     path = out / "state_dict.pt"
     torch.save(state, path)

@@ -1,5 +1,6 @@
 """What a pre-training run reports: one JSON line per step, TensorBoard event files, a progress bar with
 images/s and ETA, and a loss plot."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-TENSORBOARD_MISSING = ("note: the tensorboard package is not installed, so no TensorBoard event files are written "
-                       "(pip install tensorboard, or 'greenmim-convert[examples]'); log.jsonl has every step")
+TENSORBOARD_MISSING = (
+    "note: the tensorboard package is not installed, so no TensorBoard event files are written "
+    "(pip install tensorboard, or 'greenmim-convert[examples]'); log.jsonl has every step"
+)
 
 
 def read_log(path: Path) -> List[Dict[str, Any]]:
@@ -67,9 +70,13 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self.bar = RichProgress(
-                TextColumn("[bold]pre-train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
-                TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn("[bold]pre-train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TextColumn("{task.fields[ips]:.1f} img/s"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
             )
             self.bar.start()
             self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), ips=0.0)
@@ -109,8 +116,10 @@ def write_loss_plot(log_path: Path, png_path: Path, title: str = "") -> Optional
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed, no loss plot written (pip install 'greenmim-convert[examples]')",
-              file=sys.stderr)
+        print(
+            "note: matplotlib is not installed, no loss plot written (pip install 'greenmim-convert[examples]')",
+            file=sys.stderr,
+        )
         return None
     records = read_log(log_path)
     if not records:
@@ -118,7 +127,7 @@ def write_loss_plot(log_path: Path, png_path: Path, title: str = "") -> Optional
     steps = [r["step"] for r in records]
     loss = [r["loss"] for r in records]
     window = max(1, len(loss) // 20)
-    smooth = [sum(loss[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(loss))]
+    smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(loss))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(steps, loss, color="tab:blue", alpha=0.35, linewidth=1, label="loss per step")
     ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"moving average ({window} steps)")

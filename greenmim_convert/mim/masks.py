@@ -3,6 +3,7 @@
 Every generator is a callable ``gen(batch_size, generator=None)``; all randomness comes from the given
 ``torch.Generator``, so a seeded generator reproduces the masks.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,12 +52,14 @@ class BlockMask:
     ``[1/max_aspect, max_aspect]`` are hidden until ``round(ratio * gh * gw)`` units are; when no new block fits
     after ``attempts`` tries, random single units fill up to that exact count."""
 
-    def __init__(self, grid: Grid, ratio: float = 0.75, min_units: int = 4, max_aspect: float = 3.0,
-                 attempts: int = 10):
+    def __init__(
+        self, grid: Grid, ratio: float = 0.75, min_units: int = 4, max_aspect: float = 3.0, attempts: int = 10
+    ):
         self.grid, self.ratio = _grid(grid), _ratio("mask ratio", ratio)
         if min_units < 1 or max_aspect < 1:
-            raise InvalidInputError(f"block masks need min_units >= 1 and max_aspect >= 1, got {min_units}, "
-                                    f"{max_aspect}")
+            raise InvalidInputError(
+                f"block masks need min_units >= 1 and max_aspect >= 1, got {min_units}, {max_aspect}"
+            )
         self.min_units, self.log_aspect, self.attempts = int(min_units), math.log(max_aspect), int(attempts)
 
     @property
@@ -74,7 +77,7 @@ class BlockMask:
             if not (0 < h <= gh and 0 < w <= gw):
                 continue
             top, left = int(_rand(generator) * (gh - h + 1)), int(_rand(generator) * (gw - w + 1))
-            window = hidden[top:top + h, left:left + w]
+            window = hidden[top : top + h, left : left + w]
             new = int((~window).sum())
             if 0 < new <= budget:
                 window.fill_(True)

@@ -1,4 +1,5 @@
 """Keeping freed memory in the process (glibc's ``mallopt``), and counting minor page faults."""
+
 from __future__ import annotations
 
 import ctypes

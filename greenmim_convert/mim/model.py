@@ -3,6 +3,7 @@
 ``MIMModel(encoder, decoder, target)(images, visible)`` returns a :class:`MIMOutput` whose ``loss`` drops into
 any training loop: ``out.loss.backward()``, ``out["loss"]`` or ``out[0]`` (as transformers' Trainer reads it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -74,9 +75,11 @@ class MIMModel(nn.Module):
         self.mask_grid = tuple(encoder.mask_grid)
         if getattr(decoder, "reads_hidden", False):
             if not hasattr(encoder, "all_units"):
-                raise InvalidInputError(f"{type(decoder).__name__} predicts a hidden unit from the encoder's feature "
-                                        "there, and a converted encoder computes none at hidden units: use the "
-                                        "transformer decoder, or the dense encoder")
+                raise InvalidInputError(
+                    f"{type(decoder).__name__} predicts a hidden unit from the encoder's feature "
+                    "there, and a converted encoder computes none at hidden units: use the "
+                    "transformer decoder, or the dense encoder"
+                )
             encoder.all_units = True
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> MIMOutput:

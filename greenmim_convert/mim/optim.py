@@ -1,4 +1,5 @@
 """AdamW parameter groups and the warm-up + cosine learning-rate schedule of pre-training."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,13 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool
     """AdamW (betas 0.9/0.95) over :func:`param_groups`, fused where PyTorch has the kernel for the device."""
     device = next(model.parameters()).device.type
     fused = fused and device in ("cpu", "cuda")
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95),
-                             fused=fused or None, foreach=None if fused else True)
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay),
+        lr=lr,
+        betas=(0.9, 0.95),
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
 
 
 def lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -41,7 +47,8 @@ def lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup: int,
-                   min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, steps: int, warmup: int, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR of :func:`lr_lambda`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, warmup, min_ratio))

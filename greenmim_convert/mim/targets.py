@@ -1,4 +1,5 @@
 """Reconstruction targets of MIM pre-training: each hidden unit's pixels, raw or normalised per unit (MAE)."""
+
 from __future__ import annotations
 
 import torch

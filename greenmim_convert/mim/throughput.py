@@ -1,5 +1,6 @@
 """``--bench-steps``: whole training steps (encoder, decoder, loss, backward, clipping, AdamW) of the converted
 model and the dense SimMIM baseline, alternating step by step in one process on batches already in memory."""
+
 from __future__ import annotations
 
 import statistics
@@ -101,12 +102,16 @@ def benchmark(cfg: PretrainConfig, malloc_note: Optional[str] = None) -> Dict[st
 
 def _report(cfg: PretrainConfig, results: Dict[str, Throughput], device: str, malloc_note: Optional[str]) -> None:
     conv, dense = results["converted"], results["dense"]
-    print(f"{cfg.model}, batch {cfg.batch_size}, {cfg.mask} mask ratio {cfg.mask_ratio:g}, {device} "
-          f"{'bf16 autocast' if cfg.bf16 else 'float32'}{', compiled' if cfg.compile else ''}, "
-          f"{torch.get_num_threads()} threads, {cfg.bench_steps} timed steps each (whole training step, data in "
-          f"memory); malloc: {malloc_note or 'glibc defaults'}")
+    print(
+        f"{cfg.model}, batch {cfg.batch_size}, {cfg.mask} mask ratio {cfg.mask_ratio:g}, {device} "
+        f"{'bf16 autocast' if cfg.bf16 else 'float32'}{', compiled' if cfg.compile else ''}, "
+        f"{torch.get_num_threads()} threads, {cfg.bench_steps} timed steps each (whole training step, data in "
+        f"memory); malloc: {malloc_note or 'glibc defaults'}"
+    )
     for r in (conv, dense):
         ms = [1e3 * s for s in r.step_s]
-        print(f"  {r.name:9s} {r.images_per_s:8.2f} images/s  ({statistics.median(ms):.0f} ms/step, min "
-              f"{min(ms):.0f}, max {max(ms):.0f})  {r.faults_per_step:.0f} minor page faults/step")
+        print(
+            f"  {r.name:9s} {r.images_per_s:8.2f} images/s  ({statistics.median(ms):.0f} ms/step, min "
+            f"{min(ms):.0f}, max {max(ms):.0f})  {r.faults_per_step:.0f} minor page faults/step"
+        )
     print(f"  converted / dense: {conv.images_per_s / dense.images_per_s:.2f}x images/s")

@@ -1,5 +1,6 @@
 """Reconstruction pictures: masked input, reconstruction (visible units as given, hidden units predicted) and
 original, one row per image."""
+
 from __future__ import annotations
 
 from pathlib import Path

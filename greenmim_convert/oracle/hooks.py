@@ -7,6 +7,7 @@ per-sample statistics are taken over visible positions. The hooks here do that f
 modules need beyond it lives in one module per family under ``families/``, registered in ``FAMILY_MODULES`` by
 the library module its classes come from, and imported only for a model that holds such a module.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,7 +19,6 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 PreHook = Tuple[Type[nn.Module], Callable, bool]  # (module class, factory(state) -> hook, hook takes kwargs)
 PostHook = Tuple[Type[nn.Module], Callable]
@@ -101,6 +101,7 @@ class SoftmaxKeys(GivenKeys):
 def given_keys_pre(state: "HookState", keys: KeyMaskFn) -> Callable:
     def hook(module: nn.Module, args):
         state.key_masks.append(GivenKeys(keys(args, state.visible)))
+
     return hook
 
 
@@ -108,18 +109,22 @@ def attention_pre(keys_for: Callable[[nn.Module], Callable]) -> Callable:
     def factory(state: HookState) -> Callable:
         def hook(module: nn.Module, args):
             state.key_masks.append(keys_for(module))
+
         return hook
+
     return factory
 
 
 def attention_post(state: HookState) -> Callable:
     def hook(module: nn.Module, args, out):
         state.key_masks.pop()
+
     return hook
 
 
 def masked_sdpa(state: HookState, sdpa: Callable) -> Callable:
     """SDPA that, inside an attention module the oracle knows, removes the keys at masked positions."""
+
     def run(q, k, v, attn_mask=None, *args, **kwargs):
         top = state.key_masks[-1] if state.key_masks else None
         if isinstance(top, GivenKeys):
@@ -129,16 +134,19 @@ def masked_sdpa(state: HookState, sdpa: Callable) -> Callable:
             zero = torch.zeros((), dtype=q.dtype, device=q.device)
             attn_mask = torch.where(vis, zero, torch.tensor(hidden_logit(q.dtype), dtype=q.dtype))
         return sdpa(q, k, v, attn_mask, *args, **kwargs)
+
     return run
 
 
 def masked_softmax(state: "HookState", softmax: Callable) -> Callable:
     """``F.softmax`` over attention logits that, inside an attention the oracle knows, removes the masked keys."""
+
     def run(input, dim=None, *args, **kwargs):
         top = state.key_masks[-1] if state.key_masks else None
         if isinstance(top, SoftmaxKeys):
             input = input + top.added_to(None, input.dtype)
         return softmax(input, dim, *args, **kwargs)
+
     return run
 
 
@@ -149,6 +157,7 @@ def masked_batch_norm(state: "HookState", batch_norm: Callable) -> Callable:
     From the definition: per channel, mean and biased variance over the visible positions normalise;
     the running mean and the unbiased variance are blended in with ``momentum``.
     """
+
     def run(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
         if not training or input.dim() != 4 or state.per_sample or state.dense:
             return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -167,12 +176,14 @@ def masked_batch_norm(state: "HookState", batch_norm: Callable) -> Callable:
         if bias is not None:
             out = out + bias[None, :, None, None]
         return out
+
     return run
 
 
 def masked_inputs_pre(fill: float) -> Callable[[HookState], Callable]:
     """A pre-hook giving masked input positions the value ``fill``: 0 for convolutions (masked-dense), -inf for
     max pooling (the maximum over visible positions, as the pool's own padding); off inside per-sample modules."""
+
     def factory(state: HookState) -> Callable:
         def hook(module: nn.Module, args):
             if state.per_sample or state.dense:
@@ -181,42 +192,53 @@ def masked_inputs_pre(fill: float) -> Callable[[HookState], Callable]:
             vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
             vis = vis.repeat_interleave(x.shape[0] // vis.shape[0], 0)  # heads folded into the batch, samples major
             return (torch.where(vis, x, torch.tensor(fill, dtype=x.dtype)),) + tuple(args[1:])
+
         return hook
+
     return factory
 
 
 def max_pool_post(state: HookState) -> Callable:
     """Outputs in masked units are not computed: zero, not the -inf of an all-masked window."""
+
     def hook(pool: nn.Module, args, out):
         if state.dense:
             return None
         vis = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
         return torch.where(vis, out, torch.zeros((), dtype=out.dtype))
+
     return hook
 
 
 def mean_pool_post(state: HookState) -> Callable:
     """Adaptive average pooling that averages the visible positions only."""
+
     def hook(pool: nn.Module, args, out):
         x = args[0]
         vis = visibility_map(state.visible, x.shape[-2:])[:, None].to(x.dtype)
         summed = F.adaptive_avg_pool2d(torch.where(vis > 0, x, torch.zeros((), dtype=x.dtype)), pool.output_size)
         share = F.adaptive_avg_pool2d(vis, pool.output_size)
-        return torch.where(share > 0, summed / share.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros((), dtype=x.dtype))
+        return torch.where(
+            share > 0, summed / share.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros((), dtype=x.dtype)
+        )
+
     return hook
 
 
 def avg_pool_post(state: HookState) -> Callable:
     """``nn.AvgPool2d`` recomputed as window sums over the visible positions divided by their number (plus the
     pool's own padding positions when it counts them); outputs in masked units are zero."""
+
     def hook(pool: nn.Module, args, out):
         if state.per_sample or state.dense:
             return None
         x = args[0]
         vis = visibility_map(state.visible, x.shape[-2:])[:, None].to(x.dtype)
         k, s, p = pool.kernel_size, pool.stride, pool.padding
+
         def window_sum(t: torch.Tensor) -> torch.Tensor:
             return F.avg_pool2d(t, k, s, p, pool.ceil_mode, True, divisor_override=1)
+
         summed = window_sum(torch.where(vis > 0, x, torch.zeros((), dtype=x.dtype)))
         if pool.divisor_override:
             count = torch.full_like(summed[:, :1], float(pool.divisor_override))
@@ -227,6 +249,7 @@ def avg_pool_post(state: HookState) -> Callable:
                 count = count + area - window_sum(torch.ones_like(vis[:1]))
         shown = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
         return torch.where(shown, summed / count.clamp_min(1), torch.zeros((), dtype=x.dtype))
+
     return hook
 
 
@@ -234,6 +257,7 @@ def squeeze_excite_pre(state: HookState) -> Callable:
     def hook(module: nn.Module, args):
         if not state.dense:
             state.per_sample += 1
+
     return hook
 
 
@@ -241,6 +265,7 @@ def per_sample_post(state: HookState) -> Callable:
     def hook(module: nn.Module, args, out):
         if not state.dense:
             state.per_sample -= 1
+
     return hook
 
 
@@ -262,8 +287,11 @@ class Family:
 
 
 GENERIC = Family(
-    pre=[(nn.Conv2d, masked_inputs_pre(0.0), False), (nn.MaxPool2d, masked_inputs_pre(float("-inf")), False),
-         (nn.AvgPool2d, masked_inputs_pre(0.0), False)],
+    pre=[
+        (nn.Conv2d, masked_inputs_pre(0.0), False),
+        (nn.MaxPool2d, masked_inputs_pre(float("-inf")), False),
+        (nn.AvgPool2d, masked_inputs_pre(0.0), False),
+    ],
     post=[(nn.AdaptiveAvgPool2d, mean_pool_post), (nn.MaxPool2d, max_pool_post), (nn.AvgPool2d, avg_pool_post)],
 )
 
@@ -292,9 +320,13 @@ FAMILY_MODULES: Dict[str, str] = {
 def families_of(model: nn.Module) -> List[Family]:
     """The generic family, then the registered families of the libraries ``model``'s modules come from."""
     origins = {type(m).__module__ for m in model.modules()}
-    names = sorted({mod for prefix, mod in FAMILY_MODULES.items()
-                    if any(o == prefix or o.startswith(prefix if prefix.endswith(".") else prefix + ".")
-                           for o in origins)})
+    names = sorted(
+        {
+            mod
+            for prefix, mod in FAMILY_MODULES.items()
+            if any(o == prefix or o.startswith(prefix if prefix.endswith(".") else prefix + ".") for o in origins)
+        }
+    )
     return [GENERIC] + [importlib.import_module(name).FAMILY for name in names]
 
 
@@ -312,8 +344,11 @@ def masked_dense_hooks(
     fused_classes = tuple(c for fam in families for c in fam.fused)
     handles = []
     sdpa, batch_norm, softmax = F.scaled_dot_product_attention, F.batch_norm, F.softmax
-    fused = {mod: mod.fused_attn for mod in model.modules()
-             if fused_classes and isinstance(mod, fused_classes) and hasattr(mod, "fused_attn")}
+    fused = {
+        mod: mod.fused_attn
+        for mod in model.modules()
+        if fused_classes and isinstance(mod, fused_classes) and hasattr(mod, "fused_attn")
+    }
     try:
         for mod in fused:
             mod.fused_attn = True

@@ -9,6 +9,7 @@ weights; visibility inside a block is derived with the model's own window partit
 attention is masked through a ``key_mask_for`` callback. This module reads the stages and the final features of
 that forward at the visible positions.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -16,14 +17,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from greenmim_convert.compiler.capture import module_tensor, timm_stages as feature_stages
+from greenmim_convert.compiler.capture import module_tensor
+from greenmim_convert.compiler.capture import timm_stages as feature_stages
 from greenmim_convert.errors import InvalidInputError
 from greenmim_convert.oracle.hooks import KeyMaskFn, feature_tensor, grid_tokens, masked_dense_hooks, visibility_map
 from greenmim_convert.runtime.plan.sites import Sites
 from greenmim_convert.runtime.tokens import GreenOutput, VisibleTokens
 
-__all__ = ["KeyMaskFn", "dense_masked_reference", "dense_to_tokens", "feature_layout", "masked_dense_hooks",
-           "visibility_map"]
+__all__ = [
+    "KeyMaskFn",
+    "dense_masked_reference",
+    "dense_to_tokens",
+    "feature_layout",
+    "masked_dense_hooks",
+    "visibility_map",
+]
 
 
 def dense_to_tokens(
@@ -85,8 +93,10 @@ def _output_final(out: Any) -> torch.Tensor:
     final = getattr(out, "last_hidden_state", None)
     if isinstance(final, torch.Tensor):
         return final
-    raise InvalidInputError(f"the model returned {type(out).__name__}, which holds no tensor, feature_maps or "
-                            "last_hidden_state: pass last=[the module whose output is the final features]")
+    raise InvalidInputError(
+        f"the model returned {type(out).__name__}, which holds no tensor, feature_maps or "
+        "last_hidden_state: pass last=[the module whose output is the final features]"
+    )
 
 
 def dense_masked_reference(
@@ -126,8 +136,10 @@ def dense_masked_reference(
     strides: Optional[List[int]] = None
     if stages_from_output:
         if stages is not None or last is not None:
-            raise InvalidInputError("stages_from_output reads the stages and the final features from the model's "
-                                    "output: pass no stages= or last=")
+            raise InvalidInputError(
+                "stages_from_output reads the stages and the final features from the model's "
+                "output: pass no stages= or last="
+            )
         names: List[str] = []
     elif stages is None:
         if not getattr(model, "feature_info", None):
@@ -145,7 +157,9 @@ def dense_masked_reference(
     captured: Dict[str, torch.Tensor] = {}
     hooked = names + ([last] if last is not None and last not in names else [])
     handles = [
-        _called_module(modules[n]).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, module_tensor(out)))
+        _called_module(modules[n]).register_forward_hook(
+            lambda m, a, out, n=n: captured.__setitem__(n, module_tensor(out))
+        )
         for n in hooked
     ]
     try:
@@ -160,6 +174,7 @@ def dense_masked_reference(
     missing = [n for n in hooked if n not in captured]
     if missing:
         raise InvalidInputError(f"modules {missing} of {type(model).__name__} did not run in its forward")
+
     def extended(module: Optional[nn.Module], dense: torch.Tensor) -> torch.Tensor:
         return feature_tensor(model, module, dense)
 
@@ -167,8 +182,10 @@ def dense_masked_reference(
     if stages_from_output:
         maps = [extended(None, t) for t in _output_maps(out) or []]
         if not maps:
-            raise InvalidInputError(f"stages_from_output: {type(model).__name__} returned {type(out).__name__}, "
-                                    "which holds no feature_maps or tuple of tensors")
+            raise InvalidInputError(
+                f"stages_from_output: {type(model).__name__} returned {type(out).__name__}, "
+                "which holds no feature_maps or tuple of tensors"
+            )
         final = maps[-1]
     elif last is not None:
         final = extended(modules[last], captured[last])

@@ -16,11 +16,12 @@ it), the patched ``Tensor.softmax`` (eager attentions written as ``matmul`` + so
 it too) while a key mask is on the state's stack, or a wrapped attention-interface function
 (``ALL_ATTENTION_FUNCTIONS``) where the module passes ``attention_mask=None`` itself.
 """
+
 from __future__ import annotations
 
-from contextlib import contextmanager
 import math
 import sys
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -98,6 +99,7 @@ class _HFState:
 
         def leave(mod, args, out):
             _check_used(module, stack.pop())
+
         self.pre(module, enter, with_kwargs=with_kwargs)
         self.post(module, leave)
 
@@ -105,8 +107,10 @@ class _HFState:
 def _check_used(module: nn.Module, keys: _Keys) -> None:
     """A key mask that reached no softmax: the attention no longer computes the way its hook expects."""
     if not keys.used:
-        raise InvalidInputError(f"the key mask of {type(module).__name__} reached no softmax or attention function: "
-                                "this transformers version computes it differently; the oracle cannot mask its keys")
+        raise InvalidInputError(
+            f"the key mask of {type(module).__name__} reached no softmax or attention function: "
+            "this transformers version computes it differently; the oracle cannot mask its keys"
+        )
 
 
 def _arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], index: int, name: str, default: Any = None) -> Any:
@@ -119,7 +123,7 @@ def _arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], index: int, name: str, d
 def _with_arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], index: int, name: str, value: Any):
     """``(args, kwargs)`` with the argument at ``index`` / ``name`` replaced by ``value``."""
     if len(args) > index:
-        return args[:index] + (value,) + args[index + 1:], kwargs
+        return args[:index] + (value,) + args[index + 1 :], kwargs
     return args, {**kwargs, name: value}
 
 
@@ -171,6 +175,7 @@ def _swin_layer(layer: nn.Module, hf: _HFState) -> None:
         else:
             base = torch.zeros((windows.shape[0], ws * ws, ws * ws), dtype=x.dtype, device=x.device)
         return _with_arg(args, kwargs, 1, "attention_mask", _Keys(windows < 0.5).added_to(base, x.dtype))
+
     hf.pre(layer, record, with_kwargs=True)
     hf.pre(attention, mask, with_kwargs=True)
 
@@ -193,6 +198,7 @@ def _vitdet_layer(layer: nn.Module, hf: _HFState) -> None:
             masked, _ = _modeling(layer).window_partition(masked, layer.window_size)
         vis = masked.reshape(masked.shape[0], -1) < 0.5  # (B * nW, N)
         return vis.repeat_interleave(attention.num_heads, 0)[:, None, :]  # samples major, heads minor
+
     hf.pre(layer, record)
     hf.push_keys(attention, keys)
 
@@ -218,6 +224,7 @@ def _sam2_block(block: nn.Module, hf: _HFState) -> None:
 
     def leave(mod, args, out):
         _check_used(attention, hf.interface_keys.pop(attention))
+
     hf.pre(block, enter, with_kwargs=True)
     hf.post(block, leave)
 
@@ -250,6 +257,7 @@ def _pvt_attention(module: nn.Module, hf: _HFState) -> None:
         if sr > 1:
             return _grid_keys(hf, (h // sr, w // sr))
         return _grid_keys(hf, (h, w), cls_token=x.shape[1] == h * w + 1)
+
     hf.push_keys(module, keys, with_kwargs=True)
     if linear:  # the 1x1 reduction conv acts on the 7x7 pooled map, not on a grid of the image
         hf.pre(module.spatial_reduction, _dense_enter(hf.state), prepend=True)
@@ -259,12 +267,14 @@ def _pvt_attention(module: nn.Module, hf: _HFState) -> None:
 def _dense_enter(state: HookState) -> Callable:
     def hook(mod, args):
         state.dense += 1
+
     return hook
 
 
 def _dense_leave(state: HookState) -> Callable:
     def hook(mod, args, out):
         state.dense -= 1
+
     return hook
 
 
@@ -281,6 +291,7 @@ def _segformer_attention(module: nn.Module, hf: _HFState) -> None:
         grid = (h // sr, w // sr) if sr > 1 else (h, w)
         base = _arg(args, kwargs, 3, "attention_mask")
         return _with_arg(args, kwargs, 3, "attention_mask", _Keys(_grid_keys(hf, grid)).added_to(base, x.dtype))
+
     hf.pre(module, mask, with_kwargs=True)
 
 
@@ -295,26 +306,31 @@ def _cvt_attention(module: nn.Module, hf: _HFState) -> None:
         if conv is not None:
             h, w = _conv_out(h, conv, 0), _conv_out(w, conv, 1)
         return _grid_keys(hf, (h, w), cls_token=module.with_cls_token)
+
     hf.push_keys(module, keys, with_kwargs=True)
 
 
 def _levit_attention(module: nn.Module, hf: _HFState) -> None:
     """LeViT attention and attention with subsampling (``Tensor.softmax``): the keys are every input token of
     the layer's square grid; the subsampled queries need no mask."""
+
     def keys(args, kwargs):
         return _grid_keys(hf, hf.state.grid_of(args[0].shape[1]))
+
     hf.push_keys(module, keys)
 
 
 def _levit_token_batch_norm(module: nn.Module, hf: _HFState) -> None:
     """LeViT's ``Linear`` + ``BatchNorm1d`` over (B * N) token rows: the rows' visibility for the patched
     ``F.batch_norm``, whose training-mode statistics then cover visible tokens only."""
+
     def enter(mod, args):
         x = args[0]
         hf.token_rows.append(hf.vis(hf.state.grid_of(x.shape[1])).reshape(-1))
 
     def leave(mod, args, out):
         hf.token_rows.pop()
+
     hf.pre(module, enter)
     hf.post(module, leave)
 
@@ -327,17 +343,23 @@ def _hiera_encoder(encoder: nn.Module, hf: _HFState) -> None:
     same way (a group must not mix masked and visible tokens). ``HieraBackbone`` feeds its encoder raster
     tokens that were never unrolled, so its maps are no spatial maps of the image: InvalidInputError.
     """
+
     def enter(mod, args, kwargs):
         x = _arg(args, kwargs, 0, "hidden_states")
         perm, hf.hiera_perm = hf.hiera_perm, None
         if _arg(args, kwargs, 1, "bool_masked_pos") is not None:
-            raise InvalidInputError("Hiera in MAE mode drops its own randomly masked units; the oracle runs the "
-                                    "model without them (is_mae=False)")
+            raise InvalidInputError(
+                "Hiera in MAE mode drops its own randomly masked units; the oracle runs the "
+                "model without them (is_mae=False)"
+            )
         if perm is None or perm.numel() != x.shape[1]:
-            raise InvalidInputError(f"{type(encoder).__name__} got tokens that did not come from Hiera's unroll "
-                                    "(HieraBackbone skips it): its feature maps are not spatial maps of the image")
+            raise InvalidInputError(
+                f"{type(encoder).__name__} got tokens that did not come from Hiera's unroll "
+                "(HieraBackbone skips it): its feature maps are not spatial maps of the image"
+            )
         size = encoder.schedule[0][1]
         hf.hiera_tokens = hf.vis(tuple(size)).reshape(x.shape[0], -1)[:, perm]
+
     hf.pre(encoder, enter, with_kwargs=True)
     for layer in encoder.modules():
         if type(layer).__name__ == "HieraLayer":
@@ -360,9 +382,12 @@ def _hiera_layer(layer: nn.Module, hf: _HFState) -> None:
         if stride > 1:
             groups = hf.hiera_tokens.view(hf.hiera_tokens.shape[0], stride, -1)
             if not bool((groups == groups[:, :1]).all()):
-                raise InvalidInputError("a Hiera query pooling mixes masked and visible tokens: the mask unit is "
-                                        "not a multiple of the pooled positions")
+                raise InvalidInputError(
+                    "a Hiera query pooling mixes masked and visible tokens: the mask unit is "
+                    "not a multiple of the pooled positions"
+                )
             hf.hiera_tokens = groups[:, 0]
+
     hf.push_keys(attention, keys)
     hf.post(layer, pooled)
 
@@ -379,10 +404,13 @@ def _mobilevit_layer(layer: nn.Module, hf: _HFState) -> None:
     def keys(args, kwargs):
         h, w = hf.grids[layer]
         if h % layer.patch_height or w % layer.patch_width:
-            raise InvalidInputError(f"MobileViT interpolates a {h}x{w} map to whole {layer.patch_height}x"
-                                    f"{layer.patch_width} patches, mixing masked and visible positions")
+            raise InvalidInputError(
+                f"MobileViT interpolates a {h}x{w} map to whole {layer.patch_height}x"
+                f"{layer.patch_width} patches, mixing masked and visible positions"
+            )
         patches, _ = layer.unfolding(hf.vis((h, w))[:, None].to(args[0].dtype))  # (B * area, patches, 1)
         return patches[:, None, None, :, 0] > 0.5
+
     hf.post(layer.conv_1x1, record)
     hf.push_keys(transformer, keys)
 
@@ -405,6 +433,7 @@ def _swiftformer_attention(module: nn.Module, hf: _HFState) -> None:
         global_queries = torch.where(vis, weight * query, torch.zeros((), dtype=x.dtype)).sum(dim=1)
         global_queries = global_queries.unsqueeze(1).repeat(1, n, 1)
         return module.final(module.proj(global_queries * key) + query)
+
     hf.post(module, hook)
 
 
@@ -412,6 +441,7 @@ def _focalnet_modulation(module: nn.Module, hf: _HFState) -> None:
     """FocalNet's modulation recomputed from the module's definition with its global context
     (``ctx.mean(2).mean(3)`` in the source) averaged over visible positions only; its convolutions keep their
     zero-at-masked-inputs hooks."""
+
     def hook(mod, args, out):
         hidden = args[0]  # (B, H, W, C)
         channels = hidden.shape[-1]
@@ -420,34 +450,38 @@ def _focalnet_modulation(module: nn.Module, hf: _HFState) -> None:
         ctx_all = 0
         for level in range(module.focal_level):
             ctx = module.focal_layers[level](ctx)
-            ctx_all = ctx_all + ctx * gates[:, level:level + 1]
+            ctx_all = ctx_all + ctx * gates[:, level : level + 1]
         vis = hf.vis(tuple(ctx.shape[-2:]))[:, None].to(ctx.dtype)
         mean = (ctx * vis).sum((2, 3), keepdim=True) / vis.sum((2, 3), keepdim=True).clamp_min(1)
-        ctx_all = ctx_all + module.activation(mean) * gates[:, module.focal_level:]
+        ctx_all = ctx_all + module.activation(mean) * gates[:, module.focal_level :]
         if module.normalize_modulator:
             ctx_all = ctx_all / (module.focal_level + 1)
         x_out = (q * module.projection_context(ctx_all)).permute(0, 2, 3, 1).contiguous()
         if module.use_post_layernorm_in_modulation:
             x_out = module.layernorm(x_out)
         return module.projection_dropout(module.projection_out(x_out))
+
     hf.post(module, hook)
 
 
 def _convnextv2_grn(module: nn.Module, hf: _HFState) -> None:
     """ConvNeXt V2's GRN (channels-last) recomputed from its definition with the per-channel L2 norm over
     visible positions only (FCMAE's sparse GRN); its eps (1e-6) is the source's constant."""
+
     def hook(mod, args, out):
         x = args[0]  # (B, H, W, C)
         vis = hf.vis(tuple(x.shape[1:3]))[..., None]
         g = torch.where(vis, x, torch.zeros((), dtype=x.dtype)).pow(2).sum((1, 2), keepdim=True).sqrt()
         n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
         return module.weight * (x * n) + module.bias + x
+
     hf.post(module, hook)
 
 
 def _group_norm(state: HookState) -> Callable:
     """``nn.GroupNorm`` of a (B, C, H, W) map (PoolFormer's) with per-sample, per-group statistics over visible
     positions only; masked positions are normalised with them too (their values are never read)."""
+
     def hook(module: nn.GroupNorm, args, out):
         x = args[0]
         if x.dim() != 4 or state.dense or state.per_sample:
@@ -463,6 +497,7 @@ def _group_norm(state: HookState) -> Callable:
         if module.affine:
             y = y * module.weight[None, :, None, None] + module.bias[None, :, None, None]
         return y
+
     return hook
 
 
@@ -507,22 +542,27 @@ def _check_attentions_known(model: nn.Module, masked: List[nn.Module]) -> None:
             continue
         inside = any(name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in covered)
         if not inside:
-            raise InvalidInputError(f"the dense masked reference does not know the attention {cls.__name__} "
-                                    f"({name}) of {type(model).__name__}: its keys would not be masked")
+            raise InvalidInputError(
+                f"the dense masked reference does not know the attention {cls.__name__} "
+                f"({name}) of {type(model).__name__}: its keys would not be masked"
+            )
 
 
 def _masked_softmax(state: HookState, softmax: Callable) -> Callable:
     """``Tensor.softmax`` that adds the key mask on top of the state's stack when it is one of this module's."""
+
     def run(self, *args, **kwargs):
         top = state.key_masks[-1] if state.key_masks else None
         if isinstance(top, _Keys):
             self = self + top.added_to(None, self.dtype)
         return softmax(self, *args, **kwargs)
+
     return run
 
 
 def _masked_interface(hf: _HFState, get_interface: Callable) -> Callable:
     """``ALL_ATTENTION_FUNCTIONS.get_interface`` whose functions add the key mask of their calling module."""
+
     def get(attn_implementation, default):
         function = get_interface(attn_implementation, default)
 
@@ -531,13 +571,16 @@ def _masked_interface(hf: _HFState, get_interface: Callable) -> Callable:
             if keys is not None:
                 attention_mask = keys.added_to(attention_mask, query.dtype)
             return function(module, query, key, value, attention_mask, *args, **kwargs)
+
         return run
+
     return get
 
 
 def _token_batch_norm(hf: _HFState, batch_norm: Callable) -> Callable:
     """``F.batch_norm`` that hands (B * N, C) token rows of a known grid to the (visible-statistics)
     ``batch_norm`` below it as a (B, C, H, W) map."""
+
     def run(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
         rows = hf.token_rows[-1] if hf.token_rows else None
         if not training or rows is None or input.dim() != 2 or input.shape[0] != rows.numel():
@@ -547,16 +590,19 @@ def _token_batch_norm(hf: _HFState, batch_norm: Callable) -> Callable:
         grid = input.reshape(b, h, w, -1).permute(0, 3, 1, 2)
         out = batch_norm(grid, running_mean, running_var, weight, bias, training, momentum, eps)
         return out.permute(0, 2, 3, 1).reshape(input.shape)
+
     return run
 
 
 def _hiera_unroll(hf: _HFState, unroll: Callable) -> Callable:
     """Hiera's ``unroll``, recording which raster position each output token comes from."""
+
     def run(hidden_states, image_shape, patch_stride, schedule):
         n = hidden_states.shape[1]
         index = torch.arange(n, dtype=torch.float64, device=hidden_states.device).view(1, n, 1)
         hf.hiera_perm = unroll(index, image_shape, patch_stride, schedule).view(n).long()
         return unroll(hidden_states, image_shape, patch_stride, schedule)
+
     return run
 
 
@@ -569,6 +615,7 @@ def install(model: nn.Module, state: HookState) -> Iterator[None]:
     def patch(owner: Any, name: str, value: Any) -> None:
         patched.append((owner, name, owner.__dict__.get(name, _ABSENT)))
         setattr(owner, name, value)
+
     try:
         for module in model.modules():
             found = _installer(module)
@@ -581,7 +628,10 @@ def install(model: nn.Module, state: HookState) -> Iterator[None]:
         patch(F, "batch_norm", _token_batch_norm(hf, F.batch_norm))
         if any(type(m).__name__ == "Sam2MultiScaleBlock" for m in model.modules()):
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-            patch(ALL_ATTENTION_FUNCTIONS, "get_interface", _masked_interface(hf, ALL_ATTENTION_FUNCTIONS.get_interface))
+
+            patch(
+                ALL_ATTENTION_FUNCTIONS, "get_interface", _masked_interface(hf, ALL_ATTENTION_FUNCTIONS.get_interface)
+            )
         for module in model.modules():
             if type(module).__name__ == "HieraEncoder":
                 modeling = _modeling(module)

@@ -1,4 +1,5 @@
 """``verify``: compare a converted model with the dense masked reference, stage by stage."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,8 +8,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from greenmim_convert.compiler.capture import is_timm_model
 from greenmim_convert.api.convert import GreenModel
+from greenmim_convert.compiler.capture import is_timm_model
 from greenmim_convert.oracle.reference import dense_masked_reference
 from greenmim_convert.runtime.tokens import GreenOutput, VisibleTokens
 

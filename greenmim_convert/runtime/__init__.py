@@ -1,4 +1,5 @@
 """Run time: what the converted graph calls on packed visible tokens (plan, ops, attention, compile support)."""
+
 from typing import Any
 
 

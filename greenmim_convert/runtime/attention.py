@@ -7,6 +7,7 @@ the padded groups of a ``Grouping`` (keys of other windows and padding slots get
 ``sample_attention`` runs it per sample with keys possibly on another grid; ``cross_window_attention``
 runs it in windows whose queries were pooled to a coarser grid than their keys.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from greenmim_convert.runtime.attention_backend import requested_backend, resolve_backend
-from greenmim_convert.runtime.plan.terms import TermPlan, head_offsets, head_offsets_cpu, term_offsets
 from greenmim_convert.runtime.plan.sites import Sites
+from greenmim_convert.runtime.plan.terms import TermPlan, head_offsets, head_offsets_cpu, term_offsets
+
 
 @dataclass(frozen=True)
 class Step:
@@ -46,15 +48,23 @@ class AttentionProgram:
     post: Tuple[Step, ...]
     terms: Tuple[TermPlan, ...]
     backend: str = "auto"
-    qterms: Tuple[TermPlan, ...] = ()  # query terms: packed per-query columns read per (head, key), see sample_attention
+    qterms: Tuple[
+        TermPlan, ...
+    ] = ()  # query terms: packed per-query columns read per (head, key), see sample_attention
 
 
 def _apply(step: Step, x: torch.Tensor, other: Any) -> torch.Tensor:
     return step.op(other, x) if step.swap else step.op(x, other)
 
 
-def _run_steps(logits: torch.Tensor, steps: Sequence[Step], term_values: List[torch.Tensor], scalars: List[torch.Tensor],
-               query_values: Sequence[torch.Tensor] = (), prefix: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+def _run_steps(
+    logits: torch.Tensor,
+    steps: Sequence[Step],
+    term_values: List[torch.Tensor],
+    scalars: List[torch.Tensor],
+    query_values: Sequence[torch.Tensor] = (),
+    prefix: Tuple[int, int] = (0, 0),
+) -> torch.Tensor:
     """Apply the program's steps to the logits, in graph order; a ``block`` step acts on the logits of grid
     queries and grid keys, past the ``prefix`` (query, key) tokens."""
     for step in steps:
@@ -140,9 +150,16 @@ def window_bias(term: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], w
     return term.reshape(-1)[index.reshape(-1)].view(heads, area, area)
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping, program: AttentionProgram,
-                     terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor],
-                     qterms: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grouping,
+    program: AttentionProgram,
+    terms: Sequence[torch.Tensor],
+    scalars: Sequence[torch.Tensor],
+    qterms: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
     """Attention of packed tokens inside their windows, bucket by bucket; returns ``(T, heads * dv)``. ``qterms``
     are query terms (packed per query, read per (head, key) as in ``sample_attention``)."""
     heads = program.heads
@@ -176,11 +193,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
             logits = torch.baddbmm(bias.view(heads * n, g, g), qi, ki.transpose(1, 2), alpha=folded[0])
         else:
             logits = torch.bmm(qi, ki.transpose(1, 2))
-            values = [_per_head(tab[:, 0], n) if not (plan.query or plan.key) else
-                      tab.index_select(1, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
-                      for tab, plan in zip(tables, program.terms)]
-            query_values = [_window_query_term(x, plan, program.head_sizes, grouping, i)
-                            for x, plan in zip(qterms, program.qterms)]
+            values = [
+                _per_head(tab[:, 0], n)
+                if not (plan.query or plan.key)
+                else tab.index_select(1, grouping.term_index(i, plan, program.head_sizes)).view(heads * n, g, g)
+                for tab, plan in zip(tables, program.terms)
+            ]
+            query_values = [
+                _window_query_term(x, plan, program.head_sizes, grouping, i) for x, plan in zip(qterms, program.qterms)
+            ]
             logits = _run_steps(logits, program.steps, values, list(scalars), query_values)
             low = torch.finfo(logits.dtype).min
             logits = logits.view(heads, n, g, g).masked_fill(grouping.cross_mask(i)[None], low).view(heads * n, g, g)
@@ -190,8 +211,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouping
     return grouping.slot_rows(heads, 1).t()(out).view(t, heads * dv)
 
 
-def _window_query_term(x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], grouping,
-                       bucket: int) -> torch.Tensor:
+def _window_query_term(
+    x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], grouping, bucket: int
+) -> torch.Tensor:
     """``(heads * G, g, g)`` values of a query term in one bucket: each query slot's packed row read at the
     (head, key slot) column offsets (pairs across windows or with padding slots are masked afterwards)."""
     b = grouping.buckets[bucket]
@@ -233,8 +255,10 @@ def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Seq
     plan = fusable(program, grouping.windows)
     if plan is None:
         if choice == "triton":
-            raise RuntimeError("attention_backend='triton': the fused kernel computes softmax(scale * q kᵀ + bias) v "
-                               "without dropout; this attention does more (use 'auto' or 'torch')")
+            raise RuntimeError(
+                "attention_backend='triton': the fused kernel computes softmax(scale * q kᵀ + bias) v "
+                "without dropout; this attention does more (use 'auto' or 'torch')"
+            )
         return None
     heads = program.heads
     probe = q.new_empty(0, heads, 0, q.shape[1] // heads)
@@ -250,16 +274,26 @@ def _fused_call(q: torch.Tensor, program: AttentionProgram, grouping, terms: Seq
     return lambda q4, k4, v4, seg, pos: group_attention_triton(q4, k4, v4, seg, pos, bias.to(q4.dtype), scale)
 
 
-def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: Sites, v: torch.Tensor,
-                     program: AttentionProgram, terms: Sequence[torch.Tensor], scalars: Sequence[torch.Tensor],
-                     rolls: Tuple[Tuple[int, int], Tuple[int, int]] = ((0, 0), (0, 0)),
-                     qterms: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+def sample_attention(
+    q: torch.Tensor,
+    q_sites: Sites,
+    k: torch.Tensor,
+    k_sites: Sites,
+    v: torch.Tensor,
+    program: AttentionProgram,
+    terms: Sequence[torch.Tensor],
+    scalars: Sequence[torch.Tensor],
+    rolls: Tuple[Tuple[int, int], Tuple[int, int]] = ((0, 0), (0, 0)),
+    qterms: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
     """Every visible query of a sample attends to the visible keys of that sample (padded per sample);
     ``rolls`` are the query and key layouts' rolls, which the terms' digits are read after. ``qterms`` are
     query terms: ``(Tq, columns)`` packed per query, element (head, key) at the offsets ``program.qterms`` give."""
     if requested_backend(program.backend) == "triton":
-        raise RuntimeError("attention_backend='triton': the fused kernel runs window attention; per-sample attention "
-                           "(keys of a whole sample or a reduced grid) runs on the PyTorch path (use 'auto' or 'torch')")
+        raise RuntimeError(
+            "attention_backend='triton': the fused kernel runs window attention; per-sample attention "
+            "(keys of a whole sample or a reduced grid) runs on the PyTorch path (use 'auto' or 'torch')"
+        )
     prefix = (getattr(q_sites, "prefix", 0), getattr(k_sites, "prefix", 0))
     if any(prefix):
         return _prefixed_sample_attention(q, q_sites, k, k_sites, v, program, terms, scalars, rolls, qterms, prefix)
@@ -271,7 +305,9 @@ def sample_attention(q: torch.Tensor, q_sites: Sites, k: torch.Tensor, k_sites: 
     for flat, plan in zip(terms, program.terms):
         index = _padded_term_index(plan, program.head_sizes, q_sites, k_sites, rolls)
         values.append(flat.reshape(-1).index_select(0, index.reshape(-1)).view(shape))
-    query_values = [_query_term(x, plan, program.head_sizes, q_sites, k_sites, rolls) for x, plan in zip(qterms, program.qterms)]
+    query_values = [
+        _query_term(x, plan, program.head_sizes, q_sites, k_sites, rolls) for x, plan in zip(qterms, program.qterms)
+    ]
     return q_sites.unpad(_padded_attention(qp, kp, vp, kvalid, program, values, scalars, query_values))
 
 
@@ -281,12 +317,13 @@ def _pad_prefixed(x: torch.Tensor, sites, prefix: int) -> Tuple[torch.Tensor, to
         return sites.pad(x)
     b = sites.batch_size
     grid, valid = sites.sites.pad(x[: x.shape[0] - b * prefix])
-    own = x[x.shape[0] - b * prefix:].view(b, prefix, x.shape[1])
+    own = x[x.shape[0] - b * prefix :].view(b, prefix, x.shape[1])
     return torch.cat([own, grid], 1), torch.cat([valid.new_ones(b, prefix), valid], 1)
 
 
-def _prefixed_sample_attention(q, q_sites, k, k_sites, v, program: AttentionProgram, terms, scalars, rolls, qterms,
-                               prefix: Tuple[int, int]) -> torch.Tensor:
+def _prefixed_sample_attention(
+    q, q_sites, k, k_sites, v, program: AttentionProgram, terms, scalars, rolls, qterms, prefix: Tuple[int, int]
+) -> torch.Tensor:
     """``sample_attention`` whose queries or keys hold prefix tokens (a class token, always visible) before
     the grid tokens: every query attends to its sample's prefix keys and visible grid keys; terms and query
     terms are read on the grid part (``block`` steps)."""
@@ -298,16 +335,22 @@ def _prefixed_sample_attention(q, q_sites, k, k_sites, v, program: AttentionProg
     kp, kvalid = _pad_prefixed(k, k_sites, prefix[1])
     vp, _ = _pad_prefixed(v, k_sites, prefix[1])
     grid_rows = q.shape[0] - q_sites.batch_size * prefix[0]
-    query_values = [_query_term(x[:grid_rows], plan, program.head_sizes, grid_q, grid_k, rolls)
-                    for x, plan in zip(qterms, program.qterms)]
+    query_values = [
+        _query_term(x[:grid_rows], plan, program.head_sizes, grid_q, grid_k, rolls)
+        for x, plan in zip(qterms, program.qterms)
+    ]
     out = _padded_attention(qp, kp, vp, kvalid, program, [], scalars, query_values, prefix)
-    rows = grid_q.unpad(out[:, prefix[0]:])
-    return torch.cat([rows, out[:, :prefix[0]].reshape(-1, out.shape[-1])]) if prefix[0] else rows
+    rows = grid_q.unpad(out[:, prefix[0] :])
+    return torch.cat([rows, out[:, : prefix[0]].reshape(-1, out.shape[-1])]) if prefix[0] else rows
 
 
-def _query_term(x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites, rolls) -> torch.Tensor:
+def _query_term(
+    x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites, rolls
+) -> torch.Tensor:
     """``(B, heads, Nq, Nk)`` values of a query term: each padded query's row read at (head, key) column offsets."""
-    h, _, k = term_offsets(plan, head_sizes, q_sites.coords, q_sites.grid, rolls[0], k_sites.coords, k_sites.grid, rolls[1])
+    h, _, k = term_offsets(
+        plan, head_sizes, q_sites.coords, q_sites.grid, rolls[0], k_sites.coords, k_sites.grid, rolls[1]
+    )
     xp, _ = q_sites.pad(x)
     kpad, _ = k_sites.pad(k[:, None])
     b, nq, cols = xp.shape
@@ -316,9 +359,17 @@ def _query_term(x: torch.Tensor, plan: TermPlan, head_sizes: Sequence[int], q_si
     return torch.gather(xp[:, None].expand(b, h.shape[0], nq, cols), 3, index.expand(shape))
 
 
-def _padded_attention(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, kvalid: torch.Tensor, program: AttentionProgram,
-                      values: List[torch.Tensor], scalars: Sequence[torch.Tensor],
-                      query_values: Sequence[torch.Tensor] = (), prefix: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+def _padded_attention(
+    qp: torch.Tensor,
+    kp: torch.Tensor,
+    vp: torch.Tensor,
+    kvalid: torch.Tensor,
+    program: AttentionProgram,
+    values: List[torch.Tensor],
+    scalars: Sequence[torch.Tensor],
+    query_values: Sequence[torch.Tensor] = (),
+    prefix: Tuple[int, int] = (0, 0),
+) -> torch.Tensor:
     """The program on padded sets ``(S, N, heads * d)`` of queries, keys and values (S samples or windows):
     padding keys (``kvalid`` False) get the lowest logit; returns ``(S, Nq, heads * dv)``. ``prefix``: the
     (query, key) prefix tokens standing before the grid tokens, which ``block`` steps skip."""
@@ -334,9 +385,13 @@ def _padded_attention(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, kval
     return (probs @ vh).transpose(1, 2).reshape(s, nq, heads * dv)
 
 
-def _padded_term_index(plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites, rolls) -> torch.Tensor:
+def _padded_term_index(
+    plan: TermPlan, head_sizes: Sequence[int], q_sites: Sites, k_sites: Sites, rolls
+) -> torch.Tensor:
     """``(B, heads, Nq, Nk)`` term offsets of padded per-sample attention."""
-    h, q, k = term_offsets(plan, head_sizes, q_sites.coords, q_sites.grid, rolls[0], k_sites.coords, k_sites.grid, rolls[1])
+    h, q, k = term_offsets(
+        plan, head_sizes, q_sites.coords, q_sites.grid, rolls[0], k_sites.coords, k_sites.grid, rolls[1]
+    )
     qpad, _ = q_sites.pad(q[:, None])
     kpad, _ = k_sites.pad(k[:, None])
     return h[None, :, None, None] + qpad[:, None, :, :] + kpad[:, None, None, :, 0]
@@ -355,14 +410,25 @@ def _segment_pad(x: torch.Tensor, seg: torch.Tensor, count: int) -> Tuple[torch.
     return out, valid, rank
 
 
-def cross_window_attention(q: torch.Tensor, q_sites: Sites, q_windows, k: torch.Tensor, k_sites: Sites, k_windows,
-                           v: torch.Tensor, program: AttentionProgram, scalars: Sequence[torch.Tensor]) -> torch.Tensor:
+def cross_window_attention(
+    q: torch.Tensor,
+    q_sites: Sites,
+    q_windows,
+    k: torch.Tensor,
+    k_sites: Sites,
+    k_windows,
+    v: torch.Tensor,
+    program: AttentionProgram,
+    scalars: Sequence[torch.Tensor],
+) -> torch.Tensor:
     """Attention inside windows whose queries live on a coarser grid than their keys (queries max-pooled per
     cell, as in Hiera's mask-unit attention): each window's visible queries attend to its visible keys,
     windows padded to their largest count; windows without a visible query are skipped."""
     if requested_backend(program.backend) == "triton":
-        raise RuntimeError("attention_backend='triton': the fused kernel runs window attention on one grid; pooled-query "
-                           "windows run on the PyTorch path (use 'auto' or 'torch')")
+        raise RuntimeError(
+            "attention_backend='triton': the fused kernel runs window attention on one grid; pooled-query "
+            "windows run on the PyTorch path (use 'auto' or 'torch')"
+        )
     per_sample = q_windows.windows_per_sample
     q_win = q_sites.batch * per_sample + q_windows.digits(q_sites.coords, q_windows.shared)
     k_win = k_sites.batch * per_sample + k_windows.digits(k_sites.coords, k_windows.shared)

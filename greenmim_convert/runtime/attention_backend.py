@@ -11,10 +11,12 @@ replaces ``"auto"`` when set; both take ``"auto" | "torch" | "triton"``):
   the dtype/head dim are supported; the PyTorch path otherwise (so attention dropout during training
   takes the PyTorch path, the only one implementing it).
 """
+
 from __future__ import annotations
 
 import functools
 import os
+
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -73,14 +75,18 @@ def resolve_backend(q: torch.Tensor, dropout_p: float = 0.0, backend: str = "aut
         fits = q.dtype in SUPPORTED_DTYPES and q.dim() == 4 and q.shape[-1] <= MAX_HEAD_DIM
         return "triton" if fits else "torch"
     if dropout_p > 0.0:
-        raise ValueError(f"the Triton group attention has no dropout (dropout_p={dropout_p}); use "
-                         f"backend='torch' or 'auto' (which takes the PyTorch path when dropout_p > 0)")
+        raise ValueError(
+            f"the Triton group attention has no dropout (dropout_p={dropout_p}); use "
+            f"backend='torch' or 'auto' (which takes the PyTorch path when dropout_p > 0)"
+        )
     if not triton_available():
-        raise RuntimeError("backend 'triton' requested but Triton is not installed "
-                           "(pip install 'greenmim-convert[triton]')")
+        raise RuntimeError(
+            "backend 'triton' requested but Triton is not installed (pip install 'greenmim-convert[triton]')"
+        )
     if q.device.type == "cpu" and not _interpreter_active():
-        raise RuntimeError("backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
-                           "before triton is first imported (tests only, it is slow), move the tensors to a "
-                           "GPU, or use backend='torch'")
+        raise RuntimeError(
+            "backend 'triton' on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton is first imported (tests only, it is slow), move the tensors to a "
+            "GPU, or use backend='torch'"
+        )
     return "triton"
-

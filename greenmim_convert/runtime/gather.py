@@ -9,6 +9,7 @@ which on the CPU costs several times the forward gather. For a partial permutati
 gradient is the transposed partial permutation, a plain gather again: ``RowMap`` holds both
 directions and ``RowMap.__call__`` applies it with that backward.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

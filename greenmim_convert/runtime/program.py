@@ -15,7 +15,8 @@ plan tensors -> stage features), one program run the same way eagerly and under 
   its argument template, ``tensors`` are the plan tensors it reads, then its tensor arguments. Eagerly it rebuilds
   the plan objects and calls the function, under plain autograd. While dynamo traces the compute graph, the same
   node becomes the custom op ``greenmim::call(call.site, tensors)``, opaque to the compiler: its fake
-  implementation gives the output's sizes (a constant, one input's first size, or a new unbacked size, found by running two masks eagerly before
+  implementation gives the output's sizes (a constant, one input's first size, or a new unbacked size, found by
+  running two masks eagerly before
   the first trace) and its backward (``greenmim::call_backward``) runs the call again under autograd, so only
   the inputs are saved. Eager runs the function directly rather than the custom op because that backward
   recomputes every call (attention twice per training step) and the op must return copies, not views; graph,
@@ -24,6 +25,7 @@ plan tensors -> stage features), one program run the same way eagerly and under 
 Under ``torch.compile`` only the compute graph is compiled: plan and assembly are dynamo-disabled (a graph break
 before and after), and the plan tensors' first dimensions are marked dynamic, so a new mask does not recompile.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -107,8 +109,10 @@ def grouping_tensors(grouping: Grouping) -> Tuple[torch.Tensor, ...]:
     rows = [[b.group_size, b.num_groups] for b in buckets] + [[0, 0]] * (TABLE_ROWS - len(buckets))
     table = torch.tensor(rows + [[grouping.logits, grouping.lower_bound]], dtype=torch.long)
     empty = torch.zeros(0, dtype=torch.long, device=grouping.slot.device)
-    cat = [torch.cat([getattr(b, k).reshape(-1) for b in buckets]) if buckets else empty
-           for k in ("index", "segment", "position")]
+    cat = [
+        torch.cat([getattr(b, k).reshape(-1) for b in buckets]) if buckets else empty
+        for k in ("index", "segment", "position")
+    ]
     return (grouping.slot, *cat, table)
 
 
@@ -239,15 +243,17 @@ def through_custom_ops() -> Iterator[None]:
 
 def _one_tensor(call: Call, out: Any) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
-        raise UnsupportedOperationError(f"{call.name}: runtime call returns {type(out).__name__}, not one tensor; "
-                                        "it cannot run under torch.compile")
+        raise UnsupportedOperationError(
+            f"{call.name}: runtime call returns {type(out).__name__}, not one tensor; it cannot run under torch.compile"
+        )
     return out
 
 
 def _own(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """``out`` contiguous and in memory of its own: a custom op must not return a view of an input."""
-    if out.numel() and any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-                           for t in inputs if t.numel()):
+    if out.numel() and any(
+        out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs if t.numel()
+    ):
         out = out.clone()
     return out.contiguous()
 
@@ -263,8 +269,14 @@ def call_op(site: int, inputs: List[torch.Tensor]) -> torch.Tensor:
 def _call_fake(site: int, inputs: List[torch.Tensor]) -> torch.Tensor:
     call = _CALLS[site]
     sizes, like = call.shapes[call.program.compile_key]
-    out = [inputs[s.index].shape[0] if isinstance(s, InputRef) else
-           torch.library.get_ctx().new_dynamic_size() if s == DATA_DEPENDENT else s for s in sizes]
+    out = [
+        inputs[s.index].shape[0]
+        if isinstance(s, InputRef)
+        else torch.library.get_ctx().new_dynamic_size()
+        if s == DATA_DEPENDENT
+        else s
+        for s in sizes
+    ]
     return inputs[like].new_empty(out)
 
 
@@ -272,24 +284,29 @@ def _call_fake(site: int, inputs: List[torch.Tensor]) -> torch.Tensor:
 def _autograd_recording() -> Iterator[None]:
     """Autograd on again inside a custom op's implementation (the dispatcher runs it below autograd)."""
     keys = torch._C._dispatch_tls_local_exclude_set()
-    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
-                torch._C.DispatchKey.AutogradNestedTensor):
+    for key in (
+        torch._C.DispatchKey.AutogradFunctionality,
+        torch._C.DispatchKey.AutogradOther,
+        torch._C.DispatchKey.AutogradNestedTensor,
+    ):
         keys = keys.remove(key)
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), keys), torch.enable_grad():
         yield
 
 
 @torch.library.custom_op(f"{NAMESPACE}::call_backward", mutates_args=())
-def call_backward_op(site: int, inputs: List[torch.Tensor], grad: torch.Tensor,
-                     wanted: List[bool]) -> List[torch.Tensor]:
+def call_backward_op(
+    site: int, inputs: List[torch.Tensor], grad: torch.Tensor, wanted: List[bool]
+) -> List[torch.Tensor]:
     """Gradients of call ``site`` for the ``wanted`` inputs, by running it again under autograd."""
     call = _CALLS[site]
     with _autograd_recording():
         leaves = [t.detach().requires_grad_(w) if w else t for t, w in zip(inputs, wanted)]
         value = _one_tensor(call, call.run(leaves))
         chosen = [t for t, w in zip(leaves, wanted) if w]
-        grads = (torch.autograd.grad(value, chosen, grad, allow_unused=True) if value.requires_grad
-                 else [None] * len(chosen))
+        grads = (
+            torch.autograd.grad(value, chosen, grad, allow_unused=True) if value.requires_grad else [None] * len(chosen)
+        )
     result: List[torch.Tensor] = []
     for t, g in zip(chosen, grads):
         result.append(torch.zeros_like(t) if g is None else _own(g, [*inputs, grad, *result]))
@@ -297,8 +314,9 @@ def call_backward_op(site: int, inputs: List[torch.Tensor], grad: torch.Tensor,
 
 
 @call_backward_op.register_fake
-def _call_backward_fake(site: int, inputs: List[torch.Tensor], grad: torch.Tensor,
-                        wanted: List[bool]) -> List[torch.Tensor]:
+def _call_backward_fake(
+    site: int, inputs: List[torch.Tensor], grad: torch.Tensor, wanted: List[bool]
+) -> List[torch.Tensor]:
     return [t.new_empty(t.shape) for t, w in zip(inputs, wanted) if w]
 
 
@@ -324,8 +342,16 @@ class Program:
     ``outputs`` are the sites of the compute graph's outputs, ``last`` and ``stages`` index them.
     """
 
-    def __init__(self, plan_gm: fx.GraphModule, compute_gm: fx.GraphModule, dynamic: Sequence[int],
-                 outputs: Sequence[PlanSpec], last: int, stages: Sequence[int], calls: Sequence[Call]):
+    def __init__(
+        self,
+        plan_gm: fx.GraphModule,
+        compute_gm: fx.GraphModule,
+        dynamic: Sequence[int],
+        outputs: Sequence[PlanSpec],
+        last: int,
+        stages: Sequence[int],
+        calls: Sequence[Call],
+    ):
         self.plan_gm = plan_gm
         self.compute_gm = compute_gm
         self.dynamic = tuple(dynamic)  # plan tensors whose first size changes with the mask
@@ -425,8 +451,11 @@ class Program:
                     with torch.enable_grad():
                         leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
                         call.differentiable = call.run(leaves).requires_grad
-                record[call] = (tuple(out.shape), [tuple(t.shape) for t in tensors],
-                                (out.dtype, [t.dtype for t in tensors]))
+                record[call] = (
+                    tuple(out.shape),
+                    [tuple(t.shape) for t in tensors],
+                    (out.dtype, [t.dtype for t in tensors]),
+                )
                 return out
 
         with torch.no_grad():

@@ -9,6 +9,7 @@ Here the tokens are bucketed by the table entry they read (:class:`PositionBucke
 ``out_pad[p, n] = einsum(x_pad[p, n], table[p])``; the table's gradient is the same batched product in backward,
 with no scatter. Only ``x`` and the table are kept: the backward buckets ``x`` again.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,8 @@ class PositionBuckets:
 
 
 def _bucketed_equation(equation: str) -> str:
-    """``"tyc,tkc->tyk"`` (token axis first everywhere) -> ``"PNyc,Pkc->PNyk"`` over (entry, slot) with fresh letters."""
+    """``"tyc,tkc->tyk"`` (token axis first everywhere) -> ``"PNyc,Pkc->PNyk"`` over (entry, slot) with fresh
+    letters."""
     lhs, out = equation.replace(" ", "").split("->")
     x, table = lhs.split(",")
     if not (x[0] == table[0] == out[0] == "t"):
@@ -93,8 +95,13 @@ class _BucketedEinsum(torch.autograd.Function):
         return dx, dtable, None, None
 
 
-def table_einsum(equation: str, x: torch.Tensor, table: torch.Tensor, index: Tuple[torch.Tensor, ...],
-                 buckets: Optional[PositionBuckets] = None) -> torch.Tensor:
+def table_einsum(
+    equation: str,
+    x: torch.Tensor,
+    table: torch.Tensor,
+    index: Tuple[torch.Tensor, ...],
+    buckets: Optional[PositionBuckets] = None,
+) -> torch.Tensor:
     """``einsum(equation, x, table[index])`` over the leading (token) axis, keeping only ``x`` and ``table``.
 
     ``equation`` sees the gathered table with the token axis first (``"tyc,tkc->tyk"``); ``index`` holds one
@@ -103,7 +110,7 @@ def table_einsum(equation: str, x: torch.Tensor, table: torch.Tensor, index: Tup
     """
     if any(i.shape != (x.shape[0],) for i in index):
         raise ValueError(f"every index must have shape ({x.shape[0]},), got {[tuple(i.shape) for i in index]}")
-    flat = table.reshape(-1, *table.shape[len(index):])
+    flat = table.reshape(-1, *table.shape[len(index) :])
     if buckets is None:
-        buckets = PositionBuckets.from_index(index, tuple(table.shape[:len(index)]))
+        buckets = PositionBuckets.from_index(index, tuple(table.shape[: len(index)]))
     return _BucketedEinsum.apply(x, flat, _bucketed_equation(equation), buckets)

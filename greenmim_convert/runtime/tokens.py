@@ -1,4 +1,5 @@
 """Packed visible tokens of one stage, and the converted model's output."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

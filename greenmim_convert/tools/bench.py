@@ -8,6 +8,7 @@ fused attention correctly), the converted model's FLOPs against a visible-only i
 the dense model alone (:func:`greenmim_convert.tools.flops.visible_only_ideal`), and for the converted
 model the grouping time and padding overhead of every window grouping of its graph.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -20,16 +21,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from greenmim_convert.runtime import attention
-from greenmim_convert.runtime import ops, plan as planner
-from greenmim_convert.tools.flops import attention_pair_fraction, count_flops, visible_fraction, visible_only_ideal
 from greenmim_convert.api.convert import GreenModel
-from greenmim_convert.compiler.capture import input_channels
-from greenmim_convert.runtime.plan.segments import DigitWindows
 from greenmim_convert.api.masking import random_mask
+from greenmim_convert.compiler.capture import input_channels
 from greenmim_convert.mim.dense import SimMIMDense, dense_features
+from greenmim_convert.runtime import attention
+from greenmim_convert.runtime import plan as planner
+from greenmim_convert.runtime.plan.segments import DigitWindows
 from greenmim_convert.runtime.plan.sites import Sites
 from greenmim_convert.runtime.program import Program
+from greenmim_convert.tools.flops import attention_pair_fraction, count_flops, visible_fraction, visible_only_ideal
 from greenmim_convert.tools.timing import wall_times
 
 
@@ -140,9 +141,9 @@ class CompiledStats:
     green_time_median_s: float
     dense_compile_s: float
     green_compile_s: float
-    speedup: float           # compiled dense / compiled converted
-    green_vs_eager: float    # eager converted / compiled converted
-    dense_vs_eager: float    # eager dense / compiled dense
+    speedup: float  # compiled dense / compiled converted
+    green_vs_eager: float  # eager converted / compiled converted
+    dense_vs_eager: float  # eager dense / compiled dense
 
 
 @dataclass
@@ -195,8 +196,16 @@ class _CompiledDense(nn.Module):
         return dense_features(d.model, images)
 
 
-def compiled_stats(dense: SimMIMDense, green: GreenModel, images: torch.Tensor, visible: torch.Tensor, steps: int,
-                   warmup: int, eager: Dict[str, float], tick: Callable[[str], None]) -> CompiledStats:
+def compiled_stats(
+    dense: SimMIMDense,
+    green: GreenModel,
+    images: torch.Tensor,
+    visible: torch.Tensor,
+    steps: int,
+    warmup: int,
+    eager: Dict[str, float],
+    tick: Callable[[str], None],
+) -> CompiledStats:
     """Step times of ``torch.compile`` d dense and converted models, alternating; the first step (which compiles)
     is timed apart, then ``warmup`` untimed steps. ``eager`` holds the eager medians for the ratios."""
     handle = dense.stem.register_forward_hook(dense._hook)
@@ -249,7 +258,9 @@ def census_rows(saved_by_node: Dict[str, Dict[str, int]], top: int = 12) -> List
     rows = [(k, dense.get(k, 0), green.get(k, 0)) for k in kinds[:top]]
     rest = kinds[top:]
     if rest:
-        rows.append((f"({len(rest)} other kinds)", sum(dense.get(k, 0) for k in rest), sum(green.get(k, 0) for k in rest)))
+        rows.append(
+            (f"({len(rest)} other kinds)", sum(dense.get(k, 0) for k in rest), sum(green.get(k, 0) for k in rest))
+        )
     return rows
 
 
@@ -291,8 +302,19 @@ def measure_grouping(green: GreenModel, visible: torch.Tensor, repeats: int = 5)
         times = wall_times(lambda: planner.digit_grouping(sites, windows, labels, strategy), repeats, visible.device)
         grp = planner.digit_grouping(sites, windows, labels, strategy)
         overhead = grp.logits / grp.lower_bound if grp.lower_bound else 1.0
-        rows.append(StageGrouping(list(grid), window_shape(windows), list(windows.offset), grp.num_tokens, grp.describe(),
-                                  grp.logits, grp.lower_bound, overhead, 1e3 * statistics.median(times)))
+        rows.append(
+            StageGrouping(
+                list(grid),
+                window_shape(windows),
+                list(windows.offset),
+                grp.num_tokens,
+                grp.describe(),
+                grp.logits,
+                grp.lower_bound,
+                overhead,
+                1e3 * statistics.median(times),
+            )
+        )
     return rows
 
 
@@ -398,7 +420,14 @@ def run_bench(
         loss.backward()
         zero()
         counts = count_flops(lambda: _step(fn))
-        stats[name] = {"saved": counter.bytes, "census": census, "flops": sum(counts.values()), "counts": counts, "times": [], "peak": None}
+        stats[name] = {
+            "saved": counter.bytes,
+            "census": census,
+            "flops": sum(counts.values()),
+            "counts": counts,
+            "times": [],
+            "peak": None,
+        }
         tick(f"{name}: counted activations and FLOPs")
     for i in range(warmup + steps):
         for name, fn in (("dense", dense_loss), ("green", green_loss)):
@@ -421,7 +450,9 @@ def run_bench(
     result = {}
     for name, s in stats.items():
         t = s["times"]
-        result[name] = ModelStats(statistics.median(t), (max(t) - min(t)) if len(t) > 1 else 0.0, s["saved"], s["flops"], s["peak"])
+        result[name] = ModelStats(
+            statistics.median(t), (max(t) - min(t)) if len(t) > 1 else 0.0, s["saved"], s["flops"], s["peak"]
+        )
     d, g = result["dense"], result["green"]
     rho = visible_fraction(visible)
     size = tuple(green.img_size)
@@ -433,13 +464,25 @@ def run_bench(
         compiled = compiled_stats(dense, green, images, visible, steps, warmup, eager, tick)
         zero()
     return BenchResult(
-        model=green.config.model_name, batch_size=batch_size, img_size=list(green.img_size), mask_ratio=mask_ratio,
-        device=str(device), dtype=str(dtype).replace("torch.", ""), steps=steps, dense=d, green=g,
+        model=green.config.model_name,
+        batch_size=batch_size,
+        img_size=list(green.img_size),
+        mask_ratio=mask_ratio,
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        steps=steps,
+        dense=d,
+        green=g,
         speedup=d.time_median_s / g.time_median_s,
         saved_bytes_reduction=1.0 - g.saved_bytes / d.saved_bytes if d.saved_bytes else 0.0,
         flops_ratio=d.flops / g.flops if g.flops else float("inf"),
-        flops_ideal=int(ideal), flops_vs_ideal=g.flops / ideal if ideal else 0.0, visible_fraction=rho, pair_fraction=pairs,
-        grouping=measure_grouping(green, visible), compiled=compiled,
-        saved_by_node={name: s["census"] for name, s in stats.items()}, profile=profiles,
+        flops_ideal=int(ideal),
+        flops_vs_ideal=g.flops / ideal if ideal else 0.0,
+        visible_fraction=rho,
+        pair_fraction=pairs,
+        grouping=measure_grouping(green, visible),
+        compiled=compiled,
+        saved_by_node={name: s["census"] for name, s in stats.items()},
+        profile=profiles,
         cpu_threads=torch.get_num_threads(),
     )

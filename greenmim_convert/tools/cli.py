@@ -2,11 +2,12 @@
 
 Exit codes: 0 success, 1 verification failed, 2 usage error or unsupported model.
 """
+
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 import sys
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -14,35 +15,40 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from greenmim_convert.tools import model_args
-from greenmim_convert.tools import models
 from greenmim_convert.api.convert import GreenModel, convert
-from greenmim_convert.errors import GreenMIMError
 from greenmim_convert.api.masking import random_mask
+from greenmim_convert.errors import GreenMIMError
 from greenmim_convert.mim.command import export_cmd, pretrain_cmd
+from greenmim_convert.tools import model_args, models
 from greenmim_convert.tools.models import suggest  # noqa: F401  (part of the CLI's interface)
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Compile hierarchical ViTs (timm names, torchvision:NAME, or hf:TYPE for a transformers model type) into models "
-    "that compute only on the visible patches of masked images.",
+    help="Compile hierarchical ViTs (timm names, torchvision:NAME, or hf:TYPE for a transformers model type) into "
+    "models that compute only on the visible patches of masked images.",
 )
 console = Console()
 err_console = Console(stderr=True)
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-MODEL_HELP = ("timm model name, a pretrained tag allowed (swin_tiny_patch4_window7_224.ms_in1k: its config, not its "
-              "weights), torchvision:NAME for a torchvision classifier, or hf:TYPE for a transformers model type "
-              "(hf:swin, hf:convnextv2; hf:TYPE/backbone for its AutoBackbone), built from its default config, or "
-              "package.module:factory, a Python callable returning an nn.Module (given --model-arg keywords and "
-              "img_size when it takes one); random weights, nothing is downloaded")
-IMG_SIZE_HELP = ("image size (default: the model's; for torchvision models, which do not state theirs, the crop size of "
-                 "torchvision's default weights: 224, 256 for Swin V2; for hf:TYPE the config's image_size, which this "
-                 "sets where the config has one, else 224)")
-MODEL_ARG_HELP = ("extra model argument key=value (repeatable; values as JSON or Python literals, [a,b] a list), for "
-                  "timm.create_model, torchvision's builder or the transformers config of hf:TYPE (keys it lacks are "
-                  "refused); architecture keys a torchvision builder fixes (depths, embed_dim, ...) go to its model class")
+MODEL_HELP = (
+    "timm model name, a pretrained tag allowed (swin_tiny_patch4_window7_224.ms_in1k: its config, not its "
+    "weights), torchvision:NAME for a torchvision classifier, or hf:TYPE for a transformers model type "
+    "(hf:swin, hf:convnextv2; hf:TYPE/backbone for its AutoBackbone), built from its default config, or "
+    "package.module:factory, a Python callable returning an nn.Module (given --model-arg keywords and "
+    "img_size when it takes one); random weights, nothing is downloaded"
+)
+IMG_SIZE_HELP = (
+    "image size (default: the model's; for torchvision models, which do not state theirs, the crop size of "
+    "torchvision's default weights: 224, 256 for Swin V2; for hf:TYPE the config's image_size, which this "
+    "sets where the config has one, else 224)"
+)
+MODEL_ARG_HELP = (
+    "extra model argument key=value (repeatable; values as JSON or Python literals, [a,b] a list), for "
+    "timm.create_model, torchvision's builder or the transformers config of hf:TYPE (keys it lacks are "
+    "refused); architecture keys a torchvision builder fixes (depths, embed_dim, ...) go to its model class"
+)
 GROUPING_HELP = "window packing: dp (ours) | max (GreenMIM) | window (one window per group)"
 
 
@@ -100,7 +106,9 @@ def report_table(green: GreenModel) -> Table:
 @app.command("convert")
 def convert_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP + ", e.g. swin_tiny_patch4_window7_224 or torchvision:swin_t"),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="write the converted model (safetensors + config)"),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output", help="write the converted model (safetensors + config)"
+    ),
     img_size: Optional[int] = typer.Option(None, help=IMG_SIZE_HELP),
     mask_unit: Optional[int] = typer.Option(None, help="mask unit in pixels (default: the model's total stride)"),
     grouping: str = typer.Option("dp", help=GROUPING_HELP),
@@ -167,14 +175,25 @@ def verify_cmd(
             rep = verify(net, green, images, visible)
         except Exception as exc:  # the converted model or the dense oracle cannot run this model
             _fail(f"verify of {model} failed: {_one_line(exc)}")
-    table = Table(title=f"{model}: converted vs dense masked reference, mask ratio {mask_ratio}, batch {batch_size}, {dtype}", title_justify="left")
+    table = Table(
+        title=f"{model}: converted vs dense masked reference, mask ratio {mask_ratio}, batch {batch_size}, {dtype}",
+        title_justify="left",
+    )
     for col in ("output", "grid", "visible tokens", "max abs err", "max rel err", "ok"):
         table.add_column(col, justify="right" if col != "output" else "left")
     for r in rep.rows:
-        table.add_row(r.name, f"{r.grid[0]}x{r.grid[1]}", str(r.tokens), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}",
-                      "[green]yes[/]" if r.ok else "[red]NO[/]")
+        table.add_row(
+            r.name,
+            f"{r.grid[0]}x{r.grid[1]}",
+            str(r.tokens),
+            f"{r.max_abs:.2e}",
+            f"{r.max_rel:.2e}",
+            "[green]yes[/]" if r.ok else "[red]NO[/]",
+        )
     console.print(table)
-    console.print(f"tolerance: max rel err <= {rep.rtol:g}  ->  " + ("[bold green]OK[/]" if rep.ok else "[bold red]MISMATCH[/]"))
+    console.print(
+        f"tolerance: max rel err <= {rep.rtol:g}  ->  " + ("[bold green]OK[/]" if rep.ok else "[bold red]MISMATCH[/]")
+    )
     raise typer.Exit(EXIT_OK if rep.ok else EXIT_MISMATCH)
 
 
@@ -219,8 +238,11 @@ def bench_cmd(
     seed: int = typer.Option(0, help="seed of weights, images and masks"),
     model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP),
     compile_: bool = typer.Option(False, "--compile", help="also time both models under torch.compile (inductor)"),
-    profile: bool = typer.Option(False, "--profile", help="also profile one more step of each model (torch.profiler) "
-                                 "and print the ops taking most self CPU time"),
+    profile: bool = typer.Option(
+        False,
+        "--profile",
+        help="also profile one more step of each model (torch.profiler) and print the ops taking most self CPU time",
+    ),
     threads: int = typer.Option(0, help="torch CPU threads for both models (0: PyTorch's default)"),
 ) -> None:
     """Time forward+backward of the converted model against the dense SimMIM-style model.
@@ -230,8 +252,8 @@ def bench_cmd(
     """
     from rich.progress import Progress
 
-    from greenmim_convert.tools.bench import run_bench
     from greenmim_convert.compiler.capture import is_timm_model
+    from greenmim_convert.tools.bench import run_bench
 
     if dtype not in DTYPES:
         _fail(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -250,16 +272,25 @@ def bench_cmd(
     dense_fn = "forward_features" if is_timm_model(net) else "forward"
     console.print(
         f"[bold]{model}[/]: dense SimMIM-style {dense_fn} (mask token at hidden units) vs converted model on visible "
-        f"units; batch {batch_size}, {green.img_size[0]}px, mask ratio {mask_ratio}, per-image masks, {device} {dtype}, "
+        f"units; batch {batch_size}, {green.img_size[0]}px, mask ratio {mask_ratio}, per-image masks, {device} "
+        f"{dtype}, "
         f"forward+backward, {steps} timed steps, {torch.get_num_threads()} CPU threads"
     )
     with Progress(console=console, transient=True) as bar:
         total = 2 + 2 * (steps + 1) + (2 * (steps + 2) if compile_ else 0) + 2 * profile
         task = bar.add_task("benchmarking", total=total)
         try:
-            res = run_bench(net, green, batch_size, mask_ratio, steps, seed=seed,
-                            progress=lambda msg: bar.update(task, advance=1, description=msg), compile=compile_,
-                            profile=PROFILE_TOP * profile)
+            res = run_bench(
+                net,
+                green,
+                batch_size,
+                mask_ratio,
+                steps,
+                seed=seed,
+                progress=lambda msg: bar.update(task, advance=1, description=msg),
+                compile=compile_,
+                profile=PROFILE_TOP * profile,
+            )
         except GreenMIMError as exc:
             _fail(f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # the dense or converted model fails in a step
@@ -268,15 +299,30 @@ def bench_cmd(
     for col in ("", "dense", "converted", "dense / converted"):
         table.add_column(col, justify="right")
     d, g = res.dense, res.green
-    table.add_row("wall time (median)", f"{d.time_median_s * 1e3:.0f} ms", f"{g.time_median_s * 1e3:.0f} ms", f"{res.speedup:.2f}x")
+    table.add_row(
+        "wall time (median)",
+        f"{d.time_median_s * 1e3:.0f} ms",
+        f"{g.time_median_s * 1e3:.0f} ms",
+        f"{res.speedup:.2f}x",
+    )
     table.add_row("wall time (spread)", f"{d.time_spread_s * 1e3:.0f} ms", f"{g.time_spread_s * 1e3:.0f} ms", "")
-    table.add_row("activations saved for backward", f"{d.saved_bytes / 2**20:.1f} MiB", f"{g.saved_bytes / 2**20:.1f} MiB",
-                  f"{d.saved_bytes / max(g.saved_bytes, 1):.2f}x ({100 * res.saved_bytes_reduction:.0f}% less)")
+    table.add_row(
+        "activations saved for backward",
+        f"{d.saved_bytes / 2**20:.1f} MiB",
+        f"{g.saved_bytes / 2**20:.1f} MiB",
+        f"{d.saved_bytes / max(g.saved_bytes, 1):.2f}x ({100 * res.saved_bytes_reduction:.0f}% less)",
+    )
     table.add_row("FLOPs", f"{d.flops / 1e9:.1f} G", f"{g.flops / 1e9:.1f} G", f"{res.flops_ratio:.2f}x")
-    table.add_row("FLOPs vs visible-only ideal", "", f"{res.flops_ideal / 1e9:.1f} G ideal", f"{res.flops_vs_ideal:.3f} of ideal")
+    table.add_row(
+        "FLOPs vs visible-only ideal", "", f"{res.flops_ideal / 1e9:.1f} G ideal", f"{res.flops_vs_ideal:.3f} of ideal"
+    )
     if d.peak_cuda_bytes is not None:
-        table.add_row("peak CUDA memory", f"{d.peak_cuda_bytes / 2**20:.0f} MiB", f"{g.peak_cuda_bytes / 2**20:.0f} MiB",
-                      f"{d.peak_cuda_bytes / max(g.peak_cuda_bytes, 1):.2f}x")
+        table.add_row(
+            "peak CUDA memory",
+            f"{d.peak_cuda_bytes / 2**20:.0f} MiB",
+            f"{g.peak_cuda_bytes / 2**20:.0f} MiB",
+            f"{d.peak_cuda_bytes / max(g.peak_cuda_bytes, 1):.2f}x",
+        )
     console.print(table)
     if res.compiled is not None:
         _print_compiled(res.compiled, d.time_median_s, g.time_median_s)
@@ -284,8 +330,15 @@ def bench_cmd(
     for col in ("grid", "window", "shift", "tokens", "groups x size", "logits / lower bound", "time"):
         gt.add_column(col, justify="right")
     for r in res.grouping:
-        gt.add_row(f"{r.grid[0]}x{r.grid[1]}", f"{r.window[0]}x{r.window[1]}", f"{r.shift[0]},{r.shift[1]}", str(r.tokens),
-                   r.groups, f"{r.padding_overhead:.2f}", f"{r.time_ms:.2f} ms")
+        gt.add_row(
+            f"{r.grid[0]}x{r.grid[1]}",
+            f"{r.window[0]}x{r.window[1]}",
+            f"{r.shift[0]},{r.shift[1]}",
+            str(r.tokens),
+            r.groups,
+            f"{r.padding_overhead:.2f}",
+            f"{r.time_ms:.2f} ms",
+        )
     console.print(gt)
     _print_census(res)
     if profile:
@@ -301,10 +354,18 @@ def _print_compiled(c, dense_eager: float, green_eager: float) -> None:
     table = Table(title="torch.compile (inductor), per training step after warm-up", title_justify="left")
     for col in ("", "dense", "converted", "dense / converted"):
         table.add_column(col, justify="right")
-    table.add_row("eager wall time (median)", f"{dense_eager * 1e3:.0f} ms", f"{green_eager * 1e3:.0f} ms",
-                  f"{dense_eager / green_eager:.2f}x")
-    table.add_row("compiled wall time (median)", f"{c.dense_time_median_s * 1e3:.0f} ms",
-                  f"{c.green_time_median_s * 1e3:.0f} ms", f"{c.speedup:.2f}x")
+    table.add_row(
+        "eager wall time (median)",
+        f"{dense_eager * 1e3:.0f} ms",
+        f"{green_eager * 1e3:.0f} ms",
+        f"{dense_eager / green_eager:.2f}x",
+    )
+    table.add_row(
+        "compiled wall time (median)",
+        f"{c.dense_time_median_s * 1e3:.0f} ms",
+        f"{c.green_time_median_s * 1e3:.0f} ms",
+        f"{c.speedup:.2f}x",
+    )
     table.add_row("eager / compiled", f"{c.dense_vs_eager:.2f}x", f"{c.green_vs_eager:.2f}x", "")
     table.add_row("first step (compiles)", f"{c.dense_compile_s:.1f} s", f"{c.green_compile_s:.1f} s", "")
     console.print(table)
@@ -313,19 +374,30 @@ def _print_compiled(c, dense_eager: float, green_eager: float) -> None:
 @app.command("list")
 def list_cmd(
     family: List[str] = typer.Option(
-        [], "--family", help="restrict to these families (repeatable): timm families, torchvision for its Swin, "
+        [],
+        "--family",
+        help="restrict to these families (repeatable): timm families, torchvision for its Swin, "
         "Swin V2 and MaxViT, hf for transformers' vision backbones (hf:TYPE); default: all (hf where transformers "
-        "is installed)"),
+        "is installed)",
+    ),
     model: List[str] = typer.Option(
-        [], "--model", "--models", help="list these models (repeatable; any name convert takes), after the families "
-        "given by --family (none unless given)"),
+        [],
+        "--model",
+        "--models",
+        help="list these models (repeatable; any name convert takes), after the families "
+        "given by --family (none unless given)",
+    ),
     model_arg: List[str] = typer.Option([], "--model-arg", help=MODEL_ARG_HELP + "; given to every listed model"),
     verify_models: bool = typer.Option(False, "--verify", help="also verify each converted model on a masked image"),
-    verify_smallest: bool = typer.Option(False, "--verify-smallest", help="verify the smallest converting model of "
-                                         "each family (by parameters)"),
+    verify_smallest: bool = typer.Option(
+        False, "--verify-smallest", help="verify the smallest converting model of each family (by parameters)"
+    ),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="write the table as markdown to this file"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="write the rows as JSON to this file (the data of "
-                                           "docs/coverage.md: benchmarks/coverage.json)"),
+    json_out: Optional[str] = typer.Option(
+        None,
+        "--json",
+        help="write the rows as JSON to this file (the data of docs/coverage.md: benchmarks/coverage.json)",
+    ),
 ) -> None:
     """Coverage matrix: every model of the hierarchical families (timm's, torchvision's under the family
     torchvision, transformers' vision backbones under the family hf), whether it converts, and why not.
@@ -366,11 +438,16 @@ def list_cmd(
         table.add_column(col)
     colors = {"converts": "green", "unsupported": "yellow", "error": "red", "✓": "green", "✗": "red", "not run": "dim"}
     for r in rows:
-        table.add_row(r.model, r.family, f"[{colors[r.status]}]{r.status}[/]", f"[{colors[r.verified]}]{r.verified}[/]", r.detail)
+        table.add_row(
+            r.model, r.family, f"[{colors[r.status]}]{r.status}[/]", f"[{colors[r.verified]}]{r.verified}[/]", r.detail
+        )
     console.print(table)
     ok = sum(r.status == "converts" for r in rows)
     checked = [r for r in rows if r.verified != "not run"]
-    console.print(f"{ok} of {len(rows)} convert" + (f"; {sum(r.verified == '✓' for r in checked)} of {len(checked)} verified" if checked else ""))
+    console.print(
+        f"{ok} of {len(rows)} convert"
+        + (f"; {sum(r.verified == '✓' for r in checked)} of {len(checked)} verified" if checked else "")
+    )
     if markdown_out:
         with open(markdown_out, "w") as f:
             f.write(markdown(rows) + "\n")

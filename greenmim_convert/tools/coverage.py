@@ -1,5 +1,6 @@
 """Coverage matrix: which models of the hierarchical families (timm's, torchvision's and transformers' vision
 backbones) convert, verify, and why not."""
+
 from __future__ import annotations
 
 import ctypes
@@ -10,14 +11,29 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import timm
 import torch
 
-from greenmim_convert.tools import models
 from greenmim_convert.api.convert import convert
-from greenmim_convert.errors import GreenMIMError, UnsupportedOperationError
 from greenmim_convert.api.masking import random_mask
+from greenmim_convert.errors import GreenMIMError, UnsupportedOperationError
 from greenmim_convert.oracle.verify import verify
+from greenmim_convert.tools import models
 
-TIMM_FAMILIES = ("swin", "swinv2", "swinv2_cr", "twins_pcpvt", "twins_svt", "pvt_v2", "davit", "gcvit", "maxvit",
-                 "focalnet", "hiera", "mvitv2", "nest", "convnext", "convnextv2")
+TIMM_FAMILIES = (
+    "swin",
+    "swinv2",
+    "swinv2_cr",
+    "twins_pcpvt",
+    "twins_svt",
+    "pvt_v2",
+    "davit",
+    "gcvit",
+    "maxvit",
+    "focalnet",
+    "hiera",
+    "mvitv2",
+    "nest",
+    "convnext",
+    "convnextv2",
+)
 VERIFY_CHOICES = ("none", "smallest", "all")
 FAMILIES = TIMM_FAMILIES + models.NAMESPACES  # a namespace's family is the models of its prefix
 
@@ -63,8 +79,9 @@ def _short(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
-def check_model(name: str, verify_it: bool = False, seed: int = 0,
-                model_kwargs: Optional[Dict[str, Any]] = None) -> CoverageRow:
+def check_model(
+    name: str, verify_it: bool = False, seed: int = 0, model_kwargs: Optional[Dict[str, Any]] = None
+) -> CoverageRow:
     """Build ``name`` (timm, torchvision or transformers; ``model_kwargs`` to its builder) with random weights,
     convert it, optionally verify it on one masked image."""
     fam = family_of(name) or ""
@@ -107,8 +124,12 @@ def _release_memory() -> None:
         pass
 
 
-def coverage(names: List[str], verify: str = "none", progress: Optional[Callable[[str], None]] = None,
-             model_kwargs: Optional[Dict[str, Any]] = None) -> List[CoverageRow]:
+def coverage(
+    names: List[str],
+    verify: str = "none",
+    progress: Optional[Callable[[str], None]] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+) -> List[CoverageRow]:
     """Convert every model (``model_kwargs`` go to each one's builder); verify all of them, none, or the smallest
     converting model (by parameters) of each family."""
     if verify not in VERIFY_CHOICES:

@@ -4,6 +4,7 @@ A table lives in a Markdown file between ``<!-- table:NAME -->`` and ``<!-- /tab
 such block from its data file, and ``python -m greenmim_convert.tools.doc_tables --check`` (run by the tests) fails
 when a checked-in table differs from what its data gives. The data files come from the commands each table states.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def _table(header: Sequence[str], rows: List[Sequence[Any]]) -> str:
 
 
 def _mib(stats: Dict[str, Any]) -> float:
-    return stats["saved_bytes"] / 2 ** 20
+    return stats["saved_bytes"] / 2**20
 
 
 def headline(root: Path) -> str:
@@ -40,23 +41,60 @@ def headline(root: Path) -> str:
     rows = []
     for r in _load(root, "headline.json"):
         d, g = r["dense"], r["green"]
-        rows.append([f"`{r['model']}`", f"{d['time_median_s'] * 1e3:.0f} ms", f"{g['time_median_s'] * 1e3:.0f} ms", f"{r['speedup']:.2f}x",
-                     f"{_mib(d):.0f} -> {_mib(g):.0f} MiB", f"{d['flops'] / 1e9:.1f} -> {g['flops'] / 1e9:.1f} G",
-                     f"{r['flops_vs_ideal']:.3f}"])
-    return _table(["model", "dense step", "converted step", "speed-up", "activations saved for backward", "FLOPs",
-                   "FLOPs / ideal"], rows)
+        rows.append(
+            [
+                f"`{r['model']}`",
+                f"{d['time_median_s'] * 1e3:.0f} ms",
+                f"{g['time_median_s'] * 1e3:.0f} ms",
+                f"{r['speedup']:.2f}x",
+                f"{_mib(d):.0f} -> {_mib(g):.0f} MiB",
+                f"{d['flops'] / 1e9:.1f} -> {g['flops'] / 1e9:.1f} G",
+                f"{r['flops_vs_ideal']:.3f}",
+            ]
+        )
+    return _table(
+        [
+            "model",
+            "dense step",
+            "converted step",
+            "speed-up",
+            "activations saved for backward",
+            "FLOPs",
+            "FLOPs / ideal",
+        ],
+        rows,
+    )
 
 
 def families(root: Path) -> str:
     """The smallest model of every family (``benchmarks/families.json``, median of its repeated runs)."""
     rows = []
     for r in _load(root, "families.json"):
-        rows.append([f"`{r['model']}`", f"{r['dense_ms']:.0f} ms", f"{r['green_ms']:.0f} ms", f"{r['speedup']:.2f}x",
-                     f"{r['flops_ratio']:.2f}x", f"{r['speedup'] / r['flops_ratio']:.2f}",
-                     f"{r['dense_mib']:.0f} -> {r['green_mib']:.0f} MiB ({r['saved_bytes_reduction']:.0%} less)",
-                     f"{r['flops_vs_ideal']:.3f}"])
-    return _table(["model", "dense step", "converted step", "speed-up", "FLOP ratio", "speed-up / FLOP ratio",
-                   "activations saved for backward", "FLOPs / ideal"], rows)
+        rows.append(
+            [
+                f"`{r['model']}`",
+                f"{r['dense_ms']:.0f} ms",
+                f"{r['green_ms']:.0f} ms",
+                f"{r['speedup']:.2f}x",
+                f"{r['flops_ratio']:.2f}x",
+                f"{r['speedup'] / r['flops_ratio']:.2f}",
+                f"{r['dense_mib']:.0f} -> {r['green_mib']:.0f} MiB ({r['saved_bytes_reduction']:.0%} less)",
+                f"{r['flops_vs_ideal']:.3f}",
+            ]
+        )
+    return _table(
+        [
+            "model",
+            "dense step",
+            "converted step",
+            "speed-up",
+            "FLOP ratio",
+            "speed-up / FLOP ratio",
+            "activations saved for backward",
+            "FLOPs / ideal",
+        ],
+        rows,
+    )
 
 
 def threads(root: Path) -> str:
@@ -75,11 +113,23 @@ def threads(root: Path) -> str:
 
 def sweep(root: Path) -> str:
     """Speed-up and activation-memory ratio against mask ratio and batch size (``benchmarks/sweep.json``)."""
-    rows = [[f"`{r['model']}`", r["batch_size"], f"{r['mask_ratio']:.2f}", f"{r['dense_ms']:.0f} ms",
-             f"{r['green_ms']:.0f} ms", f"{r['speedup']:.2f}x", f"{r['flops_ratio']:.2f}x", f"{r['memory_ratio']:.2f}x"]
-            for r in _load(root, "sweep.json")]
-    return _table(["model", "batch", "mask ratio", "dense step", "converted step", "speed-up", "FLOP ratio",
-                   "activations ratio"], rows)
+    rows = [
+        [
+            f"`{r['model']}`",
+            r["batch_size"],
+            f"{r['mask_ratio']:.2f}",
+            f"{r['dense_ms']:.0f} ms",
+            f"{r['green_ms']:.0f} ms",
+            f"{r['speedup']:.2f}x",
+            f"{r['flops_ratio']:.2f}x",
+            f"{r['memory_ratio']:.2f}x",
+        ]
+        for r in _load(root, "sweep.json")
+    ]
+    return _table(
+        ["model", "batch", "mask ratio", "dense step", "converted step", "speed-up", "FLOP ratio", "activations ratio"],
+        rows,
+    )
 
 
 def coverage(root: Path) -> str:
@@ -101,18 +151,24 @@ def coverage_summary(root: Path) -> str:
 
 
 TABLES: Dict[str, Callable[[Path], str]] = {
-    "headline": headline, "families": families, "threads": threads, "sweep": sweep, "coverage": coverage,
+    "headline": headline,
+    "families": families,
+    "threads": threads,
+    "sweep": sweep,
+    "coverage": coverage,
     "coverage-summary": coverage_summary,
 }
 
 
 def render_text(text: str, root: Path = REPO) -> str:
     """``text`` with every table block rewritten from its data file."""
+
     def block(m: "re.Match[str]") -> str:
         name = m.group("name")
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; known: {sorted(TABLES)}")
         return m.group(1) + TABLES[name](root).rstrip("\n") + "\n" + m.group(4)
+
     return BLOCK.sub(block, text)
 
 

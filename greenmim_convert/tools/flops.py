@@ -6,13 +6,15 @@ a depthwise convolution's backward is overcounted C-fold (dense ConvNeXt-T forwa
 ~415 G in ``convolution_backward`` against 4.7 G in ``convolution``). It also has no formula for the
 CPU flash-attention kernel that ``F.scaled_dot_product_attention`` runs on the CPU, so fused
 attention counts zero, nor for ``addcmul`` (the multiply-add of the plain-autograd sparse depthwise
-convolution) and the depthwise gather's own ops (``greenmim_kernels::depthwise_taps`` and its backward). :func:`flop_counter` is a ``FlopCounterMode`` given correct formulas for
+convolution) and the depthwise gather's own ops (``greenmim_kernels::depthwise_taps`` and its backward).
+:func:`flop_counter` is a ``FlopCounterMode`` given correct formulas for
 these through its ``custom_mapping`` hook. Like torch, a multiply-add counts 2 FLOPs and bias,
 padding and element-wise work are not counted.
 
 :func:`visible_only_ideal` estimates, from the DENSE model only, the FLOPs of a perfect
 visible-only implementation, so that the converted model's count can be compared with it.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -35,11 +37,14 @@ Shape = Sequence[int]
 SEPARATE_BELOW = -50.0
 
 
-def conv_forward_flops(x_shape: Shape, w_shape: Shape, out_shape: Shape, transposed: bool = False, groups: int = 1) -> int:
+def conv_forward_flops(
+    x_shape: Shape, w_shape: Shape, out_shape: Shape, transposed: bool = False, groups: int = 1
+) -> int:
     """FLOPs of a (grouped, possibly transposed) convolution: 2 per multiply-add of every output with its kernel taps.
 
     Non-transposed: ``2 * N * C_out * prod(out spatial) * (C_in / groups) * prod(kernel)``; the weight is
-    ``(C_out, C_in / groups, *kernel)``. Transposed: ``2 * N * C_in * prod(in spatial) * (C_out / groups) * prod(kernel)``;
+    ``(C_out, C_in / groups, *kernel)``. Transposed: ``2 * N * C_in * prod(in spatial) * (C_out / groups) *
+    prod(kernel)``;
     the weight is ``(C_in, C_out / groups, *kernel)``.
     """
     n, c_in = x_shape[0], x_shape[1]
@@ -53,15 +58,39 @@ def conv_forward_flops(x_shape: Shape, w_shape: Shape, out_shape: Shape, transpo
     return 2 * n * lead * prod(out_shape[2:]) * per_group * prod(kernel)
 
 
-def conv_flop(x_shape: Shape, w_shape: Shape, _bias: Any, _stride: Any, _padding: Any, _dilation: Any, transposed: bool,
-              _output_padding: Any = None, groups: int = 1, *args: Any, out_shape: Shape, **kwargs: Any) -> int:
+def conv_flop(
+    x_shape: Shape,
+    w_shape: Shape,
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any = None,
+    groups: int = 1,
+    *args: Any,
+    out_shape: Shape,
+    **kwargs: Any,
+) -> int:
     """``aten.convolution`` / ``aten._convolution``: :func:`conv_forward_flops`."""
     return conv_forward_flops(x_shape, w_shape, out_shape, bool(transposed), int(groups))
 
 
-def conv_backward_flop(grad_out_shape: Shape, x_shape: Shape, w_shape: Shape, _bias: Any, _stride: Any, _padding: Any,
-                       _dilation: Any, transposed: bool, _output_padding: Any, groups: int, output_mask: Sequence[bool],
-                       out_shape: Any = None, **kwargs: Any) -> int:
+def conv_backward_flop(
+    grad_out_shape: Shape,
+    x_shape: Shape,
+    w_shape: Shape,
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any,
+    groups: int,
+    output_mask: Sequence[bool],
+    out_shape: Any = None,
+    **kwargs: Any,
+) -> int:
     """``aten.convolution_backward``: each requested gradient (input, weight) costs what the forward costs.
 
     Every multiply-add ``out += x * w`` of the forward becomes one of ``grad_x += grad_out * w`` and one of
@@ -76,14 +105,17 @@ def _attention_sizes(q: Shape, k: Shape, v: Shape) -> Tuple[int, int, int, int, 
     return prod(q[:-2]), q[-2], k[-2], q[-1], v[-1]
 
 
-def sdpa_cpu_flop(q_shape: Shape, k_shape: Shape, v_shape: Shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def sdpa_cpu_flop(
+    q_shape: Shape, k_shape: Shape, v_shape: Shape, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     """CPU flash attention forward: ``q @ k^T`` and ``p @ v``."""
     bh, lq, lk, d, dv = _attention_sizes(q_shape, k_shape, v_shape)
     return 2 * bh * lq * lk * (d + dv)
 
 
-def sdpa_cpu_backward_flop(_grad_out: Shape, q_shape: Shape, k_shape: Shape, v_shape: Shape, *args: Any,
-                           out_shape: Any = None, **kwargs: Any) -> int:
+def sdpa_cpu_backward_flop(
+    _grad_out: Shape, q_shape: Shape, k_shape: Shape, v_shape: Shape, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     """CPU flash attention backward: ``dv = p^T do``, ``dp = do v^T``, ``dq = ds k``, ``dk = ds^T q``."""
     bh, lq, lk, d, dv = _attention_sizes(q_shape, k_shape, v_shape)
     return 2 * bh * lq * lk * (2 * d + 2 * dv)
@@ -118,13 +150,20 @@ FLOP_FORMULAS: Dict[Any, Callable[..., int]] = {
 
 # ops whose FLOPs are products of token pairs when they compute attention (else token contractions)
 PAIR_OPS: Set[Any] = {
-    aten.bmm, aten.baddbmm,
-    aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward,
-    aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention_backward,
-    aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_efficient_attention_backward,
-    aten._scaled_dot_product_cudnn_attention, aten._scaled_dot_product_cudnn_attention_backward,
-    aten._flash_attention_forward, aten._flash_attention_backward,
-    aten._efficient_attention_forward, aten._efficient_attention_backward,
+    aten.bmm,
+    aten.baddbmm,
+    aten._scaled_dot_product_flash_attention_for_cpu,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_flash_attention_backward,
+    aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_efficient_attention_backward,
+    aten._scaled_dot_product_cudnn_attention,
+    aten._scaled_dot_product_cudnn_attention_backward,
+    aten._flash_attention_forward,
+    aten._flash_attention_backward,
+    aten._efficient_attention_forward,
+    aten._efficient_attention_backward,
 }
 
 
@@ -189,7 +228,9 @@ class _PairProbe(TorchDispatchMode):
             new = frozenset({("bmm", index)})
         elif packet in (aten._softmax, aten._safe_softmax):
             logits, dim = args[0], args[1]
-            pairs = self._pairs(logits) if dim % logits.dim() == logits.dim() - 1 and self._is_attention(logits) else None
+            pairs = (
+                self._pairs(logits) if dim % logits.dim() == logits.dim() - 1 and self._is_attention(logits) else None
+            )
             if pairs is None:
                 new = inputs
             else:
@@ -210,7 +251,8 @@ class _PairProbe(TorchDispatchMode):
 
     @staticmethod
     def _threshold(dtype: torch.dtype) -> float:
-        """Logits at or below this are masked keys (the oracle adds ``-finfo.max / 4``; a module's own -inf counts too)."""
+        """Logits at or below this are masked keys (the oracle adds ``-finfo.max / 4``; a module's own -inf counts
+        too)."""
         return -0.125 * torch.finfo(dtype).max
 
     def _is_attention(self, logits: torch.Tensor) -> bool:
@@ -237,8 +279,11 @@ class _PairProbe(TorchDispatchMode):
         elif logits.shape[0] == self.batch:
             needed = float((keys.reshape(self.batch, -1).sum(1) * self.sample_fraction).sum())
         else:
-            warnings.warn(f"cannot tell the queries of attention logits {tuple(logits.shape)} apart by sample: "
-                          "their products count as token-wise work in the visible-only ideal", stacklevel=2)
+            warnings.warn(
+                f"cannot tell the queries of attention logits {tuple(logits.shape)} apart by sample: "
+                "their products count as token-wise work in the visible-only ideal",
+                stacklevel=2,
+            )
             return None
         return needed, logits.numel()
 
@@ -253,8 +298,14 @@ class _PairProbe(TorchDispatchMode):
         return done / total
 
 
-def attention_pair_fraction(model: nn.Module, images: torch.Tensor, visible: torch.Tensor, forward: Callable[[], Any],
-                            img_size: Tuple[int, int], key_mask_for: Optional[Callable] = None) -> float:
+def attention_pair_fraction(
+    model: nn.Module,
+    images: torch.Tensor,
+    visible: torch.Tensor,
+    forward: Callable[[], Any],
+    img_size: Tuple[int, int],
+    key_mask_for: Optional[Callable] = None,
+) -> float:
     """:meth:`_PairProbe.pair_fraction` of one no-grad forward ``forward()`` of ``model`` under the oracle's hooks.
 
     The math SDPA backend is forced, so fused attention shows its products and softmax. The model's buffers
@@ -288,7 +339,8 @@ def visible_only_ideal(dense_counts: Dict[Any, int], rho: float, pair_fraction: 
     """The FLOPs of an ideal visible-only model, from the dense model's FLOPs per op.
 
     - Token-wise work (``mm``/``addmm`` of Linear layers, convolutions and their backward) scales with the
-      visible fraction of positions ``rho`` (:func:`visible_fraction`): the mask unit is a multiple of every stride, so every
+      visible fraction of positions ``rho`` (:func:`visible_fraction`): the mask unit is a multiple of every stride,
+      so every
       stage grid has that fraction of visible positions, and an ideal convolution is evaluated at the visible
       output sites only (all its taps, masked inputs reading zero, as a submanifold convolution).
     - Batched products and fused attention (:data:`PAIR_OPS`) scale with ``pair_fraction``

@@ -1,5 +1,6 @@
 """``key=value`` model arguments from the command line, for timm.create_model, torchvision's builders or a
 transformers config."""
+
 from __future__ import annotations
 
 import ast

@@ -6,6 +6,7 @@ All are built with random weights (nothing is downloaded). torchvision models do
 input size, so they get ``TORCHVISION_IMG_SIZE`` unless an image size is given. transformers is an
 optional dependency, imported only for ``hf:`` names.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +34,27 @@ HF = "hf"
 HF_PREFIX = HF + ":"
 HF_BACKBONE = "/backbone"  # hf:TYPE/backbone builds AutoBackbone instead of AutoModel
 HF_IMG_SIZE = 224  # for configs without an image_size
-HF_VISION_BACKBONES = ("swin", "swinv2", "donut-swin", "maskformer-swin", "focalnet", "convnext", "convnextv2", "pvt",
-                       "pvt_v2", "segformer", "hiera", "cvt", "poolformer", "resnet", "mobilevit", "levit",
-                       "swiftformer", "vitdet", "sam2_hiera_det_model")
+HF_VISION_BACKBONES = (
+    "swin",
+    "swinv2",
+    "donut-swin",
+    "maskformer-swin",
+    "focalnet",
+    "convnext",
+    "convnextv2",
+    "pvt",
+    "pvt_v2",
+    "segformer",
+    "hiera",
+    "cvt",
+    "poolformer",
+    "resnet",
+    "mobilevit",
+    "levit",
+    "swiftformer",
+    "vitdet",
+    "sam2_hiera_det_model",
+)
 NAMESPACES = (TORCHVISION, HF)  # name prefixes NAMESPACE:..., each also a family of ``list``
 TIMM_SOURCES = ("hf-hub", "hf_hub", "local-dir")  # timm prefixes that read a checkpoint's config
 ImgSize = Union[int, Tuple[int, int]]
@@ -135,7 +154,9 @@ def suggest(name: str, names: List[str], n: int = 5) -> List[str]:
     """Close matches for a misspelt model name: similar names of the same family first."""
     scored = sorted(names, key=lambda c: -difflib.SequenceMatcher(None, name, c).ratio())
     family = name.split("_")[0][:4]
-    same = [c for c in scored if c.startswith(name)] + [c for c in scored if c.startswith(family) and not c.startswith(name)]
+    same = [c for c in scored if c.startswith(name)] + [
+        c for c in scored if c.startswith(family) and not c.startswith(name)
+    ]
     return (same + [c for c in scored if c not in same])[:n]
 
 
@@ -155,7 +176,7 @@ def check_name(name: str) -> None:
     """Raise UnknownModelError, with close matches, when ``name`` names no timm, torchvision or transformers model
     (or a timm model with a pretrained tag timm does not know); ``hf:`` names import transformers."""
     if is_torchvision(name):
-        bare, names = name[len(PREFIX):], torchvision_names()
+        bare, names = name[len(PREFIX) :], torchvision_names()
         if bare not in names:
             close = [PREFIX + c for c in suggest(bare, names)]
             raise UnknownModelError(f"unknown torchvision model {bare!r}.{_hint(close)}", close)
@@ -173,8 +194,10 @@ def _check_timm(name: str) -> None:
     """``name`` as ``timm.create_model`` resolves it: an architecture (current or deprecated) and an optional tag."""
     source = name.split(":", 1)[0].lower()
     if ":" in name and source in TIMM_SOURCES:
-        raise InvalidInputError(f"{name!r} reads a checkpoint's config from the Hub or a folder; greenmim-convert builds "
-                                "random weights from a timm name (with an optional pretrained tag) and downloads nothing")
+        raise InvalidInputError(
+            f"{name!r} reads a checkpoint's config from the Hub or a folder; greenmim-convert builds "
+            "random weights from a timm name (with an optional pretrained tag) and downloads nothing"
+        )
     arch, dot, tag = name.partition(".")
     if not timm.is_model(arch):
         names = timm.list_models() + (timm.list_models(include_tags=True) if dot else [])
@@ -187,7 +210,9 @@ def _check_timm(name: str) -> None:
             timm.models.get_pretrained_cfg(name)
         except RuntimeError:
             close = suggest(name, timm.list_models(arch + ".*", include_tags=True))
-            raise UnknownModelError(f"unknown pretrained tag {tag!r} of timm model {arch!r}.{_hint(close)}", close) from None
+            raise UnknownModelError(
+                f"unknown pretrained tag {tag!r} of timm model {arch!r}.{_hint(close)}", close
+            ) from None
 
 
 def _hint(close: List[str]) -> str:
@@ -216,7 +241,7 @@ def build(name: str, model_kwargs: Optional[Dict[str, Any]] = None, img_size: Op
         except TypeError as exc:
             raise InvalidInputError(f"timm.create_model({name!r}, **{kwargs}) failed: {exc}") from None
         return BuiltModel(name, model, kwargs, img_size)
-    bare = name[len(PREFIX):]
+    bare = name[len(PREFIX) :]
     size = img_size or torchvision_img_size(bare)
     cls = _model_class(bare)
     if cls is not None and "input_size" in inspect.signature(cls.__init__).parameters:
@@ -300,7 +325,7 @@ def hf_vision_backbones() -> List[str]:
 
 def split_hf(name: str) -> Tuple[str, bool]:
     """The model type of an ``hf:`` name, and whether it asks for the backbone (``/backbone``)."""
-    bare = name[len(HF_PREFIX):]
+    bare = name[len(HF_PREFIX) :]
     if bare.endswith(HF_BACKBONE):
         return bare[: -len(HF_BACKBONE)], True
     return bare, False
@@ -323,8 +348,9 @@ def require_transformers() -> Any:
     try:
         import transformers
     except ImportError as exc:
-        raise InvalidInputError(f"hf: model names need transformers, which cannot be imported ({exc}): "
-                                "pip install transformers") from None
+        raise InvalidInputError(
+            f"hf: model names need transformers, which cannot be imported ({exc}): pip install transformers"
+        ) from None
     return transformers
 
 
@@ -361,10 +387,14 @@ def _check_hf(name: str) -> None:
         return
     head, slash, tail = mtype.partition("/")
     if slash and head in types:
-        raise InvalidInputError(f"unknown suffix /{tail} of {name!r}: {HF_PREFIX}{head}{HF_BACKBONE} builds the "
-                                f"backbone, {HF_PREFIX}{head} the model")
+        raise InvalidInputError(
+            f"unknown suffix /{tail} of {name!r}: {HF_PREFIX}{head}{HF_BACKBONE} builds the "
+            f"backbone, {HF_PREFIX}{head} the model"
+        )
     close = [HF_PREFIX + c for c in suggest(tail if slash else mtype, types)]
-    what = " (hf: names a model type, built from its default config; Hub repositories are not downloaded)" if slash else ""
+    what = (
+        " (hf: names a model type, built from its default config; Hub repositories are not downloaded)" if slash else ""
+    )
     raise UnknownModelError(f"unknown transformers model type {mtype!r}{what}.{_hint(close)}", close)
 
 
@@ -414,8 +444,9 @@ def _build_hf(name: str, kwargs: Dict[str, Any], img_size: Optional[int]) -> Bui
     except ValueError as exc:
         if backbone and "AutoBackbone" in str(exc):
             have = [HF_PREFIX + t + HF_BACKBONE for t in HF_VISION_BACKBONES if t in _hf_backbone_types()]
-            raise InvalidInputError(f"transformers has no backbone for {mtype!r}; vision types with one: "
-                                    f"{', '.join(have)}") from None
+            raise InvalidInputError(
+                f"transformers has no backbone for {mtype!r}; vision types with one: {', '.join(have)}"
+            ) from None
         raise InvalidInputError(f"{call} failed: {_first_line(exc)}") from None
     except Exception as exc:  # any failure of third-party model code on user-given config values
         raise InvalidInputError(f"{call} failed: {type(exc).__name__}: {_first_line(exc)}") from None

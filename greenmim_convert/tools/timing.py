@@ -1,4 +1,5 @@
 """Wall-clock timing of a callable, synchronised on CUDA so that kernel time is counted."""
+
 from __future__ import annotations
 
 import time

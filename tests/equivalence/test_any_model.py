@@ -6,6 +6,7 @@ model and masked equality with the dense masked oracle, outputs and gradients. O
 masking does change them) keep the oracle honest on its own. Full-size torchvision models are
 ``slow`` except for the all-visible conversion test.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -17,15 +18,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import assert_same_grads, check_against_reference, masks_with_unequal_counts, rel_err, weighted_loss_grads
+from scratch_models import Block, ConvMerge, PoolMerge, ScratchViT, scratch_key_mask_for, scratch_masked_reference
 from torchvision.models import maxvit as tv_maxvit
 from torchvision.models import swin_transformer as tv_swin
 
 import greenmim_convert as gmc
 from greenmim_convert.oracle.reference import dense_masked_reference, dense_to_tokens, feature_layout, visibility_map
 from greenmim_convert.runtime.tokens import GreenOutput
-
-from conftest import assert_same_grads, check_against_reference, masks_with_unequal_counts, rel_err, weighted_loss_grads
-from scratch_models import Block, ConvMerge, PoolMerge, ScratchViT, scratch_key_mask_for, scratch_masked_reference
 
 UNIT = 32  # mask unit in pixels for every model here (the scratch model's own total stride is 16)
 TV_STAGES = ["features.1", "features.3", "features.5", "features.7"]
@@ -72,18 +72,31 @@ def _tv_small(v2: bool, window: int = 7) -> nn.Module:
     extra = dict(block=tv_swin.SwinTransformerBlockV2, downsample_layer=tv_swin.PatchMergingV2) if v2 else {}
     torch.manual_seed(11 if v2 else 10)
     model = tv_swin.SwinTransformer(
-        patch_size=[4, 4], embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=[window, window],
-        stochastic_depth_prob=0.0, num_classes=10, **extra,
+        patch_size=[4, 4],
+        embed_dim=32,
+        depths=[2, 2, 2, 2],
+        num_heads=[1, 2, 4, 8],
+        window_size=[window, window],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+        **extra,
     )
     return _randomise(model)
 
 
 def _tv_maxvit_small() -> nn.Module:
-    """A small torchvision MaxViT: MBConv (BatchNorm, squeeze-excite, an average-pool shortcut), window and grid attention."""
+    """A small torchvision MaxViT: MBConv (BatchNorm, squeeze-excite, an average-pool shortcut), window and grid
+    attention."""
     torch.manual_seed(14)
     model = tv_maxvit.MaxVit(
-        input_size=(224, 224), stem_channels=16, partition_size=7, block_channels=[16, 32, 48, 64],
-        block_layers=[1, 1, 1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10,
+        input_size=(224, 224),
+        stem_channels=16,
+        partition_size=7,
+        block_channels=[16, 32, 48, 64],
+        block_layers=[1, 1, 1, 1],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
+        num_classes=10,
     )
     return _randomise(model)
 
@@ -102,13 +115,21 @@ CASES: Dict[str, Case] = {
     "tv_swin_t_small": Case(lambda: _tv_small(v2=False), 224, TV_STAGES, "permute"),
     "tv_swin_v2_t_small": Case(lambda: _tv_small(v2=True), 224, TV_STAGES, "permute"),
     "scratch": Case(
-        _scratch, 128, ScratchViT().stage_names, None,
-        oracle=lambda m: {"key_mask_for": scratch_key_mask_for}, blocks=(Block, ConvMerge),
+        _scratch,
+        128,
+        ScratchViT().stage_names,
+        None,
+        oracle=lambda m: {"key_mask_for": scratch_key_mask_for},
+        blocks=(Block, ConvMerge),
     ),
     # merging by average pools with padding, counted and not counted, as torchvision MaxViT's MBConv shortcut
     "scratch_pool": Case(
-        lambda: _scratch(PoolMerge), 128, ScratchViT().stage_names, None,
-        oracle=lambda m: {"key_mask_for": scratch_key_mask_for}, blocks=(Block, PoolMerge),
+        lambda: _scratch(PoolMerge),
+        128,
+        ScratchViT().stage_names,
+        None,
+        oracle=lambda m: {"key_mask_for": scratch_key_mask_for},
+        blocks=(Block, PoolMerge),
     ),
     "tv_maxvit_small": Case(_tv_maxvit_small, 224, TV_MAXVIT_STAGES, "blocks.3", blocks=(tv_maxvit.MaxVitLayer,)),
     "tv_swin_t": Case(lambda: _tv_full("swin_t"), 224, TV_STAGES, "permute"),
@@ -243,7 +264,8 @@ def test_oracle_all_visible_is_the_plain_model(name, seed):
         return [t.feats for t in ref.stages + [ref.last]]
 
     (plain, plain_grads), (ref, ref_grads) = weighted_loss_grads(
-        model, [lambda: _plain_tokens(case, model, images, visible), oracle_feats], gen)
+        model, [lambda: _plain_tokens(case, model, images, visible), oracle_feats], gen
+    )
     assert len(ref) == len(plain) == len(case.stages) + 1
     for got, want in zip(ref, plain):
         assert rel_err(got, want) <= 1e-12
@@ -423,7 +445,9 @@ class RolledGlobalAttention(nn.Module):
         x = self.embed(images).permute(0, 2, 3, 1)
         x = torch.roll(x, self.shift, (1, 2))
         b, h, w, c = x.shape
-        q, k, v = self.qkv(x.reshape(b, h * w, c)).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(x.reshape(b, h * w, c)).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        )
         y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
         y = y.transpose(1, 2).reshape(b, h, w, c)
         return torch.roll(y, (-self.shift[0], -self.shift[1]), (1, 2)).permute(0, 3, 1, 2)
@@ -442,5 +466,6 @@ def test_rolled_per_sample_attention_reads_its_bias_after_the_roll(seed):
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(3, 3, 32, 32, generator=gen, dtype=torch.float64)
     visible = masks_with_unequal_counts(3, green.mask_grid, 0.6, gen)
-    check_against_reference(model, green, images, visible, gen=gen, stages=[],
-                            key_mask_for=lambda m: keys if m is model else None)
+    check_against_reference(
+        model, green, images, visible, gen=gen, stages=[], key_mask_for=lambda m: keys if m is model else None
+    )

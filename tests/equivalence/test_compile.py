@@ -1,4 +1,5 @@
 """``torch.compile`` of converted models: compiled (inductor, CPU) equals eager, and new masks do not recompile."""
+
 from __future__ import annotations
 
 from typing import List
@@ -6,15 +7,14 @@ from typing import List
 import pytest
 import timm
 import torch
+from conftest import TINY_SWIN, make_swin, masks_with_unequal_counts, rel_err
+from test_families import CASES, build
 from torch._inductor.compile_fx import compile_fx
 
 import greenmim_convert as gmc
-from greenmim_convert.runtime.program import through_custom_ops
-from greenmim_convert.errors import UnsupportedOperationError
 from greenmim_convert.api.masking import random_mask
-
-from conftest import TINY_SWIN, make_swin, masks_with_unequal_counts, rel_err
-from test_families import CASES, build
+from greenmim_convert.errors import UnsupportedOperationError
+from greenmim_convert.runtime.program import through_custom_ops
 
 MODELS = {
     "swin": lambda: make_swin(dtype=torch.float32, **TINY_SWIN),
@@ -60,7 +60,9 @@ def test_compiled_matches_eager(compiled, seed):
     images = torch.randn(3, 3, *green.img_size, generator=gen)
     visible = masks_with_unequal_counts(3, green.mask_grid, 0.75, gen)
     eager_out = green(images, visible)
-    weights = [torch.randn(f.shape, generator=gen) for f in [eager_out.last.feats] + [s.feats for s in eager_out.stages]]
+    weights = [
+        torch.randn(f.shape, generator=gen) for f in [eager_out.last.feats] + [s.feats for s in eager_out.stages]
+    ]
     want = _outputs_and_grads(green, green, images, visible, weights)
     got = _outputs_and_grads(compiled_green, green, images, visible, weights)
     assert len(got) == len(want) > len(weights)
@@ -76,7 +78,13 @@ def test_new_masks_do_not_recompile(compiled, seed):
     compiled_green(images, random_mask(2, green.mask_grid, 0.75, generator=gen))
     before = backend.graphs
     sizes = set()
-    for ratio in (0.75, 0.5, 0.625, 0.8125, 0.6875):  # same-ratio masks change only slots; these change token counts too
+    for ratio in (
+        0.75,
+        0.5,
+        0.625,
+        0.8125,
+        0.6875,
+    ):  # same-ratio masks change only slots; these change token counts too
         visible = random_mask(2, green.mask_grid, ratio, generator=gen)
         compiled_green(images, visible)
         sizes.add(tuple(t.shape[0] for t in green.program.plan(visible)))
@@ -95,8 +103,10 @@ def test_custom_op_path_matches_eager(case, training, seed):
     images = torch.randn(3, 3, *green.img_size, generator=gen, dtype=torch.float64)
     visible = masks_with_unequal_counts(3, green.mask_grid, CASES[case].ratio, gen)
     eager_out = green(images, visible)
-    weights = [torch.randn(f.shape, generator=gen, dtype=torch.float64)
-               for f in [eager_out.last.feats] + [s.feats for s in eager_out.stages]]
+    weights = [
+        torch.randn(f.shape, generator=gen, dtype=torch.float64)
+        for f in [eager_out.last.feats] + [s.feats for s in eager_out.stages]
+    ]
     torch.manual_seed(seed)
     want = _outputs_and_grads(green, green, images, visible, weights)
     torch.manual_seed(seed)
@@ -122,8 +132,9 @@ def test_attention_dropout_is_refused():
 @pytest.mark.slow
 def test_run_bench_compiled():
     """``bench --compile``: compiled step times of both sides, compile time apart, ratios against eager."""
-    from greenmim_convert.tools.bench import run_bench
     from test_bench import TinyNet
+
+    from greenmim_convert.tools.bench import run_bench
 
     torch.manual_seed(0)
     model = TinyNet().train()

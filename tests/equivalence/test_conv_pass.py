@@ -1,15 +1,15 @@
 """The conv pass on a small hierarchical conv/attention hybrid: every conv geometry the ViT families use."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import rel_err
 
 import greenmim_convert as gmc
 from greenmim_convert.api.masking import random_mask
 from greenmim_convert.oracle.reference import dense_masked_reference
-
-from conftest import rel_err
 
 
 class TinyConvNet(nn.Module):
@@ -57,8 +57,11 @@ def test_report_lists_every_conv_kind(convnet):
     _, green = convnet
     counts = {k: v for p in green.report.passes if p.name == "conv" for k, v in p.counts.items()}
     assert counts == {
-        "image sparse conv 7x7/4": 1, "sparse conv (depthwise) 3x3/1": 1, "per-unit linear 2x2/2": 1,
-        "sparse conv 3x3/2": 1, "sparse conv 3x3/1": 1,
+        "image sparse conv 7x7/4": 1,
+        "sparse conv (depthwise) 3x3/1": 1,
+        "per-unit linear 2x2/2": 1,
+        "sparse conv 3x3/2": 1,
+        "sparse conv 3x3/1": 1,
     }
     assert green.report.min_mask_unit == 16
 

@@ -1,9 +1,9 @@
 """DaViT beyond the shared harness (tests/test_families.py): what its passes report, masked pixels never read."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import masks_with_unequal_counts
 from test_families import build
 

@@ -1,4 +1,6 @@
-"""One equivalence harness for every family: all visible == timm at every stage, masked == oracle (float64, gradients)."""
+"""One equivalence harness for every family: all visible == timm at every stage, masked == oracle (float64,
+gradients)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,6 +9,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 import pytest
 import timm
 import torch
+from conftest import TINY_SWIN, check_against_reference, check_all_visible, masks_with_unequal_counts
 from timm.models import mvitv2
 from timm.models._builder import build_model_with_cfg
 from timm.models.focalnet import _create_focalnet
@@ -15,8 +18,6 @@ from timm.models.nest import _create_nest
 
 import greenmim_convert as gmc
 from greenmim_convert.api.masking import random_mask
-
-from conftest import TINY_SWIN, check_against_reference, check_all_visible, masks_with_unequal_counts
 
 
 class Case(NamedTuple):
@@ -49,10 +50,18 @@ SMALL_VIT = dict(depth=2, drop_path_rate=0.1)
 VIT_IMG = 64  # a 4x4 grid of 16-pixel patches
 
 
-def _mvitv2(name: str, pretrained: bool = False, img_size: int = MVIT_IMG, drop_path_rate: float = 0.0, **cfg) -> torch.nn.Module:
+def _mvitv2(
+    name: str, pretrained: bool = False, img_size: int = MVIT_IMG, drop_path_rate: float = 0.0, **cfg
+) -> torch.nn.Module:
     """timm's MViTv2 ``name`` with fields of its configuration dataclass replaced (its builder takes no ``depths=``)."""
-    return build_model_with_cfg(mvitv2.MultiScaleVit, name, pretrained, model_cfg=replace(mvitv2.model_cfgs[name], **cfg),
-                                img_size=img_size, drop_path_rate=drop_path_rate)
+    return build_model_with_cfg(
+        mvitv2.MultiScaleVit,
+        name,
+        pretrained,
+        model_cfg=replace(mvitv2.model_cfgs[name], **cfg),
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+    )
 
 
 CASES: Dict[str, Case] = {
@@ -60,15 +69,21 @@ CASES: Dict[str, Case] = {
     "swinv2_tiny_window8_256": Case(timm.create_model, "swinv2_tiny_window8_256", SMALL_SWINV2),
     "swinv2_small_window16_256": Case(timm.create_model, "swinv2_small_window16_256", SMALL_SWINV2),
     # the meta MLP's output bias adds one constant to every logit of a head: softmax cancels it
-    "swinv2_cr_tiny_224": Case(timm.create_model, "swinv2_cr_tiny_224", SMALL_SWINV2, zero_grads=("meta_mlp.fc2.bias",)),
+    "swinv2_cr_tiny_224": Case(
+        timm.create_model, "swinv2_cr_tiny_224", SMALL_SWINV2, zero_grads=("meta_mlp.fc2.bias",)
+    ),
     "davit_tiny": Case(timm.create_model, "davit_tiny", SMALL_DAVIT, 224, 0.6),
     "davit_base_fl": Case(timm.create_model, "davit_base_fl", SMALL_DAVIT, 384, 0.6),
     # the small-receptive-field model, and three focal levels with the post-norm options
-    "focalnet_tiny_srf": Case(_create_focalnet, "focalnet_tiny_srf", dict(SMALL_FOCAL, focal_levels=(2, 2, 2, 2)), FOCAL_IMG, 0.6),
+    "focalnet_tiny_srf": Case(
+        _create_focalnet, "focalnet_tiny_srf", dict(SMALL_FOCAL, focal_levels=(2, 2, 2, 2)), FOCAL_IMG, 0.6
+    ),
     "focalnet_tiny_lrf": Case(
-        _create_focalnet, "focalnet_tiny_lrf",
+        _create_focalnet,
+        "focalnet_tiny_lrf",
         dict(SMALL_FOCAL, focal_levels=(3, 3, 3, 3), use_post_norm_in_modulation=True, normalize_modulator=True),
-        FOCAL_IMG, 0.6,
+        FOCAL_IMG,
+        0.6,
     ),
     # depthwise 7x7 convs on visible positions; V2 adds GRN, a per-sample norm over visible positions
     "convnext_atto": Case(timm.create_model, "convnext_atto", SMALL_CONVNEXT, CONVNEXT_IMG),
@@ -76,37 +91,58 @@ CASES: Dict[str, Case] = {
     # block and grid attention, MBConv with BatchNorm, strided depthwise convs and squeeze-excite; the
     # rw model's relative-position MLP ends in a bias added to every logit of a head (softmax cancels it),
     # the tf model pads TensorFlow-style (Conv2dSame) before its strided convs
-    "maxvit_rmlp_pico_rw_256": Case(timm.create_model, "maxvit_rmlp_pico_rw_256", SMALL_MAXVIT,
-                                    zero_grads=("rel_pos.mlp.fc2.bias",), train_zero_grads=("pre_norm.bias",)),
-    "maxvit_tiny_tf_224": Case(timm.create_model, "maxvit_tiny_tf_224", SMALL_MAXVIT,
-                               train_zero_grads=("pre_norm.bias", "stem.conv1.bias")),
+    "maxvit_rmlp_pico_rw_256": Case(
+        timm.create_model,
+        "maxvit_rmlp_pico_rw_256",
+        SMALL_MAXVIT,
+        zero_grads=("rel_pos.mlp.fc2.bias",),
+        train_zero_grads=("pre_norm.bias",),
+    ),
+    "maxvit_tiny_tf_224": Case(
+        timm.create_model, "maxvit_tiny_tf_224", SMALL_MAXVIT, train_zero_grads=("pre_norm.bias", "stem.conv1.bias")
+    ),
     # attention inside nested blocks; block aggregation by conv, LayerNorm and max pooling over visible positions
     "nest_tiny": Case(_create_nest, "nest_tiny", dict(embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 2))),
     # the jx models pad TensorFlow-style: zeros before Conv2dSame, -inf before MaxPool2dSame
-    "nest_tiny_jx": Case(_create_nest, "nest_tiny_jx", dict(embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 1))),
+    "nest_tiny_jx": Case(
+        _create_nest, "nest_tiny_jx", dict(embed_dims=(32, 64, 128), num_heads=(1, 2, 4), depths=(1, 1, 1))
+    ),
     # mask-unit attention with queries max-pooled to a coarser grid, global attention, unrolled token order;
     # checked against Hiera's own masked (MAE-style) forward
     "hiera_tiny_224": Case(timm.create_model, "hiera_tiny_224", dict(embed_dim=32, num_heads=1, stages=(1, 1, 2, 1))),
     # global queries: a per-sample map made densely from the whole stage map (MbConv blocks, max pools) and read by
     # every window at its in-window positions; 3x3 windows at stride 4 and 8 straddle the 32-pixel mask units
-    "gcvit_xxtiny": Case(_create_gcvit, "gcvit_xxtiny",
-                         dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), img_size=GCVIT_IMG), GCVIT_IMG, 0.6),
+    "gcvit_xxtiny": Case(
+        _create_gcvit,
+        "gcvit_xxtiny",
+        dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), img_size=GCVIT_IMG),
+        GCVIT_IMG,
+        0.6,
+    ),
     # pooling attention: q, k, v pooled by depthwise convs with heads folded into the batch, keys on coarser
     # grids, decomposed relative positions that depend on the query, residual pooling, max-pooled shortcuts;
     # norm_k's bias adds q·b to every logit of a query (softmax cancels it). large: dims change in the MLP
     "mvitv2_tiny": Case(_mvitv2, "mvitv2_tiny", SMALL_MVIT, MVIT_IMG, zero_grads=("norm_k.bias",)),
-    "mvitv2_large": Case(_mvitv2, "mvitv2_large", dict(SMALL_MVIT, embed_dim=12), MVIT_IMG, zero_grads=("norm_k.bias",)),
+    "mvitv2_large": Case(
+        _mvitv2, "mvitv2_large", dict(SMALL_MVIT, embed_dim=12), MVIT_IMG, zero_grads=("norm_k.bias",)
+    ),
     # a class token: always visible, a query and a key of every attention, kept out of the pooling convs, the
     # relative positions and the max-pooled shortcut; the stage outputs leave it out; drop-path scales it per sample
-    "mvitv2_small_cls": Case(_mvitv2, "mvitv2_small_cls", dict(SMALL_MVIT, drop_path_rate=0.3), MVIT_IMG,
-                             zero_grads=("norm_k.bias",)),
+    "mvitv2_small_cls": Case(
+        _mvitv2, "mvitv2_small_cls", dict(SMALL_MVIT, drop_path_rate=0.3), MVIT_IMG, zero_grads=("norm_k.bias",)
+    ),
     # plain ViTs: prefix tokens (class, distillation, register) are always visible; absolute position embeddings
     # (over the prefix and grid tokens, or the grid only) and EVA's rotary embedding are read per visible token
     "vit_tiny_patch16_224": Case(timm.create_model, "vit_tiny_patch16_224", dict(SMALL_VIT, img_size=VIT_IMG), VIT_IMG),
-    "deit_tiny_distilled_patch16_224": Case(timm.create_model, "deit_tiny_distilled_patch16_224",
-                                            dict(SMALL_VIT, img_size=VIT_IMG), VIT_IMG),
-    "vit_little_patch16_reg4_gap_256": Case(timm.create_model, "vit_little_patch16_reg4_gap_256",
-                                            dict(SMALL_VIT, embed_dim=64, num_heads=4, img_size=VIT_IMG), VIT_IMG),
+    "deit_tiny_distilled_patch16_224": Case(
+        timm.create_model, "deit_tiny_distilled_patch16_224", dict(SMALL_VIT, img_size=VIT_IMG), VIT_IMG
+    ),
+    "vit_little_patch16_reg4_gap_256": Case(
+        timm.create_model,
+        "vit_little_patch16_reg4_gap_256",
+        dict(SMALL_VIT, embed_dim=64, num_heads=4, img_size=VIT_IMG),
+        VIT_IMG,
+    ),
     "eva02_tiny_patch14_224": Case(timm.create_model, "eva02_tiny_patch14_224", dict(SMALL_VIT, img_size=56), 56),
     "pvt_v2_b0": Case(timm.create_model, "pvt_v2_b0", {}),
     "pvt_v2_b2": Case(timm.create_model, "pvt_v2_b2", dict(depths=(1, 1, 1, 1))),
@@ -118,7 +154,8 @@ CASES: Dict[str, Case] = {
 
 
 def build(case: str, seed: int, dtype: torch.dtype = torch.float64):
-    """``(model, green)`` of a case with random weights, its 1-D parameters and relative-position tables randomised too."""
+    """``(model, green)`` of a case with random weights, its 1-D parameters and relative-position tables randomised
+    too."""
     c = CASES[case]
     torch.manual_seed(seed)
     model = c.builder(c.name, pretrained=False, **c.kwargs)
@@ -127,7 +164,9 @@ def build(case: str, seed: int, dtype: torch.dtype = torch.float64):
             if "relative_position_bias_table" in n or n.endswith(("rel_pos_h", "rel_pos_w", "_token", "pos_embed")):
                 p.normal_(0.0, 0.5)
             elif p.dim() == 1 and n.endswith("bias"):
-                p.normal_(0.0, 0.1)  # larger biases would dominate q and k: near-uniform attention, ill-conditioned grads
+                p.normal_(
+                    0.0, 0.1
+                )  # larger biases would dominate q and k: near-uniform attention, ill-conditioned grads
             elif p.dim() == 1 and not n.endswith("logit_scale"):  # norm weights, layer scales; not temperatures
                 p.normal_(1.0, 0.5)
         for n, b in model.named_buffers():  # BatchNorm statistics start at 0 and 1
@@ -149,13 +188,30 @@ class Built(NamedTuple):
 
 
 # the smallest case of every family: make test-fast checks these (masked, against the oracle)
-SMALLEST = {"swin", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224", "davit_tiny", "focalnet_tiny_srf", "convnext_atto",
-            "convnextv2_atto", "maxvit_rmlp_pico_rw_256", "nest_tiny", "hiera_tiny_224", "gcvit_xxtiny", "mvitv2_tiny",
-            "vit_tiny_patch16_224", "eva02_tiny_patch14_224", "pvt_v2_b0", "twins_pcpvt_small", "twins_svt_small"}
+SMALLEST = {
+    "swin",
+    "swinv2_tiny_window8_256",
+    "swinv2_cr_tiny_224",
+    "davit_tiny",
+    "focalnet_tiny_srf",
+    "convnext_atto",
+    "convnextv2_atto",
+    "maxvit_rmlp_pico_rw_256",
+    "nest_tiny",
+    "hiera_tiny_224",
+    "gcvit_xxtiny",
+    "mvitv2_tiny",
+    "vit_tiny_patch16_224",
+    "eva02_tiny_patch14_224",
+    "pvt_v2_b0",
+    "twins_pcpvt_small",
+    "twins_svt_small",
+}
 
 
-@pytest.fixture(scope="module", params=[pytest.param(c, marks=pytest.mark.smallest) if c in SMALLEST else c
-                                        for c in sorted(CASES)])
+@pytest.fixture(
+    scope="module", params=[pytest.param(c, marks=pytest.mark.smallest) if c in SMALLEST else c for c in sorted(CASES)]
+)
 def family(request) -> Built:
     """One case built once for both checks, from a fresh seed (shown by pytest's -l)."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())

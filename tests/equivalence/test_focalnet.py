@@ -1,9 +1,10 @@
-"""FocalNet beyond the shared harness (tests/test_families.py): what its passes report, the visible-only global context."""
+"""FocalNet beyond the shared harness (tests/test_families.py): what its passes report, the visible-only global
+context."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import masks_with_unequal_counts, rel_err
 from test_families import CASES, build
 

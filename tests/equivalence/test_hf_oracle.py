@@ -4,28 +4,27 @@ Every family, as ``AutoModel`` and (where transformers has one) ``AutoBackbone``
 the oracle is the plain model (outputs and gradients); neither masked pixels nor what masked positions hold
 inside the network reach visible outputs; masking does change them. Tiny float64 configs, 64x64 images.
 """
+
 from __future__ import annotations
 
+import subprocess
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
-import subprocess
-import sys
 from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from greenmim_convert.oracle import transformers as reference_hf
-from greenmim_convert.errors import InvalidInputError
-from greenmim_convert.oracle.reference import dense_masked_reference, feature_layout, visibility_map
-from greenmim_convert.runtime.tokens import GreenOutput
-
 from conftest import assert_same_grads, masks_with_unequal_counts, rel_err, weighted_loss_grads
 from hf_models import BACKBONES, CONFIGS, IMG, MODEL_TYPES, build_hf, clear_caches, import_transformers
 
+from greenmim_convert.errors import InvalidInputError
+from greenmim_convert.oracle import transformers as reference_hf
+from greenmim_convert.oracle.reference import dense_masked_reference, feature_layout, visibility_map
+from greenmim_convert.runtime.tokens import GreenOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,8 +58,10 @@ CASES = (
     [Case(t, unit=UNITS.get(MODEL_TYPES.get(t, t), 32), fmt=FMT.get(MODEL_TYPES.get(t, t), "NCHW")) for t in CONFIGS]
     + [Case(t, backbone=True, unit=UNITS.get(t, 32)) for t in BACKBONES if t != "hiera"]
     # transformers' eager attention: float32 softmax of float64 logits, the mask must stay finite there
-    + [Case(t, attn="eager", unit=UNITS.get(t, 32), fmt=FMT.get(t, "NCHW"))
-       for t in ("swin", "segformer", "sam2_hiera_det_model")]
+    + [
+        Case(t, attn="eager", unit=UNITS.get(t, 32), fmt=FMT.get(t, "NCHW"))
+        for t in ("swin", "segformer", "sam2_hiera_det_model")
+    ]
     # keys from a 7x7 adaptive average pool: a key is visible where its cell holds a visible position
     + [Case("pvt_v2", overrides=(("linear_attention", True),))]
 )
@@ -150,8 +151,10 @@ def test_oracle_all_visible_is_the_plain_model(case, seed):
     images = _images(2, gen)
     visible = torch.ones(2, *_grid(case), dtype=torch.bool)
 
-    runs = [lambda: _plain(case, clear_caches(model), images),  # LeViT caches its attention biases in eval mode
-            lambda: _dense(_oracle(case, clear_caches(model), images, visible))]
+    runs = [
+        lambda: _plain(case, clear_caches(model), images),  # LeViT caches its attention biases in eval mode
+        lambda: _dense(_oracle(case, clear_caches(model), images, visible)),
+    ]
     (plain, plain_grads), (ref, ref_grads) = weighted_loss_grads(model, runs, gen)
     for got, want in zip(ref, plain):
         assert rel_err(got, want) <= 1e-12
@@ -235,8 +238,9 @@ def test_oracle_ignores_masked_content(case, seed):
         assert rel_err(got.feats[~rows], want[~rows]) <= 1e-12
 
 
-TRAIN_CASES = [c for c in CASES if c.model_type in ("resnet", "cvt", "mobilevit", "levit", "swiftformer", "swin")
-               and not c.attn]
+TRAIN_CASES = [
+    c for c in CASES if c.model_type in ("resnet", "cvt", "mobilevit", "levit", "swiftformer", "swin") and not c.attn
+]
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=[c.name for c in TRAIN_CASES])
@@ -253,7 +257,7 @@ def test_oracle_training_mode_ignores_masked_content(case, seed):
     def run(imgs: torch.Tensor, noisy: bool):
         model.load_state_dict(state)
         torch.manual_seed(seed)
-        with torch.no_grad(), (_noise_at_masked(model, case, visible, seed) if noisy else nullcontext()):
+        with torch.no_grad(), _noise_at_masked(model, case, visible, seed) if noisy else nullcontext():
             dense = _dense(_oracle(case, model, imgs, visible))
         return dense, {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -277,8 +281,11 @@ def test_oracle_training_mode_ignores_masked_content(case, seed):
 # config -> (mask unit, (grid side, window, shift) of every attention call in order (window 0: global), heads per
 # key row): grids that windows of 3 do not divide, padded at the bottom and right
 PADDED = {
-    "maskformer-swin-window3": (32, [(16, 3, 0), (16, 3, 1), (8, 3, 0), (8, 3, 1), (4, 3, 0), (4, 3, 1), (2, 3, 0),
-                                     (2, 3, 1)], 1),
+    "maskformer-swin-window3": (
+        32,
+        [(16, 3, 0), (16, 3, 1), (8, 3, 0), (8, 3, 1), (4, 3, 0), (4, 3, 1), (2, 3, 0), (2, 3, 1)],
+        1,
+    ),
     "vitdet": (16, [(4, 3, 0), (4, 0, 0), (4, 3, 0)], 2),
 }
 
@@ -332,8 +339,15 @@ def test_hiera_backbone_is_refused(seed):
 def test_unknown_attention_is_refused(seed):
     """A transformers attention the oracle does not know is an error, not silently unmasked keys."""
     transformers = import_transformers()
-    config = transformers.AutoConfig.for_model("vit", image_size=IMG, patch_size=16, hidden_size=16,
-                                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = transformers.AutoConfig.for_model(
+        "vit",
+        image_size=IMG,
+        patch_size=16,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     model = transformers.AutoModel.from_config(config).to(torch.float64).eval()
     gen = torch.Generator().manual_seed(seed)
     with pytest.raises(InvalidInputError, match="ViT[A-Za-z]*Attention"):
@@ -382,7 +396,8 @@ def test_import_does_not_import_transformers():
         "import sys, torch, torch.nn as nn\n"
         "import greenmim_convert as g\n"
         "m = nn.Sequential(nn.Conv2d(3, 4, 4, 4), nn.Conv2d(4, 4, 2, 2)).double()\n"
-        "g.dense_masked_reference(m, torch.randn(1, 3, 32, 32, dtype=torch.float64), torch.ones(1, 2, 2, dtype=torch.bool),"
+        "g.dense_masked_reference(m, torch.randn(1, 3, 32, 32, dtype=torch.float64), torch.ones(1, 2, 2, "
+        "dtype=torch.bool),"
         " stages=[])\n"
         "assert 'transformers' not in sys.modules and 'greenmim_convert.oracle.transformers' not in sys.modules\n"
     )

@@ -1,5 +1,6 @@
 """Model outputs in any container: a tensor, a tuple or list of stage maps, a ModelOutput-like mapping
 (``last_hidden_state``, or a BackboneOutput's ``feature_maps``), or anything else through ``output=``."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -7,11 +8,10 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn as nn
+from conftest import rel_err
 
 import greenmim_convert as gmc
 from greenmim_convert.api.masking import random_mask
-
-from conftest import rel_err
 
 
 class TwoStage(nn.Module):

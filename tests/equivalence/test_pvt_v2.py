@@ -1,15 +1,18 @@
 """PVT v2 beyond the shared harness (tests/test_families.py): what its passes report for SRA and linear SRA."""
+
 from __future__ import annotations
 
 import torch
-
 from test_families import build
 
 
 def test_b0_report():
     _, green = build("pvt_v2_b0", 0, torch.float32)
     counts = {p.name: p.counts for p in green.report.passes}
-    assert counts["attention"] == {"per-sample attention": 2, "reduced-key attention": 6}  # sr_ratio 1 in the last stage
+    assert counts["attention"] == {
+        "per-sample attention": 2,
+        "reduced-key attention": 6,
+    }  # sr_ratio 1 in the last stage
     assert counts["conv"]["image sparse conv 7x7/4"] == 1 and counts["conv"]["sparse conv (depthwise) 3x3/1"] == 8
     assert green.report.min_mask_unit == 32
 

@@ -1,13 +1,14 @@
 """Image-independent subgraphs with large intermediates are recomputed in backward, not saved."""
+
 from __future__ import annotations
 
 import timm
 import torch
 
 import greenmim_convert as gmc
+from greenmim_convert.api.masking import random_mask
 from greenmim_convert.runtime import ops
 from greenmim_convert.tools.bench import SavedTensorCounter
-from greenmim_convert.api.masking import random_mask
 
 SMALL_SWINV2_CR = dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 2, 2, 4), img_size=128, window_size=4)
 
@@ -21,14 +22,16 @@ def _saved_census(green, images, visible):
     return census
 
 
-
 def _recompute_calls(green) -> list:
     """Where the compute graph runs ``ops.recompute``: its nodes, and its runtime calls (a subgraph reading plan
     objects, such as a dense island's scatter)."""
     program = green.program
-    return [program.call_of(n) or n for n in program.compute_gm.graph.nodes
-            if getattr(program.call_of(n), "fn", None) is ops.recompute
-            or (n.op == "call_function" and n.target is ops.recompute)]
+    return [
+        program.call_of(n) or n
+        for n in program.compute_gm.graph.nodes
+        if getattr(program.call_of(n), "fn", None) is ops.recompute
+        or (n.op == "call_function" and n.target is ops.recompute)
+    ]
 
 
 def _inline(green, recomputes: list) -> None:
@@ -39,6 +42,7 @@ def _inline(green, recomputes: list) -> None:
         else:
             r.fn = lambda sub, *args: sub(*args)
     green.program.compute_gm.recompile()
+
 
 def test_position_mlp_is_recomputed_and_keeps_its_gradients():
     """Swin V2 CR's position MLP (pairs x hidden units, with dropout in training) reads parameters and a buffer only:
@@ -87,8 +91,9 @@ def test_dense_island_is_recomputed_and_keeps_its_gradients():
     _inline(green, _recompute_calls(green))
     inlined = sum(_saved_census(green, images, visible).values())
     assert recomputed < 0.9 * inlined
-    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-5, atol=1e-6) for n, p in model.named_parameters()
-                         if n in grads)
+    assert grads and all(
+        torch.allclose(p.grad, grads[n], rtol=1e-5, atol=1e-6) for n, p in model.named_parameters() if n in grads
+    )
 
 
 class _IndexedMLP(torch.nn.Module):

@@ -1,16 +1,16 @@
 """Odd but legal input still gets the right answer."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_SWIN, make_swin, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import greenmim_convert as gmc
 from greenmim_convert.api.masking import random_mask
 from greenmim_convert.oracle.reference import dense_masked_reference
-
-from conftest import TINY_SWIN, make_swin, rel_err
 
 SMALL_SWINS = {
     "w4": TINY_SWIN,
@@ -131,10 +131,12 @@ def test_eval_train_no_grad(seed):
 
 def test_determinism(swins64):
     model, green = swins64["w4"]
+
     def run(seed):
         gen = torch.Generator().manual_seed(seed)
         visible = random_mask(3, green.mask_grid, 0.6, generator=gen)
         images = torch.randn(3, 3, 128, 128, generator=gen, dtype=torch.float64)
         return visible, green(images, visible).last.feats
+
     (v1, f1), (v2, f2) = run(5), run(5)
     assert torch.equal(v1, v2) and torch.equal(f1, f2)

@@ -6,6 +6,7 @@ over visible positions), shared by all its spellings and sharing no code with th
 spelling is checked in float64: masked against that reference (outputs and parameter gradients) and
 all-visible against the source model.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,11 +16,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import rel_err
 
 import greenmim_convert as gmc
 from greenmim_convert.api.masking import random_mask
-
-from conftest import rel_err
 
 IMG, UNIT, C = 64, 8, 8  # a 16x16 grid at stride 4; mask units of 2x2 cells, so 4x4 windows straddle units
 WINDOW, HEADS = 4, 2
@@ -155,7 +155,7 @@ class WindowAttention(nn.Module):
             return qkv.unflatten(-1, (3, C)).unbind(-2)
         if self.spell == "narrow":
             return tuple(qkv.narrow(-1, i * C, C) for i in range(3))
-        return qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+        return qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
 
     def heads(self, t):
         return t.view(t.shape[0], t.shape[1], HEADS, C // HEADS).transpose(1, 2)
@@ -255,7 +255,7 @@ class PaddedWindowAttention(nn.Module):
         top, _, left, _ = self.sides()
         if self.spell == "narrow":
             return y.narrow(1, top, size).narrow(2, left, size)
-        return y[:, top:top + size, left:left + size]
+        return y[:, top : top + size, left : left + size]
 
     def attend(self, x, key_bias=None):
         t = self.pad(self.norm(x.permute(0, 2, 3, 1)), 0.25 if self.spell == "value" else 0.0)
@@ -539,18 +539,41 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
     "grid-mean": (GridMean, ("mean23", "mean2-mean3", "mean3k-mean2k", "adaptive-pool", "flatten-mean")),
     "grid-max": (GridMax, ("amax", "max-values", "max-of-max")),
     "group-stats": (GroupStats, ("groupnorm1", "groupnorm2", "var", "mean-of-squares")),
-    "attention": (WindowAttention, ("plain", "chunk", "split", "unbind", "narrow", "exp-amax", "exp", "max-values-exp",
-                                    "term-expand", "term-repeat", "term-cat", "matmul-weight", "movedim", "swapaxes",
-                                    "reshape_as")),
-    "padded-window": (PaddedWindowAttention, ("nhwc", "nchw", "both-sides", "constant-pad-nd", "value", "unfold",
-                                              "shifted", "narrow")),
+    "attention": (
+        WindowAttention,
+        (
+            "plain",
+            "chunk",
+            "split",
+            "unbind",
+            "narrow",
+            "exp-amax",
+            "exp",
+            "max-values-exp",
+            "term-expand",
+            "term-repeat",
+            "term-cat",
+            "matmul-weight",
+            "movedim",
+            "swapaxes",
+            "reshape_as",
+        ),
+    ),
+    "padded-window": (
+        PaddedWindowAttention,
+        ("nhwc", "nchw", "both-sides", "constant-pad-nd", "value", "unfold", "shifted", "narrow"),
+    ),
     "drop-path": (DropPath, ("bernoulli", "floor", "compare")),
     "cell-max": (CellMax, ("amax", "max-values", "getitem-max")),
     "folded-pool": (FoldedPool, ("max_pool2d", "view-amax", "view-max-values", "avg_pool2d", "adaptive-avg")),
-    "subsampled-attention": (SubsampledAttention, ("strided", "strided-tokens", "select", "strided-odd",
-                                                   "strided-tokens-odd", "select-odd")),
-    "patch-attention": (PatchAttention, ("reshape", "unfold", "pixel-shuffle", "reshape-one", "unfold-one",
-                                         "pixel-shuffle-one")),
+    "subsampled-attention": (
+        SubsampledAttention,
+        ("strided", "strided-tokens", "select", "strided-odd", "strided-tokens-odd", "select-odd"),
+    ),
+    "patch-attention": (
+        PatchAttention,
+        ("reshape", "unfold", "pixel-shuffle", "reshape-one", "unfold-one", "pixel-shuffle-one"),
+    ),
     "prefix-attention": (PrefixAttention, ("cls", "pos-after", "cls-dist", "cls-reg", "rope-cat")),
 }
 CASES = [(rule, spell) for rule, (_, spells) in SPELLS.items() for spell in spells]
@@ -619,8 +642,20 @@ def test_spelling_matches_reference(rule: str, spell: str, seed: int):
         assert rel_err(g, w) <= 1e-10, name
 
 
-@pytest.mark.parametrize("rule", ["grid-mean", "grid-max", "group-stats", "attention", "folded-pool", "padded-window",
-                                  "subsampled-attention", "patch-attention", "prefix-attention"])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "grid-mean",
+        "grid-max",
+        "group-stats",
+        "attention",
+        "folded-pool",
+        "padded-window",
+        "subsampled-attention",
+        "patch-attention",
+        "prefix-attention",
+    ],
+)
 def test_reference_sees_the_mask(rule: str):
     """The references that mix positions are not the dense model: with units masked, visible outputs change.
     (Drop path and in-unit pooling change no visible output under masking, by definition.)"""

@@ -1,13 +1,13 @@
 """Converted Swin == timm (all visible) and == the dense masked reference (masked), outputs and gradients."""
+
 from __future__ import annotations
 
 import torch
+from conftest import SWIN_T, TINY_SWIN, make_swin, masks_with_unequal_counts, rel_err
 
 import greenmim_convert as gmc
 from greenmim_convert.api.masking import random_mask
 from greenmim_convert.oracle.reference import dense_masked_reference
-
-from conftest import SWIN_T, TINY_SWIN, make_swin, masks_with_unequal_counts, rel_err
 
 
 def _stages_nhwc(out):

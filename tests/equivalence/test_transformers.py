@@ -8,6 +8,7 @@ random weighted loss on them, in eval mode and in training mode (drop path drawn
 BatchNorm statistics over visible positions). A configuration that does not convert would join a refusal test
 naming its operation, module and source line.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterator, Tuple
@@ -15,23 +16,43 @@ from typing import Callable, Dict, Iterator, Tuple
 import pytest
 import torch
 import torch.nn as nn
+from conftest import check_against_reference, masks_with_unequal_counts, rel_err
 
 import greenmim_convert as gmc
 from greenmim_convert.oracle.verify import reference_kwargs
 
-from conftest import check_against_reference, masks_with_unequal_counts, rel_err
-
 pytest.importorskip("transformers")
-from hf_models import BACKBONES as HF_BACKBONES, CONFIGS, IMG, build_hf, clear_caches  # noqa: E402
+from hf_models import BACKBONES as HF_BACKBONES  # noqa: E402
+from hf_models import CONFIGS, IMG, build_hf, clear_caches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # maskformer-swin pads its last grid to a window; maskformer-swin-window3 pads every grid, shifted windows of the
 # padded grids included; vitdet pads its 4x4 grid to windows of 3, with decomposed relative positions in them;
 # sam2-padded-windows pads its third stage's 4x4 grid to windows of 3
-CONVERTS = ["swin", "swinv2", "donut-swin", "maskformer-swin", "maskformer-swin-window3", "focalnet", "convnext",
-            "convnextv2", "pvt", "pvt_v2", "segformer", "hiera", "poolformer", "resnet", "swiftformer",
-            "sam2_hiera_det_model", "sam2-padded-windows", "cvt", "vitdet", "levit", "mobilevit"]
+CONVERTS = [
+    "swin",
+    "swinv2",
+    "donut-swin",
+    "maskformer-swin",
+    "maskformer-swin-window3",
+    "focalnet",
+    "convnext",
+    "convnextv2",
+    "pvt",
+    "pvt_v2",
+    "segformer",
+    "hiera",
+    "poolformer",
+    "resnet",
+    "swiftformer",
+    "sam2_hiera_det_model",
+    "sam2-padded-windows",
+    "cvt",
+    "vitdet",
+    "levit",
+    "mobilevit",
+]
 BACKBONES = ["swin", "swinv2", "maskformer-swin", "focalnet", "convnext", "convnextv2", "pvt_v2", "resnet", "vitdet"]
 # a gradient is compared relative to its own size or to this fraction of the largest, whichever is larger: where
 # the oracle's is rounding noise (analytically zero: a key bias shifts every logit of a softmax row, a conv bias
@@ -60,6 +81,7 @@ def converted() -> Iterator[Callable[[Case], Tuple[nn.Module, gmc.GreenModel]]]:
         clear_caches(model).eval()
         green.eval()
         return model, green
+
     yield get
     cache.clear()
 
@@ -105,8 +127,8 @@ def test_converts_and_matches_all_visible(case, converted, seed):
             want = _last(model(images))
             torch.manual_seed(seed)
             got = _dense(green(images, visible).last, want)
-            want = want[:, want.shape[1] - got.shape[1]:] if want.dim() == 3 else want  # past a class token (PVT)
-            assert rel_err(got, want) <= 1e-10, ("train" if train else "eval")
+            want = want[:, want.shape[1] - got.shape[1] :] if want.dim() == 3 else want  # past a class token (PVT)
+            assert rel_err(got, want) <= 1e-10, "train" if train else "eval"
     finally:
         with torch.no_grad():  # both training forwards moved the BatchNorm statistics
             for k, v in model.state_dict().items():
@@ -118,8 +140,9 @@ def test_masked_matches_oracle(case, converted, seed):
     """Per-sample masks, eval mode: every stage, the final features and the parameter gradients match the oracle."""
     model, green = converted(case)
     images, visible, gen = _inputs(green, seed)
-    out = check_against_reference(model, green, images, visible, gen=gen, grad_floor=GRAD_FLOOR,
-                                  **reference_kwargs(model, green))
+    out = check_against_reference(
+        model, green, images, visible, gen=gen, grad_floor=GRAD_FLOOR, **reference_kwargs(model, green)
+    )
     grids = [t.grid for t in out.stages]
     assert grids == sorted(grids, reverse=True) and grids[-1] == out.last.grid
     if case[1]:
@@ -139,8 +162,9 @@ def test_masked_training_matches_oracle(case, converted, seed):
     images, visible, gen = _inputs(green, seed)
     model.train()
     green.train()
-    check_against_reference(model, green, images, visible, gen=gen, rng_seed=seed, grad_floor=GRAD_FLOOR,
-                            **reference_kwargs(model, green))
+    check_against_reference(
+        model, green, images, visible, gen=gen, rng_seed=seed, grad_floor=GRAD_FLOOR, **reference_kwargs(model, green)
+    )
 
 
 def test_every_config_is_checked():

@@ -1,4 +1,5 @@
 """A whole converted Swin with the Triton attention forced (CPU interpreter) equals the PyTorch path."""
+
 from __future__ import annotations
 
 import os
@@ -7,9 +8,9 @@ import sys
 import textwrap
 
 import pytest
+from conftest import TINY_SWIN, make_swin
 
 import greenmim_convert as gmc
-from conftest import TINY_SWIN, make_swin
 
 CHILD = textwrap.dedent(
     """
@@ -46,8 +47,13 @@ CHILD = textwrap.dedent(
 def test_converted_swin_triton_backend_equals_torch(seed):
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where conftest lives
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", CHILD.format(tests=here, seed=seed % 1000)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD.format(tests=here, seed=seed % 1000)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0 and "TRITON-SWIN-OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 

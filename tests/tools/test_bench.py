@@ -1,4 +1,5 @@
 """The benchmark runs end to end, and its activation counter gives known answers."""
+
 from __future__ import annotations
 
 import json
@@ -8,18 +9,21 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from test_cli import SWIN, TINY, TV_SWIN, TV_TINY
 from typer.testing import CliRunner
 
 import greenmim_convert as gmc
-from greenmim_convert.tools import models
-from greenmim_convert.tools.bench import (
-    SavedTensorCounter, census_rows, exact_attention_fraction, measure_grouping, run_bench,
-)
-from greenmim_convert.tools.cli import app
 from greenmim_convert.api.masking import random_mask
 from greenmim_convert.mim.dense import SimMIMDense
-
-from test_cli import SWIN, TINY, TV_SWIN, TV_TINY
+from greenmim_convert.tools import models
+from greenmim_convert.tools.bench import (
+    SavedTensorCounter,
+    census_rows,
+    exact_attention_fraction,
+    measure_grouping,
+    run_bench,
+)
+from greenmim_convert.tools.cli import app
 
 # the tiny Swin's stages at 128px: grids 32, 16, 8 with 4x4 windows, each stage one plain and one
 # shifted block, so six groupings; stage 3's window covers its whole 4x4 grid (per-sample attention)
@@ -51,9 +55,9 @@ def test_saved_tensor_counter_known_answer():
     w = torch.randn(100, requires_grad=True)
     counter = SavedTensorCounter(exclude=[w])
     with counter():
-        b = a.exp()          # saves its result b: 400 bytes
-        c = b.sin()          # saves b again: same storage, counted once
-        d = (c * w).sum()    # saves c (400 bytes) and w (excluded, like a parameter)
+        b = a.exp()  # saves its result b: 400 bytes
+        c = b.sin()  # saves b again: same storage, counted once
+        d = (c * w).sum()  # saves c (400 bytes) and w (excluded, like a parameter)
     d.backward()
     assert counter.bytes == 800
 
@@ -77,10 +81,10 @@ def test_saved_tensor_census_known_answer():
     w = torch.randn(100, requires_grad=True)
     counter = SavedTensorCounter(exclude=[w])
     with counter():
-        b = a.exp()            # ExpBackward0 saves b (400 bytes)
-        c = b.sin()            # SinBackward0 saves b too: charged to the earlier ExpBackward0
-        d = Square.apply(c)    # SquareBackward saves c (400 bytes)
-        e = (d * w).sum()      # MulBackward0 saves d (400 bytes) and w (excluded)
+        b = a.exp()  # ExpBackward0 saves b (400 bytes)
+        c = b.sin()  # SinBackward0 saves b too: charged to the earlier ExpBackward0
+        d = Square.apply(c)  # SquareBackward saves c (400 bytes)
+        e = (d * w).sum()  # MulBackward0 saves d (400 bytes) and w (excluded)
     census = counter.census(e)
     assert census == {"ExpBackward0": 400, "SquareBackward": 400, "MulBackward0": 400}
     assert sum(census.values()) == counter.bytes == 1200
@@ -129,8 +133,9 @@ def test_bench_cli_threads(tmp_path):
     """--threads sets the CPU threads both models run on, and says so in the header and the JSON."""
     out, before = tmp_path / "bench.json", torch.get_num_threads()
     try:
-        res = CliRunner().invoke(app, ["bench", SWIN, *TINY, "--batch-size", "2", "--steps", "1", "--threads", "1",
-                                       "--json", str(out)])
+        res = CliRunner().invoke(
+            app, ["bench", SWIN, *TINY, "--batch-size", "2", "--steps", "1", "--threads", "1", "--json", str(out)]
+        )
     finally:
         torch.set_num_threads(before)
     assert res.exit_code == 0, res.output
@@ -226,11 +231,17 @@ def test_simmim_baseline_runs_forward_of_torchvision_models():
     assert not dense.stem._forward_hooks
 
 
-
 def test_simmim_baseline_finds_the_stem_of_a_one_channel_model():
     """The mask token goes after the conv reading the model's own image channels (here 1), not 3."""
-    model = timm.create_model("swin_tiny_patch4_window7_224", in_chans=1, img_size=64, embed_dim=16,
-                              depths=(1, 1), num_heads=(1, 1), window_size=2).eval()
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        in_chans=1,
+        img_size=64,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 1),
+        window_size=2,
+    ).eval()
     dense = SimMIMDense(model, 32)
     assert dense.stem is model.patch_embed.proj and dense.stem.in_channels == 1
     visible = random_mask(2, (2, 2), 0.5, generator=torch.Generator().manual_seed(0))
@@ -238,6 +249,7 @@ def test_simmim_baseline_finds_the_stem_of_a_one_channel_model():
         dense.mask_token.normal_()
         images = torch.randn(2, 1, 64, 64)
         assert not torch.equal(dense(images, visible), dense(images, torch.ones_like(visible)))
+
 
 def _benchmark_script(name: str):
     """A script of ``benchmarks/`` loaded as a module."""
@@ -263,8 +275,22 @@ def test_families_script_repeats_and_threads(tmp_path, capsys):
     families = _benchmark_script("families")
     out, before = tmp_path / "f.json", torch.get_num_threads()
     try:
-        families.main(["--models", "convnext_atto", "--batch-size", "1", "--steps", "1", "--repeats", "2",
-                       "--threads", "1", "--out", str(out)])
+        families.main(
+            [
+                "--models",
+                "convnext_atto",
+                "--batch-size",
+                "1",
+                "--steps",
+                "1",
+                "--repeats",
+                "2",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         torch.set_num_threads(before)
     (r,) = json.loads(out.read_text())
@@ -283,8 +309,11 @@ def test_transformers_matrix_script(capsys):
         matrix.main(["--types", "hiera"])
     finally:
         torch.set_num_threads(before)
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in capsys.readouterr().out.splitlines() if line.startswith("| `")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| `")
+    }
     assert set(rows) == {"`hiera`", "`hiera/backbone`"}
     converts, _, rewrote, errors = rows["`hiera`"]
     assert converts == "yes" and "max(dim).values -> amax: " in rewrote

@@ -1,4 +1,6 @@
-"""The command line: convert, verify, list, exit codes, help, suggestions, timm (tagged too), torchvision and hf: names."""
+"""The command line: convert, verify, list, exit codes, help, suggestions, timm (tagged too), torchvision and hf:
+names."""
+
 from __future__ import annotations
 
 import json
@@ -10,14 +12,34 @@ from typer.testing import CliRunner
 from greenmim_convert.tools.cli import app, suggest
 
 runner = CliRunner()
-TINY = ["--model-arg", "embed_dim=32", "--model-arg", "depths=[2,2,2,2]", "--model-arg", "num_heads=[1,2,4,8]",
-        "--model-arg", "window_size=4", "--img-size", "128"]
+TINY = [
+    "--model-arg",
+    "embed_dim=32",
+    "--model-arg",
+    "depths=[2,2,2,2]",
+    "--model-arg",
+    "num_heads=[1,2,4,8]",
+    "--model-arg",
+    "window_size=4",
+    "--img-size",
+    "128",
+]
 SWIN = "swin_tiny_patch4_window7_224"
 TV_SWIN = "torchvision:swin_t"
 # torchvision's swin_t builder fixes these; greenmim-convert hands them to SwinTransformer instead (embed_dim
 # 24, not 32: a (B, 32, 32, 32) stage at 128px would read as NCHW and NHWC alike)
-TV_TINY = ["--model-arg", "embed_dim=24", "--model-arg", "depths=[2,2,2,2]", "--model-arg", "num_heads=[1,2,4,8]",
-           "--model-arg", "window_size=[4,4]", "--img-size", "128"]
+TV_TINY = [
+    "--model-arg",
+    "embed_dim=24",
+    "--model-arg",
+    "depths=[2,2,2,2]",
+    "--model-arg",
+    "num_heads=[1,2,4,8]",
+    "--model-arg",
+    "window_size=[4,4]",
+    "--img-size",
+    "128",
+]
 
 
 def flat(output: str) -> str:
@@ -75,7 +97,10 @@ def test_help_has_examples(cmd):
 
 
 def test_suggest_prefers_prefix():
-    assert suggest("swin_tiny", ["resnet50", "swin_tiny_patch4_window7_224", "swinv2_tiny"])[0] == "swin_tiny_patch4_window7_224"
+    assert (
+        suggest("swin_tiny", ["resnet50", "swin_tiny_patch4_window7_224", "swinv2_tiny"])[0]
+        == "swin_tiny_patch4_window7_224"
+    )
 
 
 def run_list(monkeypatch, tmp_path, names, *flags):
@@ -106,7 +131,9 @@ def test_torchvision_convert_writes_file_that_loads(tmp_path):
     res = runner.invoke(app, ["convert", TV_SWIN, *TV_TINY, "-o", str(out)])
     assert res.exit_code == 0, res.output
     text = flat(res.output)
-    assert f"passes run on {TV_SWIN}" in text and "window attention" in text and "mask grid (4, 4) of 32px units" in text
+    assert (
+        f"passes run on {TV_SWIN}" in text and "window attention" in text and "mask grid (4, 4) of 32px units" in text
+    )
     from greenmim_convert.api.io import load
 
     green = load(str(out))
@@ -147,12 +174,15 @@ def test_torchvision_builder_arguments():
     assert maxvit.kwargs == {"input_size": (224, 224)}
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["convert", "torchvision:swin_tt"], "torchvision:swin_t"),
-    (["verify", "torchvision:swin_v2"], "torchvision:swin_v2_t"),
-    (["bench", "torchvision:maxvit"], "torchvision:maxvit_t"),
-    (["convert", "swin_v2_t"], "torchvision:swin_v2_t"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["convert", "torchvision:swin_tt"], "torchvision:swin_t"),
+        (["verify", "torchvision:swin_v2"], "torchvision:swin_v2_t"),
+        (["bench", "torchvision:maxvit"], "torchvision:maxvit_t"),
+        (["convert", "swin_v2_t"], "torchvision:swin_v2_t"),
+    ],
+)
 def test_unknown_torchvision_model_suggests(args, expected):
     res = runner.invoke(app, args)
     assert res.exit_code == 2
@@ -170,7 +200,9 @@ def test_list_torchvision_family(monkeypatch, tmp_path):
     import greenmim_convert.tools.coverage as cov
     from greenmim_convert.tools import models
 
-    every = ["torchvision:" + n for n in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b", "maxvit_t")]
+    every = [
+        "torchvision:" + n for n in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b", "maxvit_t")
+    ]
     assert cov.family_models(["torchvision"]) == every
     assert "torchvision" in cov.FAMILIES and cov.family_of("torchvision:swin_v2_t") == "torchvision"
     assert not any(n.startswith("torchvision:") for n in cov.family_models(["swin"]))
@@ -202,8 +234,16 @@ def test_list_verifies_smallest_of_each_family_and_fails_on_mismatch(monkeypatch
 
 # tagged timm names, hf:TYPE names (transformers model types with random weights), list --model
 
-HF_TINY = ["--model-arg", "embedding_size=8", "--model-arg", "hidden_sizes=[8,16]", "--model-arg", "depths=[1,1]",
-           "--img-size", "64"]
+HF_TINY = [
+    "--model-arg",
+    "embedding_size=8",
+    "--model-arg",
+    "hidden_sizes=[8,16]",
+    "--model-arg",
+    "depths=[1,1]",
+    "--img-size",
+    "64",
+]
 
 
 def test_tagged_timm_name_converts_and_keeps_its_tag(tmp_path):
@@ -227,11 +267,14 @@ def test_tagged_timm_names_resolve_as_timm_does():
         models.check_name("hf-hub:timm/swin_tiny_patch4_window7_224.ms_in1k")
 
 
-@pytest.mark.parametrize("name, expected", [
-    (SWIN + ".ms_in2k", SWIN + ".ms_in22k"),
-    (SWIN + ".", SWIN + ".ms_in1k"),
-    ("swin_tinny_patch4_window7_224.ms_in1k", SWIN + ".ms_in1k"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (SWIN + ".ms_in2k", SWIN + ".ms_in22k"),
+        (SWIN + ".", SWIN + ".ms_in1k"),
+        ("swin_tinny_patch4_window7_224.ms_in1k", SWIN + ".ms_in1k"),
+    ],
+)
 def test_unknown_timm_tag_suggests(name, expected):
     res = runner.invoke(app, ["convert", name])
     assert res.exit_code == 2, res.output
@@ -273,23 +316,39 @@ def test_hf_verify_hands_over_the_built_model(monkeypatch):
 
 
 # tiny transformers configs at 64px: 4 stages at strides 4 to 32 (Swin's windows of 2 fit its 2x2 last grid)
-HF_SWIN = ["--model-arg", "embed_dim=8", "--model-arg", "depths=[1,1,1,1]", "--model-arg", "num_heads=[1,1,2,2]",
-           "--model-arg", "window_size=2", "--img-size", "64"]
+HF_SWIN = [
+    "--model-arg",
+    "embed_dim=8",
+    "--model-arg",
+    "depths=[1,1,1,1]",
+    "--model-arg",
+    "num_heads=[1,1,2,2]",
+    "--model-arg",
+    "window_size=2",
+    "--img-size",
+    "64",
+]
 HF_CONVNEXT = ["--model-arg", "hidden_sizes=[8,8,16,16]", "--model-arg", "depths=[1,1,1,1]", "--img-size", "64"]
 ALL_STAGES = ["--model-arg", "out_features=[stage1,stage2,stage3,stage4]"]
 
 
 def _verify_rows(output: str) -> list:
     """The output names of a verify table, each with its ok cell."""
-    return [(cells[0], cells[-1]) for line in output.splitlines()
-            if len(cells := [c.strip() for c in line.split("│") if c.strip()]) == 6 and cells[0] != "output"]
+    return [
+        (cells[0], cells[-1])
+        for line in output.splitlines()
+        if len(cells := [c.strip() for c in line.split("│") if c.strip()]) == 6 and cells[0] != "output"
+    ]
 
 
-@pytest.mark.parametrize("name, args, stages", [
-    ("hf:swin", HF_SWIN, 4),  # a ModelOutput: stages found in the graph, the final features its last_hidden_state
-    ("hf:resnet", HF_TINY, 3),  # the stem and the two stages
-    ("hf:convnext/backbone", HF_CONVNEXT + ALL_STAGES, 4),  # a BackboneOutput: its feature maps are the stages
-])
+@pytest.mark.parametrize(
+    "name, args, stages",
+    [
+        ("hf:swin", HF_SWIN, 4),  # a ModelOutput: stages found in the graph, the final features its last_hidden_state
+        ("hf:resnet", HF_TINY, 3),  # the stem and the two stages
+        ("hf:convnext/backbone", HF_CONVNEXT + ALL_STAGES, 4),  # a BackboneOutput: its feature maps are the stages
+    ],
+)
 def test_hf_verify_matches_the_oracle(name, args, stages):
     """verify on transformers models: every stage and the final features match the oracle in float64."""
     res = runner.invoke(app, ["verify", name, *args, "--mask-ratio", "0.5", "--batch-size", "2", "--seed", "3"])
@@ -312,12 +371,15 @@ def test_hf_bench_runs(name, args, tmp_path):
     assert 0 < data["green"]["flops"] < data["dense"]["flops"]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["convert", "hf:swim"], "hf:swin"),
-    (["verify", "hf:convnextv3"], "hf:convnextv2"),
-    (["bench", "hf:pvt-v2"], "hf:pvt_v2"),
-    (["list", "--model", "hf:hierra"], "hf:hiera"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["convert", "hf:swim"], "hf:swin"),
+        (["verify", "hf:convnextv3"], "hf:convnextv2"),
+        (["bench", "hf:pvt-v2"], "hf:pvt_v2"),
+        (["list", "--model", "hf:hierra"], "hf:hiera"),
+    ],
+)
 def test_unknown_hf_type_suggests(args, expected):
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
@@ -339,8 +401,8 @@ def test_hf_bad_names_and_config_keys_exit_2():
 
 
 def test_hf_unsupported_model_exits_2_cleanly(monkeypatch):
-    from greenmim_convert.tools import cli
     from greenmim_convert.errors import UnsupportedOperationError
+    from greenmim_convert.tools import cli
 
     def refuse(model, **kw):
         raise UnsupportedOperationError("an op no pass converts", None)
@@ -363,9 +425,20 @@ def test_hf_build_config_and_image_size():
     assert models.build("hf:swin", swin).img_size == 224
     sized = models.build("hf:swin", swin, img_size=64)
     assert sized.img_size == 64 and sized.model.config.image_size == 64 and sized.kwargs["image_size"] == 64
-    pvt = models.build("hf:pvt_v2", {"hidden_sizes": (8, 16), "depths": (1, 1), "num_encoder_blocks": 2,
-                                     "num_attention_heads": (1, 1), "sr_ratios": (2, 1), "patch_sizes": (7, 3),
-                                     "strides": (4, 2), "mlp_ratios": (2, 2)}, img_size=64)
+    pvt = models.build(
+        "hf:pvt_v2",
+        {
+            "hidden_sizes": (8, 16),
+            "depths": (1, 1),
+            "num_encoder_blocks": 2,
+            "num_attention_heads": (1, 1),
+            "sr_ratios": (2, 1),
+            "patch_sizes": (7, 3),
+            "strides": (4, 2),
+            "mlp_ratios": (2, 2),
+        },
+        img_size=64,
+    )
     assert pvt.img_size == 64 and list(pvt.model.config.image_size) == [64, 64]  # a pair in its default config
     assert models.build("hf:mobilevit", {"hidden_sizes": (8, 8, 8), "neck_hidden_sizes": (8,) * 7}).img_size == 256
 
@@ -383,9 +456,11 @@ def test_hf_names_without_transformers(monkeypatch):
     res = runner.invoke(app, ["convert", "hf:resnet"])
     assert res.exit_code == 2 and "pip install transformers" in flat(res.output)
     assert runner.invoke(app, ["list", "--family", "hf"]).exit_code == 2
-    code = ("import sys; import greenmim_convert, greenmim_convert.tools.cli, greenmim_convert.tools.coverage; "
-            "from greenmim_convert.tools import models; models.build('resnet18'); models.build('torchvision:swin_t'); "
-            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    code = (
+        "import sys; import greenmim_convert, greenmim_convert.tools.cli, greenmim_convert.tools.coverage; "
+        "from greenmim_convert.tools import models; models.build('resnet18'); models.build('torchvision:swin_t'); "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
 
@@ -401,8 +476,21 @@ def test_list_hf_family(monkeypatch, tmp_path):
     assert cov.family_of(SWIN + ".ms_in1k") == "swin"
     monkeypatch.setattr(models, "HF_VISION_BACKBONES", ("resnet", "convnext", "swin"))
     md = tmp_path / "hf.md"
-    res = runner.invoke(app, ["list", "--family", "hf", "--model-arg", "hidden_sizes=[8,16,32,64]", "--model-arg",
-                              "depths=[1,1,1,1]", "--verify-smallest", "--markdown", str(md)])
+    res = runner.invoke(
+        app,
+        [
+            "list",
+            "--family",
+            "hf",
+            "--model-arg",
+            "hidden_sizes=[8,16,32,64]",
+            "--model-arg",
+            "depths=[1,1,1,1]",
+            "--verify-smallest",
+            "--markdown",
+            str(md),
+        ],
+    )
     assert res.exit_code in (0, 1), res.output
     rows = {line.split("|")[1].strip(" `"): line for line in md.read_text().splitlines()[2:]}
     assert list(rows) == ["hf:resnet", "hf:convnext", "hf:swin"]
@@ -424,8 +512,20 @@ def test_list_named_models(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cov, "check_model", fake)
     md = tmp_path / "named.md"
-    res = runner.invoke(app, ["list", "--model", SWIN + ".ms_in1k", "--models", "hf:resnet", "--model-arg", "depths=[1,1]",
-                              "--markdown", str(md)])
+    res = runner.invoke(
+        app,
+        [
+            "list",
+            "--model",
+            SWIN + ".ms_in1k",
+            "--models",
+            "hf:resnet",
+            "--model-arg",
+            "depths=[1,1]",
+            "--markdown",
+            str(md),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert seen == [(SWIN + ".ms_in1k", {"depths": (1, 1)}), ("hf:resnet", {"depths": (1, 1)})]
     assert f"| `{SWIN}.ms_in1k` | swin | converts |" in md.read_text()
@@ -436,10 +536,20 @@ def test_list_named_models(monkeypatch, tmp_path):
 def test_model_arg_values():
     from greenmim_convert.tools.model_args import parse_model_args
 
-    got = parse_model_args(["a=[8,16]", "b=[[1,2],[3]]", "c=[stage1, stage2]", "d=gelu", "e=None", "f=(4,4)",
-                            "g=1e-3", "h=true", "i=x=y"])
-    assert got == {"a": (8, 16), "b": ((1, 2), (3,)), "c": ("stage1", "stage2"), "d": "gelu", "e": None,
-                   "f": (4, 4), "g": 1e-3, "h": True, "i": "x=y"}
+    got = parse_model_args(
+        ["a=[8,16]", "b=[[1,2],[3]]", "c=[stage1, stage2]", "d=gelu", "e=None", "f=(4,4)", "g=1e-3", "h=true", "i=x=y"]
+    )
+    assert got == {
+        "a": (8, 16),
+        "b": ((1, 2), (3,)),
+        "c": ("stage1", "stage2"),
+        "d": "gelu",
+        "e": None,
+        "f": (4, 4),
+        "g": 1e-3,
+        "h": True,
+        "i": "x=y",
+    }
 
 
 def test_help_names_hf_and_tags():

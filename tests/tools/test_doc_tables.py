@@ -1,4 +1,5 @@
 """The docs' generated tables agree with the measurements they are generated from."""
+
 import json
 import shutil
 from pathlib import Path

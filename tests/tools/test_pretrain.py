@@ -1,5 +1,6 @@
 """MIM pre-training (greenmim_convert.mim and ``greenmim-convert pretrain``/``export``): every model source learns,
 resuming is bit-identical, DDP and FSDP2 run, exports load into the source model, masks and configs behave."""
+
 from __future__ import annotations
 
 import json
@@ -41,21 +42,89 @@ pytest.importorskip("skimage", reason="the demo data needs scikit-image (the exa
 runner = CliRunner()
 # two-stage models at 64px: mask units of 8px, an 8x8 mask grid
 SOURCES = {
-    "timm": ["swin_tiny_patch4_window7_224", "--model-arg", "embed_dim=16", "--model-arg", "depths=[1,1]",
-             "--model-arg", "num_heads=[1,2]", "--model-arg", "window_size=4"],
-    "torchvision": ["torchvision:swin_t", "--model-arg", "embed_dim=24", "--model-arg", "depths=[1,1]",
-                    "--model-arg", "num_heads=[1,2]", "--model-arg", "window_size=[4,4]"],
-    "hf": ["hf:swin", "--model-arg", "embed_dim=16", "--model-arg", "depths=[1,1]", "--model-arg", "num_heads=[1,2]",
-           "--model-arg", "window_size=4"],
-    "factory": ["scratch_models:ScratchViT", "--model-arg", "embed=24", "--model-arg", "depths=[1,1]",
-                "--model-arg", "heads=[1,2]", "--model-arg", "window=4"],
+    "timm": [
+        "swin_tiny_patch4_window7_224",
+        "--model-arg",
+        "embed_dim=16",
+        "--model-arg",
+        "depths=[1,1]",
+        "--model-arg",
+        "num_heads=[1,2]",
+        "--model-arg",
+        "window_size=4",
+    ],
+    "torchvision": [
+        "torchvision:swin_t",
+        "--model-arg",
+        "embed_dim=24",
+        "--model-arg",
+        "depths=[1,1]",
+        "--model-arg",
+        "num_heads=[1,2]",
+        "--model-arg",
+        "window_size=[4,4]",
+    ],
+    "hf": [
+        "hf:swin",
+        "--model-arg",
+        "embed_dim=16",
+        "--model-arg",
+        "depths=[1,1]",
+        "--model-arg",
+        "num_heads=[1,2]",
+        "--model-arg",
+        "window_size=4",
+    ],
+    "factory": [
+        "scratch_models:ScratchViT",
+        "--model-arg",
+        "embed=24",
+        "--model-arg",
+        "depths=[1,1]",
+        "--model-arg",
+        "heads=[1,2]",
+        "--model-arg",
+        "window=4",
+    ],
 }
-COMMON = ["--img-size", "64", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
-          "--batch-size", "8", "--demo-size", "32", "--workers", "0", "--no-progress", "--threads", "1",
-          "--no-malloc-tuning", "--no-plot", "--no-tensorboard"]
-TINY = dict(model="swin_tiny_patch4_window7_224", img_size=64, decoder_dim=32, decoder_depth=1, decoder_heads=2,
-            model_args=dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4), batch_size=8, demo_size=32,
-            workers=0, progress=False, threads=1, malloc_tuning=False, plot=False, tensorboard=False)
+COMMON = [
+    "--img-size",
+    "64",
+    "--decoder-dim",
+    "32",
+    "--decoder-depth",
+    "1",
+    "--decoder-heads",
+    "2",
+    "--batch-size",
+    "8",
+    "--demo-size",
+    "32",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--no-malloc-tuning",
+    "--no-plot",
+    "--no-tensorboard",
+]
+TINY = dict(
+    model="swin_tiny_patch4_window7_224",
+    img_size=64,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=2,
+    model_args=dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
+    batch_size=8,
+    demo_size=32,
+    workers=0,
+    progress=False,
+    threads=1,
+    malloc_tuning=False,
+    plot=False,
+    tensorboard=False,
+)
 
 
 def pretrain(*args: str) -> None:
@@ -88,8 +157,21 @@ def runs(tmp_path_factory):
     for source, model in SOURCES.items():
         path = tmp_path_factory.mktemp(source)
         extra = ["--tensorboard", "--vis-every", "15"] if source == "timm" else []
-        pretrain(*model, *COMMON, *extra, "--steps", "30", "--ckpt-every", "0", "--lr", "2e-3", "--seed", "1",
-                 "--out", str(path))
+        pretrain(
+            *model,
+            *COMMON,
+            *extra,
+            "--steps",
+            "30",
+            "--ckpt-every",
+            "0",
+            "--lr",
+            "2e-3",
+            "--seed",
+            "1",
+            "--out",
+            str(path),
+        )
         out[source] = path
     return out
 
@@ -132,8 +214,13 @@ def test_export_loads_into_the_source_model(runs, source, tmp_path):
     trained = load_mim(str(runs[source])).encoder.source_model.eval()
     if source == "timm":
         kwargs = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, img_size=64)
-        loaded = timm.create_model(SOURCES["timm"][0], pretrained=True, num_classes=10, **kwargs,
-                                   pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
+        loaded = timm.create_model(
+            SOURCES["timm"][0],
+            pretrained=True,
+            num_classes=10,
+            **kwargs,
+            pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")),
+        )
     elif source == "hf":
         from transformers import AutoModel
 
@@ -352,8 +439,10 @@ def test_ummae_keeps_at_most_one_unit_of_every_2x2_block():
 
 
 def test_config_file_and_overrides(tmp_path):
-    (tmp_path / "run.toml").write_text('model = "convnextv2_atto"\nsteps = 50\nlr = 1e-3\nmask = "block"\n'
-                                       '[model_args]\ndepths = [1, 1, 2, 1]\ndrop_path_rate = 0.1\n')
+    (tmp_path / "run.toml").write_text(
+        'model = "convnextv2_atto"\nsteps = 50\nlr = 1e-3\nmask = "block"\n'
+        "[model_args]\ndepths = [1, 1, 2, 1]\ndrop_path_rate = 0.1\n"
+    )
     cfg = resolve(str(tmp_path / "run.toml"), {"steps": 7, "model_args": {"drop_path_rate": 0.0}})
     assert (cfg.model, cfg.steps, cfg.lr, cfg.mask, cfg.batch_size) == ("convnextv2_atto", 7, 1e-3, "block", 32)
     assert cfg.model_args == {"depths": (1, 1, 2, 1), "drop_path_rate": 0.0}
@@ -378,9 +467,19 @@ def test_yaml_without_pyyaml_says_so(tmp_path, monkeypatch):
 
 
 def test_command_reads_config_and_saves_the_resolved_one(tmp_path):
-    (tmp_path / "run.toml").write_text('steps = 50\nseed = 4\n')
-    pretrain(*SOURCES["timm"], *COMMON, "--config", str(tmp_path / "run.toml"), "--steps", "2", "--out",
-             str(tmp_path / "out"), "--batch-size", "4")
+    (tmp_path / "run.toml").write_text("steps = 50\nseed = 4\n")
+    pretrain(
+        *SOURCES["timm"],
+        *COMMON,
+        "--config",
+        str(tmp_path / "run.toml"),
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--batch-size",
+        "4",
+    )
     saved = read_file(str(tmp_path / "out" / "config.toml"))
     assert saved["steps"] == 2 and saved["seed"] == 4 and saved["batch_size"] == 4
     assert saved["model_args"]["depths"] == [1, 1]
@@ -413,10 +512,25 @@ def launch(out: Path, fsdp: bool) -> None:
     settings = json.dumps({**TINY, "out": str(out), "steps": 3, "ckpt_every": 0, "batch_size": 4, "fsdp": fsdp})
     procs = []
     for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(rank), "GLOO_SOCKET_IFNAME": "lo"}
-        procs.append(subprocess.Popen([sys.executable, str(script), settings, str(rank)], env=env, cwd=out,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "GLOO_SOCKET_IFNAME": "lo",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), settings, str(rank)],
+                env=env,
+                cwd=out,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for proc in procs:
         output = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, output[-3000:]
@@ -470,8 +584,9 @@ def test_malloc_tuning_stops_page_faults_of_freed_memory(tmp_path):
     script.write_text(MALLOC_PROBE)
     out = {}
     for mode in ("default", "tuned"):
-        proc = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=300,
-                              cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, str(script), mode], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
         assert proc.returncode == 0, proc.stderr
         note, faults = proc.stdout.strip().splitlines()[-1].rsplit(" ", 1)
         out[mode] = (note, int(faults))

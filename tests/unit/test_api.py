@@ -1,12 +1,13 @@
 """The public API's surface: the source model's name, and what ``import greenmim_convert`` loads."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import TINY_SWIN, make_swin
 
 import greenmim_convert as gmc
-from conftest import TINY_SWIN, make_swin
 
 
 def test_source_model_is_the_model_converted():
@@ -22,9 +23,11 @@ def test_source_model_is_the_model_converted():
 
 def test_import_does_not_load_the_oracle():
     """The oracle (hooks that patch torch functions while they run) loads on first use, not on import."""
-    code = ("import sys, greenmim_convert as g; "
-            "assert not [m for m in sys.modules if m.startswith('greenmim_convert.oracle.')], 'oracle imported'; "
-            "g.verify; assert 'greenmim_convert.oracle.verify' in sys.modules")
+    code = (
+        "import sys, greenmim_convert as g; "
+        "assert not [m for m in sys.modules if m.startswith('greenmim_convert.oracle.')], 'oracle imported'; "
+        "g.verify; assert 'greenmim_convert.oracle.verify' in sys.modules"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert run.returncode == 0, run.stderr[-2000:]
 

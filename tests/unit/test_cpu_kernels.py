@@ -1,4 +1,5 @@
 """The native CPU loops of the depthwise gather equal its PyTorch loops, and say why when they cannot run."""
+
 from __future__ import annotations
 
 import pytest
@@ -76,5 +77,7 @@ def test_indices_outside_the_source_read_zero():
     want = rows.clone()
     want[0, 0] = want[1, 1] = 10
     assert torch.equal(cpu_kernels.taps(src, bad, weight), cpu_kernels.taps(src, want, weight))
-    for a, b in zip(cpu_kernels.taps_backward(src[:5], src, bad, weight), cpu_kernels.taps_backward(src[:5], src, want, weight)):
+    for a, b in zip(
+        cpu_kernels.taps_backward(src[:5], src, bad, weight), cpu_kernels.taps_backward(src[:5], src, want, weight)
+    ):
         assert torch.equal(a, b)

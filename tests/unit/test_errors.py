@@ -1,15 +1,15 @@
 """Bad input gets a specific exception that names the problem."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY_SWIN, make_swin, rel_err
 
 import greenmim_convert as gmc
 from greenmim_convert.api.io import load, save
 from greenmim_convert.api.masking import random_mask
-
-from conftest import TINY_SWIN, make_swin, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,9 @@ def test_global_queries_convert_and_island_failures_name_the_node():
     with pytest.raises(gmc.UnsupportedOperationError) as exc:
         gmc.convert(_GlobalQueryViT(_Flip()), img_size=64)
     assert "flip" in str(exc.value) and "'pool' (_Flip)" in str(exc.value)
-    with pytest.raises(gmc.UnsupportedOperationError, match="does not tile in windows the 4x4 grid of max_pool2d") as exc:
+    with pytest.raises(
+        gmc.UnsupportedOperationError, match="does not tile in windows the 4x4 grid of max_pool2d"
+    ) as exc:
         gmc.convert(_GlobalQueryViT(nn.MaxPool2d(3, 2, 1), also_elsewhere=True), img_size=64)
     assert "node 'repeat_interleave'" in str(exc.value)
 
@@ -186,13 +188,16 @@ class _PaddedGrid(nn.Module):
         return padded[:, 1:17, :16]  # crops an image row
 
 
-@pytest.mark.parametrize("misuse, words", [
-    ("rolled", "pad of rolled tokens"),
-    ("reflect", "reflect pad"),
-    ("channels", "not one whole side of the grid"),
-    ("conv", "conv2d.default of a padded grid onto another grid"),
-    ("crop", "that does not remove padded positions only"),
-])
+@pytest.mark.parametrize(
+    "misuse, words",
+    [
+        ("rolled", "pad of rolled tokens"),
+        ("reflect", "reflect pad"),
+        ("channels", "not one whole side of the grid"),
+        ("conv", "conv2d.default of a padded grid onto another grid"),
+        ("crop", "that does not remove padded positions only"),
+    ],
+)
 def test_padded_grid_refusals_name_why(misuse: str, words: str):
     """Padded positions are constant tokens of the padded grid only: what would move them onto another grid, pad
     image values or rolled tokens, or crop image positions is refused, naming the node and its source line."""

@@ -1,6 +1,7 @@
 """The FLOP counter against hand counts (grouped and depthwise convolutions, CPU attention, addcmul, the sparse
 depthwise gather), and the
 visible-only ideal against hand counts of visible (query, key) pairs."""
+
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -12,12 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import greenmim_convert as gmc
-from greenmim_convert.tools.bench import exact_attention_fraction
-from greenmim_convert.mim.dense import SimMIMDense
-from greenmim_convert.tools.flops import (
-    attention_pair_fraction, count_flops, split_counts, visible_fraction, visible_only_ideal,
-)
 from greenmim_convert.api.masking import random_mask
+from greenmim_convert.mim.dense import SimMIMDense
+from greenmim_convert.tools.bench import exact_attention_fraction
+from greenmim_convert.tools.flops import (
+    attention_pair_fraction,
+    count_flops,
+    split_counts,
+    visible_fraction,
+    visible_only_ideal,
+)
 
 aten = torch.ops.aten
 N, H, W = 2, 10, 12
@@ -123,7 +128,12 @@ def test_depthwise_gather_counts_a_multiply_add_per_tap_and_gradient():
 
 
 def test_visible_only_ideal_scales_token_work_and_pairs():
-    counts = {aten.mm: 1000, aten.convolution_backward: 600, aten.bmm: 400, aten._scaled_dot_product_flash_attention_for_cpu: 100}
+    counts = {
+        aten.mm: 1000,
+        aten.convolution_backward: 600,
+        aten.bmm: 400,
+        aten._scaled_dot_product_flash_attention_for_cpu: 100,
+    }
     assert split_counts(counts) == {"tokenwise": 1600, "pairs": 500}
     assert visible_only_ideal(counts, 0.25, 0.1) == 0.25 * 1600 + 0.1 * 500
 
@@ -133,13 +143,14 @@ def test_visible_only_ideal_scales_token_work_and_pairs():
 
 def swin_needed_pairs(vis: torch.Tensor, window: int, shift: int) -> Tuple[int, int]:
     """(visible pairs, all pairs) of one Swin window attention, per head: the visibility map rolled by the shift,
-    cut into windows, and inside a shifted window into timm's seam regions (slices :-window, -window:-shift, -shift:)."""
+    cut into windows, and inside a shifted window into timm's seam regions (slices :-window, -window:-shift,
+    -shift:)."""
     b, g, _ = vis.shape
     if shift:
         vis = torch.roll(vis, (-shift, -shift), (1, 2))
     lab = torch.zeros(g, dtype=torch.long)
     if shift:
-        lab[g - window:g - shift], lab[g - shift:] = 1, 2
+        lab[g - window : g - shift], lab[g - shift :] = 1, 2
     region = lab[:, None] * 3 + lab[None, :]
     nw = g // window
     wins = vis.reshape(b, nw, window, nw, window).transpose(2, 3).reshape(b, nw * nw, window * window)
@@ -152,15 +163,21 @@ def test_swin_pair_fraction_matches_a_hand_count_of_windows():
     """Tiny Swin at 128 px: grids 32, 16, 8, 4, windows of 4 (the last grid is one window, no shift), heads 1, 2, 4, 8
     (head dim 32 everywhere), two blocks a stage, the second shifted by 2."""
     torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                              window_size=4, img_size=128).train()
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=4,
+        img_size=128,
+    ).train()
     images = torch.randn(2, 3, 128, 128)
     visible = random_mask(2, (4, 4), 0.75, generator=torch.Generator().manual_seed(3))
     got = attention_pair_fraction(model, images, visible, lambda: model.forward_features(images), (128, 128))
     needed = total = 0
     for grid, heads in ((32, 1), (16, 2), (8, 4), (4, 8)):
         vis = visible.repeat_interleave(grid // 4, 1).repeat_interleave(grid // 4, 2)
-        for shift in ((0, 2) if grid > 4 else (0, 0)):
+        for shift in (0, 2) if grid > 4 else (0, 0):
             n, t = swin_needed_pairs(vis, 4, shift)
             needed, total = needed + heads * n, total + heads * t
     assert got == pytest.approx(needed / total, rel=1e-12)
@@ -177,15 +194,21 @@ def test_reduced_key_attention_pair_fraction_is_per_sample():
     v = visible.flatten(1).sum(1).double() / 49
     assert v[0] != v[1]
     got = attention_pair_fraction(model, images, visible, lambda: model.forward_features(images), (224, 224))
-    assert got == pytest.approx(float((v ** 2).mean()), rel=1e-12)
+    assert got == pytest.approx(float((v**2).mean()), rel=1e-12)
 
 
 def test_swin_ideal_equals_the_converted_graphs_census():
     """Two independent routes to Swin's ideal agree: the dense model's FLOPs scaled by the probe, and the converted
     model's token-wise FLOPs plus its attention FLOPs times needed / computed logits."""
     torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                              window_size=4, img_size=128).train()
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=4,
+        img_size=128,
+    ).train()
     green = gmc.convert(model)
     images = torch.randn(2, 3, 128, 128)
     visible = random_mask(2, green.mask_grid, 0.75, generator=torch.Generator().manual_seed(4))

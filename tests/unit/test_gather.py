@@ -1,4 +1,5 @@
 """RowMap (partial permutations of rows) against plain PyTorch indexing: outputs and gradients, float64."""
+
 from __future__ import annotations
 
 import pytest
@@ -89,8 +90,8 @@ def test_split_matches_split_of_the_gather(seed):
 @pytest.mark.parametrize("grid, shift", [((16, 16), (0, 0)), ((16, 16), (2, 2)), ((8, 8), (2, 2))])
 def test_grouping_slot_rows_closed_form(grid, shift, seed):
     """``Grouping.slot_rows`` equals the map from its definition: lane l of slot s reads row index[s] * width + l."""
-    from greenmim_convert.runtime import ops, plan as planner
     from greenmim_convert.api.masking import random_mask
+    from greenmim_convert.runtime import plan as planner
 
     gen = torch.Generator().manual_seed(seed)
     visible = random_mask(3, (4, 4), 0.6, generator=gen)
@@ -99,8 +100,12 @@ def test_grouping_slot_rows_closed_form(grid, shift, seed):
     for heads, parts in ((1, 1), (2, 3), (3, 1)):
         width = heads * parts
         lanes = torch.arange(width)[:, None]
-        index = torch.cat([torch.where(b.segment.reshape(1, -1) >= 0, b.index[None, :] * width + lanes, -1).reshape(-1)
-                           for b in grouping.buckets])
+        index = torch.cat(
+            [
+                torch.where(b.segment.reshape(1, -1) >= 0, b.index[None, :] * width + lanes, -1).reshape(-1)
+                for b in grouping.buckets
+            ]
+        )
         got = grouping.slot_rows(heads, parts)
         want = RowMap.from_index(index, grouping.num_tokens * width)
         real = index >= 0

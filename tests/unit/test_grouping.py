@@ -1,4 +1,5 @@
 """Window grouping: brute-force optimality bounds, packing invariants, every strategy, buckets, benchmark smoke run."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from greenmim_convert.runtime.plan.packing import (
-    CALL_OVERHEAD, GROUP_OVERHEAD, STRATEGIES, Packing, group_cost, group_count_bound, lower_bound, pack_segments,
-    pack_with_group_size, packing_cost, plan_buckets,
+    CALL_OVERHEAD,
+    GROUP_OVERHEAD,
+    STRATEGIES,
+    Packing,
+    group_cost,
+    group_count_bound,
+    lower_bound,
+    pack_segments,
+    pack_with_group_size,
+    packing_cost,
+    plan_buckets,
 )
 from greenmim_convert.runtime.plan.segments import WindowSpec, window_segments
 from greenmim_convert.runtime.plan.sites import Sites
@@ -62,7 +72,9 @@ def check_buckets(counts: torch.Tensor, buckets: List[Packing], tile: int = 1) -
     assert sizes == sorted(set(sizes))
 
 
-def buckets_cost(buckets: List[Packing], overhead: float = GROUP_OVERHEAD, call_overhead: float = CALL_OVERHEAD) -> float:
+def buckets_cost(
+    buckets: List[Packing], overhead: float = GROUP_OVERHEAD, call_overhead: float = CALL_OVERHEAD
+) -> float:
     """Modelled cost of a bucket plan: its packings plus one attention call per bucket."""
     return sum(packing_cost(p, overhead) for p in buckets) + call_overhead * len(buckets)
 

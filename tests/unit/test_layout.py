@@ -1,4 +1,5 @@
 """The symbolic layout algebra against real tensors: follow ops on an index tensor and compare."""
+
 from __future__ import annotations
 
 import pytest
@@ -72,10 +73,13 @@ def test_nchw_to_tokens():
     assert lay.flatten(2).transpose(1, 2).channel_last()
 
 
-@pytest.mark.parametrize("bad", [
-    lambda l: l.view((2, 3, 16, 5)),           # 3 does not divide a digit
-    lambda l: l.view((2, 16, 4, 5)).roll((1,), (1,)),  # roll across a split dimension
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda l: l.view((2, 3, 16, 5)),  # 3 does not divide a digit
+        lambda l: l.view((2, 16, 4, 5)).roll((1,), (1,)),  # roll across a split dimension
+    ],
+)
 def test_layout_errors(bad):
     with pytest.raises(LayoutError):
         bad(Layout.nhwc(2, (8, 8), 5, 4))

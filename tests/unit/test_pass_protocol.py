@@ -1,4 +1,5 @@
 """The protocol between passes: typed node facts under one meta key, registered rules, checked pass order."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,20 @@ from greenmim_convert.compiler.capture import capture, example_images
 from greenmim_convert.compiler.pipeline import GreenPassManager, PipelineOrderError, build_pipeline, check_order
 from greenmim_convert.passes import layout_analysis, rules
 
-LAYOUT_ORDER = ["prefix-tokens", "strided-pick", "layout-ops", "grid-padding", "conv", "pooling", "attention",
-                "position-einsum", "channel-split", "cat", "dense-island", "token-wise"]
+LAYOUT_ORDER = [
+    "prefix-tokens",
+    "strided-pick",
+    "layout-ops",
+    "grid-padding",
+    "conv",
+    "pooling",
+    "attention",
+    "position-einsum",
+    "channel-split",
+    "cat",
+    "dense-island",
+    "token-wise",
+]
 
 
 def _moved(name: str, before: str) -> list:
@@ -42,13 +55,20 @@ def test_every_property_is_ensured_by_one_pass():
     assert sorted(ensured, key=lambda p: p.value) == sorted(A.Property, key=lambda p: p.value)
 
 
-@pytest.mark.parametrize("name,before,message", [
-    ("layout-ops", "attention", "pass 10 ('layout-ops') requires 'attention', which does not hold there: "
-                                "'attention' ensures it and must run before it"),
-    ("layout-analysis", "canonicalize", "pass 1 ('layout-analysis') requires 'canonical'"),
-    ("prefix-tokens", "attention", "pass 10 ('prefix-tokens') requires 'attention'"),
-    ("recompute", "token-wise", "pass 16 ('recompute') requires 'no-layout-ops'"),
-])
+@pytest.mark.parametrize(
+    "name,before,message",
+    [
+        (
+            "layout-ops",
+            "attention",
+            "pass 10 ('layout-ops') requires 'attention', which does not hold there: "
+            "'attention' ensures it and must run before it",
+        ),
+        ("layout-analysis", "canonicalize", "pass 1 ('layout-analysis') requires 'canonical'"),
+        ("prefix-tokens", "attention", "pass 10 ('prefix-tokens') requires 'attention'"),
+        ("recompute", "token-wise", "pass 16 ('recompute') requires 'no-layout-ops'"),
+    ],
+)
 def test_misordered_pipeline_is_refused(name: str, before: str, message: str):
     with pytest.raises(PipelineOrderError) as err:
         GreenPassManager(_moved(name, before), P.CheckPass())
@@ -57,8 +77,10 @@ def test_misordered_pipeline_is_refused(name: str, before: str, message: str):
 
 def test_incomplete_pipeline_fails_the_postcondition():
     pipeline = [p for p in build_pipeline() if p.name != "row-gather"]
-    with pytest.raises(PipelineOrderError, match="the postcondition requires 'table-rows', which does not hold there: "
-                                                 "no pass of the pipeline ensures it"):
+    with pytest.raises(
+        PipelineOrderError,
+        match="the postcondition requires 'table-rows', which does not hold there: no pass of the pipeline ensures it",
+    ):
         check_order(pipeline, P.CheckPass())
 
 
@@ -122,9 +144,14 @@ def test_no_project_meta_key_but_the_annotation(build, one_thread):
         torch_keys |= {k for n in capture(model, example, []).gm.graph.nodes for k in n.meta}
     model.eval()
     assert A.KEY not in torch_keys
-    found = {k for prog in green.programs.values() for gm in (prog.plan_gm, prog.compute_gm)
-             for m in _graph_modules(gm) for n in m.graph.nodes
-             for k in n.meta}
+    found = {
+        k
+        for prog in green.programs.values()
+        for gm in (prog.plan_gm, prog.compute_gm)
+        for m in _graph_modules(gm)
+        for n in m.graph.nodes
+        for k in n.meta
+    }
     assert found - torch_keys == {A.KEY}
     assert not found & {f.name for f in dataclasses.fields(A.NodeFacts)}
     assert vars(A.EMPTY) == vars(A.NodeFacts())

@@ -1,4 +1,6 @@
-"""The row-gather pass: image-independent ``table[index]`` becomes ``index_select`` with the same values and gradients."""
+"""The row-gather pass: image-independent ``table[index]`` becomes ``index_select`` with the same values and
+gradients."""
+
 from __future__ import annotations
 
 import torch

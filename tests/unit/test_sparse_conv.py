@@ -5,6 +5,7 @@ shares nothing with the code under test but the ``Sites`` layout. The Triton ker
 interpreter in one subprocess, since ``TRITON_INTERPRET`` only takes effect when set before Triton is
 first imported, which other test modules of the same process may already have done.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,8 +37,15 @@ F64_TOL = 1e-10
 
 
 def dense_masked_conv(
-    feats: torch.Tensor, in_sites: Sites, out_sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    stride, padding, dilation, groups: int,
+    feats: torch.Tensor,
+    in_sites: Sites,
+    out_sites: Sites,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride,
+    padding,
+    dilation,
+    groups: int,
 ) -> torch.Tensor:
     """Oracle: scatter the visible tokens into a zero canvas, ``F.conv2d``, read the output sites."""
     b = in_sites.batch_size
@@ -69,27 +77,45 @@ def outputs_and_grads(fn, feats, weight, bias, cotangent) -> List[torch.Tensor]:
 
 
 def check_backend(
-    backend: str, feats, in_sites, out_sites, weight, bias, stride, padding, dilation, groups,
-    tol: float = F64_TOL, **extra,
+    backend: str,
+    feats,
+    in_sites,
+    out_sites,
+    weight,
+    bias,
+    stride,
+    padding,
+    dilation,
+    groups,
+    tol: float = F64_TOL,
+    **extra,
 ) -> None:
     """One backend vs the oracle: output and all three gradients within ``tol`` relative."""
     cot = torch.randn(out_sites.num_tokens, weight.shape[0], dtype=feats.dtype)
     got = outputs_and_grads(
-        lambda: sparse_conv2d(feats, in_sites, out_sites, weight, bias, stride, padding, dilation, groups,
-                              backend=backend, **extra),
-        feats, weight, bias, cot,
+        lambda: sparse_conv2d(
+            feats, in_sites, out_sites, weight, bias, stride, padding, dilation, groups, backend=backend, **extra
+        ),
+        feats,
+        weight,
+        bias,
+        cot,
     )
     want = outputs_and_grads(
         lambda: dense_masked_conv(feats, in_sites, out_sites, weight, bias, stride, padding, dilation, groups),
-        feats, weight, bias, cot,
+        feats,
+        weight,
+        bias,
+        cot,
     )
     for name, g, w in zip(("output", "d feats", "d weight", "d bias"), got, want):
         assert g.shape == w.shape, (backend, name)
         assert rel_err(g, w) <= tol, (backend, name, rel_err(g, w))
 
 
-def random_params(c_in: int, c_out: int, groups: int, k: Tuple[int, int], has_bias: bool, gen: torch.Generator,
-                  dtype=torch.float64) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def random_params(
+    c_in: int, c_out: int, groups: int, k: Tuple[int, int], has_bias: bool, gen: torch.Generator, dtype=torch.float64
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Fresh random weight and bias as leaves; ``feats`` is drawn by the caller."""
     weight = torch.randn(c_out, c_in // groups, *k, generator=gen, dtype=dtype).requires_grad_()
     bias = torch.randn(c_out, generator=gen, dtype=dtype).requires_grad_() if has_bias else None
@@ -129,15 +155,25 @@ def conv_cases(draw) -> Dict[str, object]:
         groups = draw(st.integers(2, 3))
         c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
     return dict(
-        rows=rows, cols=cols, groups=groups, c_in=c_in, c_out=c_out,
-        batch=draw(st.integers(1, 3)), bias=draw(st.booleans()),
-        keep=draw(st.floats(0.2, 1.0)), tile=draw(st.sampled_from([None, 1, 2, 3, 5])),
+        rows=rows,
+        cols=cols,
+        groups=groups,
+        c_in=c_in,
+        c_out=c_out,
+        batch=draw(st.integers(1, 3)),
+        bias=draw(st.booleans()),
+        keep=draw(st.floats(0.2, 1.0)),
+        tile=draw(st.sampled_from([None, 1, 2, 3, 5])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
-@settings(max_examples=60, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
 @given(case=conv_cases())
 def test_matches_dense_masked_conv(case):
     """Random geometry, groups and per-sample masks; float64 outputs and gradients within 1e-10."""
@@ -171,9 +207,16 @@ def brute_force_neighbor_map(in_sites: Sites, out_sites: Sites, k, s, p, d) -> t
     return out
 
 
-@pytest.mark.parametrize("k,s,p,d", [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 4), (2, 3), (0, 2), (1, 1)),
-                                     ((3, 5), (2, 1), (2, 3), (2, 1)), ((7, 7), (4, 4), (3, 3), (1, 1))],
-                         ids=["3x3", "2x4-strided", "3x5-dilated", "7x7-s4"])
+@pytest.mark.parametrize(
+    "k,s,p,d",
+    [
+        ((3, 3), (1, 1), (1, 1), (1, 1)),
+        ((2, 4), (2, 3), (0, 2), (1, 1)),
+        ((3, 5), (2, 1), (2, 3), (2, 1)),
+        ((7, 7), (4, 4), (3, 3), (1, 1)),
+    ],
+    ids=["3x3", "2x4-strided", "3x5-dilated", "7x7-s4"],
+)
 def test_neighbor_map_and_independent_cell_masks(k, s, p, d):
     """Map vs brute force; then the conv with unrelated random cell-level masks on input and output."""
     gen = torch.Generator().manual_seed(1234 + k[0] * 10 + s[1])
@@ -194,15 +237,15 @@ def test_neighbor_map_and_independent_cell_masks(k, s, p, d):
 
 ALL_VISIBLE_CASES = [
     # c_in, c_out, kernel, stride, padding, dilation, groups, input grid
-    (8, 16, 3, 1, 1, 1, 1, (14, 14)),     # submanifold 3x3
-    (16, 16, 7, 1, 3, 1, 16, (14, 14)),   # depthwise 7x7 (ConvNeXt-style)
+    (8, 16, 3, 1, 1, 1, 1, (14, 14)),  # submanifold 3x3
+    (16, 16, 7, 1, 3, 1, 16, (14, 14)),  # depthwise 7x7 (ConvNeXt-style)
     (16, 16, 3, 1, "same", 1, 16, (9, 12)),
-    (4, 6, 4, 1, "same", 1, 1, (9, 10)),    # even kernel: torch pads 1 before, 2 after
-    (8, 16, 2, 2, 0, 1, 1, (14, 14)),     # patch-merging conv
-    (3, 12, 4, 4, 0, 1, 1, (32, 32)),     # patch embedding on pixels
-    (12, 12, 3, 2, 1, 2, 3, (16, 15)),    # grouped, strided, dilated
-    (8, 8, 8, 8, 0, 1, 1, (56, 56)),      # spatial-reduction conv of sub-sampled attention
-    (8, 16, 3, 1, 1, 1, 8, (7, 7)),       # depthwise with channel multiplier 2
+    (4, 6, 4, 1, "same", 1, 1, (9, 10)),  # even kernel: torch pads 1 before, 2 after
+    (8, 16, 2, 2, 0, 1, 1, (14, 14)),  # patch-merging conv
+    (3, 12, 4, 4, 0, 1, 1, (32, 32)),  # patch embedding on pixels
+    (12, 12, 3, 2, 1, 2, 3, (16, 15)),  # grouped, strided, dilated
+    (8, 8, 8, 8, 0, 1, 1, (56, 56)),  # spatial-reduction conv of sub-sampled attention
+    (8, 16, 3, 1, 1, 1, 8, (7, 7)),  # depthwise with channel multiplier 2
 ]
 
 
@@ -260,8 +303,9 @@ def test_geometry_errors():
     with pytest.raises(ValueError, match="channels"):
         sparse_conv2d(feats, sites, sites, torch.randn(4, 3, 3, 3), padding=1)
     with pytest.raises(ValueError, match="neighbor_map"):
-        sparse_conv2d(feats, sites, sites, weight, padding=1, neighbor_map=torch.zeros(4, 3, dtype=torch.long),
-                      backend="torch")
+        sparse_conv2d(
+            feats, sites, sites, weight, padding=1, neighbor_map=torch.zeros(4, 3, dtype=torch.long), backend="torch"
+        )
     plan = build_tile_plan(sites, sites, 1)
     with pytest.raises(ValueError, match="tile_plan"):
         sparse_conv2d(feats, sites, sites, weight, padding=1, tile_plan=plan, backend="tiles")
@@ -319,7 +363,6 @@ def test_spconv_backend_guard():
             spconv_conv2d(torch.randn(16, 3), sites, sites, torch.randn(5, 3, 3, 3), None, 1, 1, 1)
 
 
-
 class _FakeSparseTensor:
     """Stand-in for ``spconv.pytorch.SparseConvTensor``: features, (N, 3) int32 indices, grid, batch."""
 
@@ -345,7 +388,9 @@ class _FakeSpconvConv(torch.nn.Module):
         stride, padding, dilation = self.geometry
         b, (h, w) = x.batch_size, x.spatial_shape
         idx = x.indices.long()
-        canvas = x.features.new_zeros(b, h, w, x.features.shape[1]).index_put((idx[:, 0], idx[:, 1], idx[:, 2]), x.features)
+        canvas = x.features.new_zeros(b, h, w, x.features.shape[1]).index_put(
+            (idx[:, 0], idx[:, 1], idx[:, 2]), x.features
+        )
         weight = self.weight.permute(0, 3, 1, 2)
         out = F.conv2d(canvas.permute(0, 3, 1, 2), weight, None, stride, padding, dilation).permute(0, 2, 3, 1)
         if self.subm:
@@ -367,7 +412,9 @@ class _FakeSubM(_FakeSpconvConv):
 
 
 def _fake_module(cls):
-    return lambda c_in, c_out, kernel, stride, padding, dilation, bias: cls(c_in, c_out, kernel, stride, padding, dilation, bias)
+    return lambda c_in, c_out, kernel, stride, padding, dilation, bias: cls(
+        c_in, c_out, kernel, stride, padding, dilation, bias
+    )
 
 
 @pytest.mark.parametrize("k,s,p,same_sites", [(3, 1, 1, True), (3, 2, 1, False), (2, 2, 0, False), (3, 1, 0, False)])
@@ -378,8 +425,11 @@ def test_spconv_glue_against_a_dense_stand_in(monkeypatch, k, s, p, same_sites):
 
     from greenmim_convert.kernels import spconv_backend
 
-    fake = types.SimpleNamespace(SparseConvTensor=_FakeSparseTensor, SubMConv2d=_fake_module(_FakeSubM),
-                                 SparseConv2d=_fake_module(_FakeSpconvConv))
+    fake = types.SimpleNamespace(
+        SparseConvTensor=_FakeSparseTensor,
+        SubMConv2d=_fake_module(_FakeSubM),
+        SparseConv2d=_fake_module(_FakeSpconvConv),
+    )
     monkeypatch.setattr(spconv_backend, "_import_spconv", lambda: fake)
     monkeypatch.setattr(spconv_backend, "_MODULES", {})
     gen = torch.Generator().manual_seed(5 + k + s)
@@ -390,12 +440,16 @@ def test_spconv_glue_against_a_dense_stand_in(monkeypatch, k, s, p, same_sites):
     weight, bias = random_params(3, 4, 1, (k, k), True, gen)
     feats = torch.randn(in_sites.num_tokens, 3, generator=gen, dtype=torch.float64).requires_grad_()
     cot = torch.randn(out_sites.num_tokens, 4, generator=gen, dtype=torch.float64)
-    got = outputs_and_grads(lambda: spconv_conv2d(feats, in_sites, out_sites, weight, bias, s, p, 1), feats, weight, bias, cot)
-    want = outputs_and_grads(lambda: dense_masked_conv(feats, in_sites, out_sites, weight, bias, s, p, 1, 1),
-                             feats, weight, bias, cot)
+    got = outputs_and_grads(
+        lambda: spconv_conv2d(feats, in_sites, out_sites, weight, bias, s, p, 1), feats, weight, bias, cot
+    )
+    want = outputs_and_grads(
+        lambda: dense_masked_conv(feats, in_sites, out_sites, weight, bias, s, p, 1, 1), feats, weight, bias, cot
+    )
     for g, wt in zip(got, want):
         assert rel_err(g, wt) <= F64_TOL
     assert any(key[0] == same_sites for key in spconv_backend._MODULES)
+
 
 def test_empty_sites():
     """A batch with no visible cell gives empty outputs and zero-size gradients on every path."""
@@ -440,7 +494,9 @@ def _triton_interpreter_checks() -> None:
         for backend in ("triton", "torch"):
             out = sparse_conv2d(feats, in_sites, out_sites, weight, bias, s, p, d, c, backend=backend)
             grads = torch.autograd.grad((out * cot).sum(), leaves, allow_unused=True)
-            results.append([out.detach()] + [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)])
+            results.append(
+                [out.detach()] + [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)]
+            )
         tol = F64_TOL if dtype == torch.float64 else 1e-5
         for got, want in zip(*results):
             assert got.dtype == want.dtype and got.shape == want.shape, (n, got.shape, want.shape)
@@ -475,10 +531,14 @@ def test_benchmark_smoke(capsys):
     assert "sparse/dense time ratio" in out and "neighbour map" in out
 
 
-@pytest.mark.parametrize("k,s,p,g", [((3, 3), (2, 2), (0, 1, 0, 1), 4), ((3, 3), (1, 1), (1, 1, 1, 1), 1),
-                                     ((4, 2), (2, 1), (1, 2, 0, 1), 1)], ids=["tf-same-s2-depthwise", "symmetric", "uneven"])
+@pytest.mark.parametrize(
+    "k,s,p,g",
+    [((3, 3), (2, 2), (0, 1, 0, 1), 4), ((3, 3), (1, 1), (1, 1, 1, 1), 1), ((4, 2), (2, 1), (1, 2, 0, 1), 1)],
+    ids=["tf-same-s2-depthwise", "symmetric", "uneven"],
+)
 def test_four_sided_padding(k, s, p, g):
-    """(top, bottom, left, right) padding, as a zero pad before the conv (TensorFlow SAME): every backend vs the oracle."""
+    """(top, bottom, left, right) padding, as a zero pad before the conv (TensorFlow SAME): every backend vs the
+    oracle."""
     gen = torch.Generator().manual_seed(99 + k[0] + p[1])
     h, w = 12, 10
     ho, wo = conv_output_grid((h, w), k, s, p)

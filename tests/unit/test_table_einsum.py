@@ -1,4 +1,5 @@
 """A per-token einsum with a table read at each token's position equals einsum on the gathered table."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """VisibleTokens views and random masks."""
+
 from __future__ import annotations
 
 import pytest

@@ -21,6 +21,7 @@ Tolerances (relative: max |error| / max |reference|):
   rounds probabilities and their gradients to the input type before its tensor-core dots, as GPU
   flash attention does, while PyTorch's CPU path keeps them in fp32).
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,17 @@ def interpret() -> None:
 def test_kernels_under_interpreter() -> None:
     """Run the kernel tests of this file in a process whose Triton starts in interpreter mode."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-           "-k", "not test_kernels_under_interpreter"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+        "-k",
+        "not test_kernels_under_interpreter",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, report
@@ -102,9 +112,18 @@ def make_groups(
     return segment, position
 
 
-def runtime_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: torch.Tensor,
-                 position: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: float, n: int,
-                 backend: str = "auto", dropout: float = 0.0) -> torch.Tensor:
+def runtime_path(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment: torch.Tensor,
+    position: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    scale: float,
+    n: int,
+    backend: str = "auto",
+    dropout: float = 0.0,
+) -> torch.Tensor:
     """``window_attention`` of the runtime on the groups of ``segment`` and ``position`` ``(G, g)`` (window ids,
     unique negative ids on padding; in-window positions below ``n``), q, k, v ``(G, heads, g, d)`` per slot: the
     logits ``scale * q kᵀ`` plus ``bias[h, pos_q, pos_k]`` (a term read by in-window positions). Returns
@@ -163,7 +182,7 @@ def run_both(
     bias = torch.randn(heads, n, n, generator=gen).requires_grad_() if with_bias else None
     if bias is not None:
         leaves.append(bias)
-    scale = d ** -0.5 * (0.5 + torch.rand((), generator=gen).item())
+    scale = d**-0.5 * (0.5 + torch.rand((), generator=gen).item())
 
     def split(t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return t.permute(2, 0, 3, 1, 4).unbind(0) if strided else t.unbind(0)
@@ -220,7 +239,7 @@ def test_low_precision_forward_and_backward(interpret: None, dtype: torch.dtype)
     bias = torch.randn(heads, n, n, generator=gen)
     real = (segment >= 0)[:, None, :, None]
     grad_out = (torch.randn(3, heads, g, d, generator=gen) * real).to(dtype)
-    scale = d ** -0.5
+    scale = d**-0.5
 
     def fwd_bwd(fn, qq, kk, vv, bb, go):
         leaves = [t.detach().requires_grad_() for t in (qq, kk, vv, bb)]
@@ -238,7 +257,8 @@ def test_low_precision_forward_and_backward(interpret: None, dtype: torch.dtype)
         err, err_torch = rel_err(f, e), rel_err(t, e)
         assert err <= LOW_TOL[dtype], f"seed {seed}: {name} error {err:.2e} > {LOW_TOL[dtype]}"
         assert err <= 3 * err_torch + LOW_SLACK[dtype], (
-            f"seed {seed}: {name} error {err:.2e} vs PyTorch {dtype} path {err_torch:.2e}")
+            f"seed {seed}: {name} error {err:.2e} vs PyTorch {dtype} path {err_torch:.2e}"
+        )
 
 
 def test_padding_slot_sees_only_itself(interpret: None) -> None:
@@ -393,7 +413,7 @@ def test_forced_triton_runs_kernel(interpret: None, no_env: pytest.MonkeyPatch) 
 
 
 def test_auto_with_dropout_runs_the_pytorch_path(no_env: pytest.MonkeyPatch) -> None:
-    """"auto" with attention dropout runs the PyTorch path, dropout included."""
+    """ "auto" with attention dropout runs the PyTorch path, dropout included."""
     q, k, v, segment, position, bias = small_problem(fresh_seed())
     with torch.random.fork_rng():
         torch.manual_seed(1)

@@ -1,4 +1,5 @@
 """Global response normalisation (ConvNeXt V2): the per-sample norm over visible positions."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -16,6 +17,7 @@ def _grn_post(state: HookState) -> Callable:
     From the definition: ``g = ||x||_2`` over the grid per channel, ``n = g / (mean over channels of g + eps)``,
     output ``x + bias + weight * x * n``; masked positions add nothing to ``g`` (their output is never read).
     """
+
     def hook(module: nn.Module, args, out):
         x = args[0]
         spatial = list(module.spatial_dim)
@@ -30,6 +32,7 @@ def _grn_post(state: HookState) -> Callable:
         wb = [1] * x.dim()
         wb[module.channel_dim] = -1
         return x + module.bias.view(wb) + module.weight.view(wb) * (x * n)
+
     return hook
 
 

@@ -1,4 +1,5 @@
 """Hiera: its own MAE-style masked forward is the oracle (it computes on visible mask units by construction)."""
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -19,14 +20,16 @@ def hiera_reference(model: nn.Module, images: torch.Tensor, visible: torch.Tenso
     when the conversion's mask unit is Hiera's.
     """
     if tuple(visible.shape[1:]) != tuple(model.mask_spatial_shape):
-        raise InvalidInputError(f"Hiera masks its own {tuple(model.mask_spatial_shape)} mask units; the mask grid is "
-                                f"{tuple(visible.shape[1:])}")
+        raise InvalidInputError(
+            f"Hiera masks its own {tuple(model.mask_spatial_shape)} mask units; the mask grid is "
+            f"{tuple(visible.shape[1:])}"
+        )
     size = (int(images.shape[-2]), int(images.shape[-1]))
     stage_tokens: List[List[torch.Tensor]] = [[] for _ in model.stage_ends]
     last: List[torch.Tensor] = []
     for i in range(images.shape[0]):
         mask = visible[i].reshape(1, -1)
-        final, units = model.forward_intermediates(images[i:i + 1], mask=mask, output_fmt="NHWC")
+        final, units = model.forward_intermediates(images[i : i + 1], mask=mask, output_fmt="NHWC")
         for j, rolled in enumerate(units):
             stage_tokens[j].append(_unit_maps_to_tokens(rolled[0], visible[i]))
         last.append(_unit_maps_to_tokens(model.reroll(final, model.stage_ends[-1], mask=mask)[0], visible[i]))
@@ -56,6 +59,3 @@ def _unit_maps_to_tokens(units: torch.Tensor, visible: torch.Tensor) -> torch.Te
     dense = canvas.view(gh, gw, uh, uw, c).permute(0, 2, 1, 3, 4).reshape(gh * uh, gw * uw, c)
     vis = visible.repeat_interleave(uh, 0).repeat_interleave(uw, 1)
     return dense[vis]
-
-
-

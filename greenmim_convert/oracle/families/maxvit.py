@@ -1,4 +1,5 @@
 """timm's MaxViT / CoAtNet: block and grid attention, keys partitioned by timm's own partition functions."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -11,6 +12,7 @@ from greenmim_convert.oracle.hooks import Family, GivenKeys, HookState, attentio
 
 def _partition_keys_pre(state: HookState) -> Callable:
     """MaxViT's block or grid attention: key visibility partitioned by timm's own partition functions."""
+
     def hook(module: nn.Module, args):
         x = args[0]
         nchw = isinstance(module, maxxvit.PartitionAttention2d)
@@ -23,12 +25,15 @@ def _partition_keys_pre(state: HookState) -> Callable:
             part = maxxvit.window_partition if module.partition_block else maxxvit.grid_partition
             wins = part(vis[..., None], module.partition_size)
         state.key_masks.append(GivenKeys(wins.reshape(wins.shape[0], 1, 1, -1) > 0.5))
+
     return hook
 
 
 FAMILY = Family(
-    pre=[(maxxvit.PartitionAttentionCl, _partition_keys_pre, False),
-         (maxxvit.PartitionAttention2d, _partition_keys_pre, False)],
+    pre=[
+        (maxxvit.PartitionAttentionCl, _partition_keys_pre, False),
+        (maxxvit.PartitionAttention2d, _partition_keys_pre, False),
+    ],
     post=[(maxxvit.PartitionAttentionCl, attention_post), (maxxvit.PartitionAttention2d, attention_post)],
     fused=(maxxvit.AttentionCl, maxxvit.Attention2d),
 )

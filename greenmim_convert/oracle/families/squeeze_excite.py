@@ -1,4 +1,5 @@
 """timm's squeeze-excite: the squeeze over visible positions, its 1x1 convs on one value per sample."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -13,6 +14,7 @@ from greenmim_convert.oracle.hooks import Family, HookState, squeeze_excite_pre,
 def _squeeze_excite_post(state: HookState) -> Callable:
     """timm's ``SEModule`` recomputed from its definition with the squeeze (mean, and max when ``add_maxpool``)
     over visible positions only; its 1x1 convs act on one value per sample."""
+
     def hook(module: nn.Module, args, out):
         if state.dense:
             return None
@@ -30,6 +32,7 @@ def _squeeze_excite_post(state: HookState) -> Callable:
         finally:
             state.per_sample -= 1
         return x * module.gate(x_se)
+
     return hook
 
 

@@ -1,4 +1,5 @@
 """timm's Swin, Swin V2 and Swin V2 CR: the key mask from timm's own ``window_partition`` of the rolled visibility."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -16,6 +17,7 @@ def _swin_block_pre(state: HookState) -> Callable:
     def hook(block: nn.Module, args):
         x = args[0]
         state.block_vis[block.attn] = (visibility_map(state.visible, x.shape[1:3]), block)
+
     return hook
 
 
@@ -27,7 +29,9 @@ def _swin_attention_pre(state: HookState) -> Callable:
         if sh or sw:
             vis = torch.roll(vis, shifts=(-sh, -sw), dims=(1, 2))
         wins = swin.window_partition(vis[..., None].to(x.dtype), block.window_size).reshape(x.shape[0], -1)
-        key = torch.where(wins > 0.5, torch.zeros((), dtype=x.dtype), torch.tensor(hidden_logit(x.dtype), dtype=x.dtype))
+        key = torch.where(
+            wins > 0.5, torch.zeros((), dtype=x.dtype), torch.tensor(hidden_logit(x.dtype), dtype=x.dtype)
+        )
         key = key[:, None, :].expand(-1, x.shape[1], -1)
         base = kwargs.get("mask")
         if base is not None:
@@ -35,12 +39,17 @@ def _swin_attention_pre(state: HookState) -> Callable:
         kwargs = dict(kwargs)
         kwargs["mask"] = key
         return args, kwargs
+
     return hook
 
 
-FAMILY = Family(pre=[
-    (swin.SwinTransformerBlock, _swin_block_pre, False), (swin.WindowAttention, _swin_attention_pre, True),
-    (swinv2.SwinTransformerV2Block, _swin_block_pre, False), (swinv2.WindowAttention, _swin_attention_pre, True),
-    (swinv2cr.SwinTransformerV2CrBlock, _swin_block_pre, False),
-    (swinv2cr.WindowMultiHeadAttention, _swin_attention_pre, True),
-])
+FAMILY = Family(
+    pre=[
+        (swin.SwinTransformerBlock, _swin_block_pre, False),
+        (swin.WindowAttention, _swin_attention_pre, True),
+        (swinv2.SwinTransformerV2Block, _swin_block_pre, False),
+        (swinv2.WindowAttention, _swin_attention_pre, True),
+        (swinv2cr.SwinTransformerV2CrBlock, _swin_block_pre, False),
+        (swinv2cr.WindowMultiHeadAttention, _swin_attention_pre, True),
+    ]
+)

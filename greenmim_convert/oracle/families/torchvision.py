@@ -1,5 +1,6 @@
 """torchvision's Swin (its ``shifted_window_attention`` replaced by a masked one), MaxViT and
 squeeze-excitation."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,14 @@ from torchvision.models import swin_transformer as tv_swin
 from torchvision.ops import SqueezeExcitation
 
 from greenmim_convert.oracle.hooks import (
-    Family, HookState, SoftmaxKeys, attention_post, hidden_logit, per_sample_post, squeeze_excite_pre, visibility_map,
+    Family,
+    HookState,
+    SoftmaxKeys,
+    attention_post,
+    hidden_logit,
+    per_sample_post,
+    squeeze_excite_pre,
+    visibility_map,
 )
 
 
@@ -27,11 +35,21 @@ def _tv_shifted_window_attention(state: "HookState") -> Callable:
     undo the roll and crop. Key visibility follows the same pad/roll/partition; the padding is the
     model's own and stays visible (it is no image position, like a conv's zero padding).
     """
+
     def attention(
-        input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor, relative_position_bias: torch.Tensor,
-        window_size: Sequence[int], num_heads: int, shift_size: Sequence[int], attention_dropout: float = 0.0,
-        dropout: float = 0.0, qkv_bias: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
-        logit_scale: Optional[torch.Tensor] = None, training: bool = True,
+        input: torch.Tensor,
+        qkv_weight: torch.Tensor,
+        proj_weight: torch.Tensor,
+        relative_position_bias: torch.Tensor,
+        window_size: Sequence[int],
+        num_heads: int,
+        shift_size: Sequence[int],
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+        qkv_bias: Optional[torch.Tensor] = None,
+        proj_bias: Optional[torch.Tensor] = None,
+        logit_scale: Optional[torch.Tensor] = None,
+        training: bool = True,
     ) -> torch.Tensor:
         b, h, w, c = input.shape
         wh, ww = int(window_size[0]), int(window_size[1])
@@ -52,11 +70,11 @@ def _tv_shifted_window_attention(state: "HookState") -> Callable:
 
         tokens = windows(x)  # (B, nW, N, C)
         if logit_scale is not None and qkv_bias is not None:
-            qkv_bias = torch.cat([qkv_bias[:c], torch.zeros_like(qkv_bias[c:2 * c]), qkv_bias[2 * c:]])
+            qkv_bias = torch.cat([qkv_bias[:c], torch.zeros_like(qkv_bias[c : 2 * c]), qkv_bias[2 * c :]])
         qkv = F.linear(tokens, qkv_weight, qkv_bias).reshape(b, gh * gw, n, 3, num_heads, d)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each (B, nW, heads, N, d)
         if logit_scale is None:
-            logits = (q * d ** -0.5) @ k.transpose(-1, -2)
+            logits = (q * d**-0.5) @ k.transpose(-1, -2)
         else:
             cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
             logits = cos * torch.clamp(logit_scale, max=math.log(100.0)).exp()
@@ -80,16 +98,19 @@ def _tv_shifted_window_attention(state: "HookState") -> Callable:
         if sh or sw:
             y = torch.roll(y, (sh, sw), (1, 2))
         return y[:, :h, :w].contiguous()
+
     return attention
 
 
 def _tv_partition_keys_pre(state: HookState) -> Callable:
     """torchvision MaxViT's window or grid attention: key visibility partitioned and swapped by the layer's own ops."""
+
     def hook(layer: nn.Module, args):
         x = args[0]
         vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None].to(x.dtype)
         parts = layer.partition_swap(layer.partition_op(vis, layer.p))  # (B, G, P, 1)
         state.key_masks.append(SoftmaxKeys(parts.permute(0, 1, 3, 2)[:, :, None] > 0.5))  # (B, G, 1, 1, P)
+
     return hook
 
 
@@ -104,8 +125,10 @@ def _install(model: nn.Module, state: HookState) -> Iterator[None]:
 
 
 FAMILY = Family(
-    pre=[(tv_maxvit.PartitionAttentionLayer, _tv_partition_keys_pre, False),
-         (SqueezeExcitation, squeeze_excite_pre, False)],
+    pre=[
+        (tv_maxvit.PartitionAttentionLayer, _tv_partition_keys_pre, False),
+        (SqueezeExcitation, squeeze_excite_pre, False),
+    ],
     post=[(tv_maxvit.PartitionAttentionLayer, attention_post), (SqueezeExcitation, per_sample_post)],
     install=_install,
 )

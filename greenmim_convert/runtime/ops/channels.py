@@ -1,10 +1,10 @@
 """Slices, gathers and reductions over the channel digits of packed rows."""
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
 import torch
-
 
 
 def channel_slice(feats: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -22,7 +22,9 @@ def channel_gather(feats: torch.Tensor, columns: Tuple[int, ...]) -> torch.Tenso
     return feats.index_select(1, torch.tensor(columns, dtype=torch.long, device=feats.device))
 
 
-def channel_op(op, feats: torch.Tensor, sizes: Sequence[int], positions: Sequence[int], kwargs: dict, out_channels: int) -> torch.Tensor:
+def channel_op(
+    op, feats: torch.Tensor, sizes: Sequence[int], positions: Sequence[int], kwargs: dict, out_channels: int
+) -> torch.Tensor:
     """A reduction or softmax over channel digits of packed rows: view the digits, apply ``op`` over them."""
     x = feats.reshape(feats.shape[0], *sizes)
     if not positions:  # over a size-one axis (a softmax of one logit per token)

@@ -1,5 +1,6 @@
 """Convolutions on packed tokens: patch embedding, neighbourhood gathers (patch merging), sparse and
 1x1 convolutions."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -56,7 +57,11 @@ def _check_cell_offsets(factor: Tuple[int, int], offsets: Sequence[Tuple[int, in
 
 
 def space_to_depth(
-    feats: torch.Tensor, fine: Sites, coarse: Sites, factor: Tuple[int, int], offsets: Sequence[Tuple[int, int]],
+    feats: torch.Tensor,
+    fine: Sites,
+    coarse: Sites,
+    factor: Tuple[int, int],
+    offsets: Sequence[Tuple[int, int]],
     channel_index: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Gather the ``factor`` neighbourhood of each coarse site into its features (patch merging).
@@ -73,7 +78,9 @@ def space_to_depth(
     return out.index_select(1, torch.tensor(channel_index, dtype=torch.long, device=feats.device))
 
 
-def conv_per_unit(feats: torch.Tensor, fine: Sites, coarse: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def conv_per_unit(
+    feats: torch.Tensor, fine: Sites, coarse: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Kernel == stride Conv2d on packed tokens: gather each output's k x k inputs, then one GEMM."""
     kh, kw = weight.shape[2:]
     offsets = [(dh, dw) for dh in range(kh) for dw in range(kw)]
@@ -82,14 +89,32 @@ def conv_per_unit(feats: torch.Tensor, fine: Sites, coarse: Sites, weight: torch
     return out + bias if bias is not None else out
 
 
-def sparse_conv(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                stride, padding, dilation, groups: int) -> torch.Tensor:
+def sparse_conv(
+    feats: torch.Tensor,
+    in_sites: Sites,
+    out_sites: Sites,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride,
+    padding,
+    dilation,
+    groups: int,
+) -> torch.Tensor:
     """Any Conv2d on packed tokens: masked inputs read zero, evaluated at the visible output sites."""
     return sparse_conv2d(feats, in_sites, out_sites, weight, bias, stride, padding, dilation, groups)
 
 
-def folded_depthwise_conv(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          channel_index: Tuple[int, ...], stride, padding, dilation) -> torch.Tensor:
+def folded_depthwise_conv(
+    feats: torch.Tensor,
+    in_sites: Sites,
+    out_sites: Sites,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    channel_index: Tuple[int, ...],
+    stride,
+    padding,
+    dilation,
+) -> torch.Tensor:
     """A depthwise Conv2d applied densely to heads folded into the batch: packed column ``j`` is filtered by
     channel ``channel_index[j]`` of the conv."""
     index = torch.tensor(channel_index, dtype=torch.long, device=feats.device)
@@ -98,8 +123,17 @@ def folded_depthwise_conv(feats: torch.Tensor, in_sites: Sites, out_sites: Sites
     return sparse_conv(feats, in_sites, out_sites, w, b, stride, padding, dilation, len(channel_index))
 
 
-def image_sparse_conv(images: torch.Tensor, pixels: Sites, out_sites: Sites, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      stride, padding, dilation, groups: int) -> torch.Tensor:
+def image_sparse_conv(
+    images: torch.Tensor,
+    pixels: Sites,
+    out_sites: Sites,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride,
+    padding,
+    dilation,
+    groups: int,
+) -> torch.Tensor:
     """A Conv2d on the image that is not a patchify conv: the visible pixels are its input sites."""
     feats = images.permute(0, 2, 3, 1)[pixels.batch, pixels.coords[:, 0], pixels.coords[:, 1]]
     return sparse_conv(feats, pixels, out_sites, weight, bias, stride, padding, dilation, groups)

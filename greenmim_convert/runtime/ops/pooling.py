@@ -1,4 +1,5 @@
 """Pooling and reductions over the visible positions of a cell, a window or a whole sample."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -35,8 +36,16 @@ def max_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, str
     return _rows_or_fill(feats, nmap, float("-inf")).amax(0)
 
 
-def avg_pool(feats: torch.Tensor, in_sites: Sites, out_sites: Sites, kernel, stride, padding, count_include_pad: bool,
-             divisor_override: Optional[int]) -> torch.Tensor:
+def avg_pool(
+    feats: torch.Tensor,
+    in_sites: Sites,
+    out_sites: Sites,
+    kernel,
+    stride,
+    padding,
+    count_include_pad: bool,
+    divisor_override: Optional[int],
+) -> torch.Tensor:
     """Average pooling at the visible output sites: the sum over the visible positions of each window divided by
     their count (plus the window's padding positions when ``count_include_pad``, or ``divisor_override``)."""
     nmap = cached_neighbor_map(in_sites, out_sites, kernel, stride, padding)
@@ -66,8 +75,9 @@ def sample_mean(feats: torch.Tensor, sites: Sites) -> torch.Tensor:
     return summed / sites.counts().clamp_min(1).to(feats.dtype)[:, None]
 
 
-def sample_reduce(op, feats: torch.Tensor, sites: Sites, kwargs: dict, sizes: Sequence[int] = (),
-                  digits: Sequence[int] = ()) -> torch.Tensor:
+def sample_reduce(
+    op, feats: torch.Tensor, sites: Sites, kwargs: dict, sizes: Sequence[int] = (), digits: Sequence[int] = ()
+) -> torch.Tensor:
     """A reduction over the whole grid (``sum``, ``mean``, ``linalg_vector_norm``, ``amax``, ``amin``)
     taken over each sample's visible tokens: ``(B, C)``. Padding rows are the op's neutral element.
     ``digits`` (indices into the channel digit ``sizes``) are reduced too: a group norm's statistics, over

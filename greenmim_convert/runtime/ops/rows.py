@@ -1,5 +1,6 @@
 """Row movements of packed tokens: pads and crops, position constants, dense islands, prefix tokens,
 outputs."""
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -17,6 +18,7 @@ def move_rows(feats: torch.Tensor, src: Sites, dst: Sites, shift: Tuple[int, int
     """Rows of ``dst``'s sites read from ``src``'s: the site at ``(row, col)`` reads ``src``'s at
     ``(row - shift[0], col - shift[1])``, or ``fill`` where that lies outside ``src``'s grid (a pad of the grid
     by ``shift`` before, or a crop by ``-shift``); every source row is read at most once."""
+
     def plan() -> Tuple[torch.Tensor, RowMap]:
         rows = dst.coords[:, 0] - shift[0]
         cols = dst.coords[:, 1] - shift[1]
@@ -30,7 +32,9 @@ def move_rows(feats: torch.Tensor, src: Sites, dst: Sites, shift: Tuple[int, int
     return torch.where(outside[:, None], torch.full_like(out, fill), out) if fill else out
 
 
-def gather_constant(const: torch.Tensor, sites: Sites, spatial, roll: Tuple[int, int], channel_offsets: torch.Tensor) -> torch.Tensor:
+def gather_constant(
+    const: torch.Tensor, sites: Sites, spatial, roll: Tuple[int, int], channel_offsets: torch.Tensor
+) -> torch.Tensor:
     """A constant varying over positions (a position embedding), read at every visible token: ``(T, C)``.
 
     ``spatial`` lists ``(kind, size, inner, stride)`` digits of the dense index (rows ``h``, columns
@@ -64,14 +68,15 @@ def position_einsum(feats: torch.Tensor, sites: Sites, table: torch.Tensor, spec
     x = feats.reshape(feats.shape[0], *spec.sizes)
     if spec.spatial:
         digits = tuple(digit for _, digit in spec.spatial)
-        lead = tuple(table.shape[:len(digits)])
+        lead = tuple(table.shape[: len(digits)])
 
         def index() -> Tuple[torch.Tensor, ...]:
             return tuple(digit_sum(sites.coords, sites.grid, spec.offset, [(*d, 1)]) for d in digits)
 
         found = sites.memo(("position digits", digits, tuple(spec.offset)), index)
-        buckets = sites.memo(("position buckets", digits, tuple(spec.offset), lead),
-                             lambda: PositionBuckets.from_index(found, lead))
+        buckets = sites.memo(
+            ("position buckets", digits, tuple(spec.offset), lead), lambda: PositionBuckets.from_index(found, lead)
+        )
         return table_einsum(spec.equation, x, table, found, buckets).reshape(feats.shape[0], -1)
     return torch.einsum(spec.equation, x, table).reshape(feats.shape[0], -1)
 
@@ -83,7 +88,7 @@ def grid_rows(x: torch.Tensor, visible: torch.Tensor, prefix: int) -> torch.Tens
 
 def prefix_rows(x: torch.Tensor, visible: torch.Tensor, prefix: int) -> torch.Tensor:
     """``x[:, :prefix]`` on packed rows: every sample's prefix tokens, ``(B * prefix, C)``, which come last."""
-    return x[x.shape[0] - visible.shape[0] * prefix:]
+    return x[x.shape[0] - visible.shape[0] * prefix :]
 
 
 def join_prefix(grid: torch.Tensor, parts: List[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
@@ -94,8 +99,9 @@ def join_prefix(grid: torch.Tensor, parts: List[torch.Tensor], visible: torch.Te
     return torch.cat([grid, own.reshape(-1, channels)])
 
 
-def constant_prefix_rows(const: torch.Tensor, token_axis: int, channel_axis: int,
-                         visible: torch.Tensor) -> torch.Tensor:
+def constant_prefix_rows(
+    const: torch.Tensor, token_axis: int, channel_axis: int, visible: torch.Tensor
+) -> torch.Tensor:
     """Constant prefix tokens (``cls_token.expand(B, -1, -1)``'s source, or a position embedding's prefix rows) as
     ``(B * count, C)`` packed rows: every sample's copy, sample-major."""
     order = [token_axis] + [d for d in range(const.dim()) if d not in (token_axis, channel_axis)] + [channel_axis]

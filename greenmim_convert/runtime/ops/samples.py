@@ -1,4 +1,5 @@
 """Per-sample values beside packed tokens: creations, broadcasts, per-sample matmuls, random draws."""
+
 from __future__ import annotations
 
 from typing import Sequence, Tuple

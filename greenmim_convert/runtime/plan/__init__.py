@@ -3,5 +3,6 @@
 ``visible`` -> ``Sites`` (``sites.py``) -> window segments (``segments.py``) -> DP packing into equal-size groups
 (``packing.py``) -> ``Grouping`` (``grouping.py``), which the attention kernels read.
 """
+
 from .grouping import CALL_OVERHEAD_LOGITS, Bucket, Grouping, digit_grouping, group_segments, window_grouping
 from .sites import PrefixedSites, Sites, padded_sites, prefixed_sites, visible_sites

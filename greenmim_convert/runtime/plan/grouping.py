@@ -1,4 +1,5 @@
 """Window groupings: the visible tokens of each window, packed into groups of equal size (the DP plan)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,11 +7,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from greenmim_convert.runtime.plan.terms import term_offsets
 from greenmim_convert.runtime.gather import RowMap
 from greenmim_convert.runtime.plan.packing import plan_buckets
 from greenmim_convert.runtime.plan.segments import DigitWindows, WindowSpec, digit_segments, window_segments
 from greenmim_convert.runtime.plan.sites import Sites
+from greenmim_convert.runtime.plan.terms import term_offsets
 
 
 @dataclass
@@ -19,9 +20,9 @@ class Bucket:
 
     group_size: int
     num_groups: int
-    index: torch.Tensor      # (G*g,) token of each slot; padding slots read token 0 (no real query sees them)
-    segment: torch.Tensor    # (G, g) window id per slot; unique negative ids on padding
-    position: torch.Tensor   # (G, g) in-window position per slot
+    index: torch.Tensor  # (G*g,) token of each slot; padding slots read token 0 (no real query sees them)
+    segment: torch.Tensor  # (G, g) window id per slot; unique negative ids on padding
+    position: torch.Tensor  # (G, g) in-window position per slot
 
     @property
     def num_slots(self) -> int:
@@ -39,8 +40,8 @@ class Grouping:
     buckets: List[Bucket]
     slot: torch.Tensor
     num_tokens: int
-    logits: int              # sum over buckets of G * g^2: attention logits per head
-    lower_bound: int         # sum of squared window counts: every window alone, no padding
+    logits: int  # sum over buckets of G * g^2: attention logits per head
+    lower_bound: int  # sum of squared window counts: every window alone, no padding
     sites: Optional[Sites] = None
     windows: Optional[DigitWindows] = None
     _cache: dict = field(default_factory=dict, repr=False)
@@ -116,7 +117,9 @@ class Grouping:
         return self._cache["layout"]
 
 
-def _bucket(packing, seg: torch.Tensor, pos: torch.Tensor, rank: torch.Tensor, offset: int) -> Tuple[Bucket, torch.Tensor, torch.Tensor]:
+def _bucket(
+    packing, seg: torch.Tensor, pos: torch.Tensor, rank: torch.Tensor, offset: int
+) -> Tuple[Bucket, torch.Tensor, torch.Tensor]:
     """One packing's slots; returns the bucket, its tokens and their global slots."""
     g, n = int(packing.group_size), int(packing.num_groups)
     group = packing.seg_group[seg]
@@ -148,7 +151,9 @@ def digit_grouping(sites: Sites, windows: DigitWindows, labels: Optional[torch.T
     return grouping
 
 
-def window_grouping(sites: Sites, window: Tuple[int, int], shift: Tuple[int, int], split_seam: bool, strategy: str) -> Grouping:
+def window_grouping(
+    sites: Sites, window: Tuple[int, int], shift: Tuple[int, int], split_seam: bool, strategy: str
+) -> Grouping:
     """Segment the visible tokens into (shifted) rectangular windows and pack the windows into groups."""
     spec = WindowSpec(tuple(window), tuple(shift), split_seam)
     seg, pos, num_seg = window_segments(sites.batch, sites.coords, sites.grid, sites.batch_size, spec)

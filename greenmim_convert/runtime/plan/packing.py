@@ -66,13 +66,14 @@ patterns are mapped back to segments on the counts' device with a stable sort of
 cumsum over the pattern table: the k-th segment of count c (in segment order) takes
 the k-th slot of size c. All buckets share that one sort.
 """
+
 from __future__ import annotations
 
 import math
 from array import array
 from bisect import bisect_right
-from itertools import accumulate, takewhile
 from dataclasses import dataclass
+from itertools import accumulate, takewhile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -314,7 +315,7 @@ def _realise_buckets(counts: torch.Tensor, buckets: Sequence[Tuple[int, List[Pat
     _, shift, off, which = table.index_select(0, torch.cumsum(marks, 0)).unbind(1)
     group = torch.arange(total, device=counts.device) + shift
     n = counts.numel()
-    order = torch.argsort(counts, stable=True)[n - total:]
+    order = torch.argsort(counts, stable=True)[n - total :]
     if len(buckets) == 1:
         seg_group = torch.full_like(counts, -1).scatter_(0, order, group)
         seg_offset = torch.zeros_like(counts).scatter_(0, order, off)
@@ -362,7 +363,12 @@ def _max_patterns(hist: Sequence[int], sizes: Sequence[int], g: int) -> List[Pat
 
 
 def _choose_dp(
-    hist: List[int], sizes: List[int], capacity: int, tile: int, overhead: float, limit: float = math.inf,
+    hist: List[int],
+    sizes: List[int],
+    capacity: int,
+    tile: int,
+    overhead: float,
+    limit: float = math.inf,
     refine: bool = True,
 ) -> Tuple[int, List[Pattern]]:
     """The group size and patterns of least modelled cost (see the module docstring).
@@ -512,9 +518,9 @@ class _Ranges:
         ``refine=False``: FFD only (see ``_choose_dp``)."""
         one_each = self.one_each(lo, hi)
         part = [0] * len(self.hist)
-        for c in self.asc[lo:hi + 1]:
+        for c in self.asc[lo : hi + 1]:
             part[c] = self.hist[c]
-        desc = self.asc[hi:lo - 1 if lo else None:-1]
+        desc = self.asc[hi : lo - 1 if lo else None : -1]
         g, pats = _choose_dp(part, desc, self.capacity, self.tile, self.overhead, min(limit, one_each), refine)
         if pats:
             return group_cost(g, sum(p[0] for p in pats), self.overhead), g, pats
@@ -545,7 +551,9 @@ class _Ranges:
         covers = torch.stack(values)
         return covers.tolist(), covers.amin(0).tolist(), (covers.argmin(0) + 1).tolist()
 
-    def later_ranges(self, start: int, parts: int, covers: List[List[float]], call_overhead: float) -> List[Tuple[int, int]]:
+    def later_ranges(
+        self, start: int, parts: int, covers: List[List[float]], call_overhead: float
+    ) -> List[Tuple[int, int]]:
         """The ranges of the cover of ``asc[start..m-1]`` by ``parts`` ranges found by ``later_covers``."""
         m = len(self.asc)
         ranges = []
@@ -559,7 +567,12 @@ class _Ranges:
 
 
 def _plan_dp(
-    hist: List[int], sizes: List[int], capacity: int, tile: int, overhead: float, call_overhead: float,
+    hist: List[int],
+    sizes: List[int],
+    capacity: int,
+    tile: int,
+    overhead: float,
+    call_overhead: float,
     max_buckets: int,
 ) -> List[Tuple[int, List[Pattern]]]:
     """The bucket split of least modelled cost (see the module docstring), as (group size, patterns)

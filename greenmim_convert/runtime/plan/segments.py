@@ -7,6 +7,7 @@ computed on shifted coordinates, with no cyclic roll: a token at row ``r`` sits 
 tokens that wrapped around (``r < s``) and those that did not, which is the same as windowing the
 *unwrapped* coordinate ``r - s`` with ``floor``. Both views are implemented here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,8 +60,9 @@ def window_segments(
     return segment, position, batch_size * nr * nc
 
 
-def digit_sum(coords: torch.Tensor, grid: Tuple[int, int], offset: Tuple[int, int],
-              digits: Sequence[Tuple[str, int, int, int]]) -> torch.Tensor:
+def digit_sum(
+    coords: torch.Tensor, grid: Tuple[int, int], offset: Tuple[int, int], digits: Sequence[Tuple[str, int, int, int]]
+) -> torch.Tensor:
     """``sum(digit * stride)`` at every coordinate, for layout digits ``(kind, size, inner, stride)``.
 
     A digit of kind ``h`` (rows) or ``w`` (columns) is ``(p // inner) % size`` of the dense position
@@ -111,7 +113,11 @@ class DigitWindows:
 
 
 def digit_segments(
-    batch: torch.Tensor, coords: torch.Tensor, batch_size: int, windows: DigitWindows, labels: Optional[torch.Tensor] = None
+    batch: torch.Tensor,
+    coords: torch.Tensor,
+    batch_size: int,
+    windows: DigitWindows,
+    labels: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Segment id (sample-major) and in-window position of every token for digit-described windows.
 

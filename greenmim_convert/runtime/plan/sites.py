@@ -1,4 +1,5 @@
 """The set of visible positions of one grid, in canonical order (sample-major, raster inside a sample)."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
@@ -14,8 +15,15 @@ class Sites:
     lookups of several ops on the same grid share it.
     """
 
-    def __init__(self, batch: torch.Tensor, coords: torch.Tensor, grid: Tuple[int, int], batch_size: int,
-                 stride: int = 1, counts: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        batch: torch.Tensor,
+        coords: torch.Tensor,
+        grid: Tuple[int, int],
+        batch_size: int,
+        stride: int = 1,
+        counts: Optional[torch.Tensor] = None,
+    ):
         self.batch = batch
         self.coords = coords
         self.grid = (int(grid[0]), int(grid[1]))
@@ -28,7 +36,8 @@ class Sites:
 
     @classmethod
     def from_mask(cls, visible: torch.Tensor, grid: Tuple[int, int], stride: int) -> "Sites":
-        """Cells of ``grid`` whose mask unit is visible; ``visible`` is ``(B, gh, gw)`` with ``grid`` a multiple of it."""
+        """Cells of ``grid`` whose mask unit is visible; ``visible`` is ``(B, gh, gw)`` with ``grid`` a multiple of
+        it."""
         b, uh, uw = visible.shape
         fh, fw = grid[0] // uh, grid[1] // uw
         if fh * uh != grid[0] or fw * uw != grid[1]:
@@ -62,6 +71,7 @@ class Sites:
     def equal_counts(self) -> bool:
         """Whether every sample has the same number of visible positions (packed rows then reshape per sample);
         read off the counts once per sites, not at every pad and unpad."""
+
         def same() -> bool:
             counts = self.counts()
             return bool(counts.numel()) and int(counts.min().item()) == int(counts.max().item())
@@ -152,7 +162,7 @@ def padded_sites(sites: Sites, border: Tuple[int, int, int, int]) -> Sites:
 
     def pads() -> torch.Tensor:
         inside = torch.zeros(grid, dtype=torch.bool, device=sites.device)
-        inside[top:top + h, left:left + w] = True
+        inside[top : top + h, left : left + w] = True
         return (~inside).nonzero()
 
     pad = sites.memo(("padded positions", tuple(border)), pads)

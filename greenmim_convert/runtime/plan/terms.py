@@ -1,4 +1,5 @@
 """Where an image-independent attention term's element for (head, query, key) lives, read from positions."""
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,16 @@ class TermPlan:
     key: Tuple[Digit, ...]
 
 
-def term_offsets(plan: TermPlan, head_sizes: Sequence[int], coords: torch.Tensor, grid, offset, key_coords=None,
-                 key_grid=None, key_offset=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def term_offsets(
+    plan: TermPlan,
+    head_sizes: Sequence[int],
+    coords: torch.Tensor,
+    grid,
+    offset,
+    key_coords=None,
+    key_grid=None,
+    key_offset=None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Offsets of a term's elements: per head ``(heads,)``, per query token and per key token."""
     heads = 1
     for s in head_sizes:
@@ -44,6 +53,6 @@ def head_offsets_cpu(plan: TermPlan, heads: int, head_sizes: Tuple[int, ...]) ->
     out = torch.zeros(heads, dtype=torch.long)
     h = torch.arange(heads)
     for index, size, stride in plan.head:
-        below = math.prod(head_sizes[index + 1:])
+        below = math.prod(head_sizes[index + 1 :])
         out += (torch.div(h, below, rounding_mode="floor") % size) * stride
     return out
