@@ -317,6 +317,23 @@ FAMILY_MODULES: Dict[str, str] = {
 }
 
 
+def replaced(
+    owner: Any, name: str, make: Callable[[HookState, Callable], Callable]
+) -> Callable[[nn.Module, HookState], Any]:
+    """A family's ``install``: ``owner.name`` replaced by ``make(original)`` for the forward, restored after."""
+
+    @contextmanager
+    def install(model: nn.Module, state: HookState) -> Iterator[None]:
+        original = getattr(owner, name)
+        setattr(owner, name, make(state, original))
+        try:
+            yield
+        finally:
+            setattr(owner, name, original)
+
+    return install
+
+
 def families_of(model: nn.Module) -> List[Family]:
     """The generic family, then the registered families of the libraries ``model``'s modules come from."""
     origins = {type(m).__module__ for m in model.modules()}

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
 from timm.models import mvitv2
 
 from greenmim_convert.errors import InvalidInputError
-from greenmim_convert.oracle.hooks import Family, HookState, hidden_logit, visibility_map
+from greenmim_convert.oracle.hooks import Family, HookState, hidden_logit, replaced, visibility_map
 
 
 def _mvit_rel_pos(state: HookState, rel_pos: Callable) -> Callable:
@@ -47,16 +46,6 @@ def _mvit_attention_post(state: HookState) -> Callable:
     return hook
 
 
-@contextmanager
-def _install(model: nn.Module, state: HookState) -> Iterator[None]:
-    original = mvitv2.cal_rel_pos_type
-    mvitv2.cal_rel_pos_type = _mvit_rel_pos(state, original)
-    try:
-        yield
-    finally:
-        mvitv2.cal_rel_pos_type = original
-
-
 FAMILY = Family(
     pre=[
         (mvitv2.MultiScaleAttention, _mvit_attention_pre, False),
@@ -66,5 +55,5 @@ FAMILY = Family(
         (mvitv2.MultiScaleAttention, _mvit_attention_post),
         (mvitv2.MultiScaleAttentionPoolFirst, _mvit_attention_post),
     ],
-    install=_install,
+    install=replaced(mvitv2, "cal_rel_pos_type", _mvit_rel_pos),
 )

@@ -4,8 +4,7 @@ squeeze-excitation."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +20,7 @@ from greenmim_convert.oracle.hooks import (
     attention_post,
     hidden_logit,
     per_sample_post,
+    replaced,
     squeeze_excite_pre,
     visibility_map,
 )
@@ -114,21 +114,11 @@ def _tv_partition_keys_pre(state: HookState) -> Callable:
     return hook
 
 
-@contextmanager
-def _install(model: nn.Module, state: HookState) -> Iterator[None]:
-    original = tv_swin.shifted_window_attention
-    tv_swin.shifted_window_attention = _tv_shifted_window_attention(state)
-    try:
-        yield
-    finally:
-        tv_swin.shifted_window_attention = original
-
-
 FAMILY = Family(
     pre=[
         (tv_maxvit.PartitionAttentionLayer, _tv_partition_keys_pre, False),
         (SqueezeExcitation, squeeze_excite_pre, False),
     ],
     post=[(tv_maxvit.PartitionAttentionLayer, attention_post), (SqueezeExcitation, per_sample_post)],
-    install=_install,
+    install=replaced(tv_swin, "shifted_window_attention", lambda state, original: _tv_shifted_window_attention(state)),
 )
