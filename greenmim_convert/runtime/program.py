@@ -182,11 +182,12 @@ class Call:
     shapes: Dict[Tuple, Tuple[Tuple[Any, ...], int]] = field(default_factory=dict)
     differentiable: bool = True
 
+    def __post_init__(self) -> None:
+        self._fill = _filler((self.args, self.kwargs))
+
     def bind(self, tensors: Sequence[Any]) -> Tuple[Tuple, Dict[str, Any]]:
         """The function's arguments for these tensors, plan objects rebuilt."""
-        plan = dict(zip(self.plan_inputs, tensors))
-        cache = self.program.objects
-        return _fill(self.args, tensors, plan, cache), _fill(self.kwargs, tensors, plan, cache)
+        return self._fill(tensors, dict(zip(self.plan_inputs, tensors)), self.program.objects)
 
     def run(self, tensors: Sequence[Any]) -> Any:
         """The function on these tensors."""
@@ -194,16 +195,35 @@ class Call:
         return self.fn(*args, **kwargs)
 
 
-def _fill(template: Any, tensors: Sequence[Any], plan: Dict[int, torch.Tensor], cache) -> Any:
+Filler = Callable[[Sequence[Any], Dict[int, torch.Tensor], Dict], Any]
+
+
+def _filler(template: Any) -> Filler:
+    """A function of (tensors, plan tensors, plan objects) giving ``template`` with its references filled in,
+    built once per call so that every forward only walks the references."""
     if isinstance(template, InputRef):
-        return tensors[template.index]
+        index = template.index
+        return lambda tensors, plan, cache: tensors[index]
     if isinstance(template, PlanRef):
-        return rebuild(template.spec, plan, cache)
+        spec = template.spec
+        return lambda tensors, plan, cache: rebuild(spec, plan, cache)
+    if isinstance(template, (list, tuple)) and not hasattr(template, "_fields") and _has_refs(template):
+        kind, parts = type(template), [_filler(t) for t in template]
+        return lambda tensors, plan, cache: kind(f(tensors, plan, cache) for f in parts)
+    if isinstance(template, dict) and _has_refs(template):
+        items = [(k, _filler(v)) for k, v in template.items()]
+        return lambda tensors, plan, cache: {k: f(tensors, plan, cache) for k, f in items}
+    return lambda tensors, plan, cache: template
+
+
+def _has_refs(template: Any) -> bool:
+    if isinstance(template, (InputRef, PlanRef)):
+        return True
     if isinstance(template, (list, tuple)) and not hasattr(template, "_fields"):
-        return type(template)(_fill(t, tensors, plan, cache) for t in template)
+        return any(_has_refs(t) for t in template)
     if isinstance(template, dict):
-        return {k: _fill(v, tensors, plan, cache) for k, v in template.items()}
-    return template
+        return any(_has_refs(t) for t in template.values())
+    return False
 
 
 # Site -> call, for the custom ops (which take the site, an int); weak: the compute graph module holds its calls.
