@@ -397,9 +397,12 @@ def masked_dense_hooks(
             h.remove()
 
 
-def feature_tensor(model: nn.Module, module: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """A captured stage (``module`` None: the final output) through every family's ``feature_tensor``."""
-    for fam in families_of(model):
+def feature_tensor(
+    families: Sequence[Family], model: nn.Module, module: Optional[nn.Module], x: torch.Tensor
+) -> torch.Tensor:
+    """A captured stage (``module`` None: the final output) through the ``feature_tensor`` of every family of
+    ``families`` (``families_of(model)``, found once per forward)."""
+    for fam in families:
         if fam.feature_tensor is not None:
             x = fam.feature_tensor(model, module, x)
     return x

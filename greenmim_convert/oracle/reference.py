@@ -20,7 +20,14 @@ import torch.nn as nn
 from greenmim_convert.compiler.capture import module_tensor
 from greenmim_convert.compiler.capture import timm_stages as feature_stages
 from greenmim_convert.errors import InvalidInputError
-from greenmim_convert.oracle.hooks import KeyMaskFn, feature_tensor, grid_tokens, masked_dense_hooks, visibility_map
+from greenmim_convert.oracle.hooks import (
+    KeyMaskFn,
+    families_of,
+    feature_tensor,
+    grid_tokens,
+    masked_dense_hooks,
+    visibility_map,
+)
 from greenmim_convert.runtime.plan.sites import Sites
 from greenmim_convert.runtime.tokens import GreenOutput, VisibleTokens
 
@@ -175,8 +182,10 @@ def dense_masked_reference(
     if missing:
         raise InvalidInputError(f"modules {missing} of {type(model).__name__} did not run in its forward")
 
+    families = families_of(model)
+
     def extended(module: Optional[nn.Module], dense: torch.Tensor) -> torch.Tensor:
-        return feature_tensor(model, module, dense)
+        return feature_tensor(families, model, module, dense)
 
     maps: List[torch.Tensor] = []
     if stages_from_output:
