@@ -19,7 +19,7 @@ import torch
 from greenmim_convert.api.masking import random_mask
 from greenmim_convert.runtime.attention import AttentionProgram, Step, window_attention
 from greenmim_convert.runtime.plan import Sites, digit_grouping
-from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.runtime.plan.grouping import DigitWindows
 from greenmim_convert.runtime.plan.terms import TermPlan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from greenmim_convert.api.masking import random_mask
+from greenmim_convert.runtime.plan.grouping import WindowSpec, window_segments
 from greenmim_convert.runtime.plan.packing import (
     STRATEGIES,
     group_count_bound,
@@ -40,7 +41,6 @@ from greenmim_convert.runtime.plan.packing import (
     packing_cost,
     plan_buckets,
 )
-from greenmim_convert.runtime.plan.segments import WindowSpec, window_segments
 from greenmim_convert.runtime.plan.sites import Sites
 from greenmim_convert.tools.timing import wall_times
 

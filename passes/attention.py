@@ -26,7 +26,7 @@ from greenmim_convert.compiler.layout import Atom, Axis, Layout, LayoutError
 from greenmim_convert.runtime import attention as runtime
 from greenmim_convert.runtime import plan as planner
 from greenmim_convert.runtime.attention import AttentionProgram, Step
-from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.runtime.plan.grouping import DigitWindows
 from greenmim_convert.runtime.plan.terms import TermPlan
 
 from . import rules

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.runtime.plan.grouping import DigitWindows
 from greenmim_convert.runtime.plan.terms import TermPlan, term_offsets
 
 from .base import fetch_attr, graph_order, is_view

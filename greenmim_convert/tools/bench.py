@@ -27,7 +27,7 @@ from greenmim_convert.compiler.capture import input_channels
 from greenmim_convert.mim.dense import SimMIMDense, dense_features
 from greenmim_convert.runtime import attention
 from greenmim_convert.runtime import plan as planner
-from greenmim_convert.runtime.plan.segments import DigitWindows
+from greenmim_convert.runtime.plan.grouping import DigitWindows
 from greenmim_convert.runtime.plan.sites import Sites
 from greenmim_convert.runtime.program import Program
 from greenmim_convert.tools.flops import attention_pair_fraction, count_flops, visible_fraction, visible_only_ideal

@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from greenmim_convert.runtime.plan.grouping import WindowSpec, window_segments
 from greenmim_convert.runtime.plan.packing import (
     CALL_OVERHEAD,
     GROUP_OVERHEAD,
@@ -26,7 +27,6 @@ from greenmim_convert.runtime.plan.packing import (
     packing_cost,
     plan_buckets,
 )
-from greenmim_convert.runtime.plan.segments import WindowSpec, window_segments
 from greenmim_convert.runtime.plan.sites import Sites
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -38,10 +38,10 @@ pytest.importorskip("triton")
 
 from greenmim_convert.kernels import triton_group_attention as tga  # noqa: E402
 from greenmim_convert.kernels.triton_group_attention import group_attention_triton  # noqa: E402
-from greenmim_convert.runtime import attention_backend as dispatch  # noqa: E402
+from greenmim_convert.runtime import attention as dispatch  # noqa: E402
 from greenmim_convert.runtime.attention import AttentionProgram, Step, window_attention  # noqa: E402
 from greenmim_convert.runtime.plan import Bucket, Grouping, Sites  # noqa: E402
-from greenmim_convert.runtime.plan.segments import DigitWindows  # noqa: E402
+from greenmim_convert.runtime.plan.grouping import DigitWindows  # noqa: E402
 from greenmim_convert.runtime.plan.terms import TermPlan  # noqa: E402
 
 INTERPRETER = tga.interpreter_active()

@@ -8,8 +8,7 @@ from typing import List, Tuple
 import torch
 
 from greenmim_convert.runtime.gather import RowMap
-from greenmim_convert.runtime.plan.segments import digit_sum
-from greenmim_convert.runtime.plan.sites import Sites
+from greenmim_convert.runtime.plan.sites import Sites, digit_sum
 from greenmim_convert.runtime.table_einsum import PositionBuckets, table_einsum
 from greenmim_convert.runtime.tokens import GreenOutput, VisibleTokens
 

@@ -1,7 +1,7 @@
 """The plan of one forward: the visible sites of every grid, and the windows' tokens packed into groups.
 
-``visible`` -> ``Sites`` (``sites.py``) -> window segments (``segments.py``) -> DP packing into equal-size groups
-(``packing.py``) -> ``Grouping`` (``grouping.py``), which the attention kernels read.
+``visible`` -> ``Sites`` (``sites.py``) -> window segments and their DP packing (``packing.py``) into groups of
+equal size -> ``Grouping`` (``grouping.py``), which the attention kernels read.
 """
 
 from .grouping import CALL_OVERHEAD_LOGITS, Bucket, Grouping, digit_grouping, group_segments, window_grouping

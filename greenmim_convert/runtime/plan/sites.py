@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
 
 import torch
 
@@ -176,3 +176,20 @@ def padded_sites(sites: Sites, border: Tuple[int, int, int, int]) -> Sites:
 def prefixed_sites(sites: Sites, prefix: int) -> PrefixedSites:
     """The sites of a grid followed by ``prefix`` tokens per sample (rows of a layout holding a class token)."""
     return PrefixedSites(sites, prefix)
+
+
+def digit_sum(
+    coords: torch.Tensor, grid: Tuple[int, int], offset: Tuple[int, int], digits: Sequence[Tuple[str, int, int, int]]
+) -> torch.Tensor:
+    """``sum(digit * stride)`` at every coordinate, for layout digits ``(kind, size, inner, stride)``.
+
+    A digit of kind ``h`` (rows) or ``w`` (columns) is ``(p // inner) % size`` of the dense position
+    ``p = (coord - offset) mod grid`` (``offset`` is a layout's roll). Every index the runtime reads
+    from layout digits (window ids, in-window positions, term and position-table offsets) is one.
+    """
+    out = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device)
+    for kind, size, inner, stride in digits:
+        axis = "hw".index(kind)
+        dense = torch.remainder(coords[:, axis] - offset[axis], grid[axis])
+        out += (torch.div(dense, inner, rounding_mode="floor") % size) * stride
+    return out

@@ -9,7 +9,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from greenmim_convert.runtime.plan.segments import digit_sum
+from greenmim_convert.runtime.plan.sites import digit_sum
 
 Digit = Tuple[str, int, int, int]  # (kind h|w, size, inner, stride in the term)
 
