@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from greenmim_convert.compiler.capture import (
+    ROOT,
     MissingStageError,
     OutputFn,
     check_stage_names,
@@ -20,7 +21,7 @@ from greenmim_convert.compiler.capture import (
     timm_stages,
 )
 from greenmim_convert.compiler.pipeline import Compiled, compile_graph
-from greenmim_convert.errors import InvalidInputError, MaskUnitError, TraceError
+from greenmim_convert.errors import GreenMIMError, InvalidInputError, MaskUnitError, TraceError
 from greenmim_convert.runtime.program import Program
 from greenmim_convert.runtime.tokens import GreenOutput
 
@@ -165,11 +166,33 @@ def convert(
     )
     config = GreenConfig(model_name_of(model), size, unit, grouping, attention_backend)
     names = list(stages) if stages is not None else ev.ctx.stage_paths
-    green = GreenModel(model, {False: ev.program, True: compiled[True].program}, config, report, names)
+    programs = {False: ev.program, True: compiled[True].program}
+    for program in programs.values():
+        share_source_modules(program, model)
+    green = GreenModel(model, programs, config, report, names)
     green.last_module = ev.ctx.last_path
     green.stages_from_output = bool(ev.output_stages)
     green.output_fmt = ev.ctx.output_fmt
     return green
+
+
+def share_source_modules(program: Program, model: nn.Module) -> None:
+    """Point a program's graphs at ``model``'s own modules instead of the copies torch.export made of them.
+
+    The copies hold the same Parameters, but ``model.to(...)``, ``.double()``, ``load_state_dict(assign=True)``
+    and FSDP2 replace tensors inside ``model``'s modules, which a copy would not see. Every tensor a graph reads
+    is checked to be the very object ``model`` holds at that path before the copy is dropped.
+    """
+    for gm in (program.plan_gm, program.compute_gm):
+        copy = getattr(gm, ROOT, None)
+        if copy is None or copy is model:
+            continue
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and str(node.target).startswith(ROOT + "."):
+                mod, _, attr = node.target[len(ROOT) + 1 :].rpartition(".")
+                if getattr(model.get_submodule(mod), attr, None) is not getattr(copy.get_submodule(mod), attr):
+                    raise GreenMIMError(f"the converted graph's {node.target} is not {type(model).__name__}'s")
+        setattr(gm, ROOT, model)
 
 
 def _check_feature_strides(model: nn.Module, compiled: Compiled) -> None:

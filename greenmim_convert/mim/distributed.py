@@ -56,49 +56,17 @@ def wrap_ddp(model: nn.Module, d: Dist) -> nn.Module:
     return ddp_cls(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **no_sync_buffers)
 
 
-def _tensor_targets(gm: nn.Module, root: str) -> List[str]:
-    """The ``root.``-prefixed parameter and buffer paths a graph module's ``get_attr`` nodes read."""
-    return [n.target for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith(root + ".")]
-
-
-def share_source_modules(encoder: nn.Module) -> None:
-    """Point a converted encoder's graphs at the source model's own modules.
-
-    A ``torch.fx.GraphModule`` holds a copy of the module tree it reads (new Module objects holding the same
-    Parameters). FSDP2 swaps unsharded Parameters into the modules it manages, which are the source model's: the
-    graphs must read those modules for the swap to reach them. Every tensor a graph reads is checked to be the
-    very object the source model holds at that path before the copy is replaced.
-    """
-    programs = getattr(encoder, "programs", None)
-    source = getattr(encoder, "source_model", None)
-    if not programs or source is None:
-        return
-    for gm in [g for p in programs.values() for g in (p.plan_gm, p.compute_gm)]:
-        for name, copy in list(gm.named_children()):
-            if copy is source or not isinstance(copy, nn.Module):
-                continue
-            for target in _tensor_targets(gm, name):
-                path = target[len(name) + 1 :]
-                mod, _, attr = path.rpartition(".")
-                if getattr(source.get_submodule(mod), attr, None) is not getattr(copy.get_submodule(mod), attr):
-                    raise RuntimeError(
-                        f"the converted graph's {target} is not the source model's {path}: "
-                        "FSDP2 cannot shard this encoder"
-                    )
-            setattr(gm, name, source)
-
-
 def shard_fsdp(model: nn.Module) -> nn.Module:
     """FSDP2: ``fully_shard`` of the MIM model, encoder and decoder in one unit.
 
     Parameters become DTensors sharded over the ranks; each forward all-gathers them and the backward
     reduce-scatters the gradients. The encoder is not a unit of its own: FSDP2 hooks the backward on the tensors
     it finds in a unit's output, and a converted encoder returns a GreenOutput, which it cannot look into. The
-    model is sharded in place and returned.
+    converted graphs read the source model's own modules (``convert`` points them there), so the unsharded
+    Parameters FSDP2 swaps in reach them. The model is sharded in place and returned.
     """
     from torch.distributed.fsdp import fully_shard
 
-    share_source_modules(model.encoder)
     fully_shard(model)
     return model
 

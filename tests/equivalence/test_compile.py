@@ -20,8 +20,10 @@ MODELS = {
     "swin": lambda: make_swin(dtype=torch.float32, **TINY_SWIN),
     # global attention with keys on a conv-reduced grid, overlapping (sparse) patch-embedding convs
     "pvt_v2_b0": lambda: timm.create_model("pvt_v2_b0", pretrained=False, depths=(1, 1, 1, 1)).eval(),
+    # prefixed sites: a class token always visible, a position embedding read per visible token
+    "vit": lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=64).eval(),
 }
-IMG = {"swin": None, "pvt_v2_b0": 128}
+IMG = {"swin": None, "pvt_v2_b0": 128, "vit": 64}
 
 
 class CountingInductor:
@@ -92,7 +94,9 @@ def test_new_masks_do_not_recompile(compiled, seed):
     assert backend.graphs - before <= 1
 
 
-@pytest.mark.parametrize("case", ["swin", "pvt_v2_b0", pytest.param("twins_pcpvt_small", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "case", ["swin", "pvt_v2_b0", "vit_tiny_patch16_224", pytest.param("twins_pcpvt_small", marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("training", [False, True])
 def test_custom_op_path_matches_eager(case, training, seed):
     """The program with its runtime calls through the custom ops (what the compiled graph runs), eagerly in float64:

@@ -36,3 +36,34 @@ def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         gmc.nope
     assert torch.is_tensor(gmc.random_mask(1, (2, 2), 0.5))
+
+
+def _swinv2():
+    """A tiny Swin V2: float buffers (``relative_coords_table``, ``k_bias``) that ``.double()`` replaces."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "swinv2_tiny_window8_256", img_size=32, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)
+    ).eval()
+
+
+def test_dtype_and_assigned_weights_reach_the_converted_graphs():
+    """The graphs read the source model's own modules: ``.double()`` after conversion (which replaces buffers) and
+    ``load_state_dict(assign=True)`` on the source (which replaces Parameters) both reach the converted model."""
+    model = _swinv2()
+    green = gmc.convert(model).eval().double()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    every = torch.ones(2, *green.mask_grid, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(
+            green(images, every).last.to_dense(),
+            model.forward_features(images).permute(0, 3, 1, 2),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+        fresh = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(fresh, assign=True)
+        want = model.forward_features(images).permute(0, 3, 1, 2)  # NHWC -> the tokens' NCHW
+        got = green(images, every).last.to_dense()
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
