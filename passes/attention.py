@@ -31,6 +31,7 @@ from greenmim_convert.runtime.plan.terms import TermPlan
 
 from . import rules
 from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
+from .grid_padding import pooled_onto
 from .block_masks import evaluate_constant, region_labels
 from .tokenwise import BINARY, UNARY
 
@@ -57,10 +58,19 @@ def _pair_layout(q: Layout, k: Layout, kt: bool) -> Layout:
         raise LayoutError("query and key do not share their batch (sample, window, head) digits")
     if q.is_pair() or k.is_pair():
         raise LayoutError("attention of attention")
-    if q.border != k.border:
+    if not _padded_alike(q, k):
         raise LayoutError("queries and keys padded differently")
     key_axis = tuple(Atom(KEY[a.kind], a.size, a.inner) for a in k_tok)
     return Layout(q.axes[:-2] + (q.axes[-2], key_axis), q.grid, q.stride, q.offset, q.prefix, k.prefix, q.border)
+
+
+def _padded_alike(q: Layout, k: Layout) -> bool:
+    """Queries and keys hold the same padded positions: one border of one grid, or the border of the finer grid
+    pooled onto the coarser one (``grid_padding.pooled_onto``)."""
+    if q.stride == k.stride:
+        return q.border == k.border
+    fine, coarse = (q, k) if q.stride < k.stride else (k, q)
+    return pooled_onto(fine, coarse)
 
 
 def _batch_key(lay: Layout, absolute: bool) -> tuple:
@@ -150,7 +160,7 @@ def _pv_layout(node: fx.Node, p: Layout, v: Layout) -> Layout:
         or key != p.axes[-1]
         or not same_batch(p, v)
         or p.key_prefix != v.prefix
-        or p.border != v.border
+        or not _padded_alike(p, v)
     ):
         raise LayoutError("probabilities @ v does not contract the key axis with the value tokens")
     facts(node).attention_pv = True

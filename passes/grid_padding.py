@@ -28,7 +28,7 @@ rolled tokens, of channels, of tokens holding a class token, and crops of image 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch.fx as fx
 
@@ -125,23 +125,49 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     return None
 
 
+def pooled_border(lay: Layout, factor: int) -> Tuple[int, int, int, int]:
+    """The border of ``lay``'s grid pooled by ``factor`` (cell ``j`` of the pooled grid stands for cells
+    ``factor * j`` to ``factor * j + factor - 1``): whole cells of padded positions are its padded positions.
+    Raises when a cell would mix image and padded positions, which no mask unit of the pooled grid describes."""
+    if not any(lay.border) or factor == 1:
+        return lay.border
+    if any(b % factor for b in lay.border) or any(n % factor for n in lay.image_grid):
+        raise LayoutError(
+            f"pooling by {factor} of a grid padded by {lay.border} around {lay.image_grid} image positions: "
+            "a pooled cell would hold image and padded positions together"
+        )
+    top, bottom, left, right = lay.border
+    return top // factor, bottom // factor, left // factor, right // factor
+
+
 def check_kept(node: fx.Node, out: Layout) -> None:
-    """Raise unless every padded input of ``node`` keeps its grid and border in ``out`` (or ``out`` is one value per
-    sample): the padded positions are tokens of that grid only, and no rule maps them onto another grid."""
+    """Raise unless every padded input of ``node`` keeps its grid and border in ``out``, or pools them onto a grid
+    whose border is its own pooled (``pooled_border``), or ``out`` is one value per sample: no rule maps padded
+    positions onto another grid without saying where they go."""
     if out.is_per_sample():
         return
     for arg in node.all_input_nodes:
         lay = layout_of(arg)
-        if (
-            lay is not None
-            and any(lay.border)
-            and not lay.is_per_sample()
-            and (lay.grid, lay.stride, lay.border) != (out.grid, out.stride, out.border)
-        ):
-            raise LayoutError(
-                f"{getattr(node.target, '__name__', node.target)} of a padded grid onto another grid "
-                "(padded positions are supported in token-wise ops and window attention, then cropped)"
-            )
+        if lay is None or not any(lay.border) or lay.is_per_sample():
+            continue
+        if (lay.grid, lay.stride, lay.border) == (out.grid, out.stride, out.border) or pooled_onto(lay, out):
+            continue
+        raise LayoutError(
+            f"{getattr(node.target, '__name__', node.target)} of a padded grid onto another grid "
+            "(padded positions are supported in token-wise ops, window attention and pooling, then cropped)"
+        )
+
+
+def pooled_onto(fine: Layout, coarse: Layout) -> bool:
+    """Whether ``coarse``'s grid is ``fine``'s pooled by their stride ratio, its border ``fine``'s pooled: the padded
+    positions of the two grids stand for each other (pooled queries of padded windows and their keys)."""
+    factor = coarse.stride // fine.stride
+    if factor < 1 or coarse.stride != fine.stride * factor or fine.grid != tuple(n * factor for n in coarse.grid):
+        return False
+    try:
+        return coarse.border == pooled_border(fine, factor)
+    except LayoutError:
+        return False
 
 
 class GridPaddingPass(GreenPass):

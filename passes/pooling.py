@@ -16,6 +16,7 @@ Ops rewritten: ``adaptive_avg_pool2d``, ``avg_pool2d``, ``max_pool2d``, and ``me
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch.fx as fx
@@ -36,6 +37,7 @@ from greenmim_convert.runtime import ops
 from . import rules
 from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, shape_of, sites_node
 from .conv import is_nchw
+from .grid_padding import pooled_border
 from .layout_ops import with_absorbed_pad
 
 SPATIAL_REDUCTIONS = (aten.mean, aten.sum, aten.linalg_vector_norm, aten.amax, aten.amin)
@@ -72,7 +74,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         if out == (1, 1):
             facts(node).spatial_mean = True
             return Layout(((lay.axes[0]), lay.axes[1], (), ()), lay.grid, lay.stride)
-        return Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, out, lay.channels, lay.stride * factor)
+        return _nchw_pooled(lay, out, factor)
     if is_op(node, *SPATIAL_REDUCTIONS) and not lay.is_per_sample():
         dims = args_of(node)["dim"]
         reduced = {d % len(lay.axes) for d in ([dims] if isinstance(dims, int) else dims or [])}
@@ -141,7 +143,7 @@ def _cell_reduction(lay: Layout, reduced: set, kind: str, keep: bool) -> Optiona
                 axes.append(())
             continue
         axes.append(tuple(Atom(a.kind, a.size, a.inner // f) if a.kind in "hw" else a for a in ax))
-    out = Layout(tuple(axes), (lay.grid[0] // f, lay.grid[1] // f), lay.stride * f)
+    out = Layout(tuple(axes), (lay.grid[0] // f, lay.grid[1] // f), lay.stride * f, border=pooled_border(lay, f))
     out.check_packed()
     return out
 
@@ -212,7 +214,14 @@ def _window_pool_layout(node: fx.Node, lay: Layout) -> Layout:
         facts(node).max_pool = MaxPool(k, s, p, d)
     else:
         facts(node).avg_pool = AvgPool(k, s, p, bool(a["count_include_pad"]), a["divisor_override"])
-    return Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, grid, lay.channels, lay.stride * s[0])
+    return _nchw_pooled(lay, grid, s[0])
+
+
+def _nchw_pooled(lay: Layout, grid: Tuple[int, int], factor: int) -> Layout:
+    """The NCHW layout of ``lay`` pooled onto ``grid`` with stride ``factor``: a padded grid's padded positions
+    pool onto the padded positions of the pooled grid (``grid_padding.pooled_border``)."""
+    out = Layout.nchw(lay.axes[0][0].size if lay.axes[0] else 1, grid, lay.channels, lay.stride * factor)
+    return replace(out, border=pooled_border(lay, factor))
 
 
 def _pair(v):

@@ -155,11 +155,18 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "sam2_hiera_det_model": _SAM2,
     # block 3's windows of 3 pad its 4x4 grid
     "sam2-padded-windows": dict(_SAM2, window_size_per_stage=[4, 4, 3, 2]),
+    # SAM 2's default geometry (1024: windows of 14 pad the third stage's 64x64 grid to 70x70, and the last stage's
+    # first block pools its queries 2x2 in them onto a 35x35 grid, cropped to 32x32): windows of 6 pad the third
+    # stage's 4x4 grid to 6x6, block 4 pools its queries onto a 3x3 grid, cropped to 2x2, then windows of 3 pad it
+    "sam2-pooled-padding": dict(
+        _SAM2, window_size_per_stage=[4, 4, 6, 3], num_query_pool_stages=3, global_attention_blocks=[]
+    ),
 }
 
 # test cases that are a second configuration of one transformers model type: case name -> model type
 MODEL_TYPES: Dict[str, str] = {
     "sam2-padded-windows": "sam2_hiera_det_model",
+    "sam2-pooled-padding": "sam2_hiera_det_model",
     "maskformer-swin-window3": "maskformer-swin",
 }
 

@@ -278,6 +278,80 @@ class PaddedWindowAttention(nn.Module):
         return self.attend(x, torch.where(keys > 0, 0.0, NEG).to(x.dtype))
 
 
+POOL_PAD, POOL_WINDOW = 2, 5  # the 16x16 grid padded to 20x20, pooled onto 10x10 (8x8 image cells), windows of 5
+
+
+class PaddedPool(nn.Module):
+    """The grid padded by two positions on every side after a norm, pooled onto a 10x10 grid whose border cells hold
+    only padded positions (kernel == stride) or some image positions too (sliding 3x3 windows), then attention in
+    5x5 windows of the pooled grid, whose padded cells are keys, cropped to the image's 8x8 cells; the pool is
+    spelled ``spell``."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell = spell
+        self.norm = nn.LayerNorm(C)
+        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        with torch.no_grad():
+            self.norm.bias.normal_(0, 0.5)
+
+    def pool(self, t, vis=None):
+        """NCHW ``t`` (20x20) -> its pool (10x10); over the positions ``vis`` > 0 only when given."""
+        if self.spell.endswith("max"):
+            if vis is None:
+                return self.max_pool(t)
+            pooled = self.max_pool(torch.where(vis > 0, t, torch.tensor(-math.inf, dtype=t.dtype)))
+            return torch.where(pooled > -math.inf, pooled, 0.0)  # cells with no visible position: hidden cells
+        k, p = (3, 1) if self.spell == "sliding-avg" else (2, 0)
+        if vis is None:
+            return F.avg_pool2d(t, k, 2, p, count_include_pad=False)
+        total = F.avg_pool2d(t * vis, k, 2, p, divisor_override=1)
+        return total / F.avg_pool2d(vis, k, 2, p, divisor_override=1).clamp_min(1)
+
+    def max_pool(self, t):
+        if self.spell == "view-max":
+            b, c, h, w = t.shape
+            return t.view(b, c, h // 2, 2, w // 2, 2).amax((3, 5))
+        if self.spell == "windows-max":  # windows of 10x10 folded into the batch, pooled, unfolded
+            return self.unpartition(F.max_pool2d(self.partition(t, 2 * POOL_WINDOW), 2), t.shape[0])
+        return F.max_pool2d(t, 3, 2, 1) if self.spell == "sliding-max" else F.max_pool2d(t, 2)
+
+    @staticmethod
+    def partition(t, n: int):
+        """NCHW ``t`` -> its n x n windows, NCHW, folded into the batch axis."""
+        b, c, h, w = t.shape
+        return t.view(b, c, h // n, n, w // n, n).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, n, n)
+
+    @staticmethod
+    def unpartition(t, b: int):
+        """Inverse of ``partition`` for a batch of ``b`` square maps."""
+        nb, c, n, _ = t.shape
+        g = math.isqrt(nb // b)
+        return t.view(b, g, g, c, n, n).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * n, g * n)
+
+    def attend(self, x, vis=None):
+        b, c, h, w = x.shape
+        t = F.pad(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), (POOL_PAD,) * 4)
+        pooled = self.pool(t, None if vis is None else F.pad(vis, (POOL_PAD,) * 4, value=1.0))
+        win = self.partition(pooled, POOL_WINDOW).flatten(2).transpose(1, 2)
+        q, k, v = (p.view(*p.shape[:2], HEADS, C // HEADS).transpose(1, 2) for p in self.qkv(win).chunk(3, -1))
+        a = (q @ k.transpose(-2, -1)) * (C // HEADS) ** -0.5
+        if vis is not None:  # keys at hidden image cells of the pooled grid removed; its padded cells stay keys
+            cells = F.pad(vis[:, :, ::2, ::2], (POOL_PAD // 2,) * 4, value=1.0)
+            keys = self.partition(cells, POOL_WINDOW).flatten(1)[:, None, None]
+            a = a + torch.where(keys > 0, 0.0, NEG).to(x.dtype)
+        y = self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(win.shape))
+        y = self.unpartition(y.transpose(1, 2).reshape(-1, c, POOL_WINDOW, POOL_WINDOW), b)
+        crop = POOL_PAD // 2
+        return y[:, :, crop : crop + h // 2, crop : crop + w // 2]
+
+    def forward(self, x):
+        return self.attend(x)
+
+    def reference(self, x, vis):
+        return self.attend(x, vis)
+
+
 class DropPath(nn.Module):
     """Stochastic depth of a token-wise branch, its keep mask drawn per sample and spelled three ways."""
 
@@ -563,6 +637,7 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
         PaddedWindowAttention,
         ("nhwc", "nchw", "both-sides", "constant-pad-nd", "value", "unfold", "shifted", "narrow"),
     ),
+    "padded-pool": (PaddedPool, ("max", "view-max", "windows-max", "sliding-max", "avg", "sliding-avg")),
     "drop-path": (DropPath, ("bernoulli", "floor", "compare")),
     "cell-max": (CellMax, ("amax", "max-values", "getitem-max")),
     "folded-pool": (FoldedPool, ("max_pool2d", "view-amax", "view-max-values", "avg_pool2d", "adaptive-avg")),
@@ -651,6 +726,7 @@ def test_spelling_matches_reference(rule: str, spell: str, seed: int):
         "attention",
         "folded-pool",
         "padded-window",
+        "padded-pool",
         "subsampled-attention",
         "patch-attention",
         "prefix-attention",

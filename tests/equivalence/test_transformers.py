@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # maskformer-swin pads its last grid to a window; maskformer-swin-window3 pads every grid, shifted windows of the
 # padded grids included; vitdet pads its 4x4 grid to windows of 3, with decomposed relative positions in them;
-# sam2-padded-windows pads its third stage's 4x4 grid to windows of 3
+# sam2-padded-windows pads its third stage's 4x4 grid to windows of 3; sam2-pooled-padding pools queries of padded
+# windows onto a padded coarser grid (SAM 2's default geometry)
 CONVERTS = [
     "swin",
     "swinv2",
@@ -48,6 +49,7 @@ CONVERTS = [
     "swiftformer",
     "sam2_hiera_det_model",
     "sam2-padded-windows",
+    "sam2-pooled-padding",
     "cvt",
     "vitdet",
     "levit",

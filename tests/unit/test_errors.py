@@ -182,6 +182,9 @@ class _PaddedGrid(nn.Module):
             return nn.functional.pad(y.permute(0, 3, 1, 2), (0, 2, 0, 2), mode="reflect")[:, :, :16, :16]
         if self.misuse == "channels":
             return nn.functional.pad(y, (0, 2))
+        if self.misuse == "pool":  # a row and a column before the image: pooled cells would mix image and padding
+            padded = nn.functional.pad(y, (0, 0, 1, 1, 1, 1)).permute(0, 3, 1, 2)
+            return nn.functional.max_pool2d(padded, 2).permute(0, 2, 3, 1)[:, 1:, 1:]
         padded = nn.functional.pad(y, (0, 0, 0, 2, 0, 2))
         if self.misuse == "conv":
             return (self.conv(padded.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + padded)[:, :16, :16]
@@ -195,6 +198,7 @@ class _PaddedGrid(nn.Module):
         ("reflect", "reflect pad"),
         ("channels", "not one whole side of the grid"),
         ("conv", "conv2d.default of a padded grid onto another grid"),
+        ("pool", "a pooled cell would hold image and padded positions together"),
         ("crop", "that does not remove padded positions only"),
     ],
 )
