@@ -31,8 +31,8 @@ from greenmim_convert.runtime.plan.terms import TermPlan
 
 from . import rules
 from .base import GreenPass, args_of, aten, constant, context_of, is_op, layout_of, shape_of, sites_node
-from .grid_padding import pooled_onto
 from .block_masks import evaluate_constant, region_labels
+from .grid_padding import pooled_onto
 from .tokenwise import BINARY, UNARY
 
 KEY = {"h": "kh", "w": "kw"}
