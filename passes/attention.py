@@ -67,7 +67,7 @@ def _pair_layout(q: Layout, k: Layout, kt: bool) -> Layout:
 def _padded_alike(q: Layout, k: Layout) -> bool:
     """Queries and keys hold the same padded positions: one border of one grid, or the border of the finer grid
     pooled onto the coarser one (``grid_padding.pooled_onto``)."""
-    if q.stride == k.stride:
+    if q.stride == k.stride or not any(q.border + k.border):
         return q.border == k.border
     fine, coarse = (q, k) if q.stride < k.stride else (k, q)
     return pooled_onto(fine, coarse)

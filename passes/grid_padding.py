@@ -20,9 +20,13 @@ statistic) then runs on them as the source model runs it, with no rule of its ow
 are queries too, whose outputs the crop drops (at most a window's width of rows and columns per grid).
 
 Pads and crops become one row move between the two sets of sites (``ops.move_rows``, a partial
-permutation whose backward is a gather). A padded value is the input of nothing that changes the grid:
-convolutions, pooling and patch merging of a padded grid are refused (``check_kept``), as are pads of
-rolled tokens, of channels, of tokens holding a class token, and crops of image positions.
+permutation whose backward is a gather). Pooling by ``s`` maps a padded grid onto a padded grid: when the border
+and the image's positions come in whole cells of ``s``, the pooled grid's border is the border divided by ``s``
+(``pooled_border``), its padded positions are present whatever the mask and pool the present positions of their
+windows (SAM 2 pools queries in windows of its padded grid onto a padded coarser grid, cropped after attention).
+Nothing else changes the grid of a padded value: convolutions and patch merging of a padded grid, and a pooled
+cell that would hold image and padded positions together, are refused (``check_kept``), as are pads of rolled
+tokens, of channels, of tokens holding a class token, and crops of image positions.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ broadcast back to the sample's tokens by the token-wise pass. Max pooling takes 
 positions of its window (as over its own ``-inf`` padding). Pooling runs wherever the windows were folded: a
 kernel == stride pool (or a reduction over low row and column digits, ``view(...).amax(dims)``) of any layout,
 windows or heads folded into the batch axis included, reduces the visible positions of each cell of the grid.
+A pooling of a padded grid (``passes.grid_padding``) pools onto a padded grid: the pooled padded positions
+pool the padded (and, a sliding window, visible) positions of their windows, present whatever the mask.
 Ops rewritten: ``adaptive_avg_pool2d``, ``avg_pool2d``, ``max_pool2d``, and ``mean``, ``sum``,
 ``linalg_vector_norm``, ``amax``, ``amin`` over the grid.
 """

@@ -52,10 +52,15 @@ class Case:
         return MODEL_TYPES.get(self.model_type, self.model_type)
 
 
-UNITS = {"vitdet": 16, "sam2_hiera_det_model": 16}  # no stage past stride 16 mixes positions
+# mask units by test case, else by model type: no stage past stride 16 mixes positions, but sam2-pooled-padding's
+# last block pools its queries onto a stride-32 grid
+UNITS = {"vitdet": 16, "sam2_hiera_det_model": 16, "sam2-pooled-padding": 32}
 FMT = {"sam2_hiera_det_model": "NHWC"}
 CASES = (
-    [Case(t, unit=UNITS.get(MODEL_TYPES.get(t, t), 32), fmt=FMT.get(MODEL_TYPES.get(t, t), "NCHW")) for t in CONFIGS]
+    [
+        Case(t, unit=UNITS.get(t, UNITS.get(MODEL_TYPES.get(t, t), 32)), fmt=FMT.get(MODEL_TYPES.get(t, t), "NCHW"))
+        for t in CONFIGS
+    ]
     + [Case(t, backbone=True, unit=UNITS.get(t, 32)) for t in BACKBONES if t != "hiera"]
     # transformers' eager attention: float32 softmax of float64 logits, the mask must stay finite there
     + [
