@@ -72,3 +72,8 @@ class UnsupportedOperationError(GreenMIMError):
         self.node_name = node.name if node is not None else None
         self.where = describe_node(node) if node is not None else None
         super().__init__(f"{self.where}: {reason}" if self.where else reason)
+
+
+class ImageWideMixingError(UnsupportedOperationError):
+    """An operation grouping positions that no mask unit finer than the image holds whole: the model converts only
+    with the image as its mask unit (every sample all visible or all hidden)."""

@@ -39,6 +39,7 @@ class ConvertContext:
     grid_strides: set = field(default_factory=set)
     default_stages: bool = False
     failures: Dict[fx.Node, Tuple[fx.Node, str]] = field(default_factory=dict)
+    image_wide: set = field(default_factory=set)  # failed nodes grouping positions no unit finer than the image holds
     stage_paths: list = field(default_factory=list)
     last_path: Optional[str] = None
     stage_strides: list = field(default_factory=list)

@@ -18,7 +18,7 @@ import networkx as nx
 import torch.fx as fx
 
 from greenmim_convert.compiler.annotations import Property, facts, peek
-from greenmim_convert.compiler.layout import LayoutError
+from greenmim_convert.compiler.layout import ImageWideError, LayoutError
 
 from . import (
     attention,
@@ -158,6 +158,8 @@ class LayoutAnalysisPass(GreenPass):
                     grid_padding.check_kept(node, lay)
             except LayoutError as exc:
                 failed[node] = (node, str(exc))
+                if isinstance(exc, ImageWideError):
+                    ctx.image_wide.add(node)
                 continue
             if lay is None:
                 failed[node] = (node, _describe_failure(node))

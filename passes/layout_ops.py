@@ -75,7 +75,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         if is_op(node, aten.unfold):
             return unfold_layout(lay, node.args[1], node.args[2], node.args[3])
     except LayoutError as exc:
-        raise LayoutError(f"{getattr(node.target, '__name__', node.target)}: {exc}") from exc
+        raise type(exc)(f"{getattr(node.target, '__name__', node.target)}: {exc}") from exc
     return None
 
 

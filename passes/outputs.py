@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from greenmim_convert.compiler.annotations import Property, peek
 from greenmim_convert.compiler.layout import Layout
-from greenmim_convert.errors import UnsupportedOperationError
+from greenmim_convert.errors import ImageWideMixingError, UnsupportedOperationError
 from greenmim_convert.runtime import ops
 
 from .base import GreenPass, context_of, layout_of, sites_node
@@ -106,7 +106,8 @@ class OutputsPass(GreenPass):
             needed |= set(nx.ancestors(graph, v.name)) | {v.name}
         for node, (where, reason) in ctx.failures.items():
             if node.name in needed:
-                raise UnsupportedOperationError(reason, where)
+                error = ImageWideMixingError if node in ctx.image_wide else UnsupportedOperationError
+                raise error(reason, where)
         for s in stages:
             if layout_of(s) is None or not token_like(layout_of(s)):
                 self.fail(

@@ -32,7 +32,7 @@ from greenmim_convert.compiler.annotations import (
     facts,
     peek,
 )
-from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
+from greenmim_convert.compiler.layout import Atom, ImageWideError, Layout, LayoutError
 from greenmim_convert.kernels.sparse_conv import conv_output_grid
 from greenmim_convert.runtime import ops
 
@@ -94,6 +94,7 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         if any(a.kind in "hw" for i, ax in enumerate(lay.axes) if i not in reduced for a in ax) or any(
             not lay.axes[i] for i in reduced
         ):
+            _refuse_side_spanning(lay, reduced)
             raise LayoutError(
                 f"reduction over axes {sorted(reduced)} of layout {lay.shape} is not over exactly the whole grid"
             )
@@ -117,6 +118,23 @@ def layout_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if is_op(node, aten.max_pool2d, aten.avg_pool2d):
         return _window_pool_layout(node, lay)
     return None
+
+
+def _refuse_side_spanning(lay: Layout, reduced: set) -> None:
+    """Raise ImageWideError for a reduction whose groups span a whole side of the grid with gaps: it reduces the
+    major digit of the rows (or columns) and keeps a lower one (Hiera's query pooling of raster tokens it never
+    unrolled maxes rows a quarter of the grid apart), so only a mask unit as tall (wide) as the image holds a
+    group whole."""
+    kept = [a for i, ax in enumerate(lay.axes) if i not in reduced for a in ax]
+    for kind, side in zip("hw", lay.grid):
+        top = [a for i in reduced for a in lay.axes[i] if a.kind == kind and a.inner * a.size == side]
+        if top and any(a.kind == kind for a in kept):
+            what = "rows" if kind == "h" else "columns"
+            raise ImageWideError(
+                f"reduction over axes {sorted(reduced)} of layout {lay.shape} groups {what}"
+                f" {side // top[0].size} apart across the whole {side}-position side of the grid: no mask unit finer "
+                "than the image holds a group whole"
+            )
 
 
 def _cell_reduction(lay: Layout, reduced: set, kind: str, keep: bool) -> Optional[Layout]:

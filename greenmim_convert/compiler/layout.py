@@ -30,6 +30,11 @@ class LayoutError(Exception):
     """A layout op that cannot be expressed on visible tokens (caught and reported with the node)."""
 
 
+class ImageWideError(LayoutError):
+    """Positions grouped in no block of the grid finer than the image (rows many units apart, tokens regrouped in
+    an order not made of the grid's digits): no mask unit finer than the image holds each group whole."""
+
+
 @dataclass(frozen=True)
 class Atom:
     kind: str
@@ -57,6 +62,19 @@ def _canonical_axis(atoms: Sequence[Atom]) -> Axis:
             a = Atom(a.kind, prev.size * a.size, a.inner)
         out.append(a)
     return tuple(out)
+
+
+def _uneven(shape: Sequence[int], a: Atom, need: int, size: int) -> None:
+    """Refuse a view whose axis takes a digit's values in runs that are not whole multiples of one another: its
+    entries are no rows, columns or blocks of the grid (tokens regrouped in an order not made of the grid's
+    digits, e.g. windows of raster tokens that were never unrolled)."""
+    error = ImageWideError if a.kind in "hw" else LayoutError
+    raise error(
+        f"view {tuple(shape)} splits digit {a} unevenly ({need} entries left of an axis of {size} and its "
+        f"{a.size} values are no whole multiples of one another): the entries are no rows, columns or blocks of "
+        "the image (tokens regrouped in an order that is not made of the grid's digits, e.g. windows of raster "
+        "tokens that were never unrolled)"
+    )
 
 
 @dataclass(frozen=True)
@@ -143,16 +161,12 @@ class Layout:
                 a = pending.pop(0)
                 if a.size <= need:
                     if need % a.size:
-                        raise LayoutError(
-                            f"view {tuple(shape)} splits digit {a} unevenly ({need} entries left of an axis of {size} "
-                            f"are no whole multiple of its {a.size} values): the entries are no rows, columns or "
-                            f"blocks of "
-                            "the image (tokens regrouped in an order that is not made of the grid's digits, e.g. "
-                            "windows of raster tokens that were never unrolled)"
-                        )
+                        _uneven(shape, a, need, size)
                     taken.append(a)
                     need //= a.size
                 else:
+                    if a.size % need:
+                        _uneven(shape, a, need, size)
                     major, minor = a.split(need)
                     taken.append(major)
                     pending.insert(0, minor)

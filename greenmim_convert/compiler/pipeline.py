@@ -18,9 +18,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from greenmim_convert import passes as P
-from greenmim_convert.compiler.capture import OutputFn, capture, example_images, input_channels
+from greenmim_convert.compiler.capture import Captured, OutputFn, capture, example_images, input_channels
 from greenmim_convert.compiler.split import split_program
-from greenmim_convert.errors import GreenMIMError
+from greenmim_convert.compiler.whole_sample import WholeSampleRecord, whole_sample_program, whole_sample_unit
+from greenmim_convert.errors import GreenMIMError, ImageWideMixingError
 from greenmim_convert.runtime.program import Program
 
 TRACE_BATCH = 2
@@ -144,20 +145,52 @@ def compile_graph(
         ctx.default_stages = stages is None and not captured.output_stages
         gm.meta["greenmim"] = ctx
         manager = GreenPassManager(build_pipeline(), P.CheckPass())
-        with recompile_once(gm):
-            manager(gm)
+        try:
+            with recompile_once(gm):
+                manager(gm)
+        except Exception as exc:
+            wide = _cause(exc, ImageWideMixingError)
+            if wide is None:
+                raise
+            return _whole_sample(model, captured, ctx, stages or [], output, wide)
         gm.recompile()
         program = split_program(gm)
     except GreenMIMError:
         raise
     except Exception as exc:
-        inner = exc
-        while not isinstance(inner, GreenMIMError) and inner.__cause__ is not None:
-            inner = inner.__cause__
-        if isinstance(inner, GreenMIMError):
+        inner = _cause(exc, GreenMIMError)
+        if inner is not None:
             raise inner from None
         raise
     finally:
         model.train(was_training)
     gm.meta.pop("greenmim")
     return Compiled(gm, ctx, manager.ran, program, captured.output_stages)
+
+
+def _cause(exc: BaseException, kind: type) -> Optional[BaseException]:
+    """``exc`` or the first exception of ``kind`` on its chain of causes (torch's pass manager wraps what a pass
+    raises), or None."""
+    while not isinstance(exc, kind) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc if isinstance(exc, kind) else None
+
+
+def _whole_sample(
+    model: nn.Module,
+    captured: Captured,
+    ctx: P.ConvertContext,
+    stages: List[str],
+    output: Optional[OutputFn],
+    error: ImageWideMixingError,
+) -> Compiled:
+    """The whole-sample program (``compiler/whole_sample.py``) of a model with an op no finer mask unit holds."""
+    unit = whole_sample_unit(ctx.img_size, ctx.mask_unit, error)
+    program, formats = whole_sample_program(captured, model, ctx.img_size, stages, output)
+    fresh = P.ConvertContext(ctx.img_size, unit, ctx.trace_batch, ctx.channels, ctx.grouping, ctx.attention_backend)
+    fresh.grid_strides = {stride for _, _, stride in formats} | {unit}
+    fresh.stage_strides = [stride for _, _, stride in formats[1:]]
+    fresh.stage_paths = list(stages) or [""] * captured.output_stages
+    fresh.output_fmt = "NHWC" if any(fmt == "NHWC" for fmt, _, _ in formats) else "NCHW"
+    record = WholeSampleRecord(error, len(formats))
+    return Compiled(captured.gm, fresh, [record], program, captured.output_stages)

@@ -341,7 +341,8 @@ def _hiera_encoder(encoder: nn.Module, hf: _HFState) -> None:
     It enters in the order of the modeling file's ``unroll`` (wrapped to record its permutation); every
     layer with a query stride max-pools ``view(B, stride, -1)`` token groups, and the visibility is pooled the
     same way (a group must not mix masked and visible tokens). ``HieraBackbone`` feeds its encoder raster
-    tokens that were never unrolled, so its maps are no spatial maps of the image: InvalidInputError.
+    tokens that were never unrolled, so its groups span the image: only a mask of whole samples (every token of
+    a sample visible, or none) is accepted, else InvalidInputError.
     """
 
     def enter(mod, args, kwargs):
@@ -352,13 +353,18 @@ def _hiera_encoder(encoder: nn.Module, hf: _HFState) -> None:
                 "Hiera in MAE mode drops its own randomly masked units; the oracle runs the "
                 "model without them (is_mae=False)"
             )
-        if perm is None or perm.numel() != x.shape[1]:
-            raise InvalidInputError(
-                f"{type(encoder).__name__} got tokens that did not come from Hiera's unroll "
-                "(HieraBackbone skips it): its feature maps are not spatial maps of the image"
-            )
         size = encoder.schedule[0][1]
-        hf.hiera_tokens = hf.vis(tuple(size)).reshape(x.shape[0], -1)[:, perm]
+        vis = hf.vis(tuple(size)).reshape(x.shape[0], -1)
+        if perm is not None and perm.numel() == x.shape[1]:
+            hf.hiera_tokens = vis[:, perm]
+            return
+        if not bool((vis == vis[:, :1]).all()):
+            raise InvalidInputError(
+                f"{type(encoder).__name__} got raster tokens that did not come from Hiera's unroll (HieraBackbone "
+                "skips it): its pooling and mask-unit attention group positions across the image, so only a mask "
+                "of whole samples (each all visible or all hidden) has masked-dense semantics"
+            )
+        hf.hiera_tokens = vis
 
     hf.pre(encoder, enter, with_kwargs=True)
     for layer in encoder.modules():

@@ -71,6 +71,9 @@ CASES = (
     + [Case("pvt_v2", overrides=(("linear_attention", True),))]
 )
 IDS = [c.name for c in CASES]
+# HieraBackbone runs Hiera's encoder on raster tokens it never unrolled: its groups span the image, so its only mask
+# unit is the image (whole samples visible or hidden); masking inside a sample does not exist for it
+WHOLE_SAMPLE = [Case("hiera", backbone=True, unit=IMG)]
 
 # classes whose first input (a feature map or raster tokens) the masked-content test perturbs at masked positions
 NOISE_INPUTS = {
@@ -148,7 +151,7 @@ def _at_visible(dense: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return dense.permute(0, 2, 3, 1)[vis]
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", CASES + WHOLE_SAMPLE, ids=IDS + [c.name for c in WHOLE_SAMPLE])
 def test_oracle_all_visible_is_the_plain_model(case, seed):
     """Every unit visible: the oracle's outputs and parameter gradients are the plain model's."""
     model = _model(case)
@@ -332,13 +335,27 @@ def test_padded_positions_stay_keys(model_type, seed, monkeypatch):
         assert torch.equal(got, _window_keys(visible, unit, side, window, shift)), (side, window, shift)
 
 
-def test_hiera_backbone_is_refused(seed):
-    """HieraBackbone runs its encoder on tokens it never unrolled: its maps are no spatial maps of the image."""
-    model = build_hf("hiera", backbone=True)
+def test_hiera_backbone_takes_whole_sample_masks(seed):
+    """HieraBackbone's encoder groups raster tokens across the image: a mask of whole samples is its masked-dense
+    model (a hidden sample's pixels and tokens never reach a visible one, whose features are the plain model's), a
+    finer mask is refused."""
+    model = _model(WHOLE_SAMPLE[0])
     gen = torch.Generator().manual_seed(seed)
-    visible = masks_with_unequal_counts(2, (2, 2), 0.5, gen)
-    with pytest.raises(InvalidInputError, match="unroll"):
-        dense_masked_reference(model, _images(2, gen), visible, stages_from_output=True)
+    images = _images(3, gen)
+    visible = torch.tensor([True, False, True]).view(3, 1, 1)
+    other = _hide(images, visible, gen)
+    with torch.no_grad():
+        ref = _oracle(WHOLE_SAMPLE[0], model, images, visible)
+        hidden = _oracle(WHOLE_SAMPLE[0], model, other, visible)
+        plain = _plain(WHOLE_SAMPLE[0], model, images)
+    assert not torch.equal(other[1], images[1])
+    for got, moved, want in zip(ref.stages + [ref.last], hidden.stages + [hidden.last], plain):
+        assert got.counts().tolist() == [got.grid[0] * got.grid[1], 0, got.grid[0] * got.grid[1]]
+        assert rel_err(moved.feats, got.feats) <= 1e-12
+        assert rel_err(got.feats, _at_visible(want, visible)) <= 1e-12
+    finer = masks_with_unequal_counts(2, (2, 2), 0.5, gen)
+    with pytest.raises(InvalidInputError, match="whole samples"):
+        dense_masked_reference(model, images[:2], finer, stages_from_output=True)
 
 
 def test_unknown_attention_is_refused(seed):

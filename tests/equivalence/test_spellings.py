@@ -396,6 +396,27 @@ class CellMax(nn.Module):
         return self.forward(x)  # a cell lies inside one mask unit: all of it visible or none
 
 
+class StripeMax(nn.Module):
+    """A max over rows a quarter of the grid apart, the pooled rows then read as a square grid (HieraBackbone's
+    query pooling of raster tokens it never unrolled): its groups span the image, its mask unit is the image."""
+
+    def __init__(self, spell: str):
+        super().__init__()
+        self.spell, self.fc = spell, nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        if self.spell == "tokens":
+            t = self.fc(x).flatten(2).transpose(1, 2).reshape(b, 4, h * w // 4, c).amax(1)
+            return t.transpose(1, 2).reshape(b, c, h // 2, w // 2)
+        t = self.fc(x).view(b, c, 4, h // 4, w)
+        pooled = t.amax(2) if self.spell == "amax" else t.max(2).values
+        return pooled.reshape(b, c, h // 2, w // 2)
+
+    def reference(self, x, vis):
+        return self.forward(x)  # every position of a sample shares its unit: all of it visible or none
+
+
 class FoldedPool(nn.Module):
     """Queries pooled 2x2 inside 4x4 windows folded into the batch axis attend to their window's keys (SAM 2's
     query pooling); the pool of the folded windows is spelled ``spell``."""
@@ -640,6 +661,7 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
     "padded-pool": (PaddedPool, ("max", "view-max", "windows-max", "sliding-max", "avg", "sliding-avg")),
     "drop-path": (DropPath, ("bernoulli", "floor", "compare")),
     "cell-max": (CellMax, ("amax", "max-values", "getitem-max")),
+    "stripe-max": (StripeMax, ("amax", "max-values", "tokens")),
     "folded-pool": (FoldedPool, ("max_pool2d", "view-amax", "view-max-values", "avg_pool2d", "adaptive-avg")),
     "subsampled-attention": (
         SubsampledAttention,
@@ -652,6 +674,7 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
     "prefix-attention": (PrefixAttention, ("cls", "pos-after", "cls-dist", "cls-reg", "rope-cat")),
 }
 CASES = [(rule, spell) for rule, (_, spells) in SPELLS.items() for spell in spells]
+UNITS = {"stripe-max": IMG}  # rules whose groups span the image: whole samples visible or hidden
 
 
 class Probe(nn.Module):
@@ -685,14 +708,18 @@ def _probe(rule: str, spell: str, seed: int) -> Probe:
 def test_spelling_matches_reference(rule: str, spell: str, seed: int):
     model = _probe(rule, spell, seed)
     train = rule == "drop-path"
-    green = gmc.convert(model, img_size=IMG, mask_unit=UNIT)
+    unit = UNITS.get(rule, UNIT)
+    green = gmc.convert(model, img_size=IMG, mask_unit=unit)
     model.train(train)
     green.train(train)
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(3, 3, IMG, IMG, generator=gen, dtype=torch.float64)
-    visible = random_mask(3, (IMG // UNIT, IMG // UNIT), 0.5, generator=gen)
+    visible = random_mask(3, (IMG // unit, IMG // unit), 0.5, generator=gen)
     visible[0] = True  # one sample all visible: its output is the source model's
-    visible[1, 0, 0], visible[1, 1, 1] = True, False
+    if unit < IMG:
+        visible[1, 0, 0], visible[1, 1, 1] = True, False
+    else:
+        visible[1] = False  # the image is the unit: one sample hidden
 
     torch.manual_seed(seed)
     out = green(images, visible).last

@@ -55,7 +55,20 @@ CONVERTS = [
     "levit",
     "mobilevit",
 ]
-BACKBONES = ["swin", "swinv2", "maskformer-swin", "focalnet", "convnext", "convnextv2", "pvt_v2", "resnet", "vitdet"]
+# hiera's backbone runs its encoder on raster tokens it never unrolled: its groups span the image, which is its
+# mask unit (whole samples visible or hidden; see compiler/whole_sample.py)
+BACKBONES = [
+    "swin",
+    "swinv2",
+    "maskformer-swin",
+    "focalnet",
+    "convnext",
+    "convnextv2",
+    "pvt_v2",
+    "hiera",
+    "resnet",
+    "vitdet",
+]
 # a gradient is compared relative to its own size or to this fraction of the largest, whichever is larger: where
 # the oracle's is rounding noise (analytically zero: a key bias shifts every logit of a softmax row, a conv bias
 # precedes training-mode BatchNorm, PoolFormer reads its norm's bias as pool(x) - x) the converted model's must be
@@ -111,6 +124,8 @@ def _inputs(green: gmc.GreenModel, seed: int) -> Tuple[torch.Tensor, torch.Tenso
     """Three random images and per-sample masks: one sample half visible, one all visible, one a single unit."""
     gen = torch.Generator().manual_seed(seed)
     visible = masks_with_unequal_counts(3, green.mask_grid, 0.5, gen)
+    if green.mask_grid == (1, 1):  # the image is the unit: a hidden sample instead of a half visible one
+        visible[0] = False
     return torch.randn(3, 3, IMG, IMG, generator=gen, dtype=torch.float64), visible, gen
 
 
@@ -170,7 +185,16 @@ def test_masked_training_matches_oracle(case, converted, seed):
 
 
 def test_every_config_is_checked():
-    """Each tiny configuration is a case of the harness above, and so is every backbone but Hiera's (which runs
-    its encoder on tokens it never unrolled: its maps are no maps of the image, see test_hf_oracle)."""
+    """Each tiny configuration and backbone is a case of the harness above."""
     assert set(CONFIGS) == set(CONVERTS)
-    assert set(HF_BACKBONES) - set(BACKBONES) == {"hiera"}
+    assert set(HF_BACKBONES) == set(BACKBONES)
+
+
+def test_hiera_backbone_converts_with_the_image_as_unit():
+    """HieraBackbone's query pooling maxes raster rows a quarter of the grid apart: the image is its only mask unit,
+    and a finer one is refused naming that op."""
+    model = build_hf("hiera", backbone=True)
+    green = gmc.convert(model, img_size=IMG)
+    assert green.mask_grid == (1, 1) and green.report.min_mask_unit == IMG
+    with pytest.raises(gmc.MaskUnitError, match=r"amax.*HieraLayer.*rows 4 apart"):
+        gmc.convert(model, img_size=IMG, mask_unit=IMG // 2)

@@ -24,6 +24,7 @@ from .rows import (
     green_output,
     grid_rows,
     join_prefix,
+    map_rows,
     move_rows,
     position_einsum,
     prefix_rows,

@@ -114,3 +114,9 @@ def tokens(feats: torch.Tensor, sites: Sites) -> VisibleTokens:
 
 def green_output(last: VisibleTokens, stages: List[VisibleTokens]) -> GreenOutput:
     return GreenOutput(last, list(stages))
+
+
+def map_rows(dense: torch.Tensor, sites: Sites, fmt: str) -> torch.Tensor:
+    """A dense ``(B, C, H, W)`` (NCHW) or ``(B, H, W, C)`` (NHWC) map read at every visible site: ``(T, C)``."""
+    m = dense.permute(0, 2, 3, 1) if fmt == "NCHW" else dense
+    return m[sites.batch, sites.coords[:, 0], sites.coords[:, 1]]
