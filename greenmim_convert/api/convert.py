@@ -190,9 +190,22 @@ def share_source_modules(program: Program, model: nn.Module) -> None:
         for node in gm.graph.nodes:
             if node.op == "get_attr" and str(node.target).startswith(ROOT + "."):
                 mod, _, attr = node.target[len(ROOT) + 1 :].rpartition(".")
-                if getattr(model.get_submodule(mod), attr, None) is not getattr(copy.get_submodule(mod), attr):
+                held = getattr(copy.get_submodule(mod), attr)
+                if not hasattr(model.get_submodule(mod), attr):  # a constant torch.export lifted into the copy
+                    node.target = _own_constant(gm, held)
+                elif getattr(model.get_submodule(mod), attr) is not held:
                     raise GreenMIMError(f"the converted graph's {node.target} is not {type(model).__name__}'s")
         setattr(gm, ROOT, model)
+        gm.recompile()
+
+
+def _own_constant(gm: fx.GraphModule, value: torch.Tensor) -> str:
+    """Register ``value`` on ``gm`` itself under a fresh name, returned."""
+    i = 0
+    while hasattr(gm, f"_constant_{i}"):
+        i += 1
+    setattr(gm, f"_constant_{i}", value)
+    return f"_constant_{i}"
 
 
 def _check_feature_strides(model: nn.Module, compiled: Compiled) -> None:

@@ -57,10 +57,17 @@ class SourceRun:
 
 
 def whole_sample_unit(size: Tuple[int, int], mask_unit: int, error: ImageWideMixingError) -> int:
-    """The image as the mask unit, or MaskUnitError naming the op that rules out a finer one."""
+    """The image as the mask unit when ``mask_unit`` asks for it; otherwise the refusal naming the op that rules out a
+    finer unit (never a silent dense program)."""
     if size[0] != size[1]:
         raise MaskUnitError(f"{error}; a {size[0]}x{size[1]} image is no square mask unit, so it does not convert")
-    if mask_unit and mask_unit != size[0]:
+    if not mask_unit:
+        raise ImageWideMixingError(
+            f"{error}; no mask unit finer than the image holds these positions whole, so masking inside a sample has "
+            f"no masked-dense meaning here: pass mask_unit={size[0]} to convert it with the image as its unit (every "
+            "sample all visible or all hidden, computed densely: no speed-up)"
+        )
+    if mask_unit != size[0]:
         raise MaskUnitError(
             f"mask_unit {mask_unit}px: {error}; the model converts only with the image as its mask unit "
             f"(mask_unit={size[0]}: every sample all visible or all hidden)"

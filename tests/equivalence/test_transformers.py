@@ -78,6 +78,7 @@ GRAD_FLOOR = 1e-4  # 10 times the largest such noise seen (MobileViT's conv bias
 
 Case = Tuple[str, bool]
 CASES = [(t, False) for t in CONVERTS] + [(t, True) for t in BACKBONES]
+WHOLE_SAMPLE = {("hiera", True): IMG}  # its groups span the image: converted with the image as its unit
 IDS = [f"{t}-{'backbone' if b else 'model'}" for t, b in CASES]
 
 
@@ -91,7 +92,7 @@ def converted() -> Iterator[Callable[[Case], Tuple[nn.Module, gmc.GreenModel]]]:
             model_type, backbone = case
             torch.manual_seed(sum(map(ord, model_type)) + backbone)
             model = build_hf(model_type, backbone=backbone)
-            cache[case] = model, gmc.convert(model, img_size=IMG)
+            cache[case] = model, gmc.convert(model, img_size=IMG, mask_unit=WHOLE_SAMPLE.get(case))
         model, green = cache[case]
         clear_caches(model).eval()
         green.eval()
@@ -191,10 +192,12 @@ def test_every_config_is_checked():
 
 
 def test_hiera_backbone_converts_with_the_image_as_unit():
-    """HieraBackbone's query pooling maxes raster rows a quarter of the grid apart: the image is its only mask unit,
-    and a finer one is refused naming that op."""
+    """HieraBackbone's query pooling maxes raster rows a quarter of the grid apart: without a mask unit it is refused
+    with the op and the way out; with the image as its unit it converts; a finer unit is refused naming that op."""
     model = build_hf("hiera", backbone=True)
-    green = gmc.convert(model, img_size=IMG)
+    with pytest.raises(gmc.UnsupportedOperationError, match=rf"amax.*HieraLayer.*rows 4 apart.*mask_unit={IMG}"):
+        gmc.convert(model, img_size=IMG)
+    green = gmc.convert(model, img_size=IMG, mask_unit=IMG)
     assert green.mask_grid == (1, 1) and green.report.min_mask_unit == IMG
     with pytest.raises(gmc.MaskUnitError, match=r"amax.*HieraLayer.*rows 4 apart"):
         gmc.convert(model, img_size=IMG, mask_unit=IMG // 2)
