@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional
 
@@ -72,6 +73,13 @@ class UnsupportedOperationError(GreenMIMError):
         self.node_name = node.name if node is not None else None
         self.where = describe_node(node) if node is not None else None
         super().__init__(f"{self.where}: {reason}" if self.where else reason)
+
+    def extended(self, more: str) -> "UnsupportedOperationError":
+        """The same refusal at the same node, its reason followed by ``more``."""
+        out = copy.copy(self)
+        out.reason = f"{self.reason}; {more}"
+        out.args = (f"{self.where}: {out.reason}" if self.where else out.reason,)
+        return out
 
 
 class ImageWideMixingError(UnsupportedOperationError):

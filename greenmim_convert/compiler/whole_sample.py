@@ -62,9 +62,9 @@ def whole_sample_unit(size: Tuple[int, int], mask_unit: int, error: ImageWideMix
     if size[0] != size[1]:
         raise MaskUnitError(f"{error}; a {size[0]}x{size[1]} image is no square mask unit, so it does not convert")
     if not mask_unit:
-        raise ImageWideMixingError(
-            f"{error}; no mask unit finer than the image holds these positions whole, so masking inside a sample has "
-            f"no masked-dense meaning here: pass mask_unit={size[0]} to convert it with the image as its unit (every "
+        raise error.extended(
+            "no mask unit finer than the image holds these positions whole, so masking inside a sample has no "
+            f"masked-dense meaning here: pass mask_unit={size[0]} to convert it with the image as its unit (every "
             "sample all visible or all hidden, computed densely: no speed-up)"
         )
     if mask_unit != size[0]:
