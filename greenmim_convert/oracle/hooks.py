@@ -47,14 +47,40 @@ class HookState:
         self.per_sample = 0  # > 0 inside a module whose inner convs act on one value per sample (squeeze-excite)
         self.dense = 0  # > 0 inside a module computed densely at every position (GC ViT's global-query generator)
         self.masked_rel_pos: List[bool] = []  # per MViTv2 attention being run: its keys were masked
+        # grid -> ((B, H, W) visibility, stride) of a grid whose cells are picked cells of a finer grid (LeViT's
+        # subsampled queries): a cell is visible exactly when the cell it picks is, whatever the mask unit
+        self.picked: Dict[Tuple[int, int], Tuple[torch.Tensor, int]] = {}
 
     def grid_of(self, tokens: int) -> Tuple[int, int]:
-        """The feature grid with ``tokens`` cells and the image's aspect ratio."""
+        """The feature grid with ``tokens`` cells: a picked grid (``picked``) with that many, else the grid of the
+        image at an integer stride."""
+        found = next((g for g in self.picked if g[0] * g[1] == tokens), None)
+        if found is not None:
+            return found
         h, w = self.img_size
         for stride in range(1, max(h, w) + 1):
             if h % stride == 0 and w % stride == 0 and (h // stride) * (w // stride) == tokens:
                 return h // stride, w // stride
         raise ValueError(f"{tokens} keys do not form a grid of a {h}x{w} image")
+
+    def grid_visibility(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """``(B, H, W)`` bool visibility of a feature grid: a picked grid's recorded one, else the mask units'."""
+        grid = (int(grid[0]), int(grid[1]))
+        if grid in self.picked:
+            return self.picked[grid][0]
+        return visibility_map(self.visible, grid)
+
+    def grid_stride(self, grid: Tuple[int, int]) -> int:
+        """Pixels per cell of a feature grid: a picked grid's recorded stride, else the image's size over the grid."""
+        grid = (int(grid[0]), int(grid[1]))
+        return self.picked[grid][1] if grid in self.picked else self.img_size[0] // grid[0]
+
+    def record_pick(self, fine: Tuple[int, int], picked: torch.Tensor, step: int) -> Tuple[int, int]:
+        """Record the ``(B, H, W)`` visibility of the cells a module picked, every ``step``-th of the ``fine`` grid's;
+        returns the picked grid."""
+        grid = (int(picked.shape[1]), int(picked.shape[2]))
+        self.picked[grid] = (picked, self.grid_stride(fine) * step)
+        return grid
 
 
 def grid_tokens(n: int, img_size: Tuple[int, int]) -> bool:
@@ -353,9 +379,9 @@ def masked_dense_hooks(
     visible: torch.Tensor,
     img_size: Tuple[int, int],
     key_mask_for: Optional[Callable[[nn.Module], Optional[KeyMaskFn]]] = None,
-) -> Iterator[None]:
+) -> Iterator[HookState]:
     """Install the masked-dense hooks on ``model`` for one forward (``key_mask_for``: as in
-    ``dense_masked_reference``); every hook and patched function is restored on exit."""
+    ``dense_masked_reference``), yielding their state; every hook and patched function is restored on exit."""
     state = HookState(visible, img_size)
     families = families_of(model)
     fused_classes = tuple(c for fam in families for c in fam.fused)
@@ -388,7 +414,7 @@ def masked_dense_hooks(
             for fam in families:
                 if fam.install is not None:
                     installed.enter_context(fam.install(model, state))
-            yield
+            yield state
     finally:
         F.scaled_dot_product_attention, F.batch_norm, F.softmax = sdpa, batch_norm, softmax
         for mod, flag in fused.items():
