@@ -96,7 +96,7 @@ def global_keys(state: HookState, k: torch.Tensor) -> torch.Tensor:
     prefix = next((p for p in range(n) if grid_tokens(n - p, state.img_size)), None)
     if prefix is None:
         raise ValueError(f"{n} keys do not form a grid of a {state.img_size} image after prefix tokens")
-    grid = visibility_map(state.visible, state.grid_of(n - prefix)).reshape(k.shape[0], -1)
+    grid = state.grid_visibility(state.grid_of(n - prefix)).reshape(k.shape[0], -1)
     return torch.cat([grid.new_ones(k.shape[0], prefix), grid], 1).reshape(k.shape[0], 1, 1, -1)
 
 
@@ -187,7 +187,7 @@ def masked_batch_norm(state: "HookState", batch_norm: Callable) -> Callable:
     def run(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
         if not training or input.dim() != 4 or state.per_sample or state.dense:
             return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        vis = visibility_map(state.visible, tuple(input.shape[-2:]))[:, None].to(input.dtype)
+        vis = state.grid_visibility(tuple(input.shape[-2:]))[:, None].to(input.dtype)
         n = vis.sum()
         mean = (input * vis).sum((0, 2, 3)) / n
         centred = (input - mean[None, :, None, None]) * vis
@@ -215,7 +215,7 @@ def masked_inputs_pre(fill: float) -> Callable[[HookState], Callable]:
             if state.per_sample or state.dense:
                 return None
             x = args[0]
-            vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
+            vis = state.grid_visibility(tuple(x.shape[-2:]))[:, None]
             vis = vis.repeat_interleave(x.shape[0] // vis.shape[0], 0)  # heads folded into the batch, samples major
             return (torch.where(vis, x, torch.tensor(fill, dtype=x.dtype)),) + tuple(args[1:])
 
@@ -230,7 +230,7 @@ def max_pool_post(state: HookState) -> Callable:
     def hook(pool: nn.Module, args, out):
         if state.dense:
             return None
-        vis = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
+        vis = state.grid_visibility(tuple(out.shape[-2:]))[:, None]
         return torch.where(vis, out, torch.zeros((), dtype=out.dtype))
 
     return hook
@@ -241,7 +241,7 @@ def mean_pool_post(state: HookState) -> Callable:
 
     def hook(pool: nn.Module, args, out):
         x = args[0]
-        vis = visibility_map(state.visible, x.shape[-2:])[:, None].to(x.dtype)
+        vis = state.grid_visibility(x.shape[-2:])[:, None].to(x.dtype)
         summed = F.adaptive_avg_pool2d(torch.where(vis > 0, x, torch.zeros((), dtype=x.dtype)), pool.output_size)
         share = F.adaptive_avg_pool2d(vis, pool.output_size)
         return torch.where(
@@ -259,7 +259,7 @@ def avg_pool_post(state: HookState) -> Callable:
         if state.per_sample or state.dense:
             return None
         x = args[0]
-        vis = visibility_map(state.visible, x.shape[-2:])[:, None].to(x.dtype)
+        vis = state.grid_visibility(x.shape[-2:])[:, None].to(x.dtype)
         k, s, p = pool.kernel_size, pool.stride, pool.padding
 
         def window_sum(t: torch.Tensor) -> torch.Tensor:
@@ -273,7 +273,7 @@ def avg_pool_post(state: HookState) -> Callable:
             if pool.count_include_pad:  # its zero padding counts: the window's area minus its cells on the grid
                 area = math.prod(nn.modules.utils._pair(k))
                 count = count + area - window_sum(torch.ones_like(vis[:1]))
-        shown = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
+        shown = state.grid_visibility(tuple(out.shape[-2:]))[:, None]
         return torch.where(shown, summed / count.clamp_min(1), torch.zeros((), dtype=x.dtype))
 
     return hook

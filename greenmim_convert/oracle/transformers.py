@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from greenmim_convert.errors import InvalidInputError
-from greenmim_convert.oracle.hooks import Family, GivenKeys, HookState, visibility_map
+from greenmim_convert.oracle.hooks import Family, GivenKeys, HookState
 
 
 def _mask_value(dtype: torch.dtype) -> float:
@@ -512,7 +512,7 @@ def _group_norm(state: HookState) -> Callable:
             return None
         b, c, h, w = x.shape
         g = module.num_groups
-        vis = visibility_map(state.visible, (h, w))[:, None, None].to(x.dtype)  # (B, 1, 1, H, W)
+        vis = state.grid_visibility((h, w))[:, None, None].to(x.dtype)  # (B, 1, 1, H, W)
         grouped = x.reshape(b, g, c // g, h, w)
         count = vis.sum((2, 3, 4), keepdim=True) * (c // g)
         mean = (grouped * vis).sum((2, 3, 4), keepdim=True) / count.clamp_min(1)
