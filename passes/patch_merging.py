@@ -8,8 +8,11 @@ inserts one gather of the neighbourhood of every visible coarse site, in the den
 A pick of the rows and the columns read by anything else is a subsampling (LeViT's queries): the picked cells
 are the tokens of the ``f`` times coarser grid, gathered at its visible sites. A pick is a strided slice of a
 whole spatial axis or a ``select`` of the lowest spatial digit (``x.view(B, H // 2, 2, W // 2, 2, C)[:, :, 0, :, 0]``).
-The mask unit, a multiple of every grid's stride, is then a multiple of the coarse stride: a coarse cell is
-visible exactly when its picked fine position is.
+A coarse cell is visible exactly when its picked fine position is. The pick keeps cells ``o, o + f, ...`` to the
+end of the axis, whether or not ``f`` tiles it (every second cell of 7 is 4 cells). Where it tiles a grid of
+mask-unit cells, the coarse grid is one too (its stride joins the minimal mask unit, so a picked cell lies in its
+coarse cell's unit); where it does not, the coarse grid's sites are the fine sites the pick keeps (``PickedGrid``,
+``planner.picked_sites``). A pick of a padded grid is a padded grid: picked padded positions stay padded positions.
 A ``cat`` along the channels of ordinary tokens is a column concatenation.
 """
 
