@@ -22,6 +22,17 @@ from greenmim_convert.runtime import plan as planner
 aten = torch.ops.aten
 
 
+@dataclass(frozen=True)
+class PickedGrid:
+    """A grid whose cell ``j`` is the cell ``j * factor + offset`` of the ``fine`` grid (its layout's grid and stride)
+    where the step does not tile that grid: its sites are the fine sites it picks (``planner.picked_sites``), not
+    cells of mask units."""
+
+    fine: Layout
+    factor: Tuple[int, int]
+    offset: Tuple[int, int]
+
+
 @dataclass
 class ConvertContext:
     """What every pass needs: sizes, options, the input nodes, and the per-grid site nodes it created."""
@@ -37,6 +48,7 @@ class ConvertContext:
     site_nodes: Dict[Tuple, fx.Node] = field(default_factory=dict)
     grouping_nodes: Dict[Tuple, fx.Node] = field(default_factory=dict)
     grid_strides: set = field(default_factory=set)
+    picked_grids: Dict[Tuple, PickedGrid] = field(default_factory=dict)  # (grid, stride) -> how its cells are picked
     default_stages: bool = False
     failures: Dict[fx.Node, Tuple[fx.Node, str]] = field(default_factory=dict)
     image_wide: set = field(default_factory=set)  # failed nodes grouping positions no unit finer than the image holds
@@ -97,7 +109,7 @@ def shape_of(node: Any) -> Optional[Tuple[int, ...]]:
 
 def sites_node(gm: fx.GraphModule, layout: Layout) -> fx.Node:
     """The (shared) node computing the visible sites of ``layout``'s grid (and its prefix tokens, or the padded
-    positions of its border, when it has some)."""
+    positions of its border, when it has some): the cells of visible mask units, or the fine sites a pick keeps."""
     ctx = context_of(gm)
     if any(layout.border):
         key = (layout.grid, layout.stride, "border", layout.border)
@@ -114,6 +126,13 @@ def sites_node(gm: fx.GraphModule, layout: Layout) -> fx.Node:
                 ctx.site_nodes[key] = gm.graph.call_function(planner.prefixed_sites, (grid, layout.prefix))
         return ctx.site_nodes[key]
     key = (layout.grid, layout.stride)
+    picked = ctx.picked_grids.get(key)
+    if picked is not None and key not in ctx.site_nodes:
+        fine = sites_node(gm, picked.fine)
+        with gm.graph.inserting_after(fine):
+            ctx.site_nodes[key] = gm.graph.call_function(
+                planner.picked_sites, (fine, picked.factor, picked.offset, layout.grid, layout.stride)
+            )
     if key not in ctx.site_nodes:
         with gm.graph.inserting_after(ctx.visible):
             ctx.site_nodes[key] = gm.graph.call_function(

@@ -8,8 +8,11 @@ inserts one gather of the neighbourhood of every visible coarse site, in the den
 A pick of the rows and the columns read by anything else is a subsampling (LeViT's queries): the picked cells
 are the tokens of the ``f`` times coarser grid, gathered at its visible sites. A pick is a strided slice of a
 whole spatial axis or a ``select`` of the lowest spatial digit (``x.view(B, H // 2, 2, W // 2, 2, C)[:, :, 0, :, 0]``).
-The mask unit, a multiple of every grid's stride, is then a multiple of the coarse stride: a coarse cell is
-visible exactly when its picked fine position is.
+A coarse cell is visible exactly when its picked fine position is. The pick keeps cells ``o, o + f, ...`` to the
+end of the axis, whether or not ``f`` tiles it (every second cell of 7 is 4 cells). Where it tiles a grid of
+mask-unit cells, the coarse grid is one too (its stride joins the minimal mask unit, so a picked cell lies in its
+coarse cell's unit); where it does not, the coarse grid's sites are the fine sites the pick keeps (``PickedGrid``,
+``planner.picked_sites``). A pick of a padded grid is a padded grid: picked padded positions stay padded positions.
 A ``cat`` along the channels of ordinary tokens is a column concatenation.
 """
 
@@ -25,7 +28,7 @@ from greenmim_convert.compiler.layout import Atom, Layout, LayoutError
 from greenmim_convert.runtime import ops
 
 from . import rules
-from .base import GreenPass, args_of, aten, is_op, layout_of, replace_with_call, sites_node
+from .base import GreenPass, PickedGrid, args_of, aten, context_of, is_op, layout_of, replace_with_call, sites_node
 
 
 def _spatial_axis(lay: Layout, dim: int) -> Optional[str]:
@@ -43,7 +46,8 @@ def _lowest_digit(lay: Layout, dim: int) -> Optional[str]:
 
 def _picked(node: fx.Node, lay: Layout) -> Optional[Tuple[str, int, int, Layout]]:
     """``(kind, factor, offset, layout)`` when ``node`` keeps one cell of every ``factor`` rows (or columns): a
-    strided slice of a whole spatial axis (``x[:, o::f]``) or a select of the lowest spatial digit
+    strided slice of a whole spatial axis from a cell below the step to its end (``x[:, o::f]``, which keeps
+    ``ceil((size - o) / f)`` cells whether or not ``f`` divides the size) or a select of the lowest spatial digit
     (``x.view(B, H // f, f, ...)[:, :, o]``). The layout keeps the remaining digits at their fine place values."""
     a = args_of(node)
     dim = a["dim"] % len(lay.axes)
@@ -53,12 +57,14 @@ def _picked(node: fx.Node, lay: Layout) -> Optional[Tuple[str, int, int, Layout]
             return None
         size = lay.shape[dim]
         start, stop, step = slice(a["start"], a["end"], a["step"]).indices(size)
-        if size % step or start >= step or len(range(start, stop, step)) != size // step:
+        kept = len(range(start, size, step))
+        if start >= step or len(range(start, stop, step)) != kept:
             raise LayoutError(
-                f"strided slice {start}:{stop}:{step} of a spatial axis of size {size} is not one cell of every {step}"
+                f"strided slice {start}:{stop}:{step} of a spatial axis of size {size} does not keep every cell "
+                f"{start} + {step}k of the axis"
             )
         axes = list(lay.axes)
-        axes[dim] = (Atom(kind, size // step, step),)
+        axes[dim] = (Atom(kind, kept, step),)
         return kind, step, start, replace(lay, axes=tuple(axes))
     if is_op(node, aten.select):
         kind = _lowest_digit(lay, dim)
@@ -79,18 +85,48 @@ def _continues_pick(node: fx.Node) -> bool:
     return lay is not None and _picked(node, lay) is not None
 
 
-def coarse_layout(lay: Layout, factor: int) -> Layout:
-    """The layout of picked cells (one of every ``factor`` rows and columns) on the ``factor`` times coarser grid."""
-    if lay.offset != (0, 0) or lay.prefixed_axes() or any(lay.border):
-        raise LayoutError("subsampling of rolled or padded tokens or of tokens that hold prefix tokens")
+def _picked_side(size: int, before: int, after: int, factor: int, offset: int) -> Tuple[int, int, int, int]:
+    """One side of a pick of cells ``offset + factor * j`` of a grid side of ``size`` cells, ``before`` and ``after``
+    of them padding: ``(cells, padded before, padded after, first)``, ``first`` the image cell the first picked
+    image cell is."""
+    picks = range(offset, size, factor)
+    lead = len([p for p in picks if p < before])
+    trail = len([p for p in picks if p >= size - after])
+    if lead + trail == len(picks):
+        raise LayoutError("a strided pick that keeps padded positions only")
+    return len(picks), lead, trail, picks[lead] - before
+
+
+def coarse_layout(lay: Layout, factor: int, offset: Tuple[int, int]) -> Tuple[Layout, Tuple[int, int]]:
+    """The layout of picked cells (cell ``offset + factor * j`` of the rows and the columns) on their own grid, at
+    ``factor`` times the stride, and the offset of the first picked image cell on the image's grid. Picked padded
+    positions of a padded grid are padded positions of the picked one."""
+    if lay.offset != (0, 0) or lay.prefixed_axes():
+        raise LayoutError("subsampling of rolled tokens or of tokens that hold prefix tokens")
     axes = []
     for ax in lay.axes:
         for a in ax:
             if a.kind in "hw" and a.inner % factor:
                 raise LayoutError(f"subsampling by {factor} of a layout whose digit {a} lies below the stride")
         axes.append(tuple(Atom(a.kind, a.size, a.inner // factor) if a.kind in "hw" else a for a in ax))
-    grid = (lay.grid[0] // factor, lay.grid[1] // factor)
-    return Layout(tuple(axes), grid, lay.stride * factor)
+    (gh, th, bh, fh), (gw, tw, bw, fw) = (
+        _picked_side(lay.grid[k], lay.border[2 * k], lay.border[2 * k + 1], factor, offset[k]) for k in (0, 1)
+    )
+    return Layout(tuple(axes), (gh, gw), lay.stride * factor, border=(th, bh, tw, bw)), (fh, fw)
+
+
+def _record_picked_grid(gm: fx.GraphModule, fine: Layout, coarse: Layout, factor: int, first: Tuple[int, int]):
+    """Remember how the picked image cells' grid reads its sites when the step does not tile the fine image grid
+    (or that grid is a pick itself): as the fine sites it keeps. Where the step tiles a grid of mask-unit cells, a
+    picked cell lies in the unit of its coarse cell, and the coarse grid's sites are read off the mask as usual."""
+    ctx = context_of(gm)
+    image, stride = fine.image_grid, fine.stride
+    key = (coarse.image_grid, coarse.stride)
+    if (image, stride) not in ctx.picked_grids and not (image[0] % factor or image[1] % factor):
+        return
+    picked = PickedGrid(Layout((), image, stride), (factor, factor), first)
+    if ctx.picked_grids.setdefault(key, picked) != picked:
+        raise LayoutError(f"two strided picks onto the {key[0]} grid at stride {key[1]} keep different cells")
 
 
 @rules.layout("strided-pick", priority=20)
@@ -114,7 +150,8 @@ def pick_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
     if len(factor) == 2 and not all(_continues_pick(u) for u in node.users):
         if factor["h"] != factor["w"]:
             raise LayoutError(f"subsampling by {factor['h']} rows and {factor['w']} columns: the grid has one stride")
-        coarse = coarse_layout(lay, factor["h"])
+        coarse, first = coarse_layout(lay, factor["h"], (offset["h"], offset["w"]))
+        _record_picked_grid(gm, layout_of(pick.src), coarse, factor["h"], first)
         facts(node).subsample = Subsample(coarse, factor["h"], (offset["h"], offset["w"]))
         return coarse
     found = facts(node)
@@ -143,6 +180,11 @@ def cat_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Layout]:
         if len(f) != 1 or lays[0].channel_axis() != dim or fine.offset != (0, 0):
             raise LayoutError("strided slices that are not a square space-to-depth along the channels")
         f = f.pop()
+        if any(g % f for g in fine.grid) or any(fine.border):
+            raise LayoutError(
+                f"strided slices of a {fine.grid} grid concatenated as a {f}x{f} space-to-depth: the "
+                "step does not tile the grid, or it is padded"
+            )
         offsets = [(p.offset.get("h", 0), p.offset.get("w", 0)) for p in picks]
         grid = (fine.grid[0] // f, fine.grid[1] // f)
         batch = fine.axes[0][0].size if fine.axes[0] else 1

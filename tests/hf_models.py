@@ -135,6 +135,19 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
         attention_ratio=[2, 2],
         down_ops=[["Subsample", 4, 2, 2, 2, 2]],
     ),
+    # LeViT's default geometry at tiny widths: 224 px, 14x14 tokens at stride 16, subsampled to 7x7, then every second
+    # row and column of 7 (0, 2, 4, 6) to 4x4, a step that does not tile the grid
+    "levit-224": dict(
+        image_size=224,
+        patch_size=16,
+        hidden_sizes=[16, 24, 32],
+        num_attention_heads=[2, 2, 2],
+        depths=[1, 1, 1],
+        key_dim=[4, 4, 4],
+        mlp_ratio=[2, 2, 2],
+        attention_ratio=[2, 2, 2],
+        down_ops=[["Subsample", 4, 2, 2, 2, 2], ["Subsample", 4, 2, 2, 2, 2]],
+    ),
     # a stage of depth d: d - 1 convolutional encoders, then the attention block
     "swiftformer": dict(depths=[2, 1, 1, 1], embed_dims=[8, 16, 24, 32], mlp_ratio=2),
     # windows of 3 on a 4x4 grid: the layer pads them
@@ -168,6 +181,7 @@ MODEL_TYPES: Dict[str, str] = {
     "sam2-padded-windows": "sam2_hiera_det_model",
     "sam2-pooled-padding": "sam2_hiera_det_model",
     "maskformer-swin-window3": "maskformer-swin",
+    "levit-224": "levit",
 }
 
 # model types whose AutoBackbone the tests build, with config kwargs that differ from the model's
@@ -183,6 +197,12 @@ BACKBONES: Dict[str, Dict[str, Any]] = {
     "resnet": {},
     "vitdet": {},
 }
+
+
+def image_size(case: str) -> int:
+    """The side of the square images of a test case: its config's ``image_size``, else ``IMG``."""
+    size = CONFIGS[case].get("image_size", IMG)
+    return int(size if isinstance(size, int) else size[0])
 
 
 def import_transformers() -> Any:
@@ -263,6 +283,7 @@ def build_hf(
     ``overrides``), random weights (``randomise``), BatchNorm statistics of random images, in ``dtype`` and eval
     mode. ``model_type`` is a test case: a transformers model type or a name in ``MODEL_TYPES``."""
     transformers = import_transformers()
+    case = model_type
     kwargs = {**CONFIGS[model_type], **(BACKBONES[model_type] if backbone else {}), **overrides}
     model_type = MODEL_TYPES.get(model_type, model_type)
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
@@ -275,7 +296,7 @@ def build_hf(
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = randomise(auto.from_config(config, **options)).to(dtype)
     _set_drop_rates(model, config, drop_path)
-    return calibrate_batch_norms(model).eval()
+    return calibrate_batch_norms(model, size=image_size(case)).eval()
 
 
 def clear_caches(model: nn.Module) -> nn.Module:
@@ -287,7 +308,7 @@ def clear_caches(model: nn.Module) -> nn.Module:
     return model
 
 
-def calibrate_batch_norms(model: nn.Module, batch: int = 4) -> nn.Module:
+def calibrate_batch_norms(model: nn.Module, batch: int = 4, size: int = IMG) -> nn.Module:
     """BatchNorm running statistics of a training-mode forward on random images: normalised layers keep the
     signal's scale, which the small initialisations of transformers would let fade to nothing in eval mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -301,7 +322,7 @@ def calibrate_batch_norms(model: nn.Module, batch: int = 4) -> nn.Module:
             m.momentum = None  # a cumulative average: the statistics of this one batch
         model.train()
         with torch.no_grad():
-            model(torch.randn(batch, 3, IMG, IMG, dtype=dtype))
+            model(torch.randn(batch, 3, size, size, dtype=dtype))
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

@@ -39,6 +39,7 @@ GROUPING_FIELDS = ("slot", "index", "segment", "position", "table")
 PLAN_FUNCTIONS = (
     planner.visible_sites,
     planner.padded_sites,
+    planner.picked_sites,
     planner.prefixed_sites,
     planner.digit_grouping,
     planner.window_grouping,

@@ -47,14 +47,40 @@ class HookState:
         self.per_sample = 0  # > 0 inside a module whose inner convs act on one value per sample (squeeze-excite)
         self.dense = 0  # > 0 inside a module computed densely at every position (GC ViT's global-query generator)
         self.masked_rel_pos: List[bool] = []  # per MViTv2 attention being run: its keys were masked
+        # grid -> ((B, H, W) visibility, stride) of a grid whose cells are picked cells of a finer grid (LeViT's
+        # subsampled queries): a cell is visible exactly when the cell it picks is, whatever the mask unit
+        self.picked: Dict[Tuple[int, int], Tuple[torch.Tensor, int]] = {}
 
     def grid_of(self, tokens: int) -> Tuple[int, int]:
-        """The feature grid with ``tokens`` cells and the image's aspect ratio."""
+        """The feature grid with ``tokens`` cells: a picked grid (``picked``) with that many, else the grid of the
+        image at an integer stride."""
+        found = next((g for g in self.picked if g[0] * g[1] == tokens), None)
+        if found is not None:
+            return found
         h, w = self.img_size
         for stride in range(1, max(h, w) + 1):
             if h % stride == 0 and w % stride == 0 and (h // stride) * (w // stride) == tokens:
                 return h // stride, w // stride
         raise ValueError(f"{tokens} keys do not form a grid of a {h}x{w} image")
+
+    def grid_visibility(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """``(B, H, W)`` bool visibility of a feature grid: a picked grid's recorded one, else the mask units'."""
+        grid = (int(grid[0]), int(grid[1]))
+        if grid in self.picked:
+            return self.picked[grid][0]
+        return visibility_map(self.visible, grid)
+
+    def grid_stride(self, grid: Tuple[int, int]) -> int:
+        """Pixels per cell of a feature grid: a picked grid's recorded stride, else the image's size over the grid."""
+        grid = (int(grid[0]), int(grid[1]))
+        return self.picked[grid][1] if grid in self.picked else self.img_size[0] // grid[0]
+
+    def record_pick(self, fine: Tuple[int, int], picked: torch.Tensor, step: int) -> Tuple[int, int]:
+        """Record the ``(B, H, W)`` visibility of the cells a module picked, every ``step``-th of the ``fine`` grid's;
+        returns the picked grid."""
+        grid = (int(picked.shape[1]), int(picked.shape[2]))
+        self.picked[grid] = (picked, self.grid_stride(fine) * step)
+        return grid
 
 
 def grid_tokens(n: int, img_size: Tuple[int, int]) -> bool:
@@ -70,7 +96,7 @@ def global_keys(state: HookState, k: torch.Tensor) -> torch.Tensor:
     prefix = next((p for p in range(n) if grid_tokens(n - p, state.img_size)), None)
     if prefix is None:
         raise ValueError(f"{n} keys do not form a grid of a {state.img_size} image after prefix tokens")
-    grid = visibility_map(state.visible, state.grid_of(n - prefix)).reshape(k.shape[0], -1)
+    grid = state.grid_visibility(state.grid_of(n - prefix)).reshape(k.shape[0], -1)
     return torch.cat([grid.new_ones(k.shape[0], prefix), grid], 1).reshape(k.shape[0], 1, 1, -1)
 
 
@@ -161,7 +187,7 @@ def masked_batch_norm(state: "HookState", batch_norm: Callable) -> Callable:
     def run(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
         if not training or input.dim() != 4 or state.per_sample or state.dense:
             return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        vis = visibility_map(state.visible, tuple(input.shape[-2:]))[:, None].to(input.dtype)
+        vis = state.grid_visibility(tuple(input.shape[-2:]))[:, None].to(input.dtype)
         n = vis.sum()
         mean = (input * vis).sum((0, 2, 3)) / n
         centred = (input - mean[None, :, None, None]) * vis
@@ -189,7 +215,7 @@ def masked_inputs_pre(fill: float) -> Callable[[HookState], Callable]:
             if state.per_sample or state.dense:
                 return None
             x = args[0]
-            vis = visibility_map(state.visible, tuple(x.shape[-2:]))[:, None]
+            vis = state.grid_visibility(tuple(x.shape[-2:]))[:, None]
             vis = vis.repeat_interleave(x.shape[0] // vis.shape[0], 0)  # heads folded into the batch, samples major
             return (torch.where(vis, x, torch.tensor(fill, dtype=x.dtype)),) + tuple(args[1:])
 
@@ -204,7 +230,7 @@ def max_pool_post(state: HookState) -> Callable:
     def hook(pool: nn.Module, args, out):
         if state.dense:
             return None
-        vis = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
+        vis = state.grid_visibility(tuple(out.shape[-2:]))[:, None]
         return torch.where(vis, out, torch.zeros((), dtype=out.dtype))
 
     return hook
@@ -215,7 +241,7 @@ def mean_pool_post(state: HookState) -> Callable:
 
     def hook(pool: nn.Module, args, out):
         x = args[0]
-        vis = visibility_map(state.visible, x.shape[-2:])[:, None].to(x.dtype)
+        vis = state.grid_visibility(x.shape[-2:])[:, None].to(x.dtype)
         summed = F.adaptive_avg_pool2d(torch.where(vis > 0, x, torch.zeros((), dtype=x.dtype)), pool.output_size)
         share = F.adaptive_avg_pool2d(vis, pool.output_size)
         return torch.where(
@@ -233,7 +259,7 @@ def avg_pool_post(state: HookState) -> Callable:
         if state.per_sample or state.dense:
             return None
         x = args[0]
-        vis = visibility_map(state.visible, x.shape[-2:])[:, None].to(x.dtype)
+        vis = state.grid_visibility(x.shape[-2:])[:, None].to(x.dtype)
         k, s, p = pool.kernel_size, pool.stride, pool.padding
 
         def window_sum(t: torch.Tensor) -> torch.Tensor:
@@ -247,7 +273,7 @@ def avg_pool_post(state: HookState) -> Callable:
             if pool.count_include_pad:  # its zero padding counts: the window's area minus its cells on the grid
                 area = math.prod(nn.modules.utils._pair(k))
                 count = count + area - window_sum(torch.ones_like(vis[:1]))
-        shown = visibility_map(state.visible, tuple(out.shape[-2:]))[:, None]
+        shown = state.grid_visibility(tuple(out.shape[-2:]))[:, None]
         return torch.where(shown, summed / count.clamp_min(1), torch.zeros((), dtype=x.dtype))
 
     return hook
@@ -353,9 +379,9 @@ def masked_dense_hooks(
     visible: torch.Tensor,
     img_size: Tuple[int, int],
     key_mask_for: Optional[Callable[[nn.Module], Optional[KeyMaskFn]]] = None,
-) -> Iterator[None]:
+) -> Iterator[HookState]:
     """Install the masked-dense hooks on ``model`` for one forward (``key_mask_for``: as in
-    ``dense_masked_reference``); every hook and patched function is restored on exit."""
+    ``dense_masked_reference``), yielding their state; every hook and patched function is restored on exit."""
     state = HookState(visible, img_size)
     families = families_of(model)
     fused_classes = tuple(c for fam in families for c in fam.fused)
@@ -388,7 +414,7 @@ def masked_dense_hooks(
             for fam in families:
                 if fam.install is not None:
                     installed.enter_context(fam.install(model, state))
-            yield
+            yield state
     finally:
         F.scaled_dot_product_attention, F.batch_norm, F.softmax = sdpa, batch_norm, softmax
         for mod, flag in fused.items():

@@ -21,6 +21,7 @@ from greenmim_convert.compiler.capture import module_tensor
 from greenmim_convert.compiler.capture import timm_stages as feature_stages
 from greenmim_convert.errors import InvalidInputError
 from greenmim_convert.oracle.hooks import (
+    HookState,
     KeyMaskFn,
     families_of,
     feature_tensor,
@@ -170,7 +171,7 @@ def dense_masked_reference(
         for n in hooked
     ]
     try:
-        with masked_dense_hooks(model, visible, size, key_mask_for):
+        with masked_dense_hooks(model, visible, size, key_mask_for) as state:
             if last is None and hasattr(model, "forward_features") and not stages_from_output:
                 out = model.forward_features(images)
             else:
@@ -210,6 +211,9 @@ def dense_masked_reference(
             dense = dense[:, 1:]  # a class token before the grid (CvT's and PVT's last stage)
         if stride is not None:  # timm's feature_info: its stride and the model's output_fmt, as always
             return dense_to_tokens(dense, visible, stride, fmt, size)
+        picked = _picked_tokens(state, dense, fmt)
+        if picked is not None:
+            return picked
         layout, stride = feature_layout(dense, size, fmt)
         return dense_to_tokens(dense, visible, stride, layout, size)
 
@@ -219,6 +223,28 @@ def dense_masked_reference(
         outs = [read(extended(modules[n], captured[n]), strides[i] if strides else None) for i, n in enumerate(names)]
     timm_last = strides is not None and last is None and hasattr(model, "forward_features")
     return GreenOutput(read(final, strides[-1] if timm_last else None), outs)
+
+
+def _picked_tokens(state: HookState, dense: torch.Tensor, fmt: str) -> Optional[VisibleTokens]:
+    """A feature map on a grid of picked cells (``HookState.picked``: (B, N, C) tokens of one with N cells, or a map
+    of its shape) read at its visible cells, whose visibility is that of the cells they pick; None for any other."""
+    if dense.dim() == 3:
+        grid = next((g for g in state.picked if g[0] * g[1] == dense.shape[1]), None)
+        if grid is None:
+            return None
+        dense = dense.reshape(dense.shape[0], *grid, dense.shape[-1])
+    elif dense.dim() == 4:
+        if fmt == "NCHW":
+            dense = dense.permute(0, 2, 3, 1)
+        grid = tuple(dense.shape[1:3])
+        if grid not in state.picked:
+            return None
+    else:
+        return None
+    vis, stride = state.picked[grid]
+    nz = vis.nonzero()
+    sites = Sites(nz[:, 0], nz[:, 1:], grid, vis.shape[0], stride)
+    return VisibleTokens(dense[sites.batch, sites.coords[:, 0], sites.coords[:, 1]], sites)
 
 
 def _called_module(module: nn.Module) -> nn.Module:

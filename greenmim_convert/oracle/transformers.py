@@ -8,7 +8,9 @@ reading zeros at masked inputs, pooling, training-mode BatchNorm over visible po
 - the key mask of every attention, derived per family from the visibility map with the model's own
   partition functions (window partition, cyclic shift, padding, Hiera's unroll, MobileViT's unfolding);
 - per-sample reductions over visible positions: GroupNorm statistics, ConvNeXt V2's GRN, FocalNet's global
-  context, SwiftFormer's token sum; LeViT's token BatchNorm in training mode.
+  context, SwiftFormer's token sum; LeViT's token BatchNorm in training mode;
+- the visibility of grids whose cells are picked cells of a finer grid (LeViT's subsampled queries, also where the
+  step does not tile the grid), recorded on the state for the layers that run on them.
 
 The key mask reaches the softmax in one of three ways, chosen per family (see each installer):
 ``attention_mask`` argument of the attention module (it takes one and every attention implementation adds
@@ -29,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from greenmim_convert.errors import InvalidInputError
-from greenmim_convert.oracle.hooks import Family, GivenKeys, HookState, visibility_map
+from greenmim_convert.oracle.hooks import Family, GivenKeys, HookState
 
 
 def _mask_value(dtype: torch.dtype) -> float:
@@ -75,8 +77,8 @@ class _HFState:
         return self.state.visible
 
     def vis(self, grid: Tuple[int, int]) -> torch.Tensor:
-        """(B, H, W) bool visibility of a feature grid."""
-        return visibility_map(self.state.visible, (int(grid[0]), int(grid[1])))
+        """(B, H, W) bool visibility of a feature grid (a picked grid's: that of the cells it picks)."""
+        return self.state.grid_visibility(grid)
 
     def pre(self, module: nn.Module, hook: Callable, with_kwargs: bool = False, prepend: bool = False) -> None:
         self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs, prepend=prepend))
@@ -320,6 +322,22 @@ def _levit_attention(module: nn.Module, hf: _HFState) -> None:
     hf.push_keys(module, keys)
 
 
+def _levit_subsample(module: nn.Module, hf: _HFState) -> None:
+    """LeViT's query subsampling keeps every ``stride``-th row and column of its square grid, also where the stride
+    does not tile it (7 -> 4): the picked cells' visibility is the module's own pick of its input's, recorded for
+    the layers that read the picked grid and for the reference's reading of their outputs."""
+
+    def picked(mod, args, out):
+        x = args[0]
+        b, n, _ = x.shape
+        fine = hf.state.grid_of(n)
+        vis = hf.vis(fine).reshape(b, n, 1).to(x.dtype)
+        side = len(range(0, mod.resolution, mod.stride))
+        hf.state.record_pick(fine, mod.forward(vis).reshape(b, side, side) > 0.5, mod.stride)
+
+    hf.post(module, picked)
+
+
 def _levit_token_batch_norm(module: nn.Module, hf: _HFState) -> None:
     """LeViT's ``Linear`` + ``BatchNorm1d`` over (B * N) token rows: the rows' visibility for the patched
     ``F.batch_norm``, whose training-mode statistics then cover visible tokens only."""
@@ -494,7 +512,7 @@ def _group_norm(state: HookState) -> Callable:
             return None
         b, c, h, w = x.shape
         g = module.num_groups
-        vis = visibility_map(state.visible, (h, w))[:, None, None].to(x.dtype)  # (B, 1, 1, H, W)
+        vis = state.grid_visibility((h, w))[:, None, None].to(x.dtype)  # (B, 1, 1, H, W)
         grouped = x.reshape(b, g, c // g, h, w)
         count = vis.sum((2, 3, 4), keepdim=True) * (c // g)
         mean = (grouped * vis).sum((2, 3, 4), keepdim=True) / count.clamp_min(1)
@@ -522,6 +540,7 @@ INSTALLERS: Dict[str, Callable[[nn.Module, _HFState], None]] = {
     "LevitAttention": _levit_attention,
     "LevitAttentionSubsample": _levit_attention,
     "MLPLayerWithBN": _levit_token_batch_norm,
+    "LevitSubsample": _levit_subsample,
     "HieraEncoder": _hiera_encoder,
     "MobileViTLayer": _mobilevit_layer,
     "SwiftFormerEfficientAdditiveAttention": _swiftformer_attention,

@@ -280,10 +280,14 @@ def window_shape(windows: DigitWindows) -> List[int]:
 
 
 def _sites_of(node: fx.Node, visible: torch.Tensor) -> Sites:
-    """The sites a ``visible_sites`` node (or a ``padded_sites`` node of one) computes for ``visible``."""
+    """The sites a ``visible_sites`` node (or a ``padded_sites`` or ``picked_sites`` node of one) computes for
+    ``visible``."""
     if node.target is planner.padded_sites:
         image, border = node.args
         return planner.padded_sites(_sites_of(image, visible), border)
+    if node.target is planner.picked_sites:
+        fine, *rest = node.args
+        return planner.picked_sites(_sites_of(fine, visible), *rest)
     _, grid, stride = node.args
     return planner.visible_sites(visible, grid, stride)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_same_grads, masks_with_unequal_counts, rel_err, weighted_loss_grads
-from hf_models import BACKBONES, CONFIGS, IMG, MODEL_TYPES, build_hf, clear_caches, import_transformers
+from hf_models import BACKBONES, CONFIGS, IMG, MODEL_TYPES, build_hf, clear_caches, image_size, import_transformers
 
 from greenmim_convert.errors import InvalidInputError
 from greenmim_convert.oracle import transformers as reference_hf
@@ -45,6 +45,11 @@ class Case:
         extra = [self.attn] if self.attn else []
         extra += [k if v is True else f"{k}={v}" for k, v in self.overrides]
         return "/".join([self.model_type] + (["backbone"] if self.backbone else []) + extra)
+
+    @property
+    def size(self) -> int:
+        """The side of its square images."""
+        return image_size(self.model_type)
 
     @property
     def family(self) -> str:
@@ -108,11 +113,27 @@ def _model(case: Case) -> nn.Module:
 
 
 def _grid(case: Case) -> Tuple[int, int]:
-    return IMG // case.unit, IMG // case.unit
+    return case.size // case.unit, case.size // case.unit
 
 
-def _images(n: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(n, 3, IMG, IMG, generator=gen, dtype=torch.float64)
+def _images(n: int, gen: torch.Generator, size: int = IMG) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=gen, dtype=torch.float64)
+
+
+def _grid_vis(visible: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) visibility of a feature grid written here: a multiple of the mask grid repeats the units; a grid with
+    fewer cells than units is a pick of every ``ceil(units / cells)``-th unit from the first (LeViT's 4x4 of 7x7),
+    whose cells are visible where the units they pick are."""
+    vis = visible
+    for axis, n in ((1, grid[0]), (2, grid[1])):
+        m = vis.shape[axis]
+        if n % m == 0:
+            vis = vis.repeat_interleave(n // m, axis)
+        else:
+            step = -(-m // n)
+            assert len(range(0, m, step)) == n, (grid, tuple(visible.shape))
+            vis = vis.index_select(axis, torch.arange(0, m, step))
+    return vis
 
 
 def _oracle(case: Case, model: nn.Module, images: torch.Tensor, visible: torch.Tensor) -> GreenOutput:
@@ -147,7 +168,7 @@ def _dense(ref: GreenOutput) -> List[torch.Tensor]:
 
 def _at_visible(dense: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) values at the visible positions, (T, C)."""
-    vis = visibility_map(visible, tuple(dense.shape[-2:]))
+    vis = _grid_vis(visible, tuple(dense.shape[-2:]))
     return dense.permute(0, 2, 3, 1)[vis]
 
 
@@ -156,7 +177,7 @@ def test_oracle_all_visible_is_the_plain_model(case, seed):
     """Every unit visible: the oracle's outputs and parameter gradients are the plain model's."""
     model = _model(case)
     gen = torch.Generator().manual_seed(seed)
-    images = _images(2, gen)
+    images = _images(2, gen, case.size)
     visible = torch.ones(2, *_grid(case), dtype=torch.bool)
 
     runs = [
@@ -181,13 +202,13 @@ def _with_noise(x: torch.Tensor, case: Case, visible: torch.Tensor, gen: torch.G
     if x.dim() == 3:
         first = 0 if int(round(x.shape[1] ** 0.5)) ** 2 == x.shape[1] else 1
         tokens = x[:, first:]
-        _, stride = feature_layout(tokens, (IMG, IMG))
-        hidden = ~visibility_map(visible, (IMG // stride, IMG // stride)).reshape(x.shape[0], -1, 1)
+        side = int(round(tokens.shape[1] ** 0.5))
+        hidden = ~_grid_vis(visible, (side, side)).reshape(x.shape[0], -1, 1)
         noisy = tokens + hidden * 10 * torch.randn(tokens.shape, generator=gen, dtype=x.dtype)
         return torch.cat([x[:, :first], noisy], 1)
-    layout, _ = feature_layout(x, (IMG, IMG), case.fmt)
+    layout, _ = feature_layout(x, (case.size, case.size), case.fmt)
     grid = x.shape[1:3] if layout == "NHWC" else x.shape[2:4]
-    hidden = ~visibility_map(visible, tuple(grid))
+    hidden = ~_grid_vis(visible, tuple(grid))
     hidden = hidden[..., None] if layout == "NHWC" else hidden[:, None]
     return x + hidden * 10 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
 
@@ -223,7 +244,7 @@ def test_oracle_ignores_masked_content(case, seed):
     model = _model(case)
     gen = torch.Generator().manual_seed(seed)
     visible = masks_with_unequal_counts(3, _grid(case), 0.5, gen)
-    images = _images(3, gen)
+    images = _images(3, gen, case.size)
     other = _hide(images, visible, gen)
     with torch.no_grad():
         ref = _oracle(case, model, images, visible)
@@ -247,7 +268,7 @@ def test_oracle_ignores_masked_content(case, seed):
 
 
 TRAIN_CASES = [
-    c for c in CASES if c.model_type in ("resnet", "cvt", "mobilevit", "levit", "swiftformer", "swin") and not c.attn
+    c for c in CASES if c.family in ("resnet", "cvt", "mobilevit", "levit", "swiftformer", "swin") and not c.attn
 ]
 
 
@@ -258,7 +279,7 @@ def test_oracle_training_mode_ignores_masked_content(case, seed):
     model = _model(case)
     gen = torch.Generator().manual_seed(seed)
     visible = masks_with_unequal_counts(3, _grid(case), 0.5, gen)
-    images = _images(3, gen)
+    images = _images(3, gen, case.size)
     other = _hide(images, visible, gen)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -466,17 +466,19 @@ class FoldedPool(nn.Module):
 
 
 class SubsampledAttention(nn.Module):
-    """Attention whose queries are every second position of the grid (LeViT's subsampling), keys every position,
-    with a table bias gathered per (query, key) offset; queries and keys have 4 columns per head, values 8. The
-    output lives on the twice coarser grid. ``spell`` picks how the queries are subsampled."""
+    """Attention whose queries are every second position of the ``n x n`` grid from ``start`` on (LeViT's
+    subsampling), keys every position, with a table bias gathered per (query, key) offset; queries and keys have 4
+    columns per head, values 8. The output lives on the grid of the picked positions: ``ceil((n - start) / 2)`` a
+    side, also where the step does not tile the grid (an odd ``n``). ``spell`` picks how the queries are
+    subsampled; ``pad`` spellings pad an odd grid by a row and a column first, never picked."""
 
-    def __init__(self, spell: str):
+    def __init__(self, spell: str, n: int = 16):
         super().__init__()
         self.spell, self.start = spell, 1 if spell.endswith("odd") else 0
         self.kv = nn.Linear(C, HEADS * 12)
         self.q = nn.Linear(C, HEADS * 4)
         self.proj = nn.Linear(HEADS * 8, C)
-        n, s = 16, self.start
+        s = self.start
         rows = torch.arange(s, n, 2)
         dq = (rows[:, None] - torch.arange(n)).abs()  # (query row, key row) distances
         index = (dq[:, None, :, None] * n + dq[None, :, None, :]).reshape(len(rows) ** 2, n * n)
@@ -484,12 +486,14 @@ class SubsampledAttention(nn.Module):
         self.register_buffer("index", index)
 
     def subsample(self, x, spell):
-        b, c, h, w = x.shape
         s = self.start
+        if spell.startswith("pad"):
+            x = F.pad(x, (0, x.shape[3] % 2, 0, x.shape[2] % 2))
+        b, c, h, w = x.shape
         if spell.startswith("strided-tokens"):
             t = x.flatten(2).transpose(1, 2)
             return t.view(b, h, w, c)[:, s::2, s::2].reshape(b, -1, c)
-        if spell.startswith("select"):
+        if "select" in spell:
             q = x.view(b, c, h // 2, 2, w // 2, 2)[:, :, :, s, :, s]
         else:
             q = x[:, :, s::2, s::2]
@@ -505,10 +509,14 @@ class SubsampledAttention(nn.Module):
         if key_bias is not None:
             a = a + key_bias
         y = (a.softmax(-1) @ v).transpose(1, 2).reshape(b, -1, HEADS * 8)
-        return self.proj(y).transpose(1, 2).reshape(b, c, h // 2, w // 2)
+        return self.proj(y).transpose(1, 2).reshape(b, c, len(range(self.start, h, 2)), len(range(self.start, w, 2)))
 
     def forward(self, x):
         return self.attend(x, self.spell)
+
+    def picked(self, vis):
+        """The visibility of the output grid: that of the positions it picks."""
+        return vis[:, :, self.start :: 2, self.start :: 2]
 
     def reference(self, x, vis):
         keys = vis.flatten(1)[:, None, None, :]  # (B, 1, 1, HW)
@@ -667,6 +675,11 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
         SubsampledAttention,
         ("strided", "strided-tokens", "select", "strided-odd", "strided-tokens-odd", "select-odd"),
     ),
+    # a 15x15 grid (60 px): every second row and column of 15 from 0 is 8 of them, from 1 is 7
+    "odd-subsampled-attention": (
+        lambda spell: SubsampledAttention(spell, n=15),
+        ("strided", "strided-tokens", "pad-select", "pad-strided", "strided-odd", "strided-tokens-odd"),
+    ),
     "patch-attention": (
         PatchAttention,
         ("reshape", "unfold", "pixel-shuffle", "reshape-one", "unfold-one", "pixel-shuffle-one"),
@@ -675,6 +688,8 @@ SPELLS: Dict[str, Tuple[Callable[[str], nn.Module], Tuple[str, ...]]] = {
 }
 CASES = [(rule, spell) for rule, (_, spells) in SPELLS.items() for spell in spells]
 UNITS = {"stripe-max": IMG}  # rules whose groups span the image: whole samples visible or hidden
+# rule -> (image side, mask unit) where not (IMG, UNIT): 15x15 cells at stride 4 in units of 3x3 cells
+SIZES = {"odd-subsampled-attention": (60, 12)}
 
 
 class Probe(nn.Module):
@@ -697,6 +712,11 @@ class Probe(nn.Module):
         z = self.op.reference(y * vis, vis)
         return z if z.shape != y.shape else y + z
 
+    def visibility(self, x, visible, side):
+        """``(B, 1, side, side)`` visibility of the output grid: a picked grid's is that of the cells it picks."""
+        picked = getattr(self.op, "picked", None)
+        return picked(_vis(visible, x.shape[-1] // 4)) if picked is not None else _vis(visible, side)
+
 
 def _probe(rule: str, spell: str, seed: int) -> Probe:
     torch.manual_seed(seed)
@@ -708,15 +728,15 @@ def _probe(rule: str, spell: str, seed: int) -> Probe:
 def test_spelling_matches_reference(rule: str, spell: str, seed: int):
     model = _probe(rule, spell, seed)
     train = rule == "drop-path"
-    unit = UNITS.get(rule, UNIT)
-    green = gmc.convert(model, img_size=IMG, mask_unit=unit)
+    size, unit = SIZES.get(rule, (IMG, UNITS.get(rule, UNIT)))
+    green = gmc.convert(model, img_size=size, mask_unit=unit)
     model.train(train)
     green.train(train)
     gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(3, 3, IMG, IMG, generator=gen, dtype=torch.float64)
-    visible = random_mask(3, (IMG // unit, IMG // unit), 0.5, generator=gen)
+    images = torch.randn(3, 3, size, size, generator=gen, dtype=torch.float64)
+    visible = random_mask(3, (size // unit, size // unit), 0.5, generator=gen)
     visible[0] = True  # one sample all visible: its output is the source model's
-    if unit < IMG:
+    if unit < size:
         visible[1, 0, 0], visible[1, 1, 1] = True, False
     else:
         visible[1] = False  # the image is the unit: one sample hidden
@@ -728,7 +748,7 @@ def test_spelling_matches_reference(rule: str, spell: str, seed: int):
     ref = model.reference(images, visible)
     torch.manual_seed(seed)
     src = model(images)
-    vis = _vis(visible, dense.shape[-1]).expand_as(dense) > 0
+    vis = model.visibility(images, visible, dense.shape[-1]).expand_as(dense) > 0
     assert rel_err(dense[vis], ref[vis]) <= 1e-10
     assert rel_err(dense[0], src[0]) <= 1e-10
 
@@ -755,6 +775,7 @@ def test_spelling_matches_reference(rule: str, spell: str, seed: int):
         "padded-window",
         "padded-pool",
         "subsampled-attention",
+        "odd-subsampled-attention",
         "patch-attention",
         "prefix-attention",
     ],
@@ -763,9 +784,10 @@ def test_reference_sees_the_mask(rule: str):
     """The references that mix positions are not the dense model: with units masked, visible outputs change.
     (Drop path and in-unit pooling change no visible output under masking, by definition.)"""
     model = _probe(rule, SPELLS[rule][1][0], 0)
-    images = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
-    n = IMG // UNIT
+    size, unit = SIZES.get(rule, (IMG, UNIT))
+    images = torch.randn(2, 3, size, size, dtype=torch.float64)
+    n = size // unit
     visible = ((torch.arange(n)[:, None] + torch.arange(n)) % 2 == 0).expand(2, n, n)  # a checkerboard of units
     ref, src = model.reference(images, visible), model(images)
-    vis = _vis(visible, ref.shape[-1]).expand_as(ref) > 0
+    vis = model.visibility(images, visible, ref.shape[-1]).expand_as(ref) > 0
     assert rel_err(ref[vis], src[vis]) > 1e-6

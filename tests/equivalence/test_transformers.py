@@ -23,14 +23,14 @@ from greenmim_convert.oracle.verify import reference_kwargs
 
 pytest.importorskip("transformers")
 from hf_models import BACKBONES as HF_BACKBONES  # noqa: E402
-from hf_models import CONFIGS, IMG, build_hf, clear_caches
+from hf_models import CONFIGS, IMG, build_hf, clear_caches, image_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # maskformer-swin pads its last grid to a window; maskformer-swin-window3 pads every grid, shifted windows of the
 # padded grids included; vitdet pads its 4x4 grid to windows of 3, with decomposed relative positions in them;
 # sam2-padded-windows pads its third stage's 4x4 grid to windows of 3; sam2-pooled-padding pools queries of padded
-# windows onto a padded coarser grid (SAM 2's default geometry)
+# windows onto a padded coarser grid (SAM 2's default geometry); levit-224 subsamples a 7x7 grid to 4x4
 CONVERTS = [
     "swin",
     "swinv2",
@@ -53,6 +53,7 @@ CONVERTS = [
     "cvt",
     "vitdet",
     "levit",
+    "levit-224",
     "mobilevit",
 ]
 # hiera's backbone runs its encoder on raster tokens it never unrolled: its groups span the image, which is its
@@ -78,7 +79,7 @@ GRAD_FLOOR = 1e-4  # 10 times the largest such noise seen (MobileViT's conv bias
 
 Case = Tuple[str, bool]
 CASES = [(t, False) for t in CONVERTS] + [(t, True) for t in BACKBONES]
-WHOLE_SAMPLE = {("hiera", True): IMG}  # its groups span the image: converted with the image as its unit
+WHOLE_SAMPLE = {("hiera", True)}  # its groups span the image: converted with the image as its unit
 IDS = [f"{t}-{'backbone' if b else 'model'}" for t, b in CASES]
 
 
@@ -92,7 +93,8 @@ def converted() -> Iterator[Callable[[Case], Tuple[nn.Module, gmc.GreenModel]]]:
             model_type, backbone = case
             torch.manual_seed(sum(map(ord, model_type)) + backbone)
             model = build_hf(model_type, backbone=backbone)
-            cache[case] = model, gmc.convert(model, img_size=IMG, mask_unit=WHOLE_SAMPLE.get(case))
+            size = image_size(model_type)
+            cache[case] = model, gmc.convert(model, img_size=size, mask_unit=size if case in WHOLE_SAMPLE else None)
         model, green = cache[case]
         clear_caches(model).eval()
         green.eval()
@@ -127,14 +129,22 @@ def _inputs(green: gmc.GreenModel, seed: int) -> Tuple[torch.Tensor, torch.Tenso
     visible = masks_with_unequal_counts(3, green.mask_grid, 0.5, gen)
     if green.mask_grid == (1, 1):  # the image is the unit: a hidden sample instead of a half visible one
         visible[0] = False
-    return torch.randn(3, 3, IMG, IMG, generator=gen, dtype=torch.float64), visible, gen
+    return torch.randn(3, 3, *green.img_size, generator=gen, dtype=torch.float64), visible, gen
+
+
+def _cell_visibility(visible: torch.Tensor, grid: Tuple[int, int], stride: int, unit: int) -> torch.Tensor:
+    """``(B, H, W)`` visibility of a grid's cells: that of the mask unit holding a cell's first pixel (a cell of a
+    grid that the step of its pick does not tile, LeViT's 4x4 of 7x7, is visible when the cell it picks is)."""
+    rows, cols = (torch.arange(n) * stride // unit for n in grid)
+    return visible[:, rows][:, :, cols]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_converts_and_matches_all_visible(case, converted, seed):
     """Every unit visible: the final features are the model's own, in eval and in training mode (same seed)."""
     model, green = converted(case)
-    images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, *green.img_size, generator=gen, dtype=torch.float64)
     visible = torch.ones(2, *green.mask_grid, dtype=torch.bool)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
@@ -167,9 +177,11 @@ def test_masked_matches_oracle(case, converted, seed):
         assert len(grids) == len(model.config.out_features)  # a backbone's stages: its feature maps
     else:
         assert len(set(grids)) == len(grids)  # a model's: one per feature grid
-    assert all(t.grid[0] * t.stride == IMG == t.grid[1] * t.stride for t in out.stages + [out.last])  # no padded grid
-    cells = (out.last.grid[0] // green.mask_grid[0]) * (out.last.grid[1] // green.mask_grid[1])
-    assert out.last.counts().tolist() == (visible.sum((1, 2)) * cells).tolist()  # visible positions only
+    size = green.img_size
+    for t in out.stages + [out.last]:  # no padded grid: a cell per stride of the image, the last one partly in it
+        assert all(g == -(-n // t.stride) for g, n in zip(t.grid, size))
+    want = _cell_visibility(visible, out.last.grid, out.last.stride, green.mask_unit).sum((1, 2))
+    assert out.last.counts().tolist() == want.tolist()  # visible positions only
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -5,4 +5,4 @@ equal size -> ``Grouping`` (``grouping.py``), which the attention kernels read.
 """
 
 from .grouping import CALL_OVERHEAD_LOGITS, Bucket, Grouping, digit_grouping, group_segments, window_grouping
-from .sites import PrefixedSites, Sites, padded_sites, prefixed_sites, visible_sites
+from .sites import PrefixedSites, Sites, padded_sites, picked_sites, prefixed_sites, visible_sites

@@ -173,6 +173,19 @@ def padded_sites(sites: Sites, border: Tuple[int, int, int, int]) -> Sites:
     return Sites(batch[order], coords[order], grid, b, sites.stride)
 
 
+def picked_sites(
+    fine: Sites, factor: Tuple[int, int], offset: Tuple[int, int], grid: Tuple[int, int], stride: int
+) -> Sites:
+    """The sites of the grid whose cell ``j`` is the fine cell ``j * factor + offset`` (a strided pick of the rows and
+    the columns): the fine sites at such cells, their coordinates divided down, in canonical order (the map keeps
+    the raster order). A picked cell is visible exactly when the fine cell it picks is, whether or not the step
+    tiles the fine grid (a pick of every second cell of 7 has 4 cells)."""
+    f = torch.tensor(factor, device=fine.device)
+    o = torch.tensor(offset, device=fine.device)
+    kept = ((fine.coords - o) % f == 0).all(1) & (fine.coords >= o).all(1)
+    return Sites(fine.batch[kept], (fine.coords[kept] - o) // f, grid, fine.batch_size, stride)
+
+
 def prefixed_sites(sites: Sites, prefix: int) -> PrefixedSites:
     """The sites of a grid followed by ``prefix`` tokens per sample (rows of a layout holding a class token)."""
     return PrefixedSites(sites, prefix)
