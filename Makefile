@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.greenmim-installed
 MODEL ?= swin_tiny_patch4_window7_224
+JOBS ?= 2
 
 .PHONY: setup lint test test-fast demo clean
 
@@ -23,11 +24,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: setup lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n $(JOBS)
 
-# the unit tier and the smallest equivalence case of every family
+# the unit tier and the smallest equivalence case of every family, on JOBS pytest-xdist workers
 test-fast: setup
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "(unit or (fast and smallest)) and not slow"
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n $(JOBS) -m "(unit or (fast and smallest)) and not slow"
 
 demo: setup
 	$(VENV)/bin/greenmim-convert convert $(MODEL) -o /tmp/green_swin_t.safetensors

@@ -16,7 +16,9 @@ from greenmim_convert.api.masking import random_mask
 TINY_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, img_size=128)
 SWIN_T = "swin_tiny_patch4_window7_224"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# two threads, or the cores shared out among pytest-xdist's workers (make test-fast runs two)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 TIERS = ("unit", "equivalence", "tools")  # the folder of a test is its marker: pytest -m unit

@@ -51,9 +51,9 @@ def test_mask_unit_errors():
     with pytest.raises(gmc.MaskUnitError, match="48.*minimal mask unit 32"):
         gmc.convert(model, mask_unit=48)
     assert gmc.convert(model, mask_unit=64).mask_grid == (2, 2)
-    big = make_swin("swin_tiny_patch4_window7_224", torch.float32)
-    with pytest.raises(gmc.MaskUnitError, match=r"\(224, 224\).*64"):
-        gmc.convert(big, mask_unit=64)
+    odd = make_swin(dtype=torch.float32, **dict(TINY_SWIN, img_size=96, window_size=3))  # 96 px: 3 units of 32
+    with pytest.raises(gmc.MaskUnitError, match=r"\(96, 96\).*64"):
+        gmc.convert(odd, mask_unit=64)
 
 
 def test_unsupported_op_names_node_module_and_line():
