@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hf_models import BACKBONES, CONFIGS, IMG, build_hf  # noqa: E402  (the test configurations)
+from hf_models import BACKBONES, CONFIGS, build_hf, image_size  # noqa: E402  (the test configurations)
 
 import greenmim_convert as gmc  # noqa: E402
 from greenmim_convert.errors import ImageWideMixingError, UnsupportedOperationError  # noqa: E402
@@ -65,7 +65,7 @@ def masked_error(model: nn.Module, green: gmc.GreenModel, train: bool, seed: int
     visible[1] = True
     visible[2] = False
     visible[2].view(-1)[-1] = True
-    images = torch.randn(3, 3, IMG, IMG, generator=gen, dtype=torch.float64)
+    images = torch.randn(3, 3, *green.img_size, generator=gen, dtype=torch.float64)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train(train)
     green.train(train)
@@ -91,13 +91,14 @@ def row(model_type: str, backbone: bool) -> Tuple[str, Optional[str]]:
     torch.manual_seed(sum(map(ord, model_type)) + backbone)
     name = f"{model_type}{'/backbone' if backbone else ''}"
     model = build_hf(model_type, backbone=backbone)
+    size = image_size(model_type)
     start = time.perf_counter()
     whole = ""
     try:
         try:
-            green = gmc.convert(model, img_size=IMG)
+            green = gmc.convert(model, img_size=size)
         except ImageWideMixingError:  # groups spanning the image: whole-sample masks only
-            green, whole = gmc.convert(model, img_size=IMG, mask_unit=IMG), ", whole samples only"
+            green, whole = gmc.convert(model, img_size=size, mask_unit=size), ", whole samples only"
     except Exception as exc:  # a refusal, or any other failure of the compiler: reported, not raised
         seconds = time.perf_counter() - start
         reason = refusal(exc)
