@@ -284,7 +284,10 @@ def run(cfg: PretrainConfig):
 
     note = tune_malloc() if cfg.malloc_tuning else None
     try:
-        return benchmark(cfg, note) if cfg.bench_steps is not None else train(cfg)
+        result = benchmark(cfg, note) if cfg.bench_steps is not None else train(cfg)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's collectives done before the group is torn down
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
