@@ -191,13 +191,19 @@ def infer_value(gm: fx.GraphModule, target, args: tuple):
         return target(*fx.node.map_arg(args, value))
 
 
-def constant(gm: fx.GraphModule, value: Any, before: fx.Node, prefix: str = "green_const") -> fx.Node:
-    """A get_attr node handing a static Python object (a program, a window description) to a runtime op."""
+def set_fresh_attr(gm: fx.GraphModule, prefix: str, value: Any) -> str:
+    """Set ``value`` on ``gm`` under the first free name ``_{prefix}_{i}``, and return that name."""
     i = 0
     while hasattr(gm, f"_{prefix}_{i}"):
         i += 1
     name = f"_{prefix}_{i}"
     setattr(gm, name, value)
+    return name
+
+
+def constant(gm: fx.GraphModule, value: Any, before: fx.Node, prefix: str = "green_const") -> fx.Node:
+    """A get_attr node handing a static Python object (a program, a window description) to a runtime op."""
+    name = set_fresh_attr(gm, prefix, value)
     with gm.graph.inserting_before(before), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a plain attribute, not a Parameter, buffer or submodule
         return gm.graph.get_attr(name)

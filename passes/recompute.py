@@ -30,7 +30,7 @@ import torch.fx as fx
 from greenmim_convert.compiler.annotations import Property, copy_meta, peek
 from greenmim_convert.runtime import is_runtime_function, ops
 
-from .base import GreenPass, graph_order, is_view, layout_of
+from .base import GreenPass, graph_order, is_view, layout_of, set_fresh_attr
 
 
 def _numel(node: fx.Node) -> int:
@@ -132,11 +132,7 @@ class RecomputePass(GreenPass):
             else:
                 env[n] = sub.node_copy(n, lambda a: env[a])
         sub.output(tuple(env[n] for n in outputs))
-        i = 0
-        while hasattr(gm, f"_recompute_{i}"):
-            i += 1
-        name = f"_recompute_{i}"
-        gm.add_submodule(name, fx.GraphModule(torch.nn.Module(), sub))
+        name = set_fresh_attr(gm, "recompute", fx.GraphModule(torch.nn.Module(), sub))
         pos = graph_order(gm.graph).__getitem__
         # where the first member ran (random draws keep their order) unless an input is defined later
         at = (

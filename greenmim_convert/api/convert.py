@@ -22,6 +22,7 @@ from greenmim_convert.compiler.capture import (
 )
 from greenmim_convert.compiler.pipeline import Compiled, compile_graph
 from greenmim_convert.errors import GreenMIMError, InvalidInputError, MaskUnitError, TraceError
+from greenmim_convert.passes.base import set_fresh_attr
 from greenmim_convert.runtime.program import Program
 from greenmim_convert.runtime.tokens import GreenOutput
 
@@ -192,20 +193,11 @@ def share_source_modules(program: Program, model: nn.Module) -> None:
                 mod, _, attr = node.target[len(ROOT) + 1 :].rpartition(".")
                 held = getattr(copy.get_submodule(mod), attr)
                 if not hasattr(model.get_submodule(mod), attr):  # a constant torch.export lifted into the copy
-                    node.target = _own_constant(gm, held)
+                    node.target = set_fresh_attr(gm, "constant", held)
                 elif getattr(model.get_submodule(mod), attr) is not held:
                     raise GreenMIMError(f"the converted graph's {node.target} is not {type(model).__name__}'s")
         setattr(gm, ROOT, model)
         gm.recompile()
-
-
-def _own_constant(gm: fx.GraphModule, value: torch.Tensor) -> str:
-    """Register ``value`` on ``gm`` itself under a fresh name, returned."""
-    i = 0
-    while hasattr(gm, f"_constant_{i}"):
-        i += 1
-    setattr(gm, f"_constant_{i}", value)
-    return f"_constant_{i}"
 
 
 def _check_feature_strides(model: nn.Module, compiled: Compiled) -> None:
